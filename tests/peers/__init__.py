@@ -1,0 +1,103 @@
+"""Real peers for the tests: processes started on free loopback ports and stopped by pid.
+
+Every peer runs as a child process with `TCP_NODELAY=1` in its environment
+(dcmtk and Orthanc leave Nagle on otherwise and each C-STORE stalls ~40 ms).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared"
+SHARED_DATA = SHARED / "data"
+SHARED_MODELS = SHARED / "models"
+CT_J2K_SERIES = SHARED_DATA / "ct" / "abdomen_siemens_20slices_j2k"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peer_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, TCP_NODELAY="1")
+    env.update(extra)
+    return env
+
+
+def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen | None = None) -> None:
+    """Block until something accepts TCP connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process {process.args!r} exited with {process.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+class ManagedProcess:
+    """A child process that is always stopped by its pid: TERM, then KILL.
+
+    Use as a context manager so a failing test never leaves a server running.
+    """
+
+    def __init__(self, args: Sequence[str | os.PathLike], *, env: dict[str, str] | None = None,
+                 cwd: str | os.PathLike | None = None, log: Path | None = None):
+        self.args = [str(a) for a in args]
+        self.log = log
+        out = open(log, "ab") if log else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            self.args, env=env or peer_env(), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        if log:
+            out.close()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 10.0, first_signal: int = signal.SIGTERM) -> int | None:
+        for sig in (first_signal, signal.SIGTERM, signal.SIGKILL):
+            if self.process.poll() is not None:
+                break
+            try:
+                os.kill(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(timeout=timeout if sig != signal.SIGKILL else 30)
+            except subprocess.TimeoutExpired:
+                continue
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """kill -9: the crash the durability tests simulate."""
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
+
+    def __enter__(self) -> ManagedProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
