@@ -1,0 +1,107 @@
+"""Results stage: what `inference` returns, encoded as DICOM a PACS stores and shows.
+
+One writer per information object: `seg.write_seg` (Segmentation, PS3.3 A.51),
+`sr.write_classification_sr` (Comprehensive 3D SR, TID 1500) and
+`overlay.write_overlay` (Secondary Capture with burned-in outlines). Each puts
+its objects in a new series of the source study, with UIDs derived from the
+job (`uids.UidSeed`) so that re-running a job rewrites the same objects.
+`segread.read_seg` reads SEGs back, ours and others'.
+
+This module holds what the writers share: who is writing (`OutputSeries`) and
+how a file reaches the job folder (`write_atomically`, `save_dataset`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import pydicom
+
+from dicom_node.results.uids import UidSeed
+
+try:
+    from importlib.metadata import version as _version
+
+    NODE_VERSION = _version("dicom-node")
+except Exception:  # pragma: no cover - running from a source tree that is not installed
+    NODE_VERSION = "0"
+
+
+@dataclass(frozen=True)
+class OutputSeries:
+    """Identity of one output series: its UIDs' seed and the equipment that wrote it.
+
+    Manufacturer, model and software versions go into the General Equipment and
+    Enhanced General Equipment modules (PS3.3 C.7.5.1, C.7.5.2), which SEG and
+    SR require; a PACS user sees them as "who made this".
+    """
+
+    seed: UidSeed
+    series_number: int
+    series_description: str
+    manufacturer: str = "dicom-node"
+    manufacturer_model_name: str = "dicom-node"
+    software_versions: str = NODE_VERSION
+    device_serial_number: str = socket.gethostname()[:64] or "0"
+
+
+def source_headers(sources: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """The source headers with SOP Class and SOP Instance UIDs present, as results reference them.
+
+    Anonymisers and some archives leave (0008,0016)/(0008,0018) empty in the
+    data set while the File Meta keeps Media Storage SOP Class/Instance UID
+    (PS3.10 7.1); the shared real series is such a case. References (PS3.3
+    C.7.6.16.2.6, C.17.2) need both, so they are taken from the File Meta. The
+    caller's data sets are not modified.
+    """
+    repaired = []
+    for source in sources:
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+            if not source.get(keyword):
+                raise ValueError(f"source instance {source.get('SOPInstanceUID', '?')} has an empty {keyword}")
+        if source.get("SOPClassUID") and source.get("SOPInstanceUID"):
+            repaired.append(source)
+            continue
+        meta = getattr(source, "file_meta", None) or pydicom.Dataset()
+        copy = pydicom.Dataset(source)
+        copy.file_meta = meta
+        copy.SOPClassUID = source.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID")
+        copy.SOPInstanceUID = source.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID")
+        if not (copy.SOPClassUID and copy.SOPInstanceUID):
+            raise ValueError("a source instance has no SOP Class/Instance UID, in the data set or its File Meta")
+        repaired.append(copy)
+    return repaired
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write a file so that `path` is either absent or complete, even after a crash.
+
+    Temp file in the same folder, fsync, rename over `path`, fsync the folder:
+    the dispatcher never sends a half-written object.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def save_dataset(dataset: pydicom.Dataset, path: Path) -> Path:
+    """`write_atomically` for a Part 10 file (preamble, DICM, File Meta: PS3.10 7.1)."""
+    return write_atomically(path, lambda handle: dataset.save_as(handle, enforce_file_format=True))

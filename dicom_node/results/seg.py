@@ -1,0 +1,167 @@
+"""A label map as a DICOM Segmentation (PS3.3 A.51) in a new series of the source study.
+
+Classic Segmentation Storage (1.2.840.10008.5.1.4.1.1.66.4) with BINARY frames
+is the default: it is what every PACS and viewer we met stores and shows
+(Orthanc and dcmtk's storescu refuse the newer Label Map Segmentation Storage,
+66.7, that LABELMAP writes). highdicom builds the object: it copies the Patient
+and Study modules from the source, keeps the StudyInstanceUID and
+FrameOfReferenceUID, and writes one Derivation Image / Source Image reference
+per frame to the exact source instance (PS3.3 C.7.6.16.2.6), so a viewer puts
+each frame on its CT slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+
+from dicom_node.results import OutputSeries, save_dataset, source_headers
+from inference.results import Algorithm, Code, LabelMap
+
+SEG_KIND = "seg"
+
+
+@dataclass(frozen=True)
+class SegOptions:
+    """How a label map becomes a SEG (from `ResultsConfig` plus the job's `OutputSeries`).
+
+    `omit_empty_frames` is off by default: several viewers mis-render SEGs that
+    leave out the frames of slices without segment pixels.
+    `compress` writes JPEG 2000 Lossless frames, the only encapsulated syntax
+    PS3.5 8.2 and highdicom allow for 1-bit BINARY frames (PS3.3 C.8.20.2.1);
+    turn it off for destinations that accept only native transfer syntaxes.
+    """
+
+    series: OutputSeries
+    segmentation_type: Literal["BINARY", "LABELMAP"] = "BINARY"
+    omit_empty_frames: bool = False
+    empty: Literal["write", "skip"] = "write"
+    compress: bool = True
+    content_creator_name: str = "dicom-node^"
+
+
+class SourceGridError(ValueError):
+    """The label map is not on the grid of the source instances it is said to derive from."""
+
+
+def write_seg(
+    label_map: LabelMap, sources: Sequence[pydicom.Dataset], out_dir: Path, options: SegOptions
+) -> Path | None:
+    """Write `label_map` as a SEG in `out_dir`; returns its path, or None for a skipped empty mask.
+
+    `sources[k]` is the header of the instance slice `k` of the label map was
+    computed on (LoadedSeries.slices order); pixel data need not be loaded.
+    """
+    check_source_grid(label_map, sources)
+    array = np.asarray(label_map.volume.array)
+    numbers = _segment_numbers(label_map, array)
+    empty = not array.any()
+    if empty and options.empty == "skip":
+        return None
+    if not empty and tuple(numbers) != tuple(range(1, len(numbers) + 1)):
+        # highdicom wants segment numbers 1..n (PS3.3 C.8.20.2: start at 1, increase by 1).
+        lookup = np.zeros(256, dtype=np.uint8)
+        for number, value in enumerate(numbers, start=1):
+            lookup[value] = number
+        array = lookup[array]
+
+    series = options.series
+    description = series.series_description + (" (empty)" if empty else "")
+    segmentation = hd.seg.Segmentation(
+        source_images=source_headers(sources),
+        pixel_array=array,
+        segmentation_type=options.segmentation_type,
+        segment_descriptions=_segment_descriptions(label_map),
+        series_instance_uid=series.seed.series_uid(SEG_KIND),
+        series_number=series.series_number,
+        sop_instance_uid=series.seed.instance_uid(SEG_KIND),
+        instance_number=1,
+        manufacturer=series.manufacturer,
+        manufacturer_model_name=series.manufacturer_model_name,
+        software_versions=series.software_versions,
+        device_serial_number=series.device_serial_number,
+        content_description=_algorithm_text(label_map.algorithm)[:64],
+        content_creator_name=options.content_creator_name,
+        transfer_syntax_uid=JPEG2000Lossless if options.compress else ExplicitVRLittleEndian,
+        # An all-empty SEG with every frame omitted would have no frames at all.
+        omit_empty_frames=options.omit_empty_frames and not empty,
+        series_description=description[:64],
+    )
+    return save_dataset(segmentation, out_dir / f"SEG_{segmentation.SOPInstanceUID}.dcm")
+
+
+def check_source_grid(label_map: LabelMap, sources: Sequence[pydicom.Dataset], tolerance_mm: float = 0.01) -> None:
+    """Refuse to write a SEG whose frames would not lie on their source slices.
+
+    The SEG places frame k by the position of `sources[k]`; a label map in
+    another slice order or on a resampled grid would then be displayed shifted.
+    """
+    volume = label_map.volume
+    k_count, rows, columns = volume.shape
+    if len(sources) != k_count:
+        raise SourceGridError(f"label map has {k_count} slices but {len(sources)} source instances were given")
+    first_axis = volume.index_to_lps(np.array([[0, 0, k] for k in range(k_count)]))
+    for k, source in enumerate(sources):
+        uid = source.get("SOPInstanceUID", "?")
+        if (int(source.Rows), int(source.Columns)) != (rows, columns):
+            raise SourceGridError(
+                f"source instance {uid} is {source.Rows}x{source.Columns}, the label map slice is {rows}x{columns}"
+            )
+        position = np.array([float(v) for v in source.ImagePositionPatient])
+        if np.abs(position - first_axis[k]).max() > tolerance_mm:
+            raise SourceGridError(
+                f"source instance {uid} is at {position.round(3).tolist()} mm but label map slice {k} "
+                f"is at {first_axis[k].round(3).tolist()} mm"
+            )
+
+
+def _segment_numbers(label_map: LabelMap, array: np.ndarray) -> list[int]:
+    """Label values in segment order; every value present in the array must be described."""
+    values = [segment.value for segment in label_map.segments]
+    if len(set(values)) != len(values) or not all(0 < v < 256 for v in values):
+        raise ValueError(f"segment label values must be distinct and within 1..255, got {values}")
+    present = set(np.flatnonzero(np.bincount(array.ravel(), minlength=256)).tolist()) - {0}
+    undescribed = present - set(values)
+    if undescribed:
+        raise ValueError(f"label map holds values {sorted(undescribed)} that no SegmentLabel describes")
+    return values
+
+
+def _segment_descriptions(label_map: LabelMap) -> list[hd.seg.SegmentDescription]:
+    algorithm = algorithm_identification(label_map.algorithm)
+    return [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=segment.name[:64],
+            segmented_property_category=coded(segment.category),
+            segmented_property_type=coded(segment.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for number, segment in enumerate(label_map.segments, start=1)
+    ]
+
+
+def coded(code: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+def algorithm_identification(algorithm: Algorithm) -> hd.AlgorithmIdentificationSequence:
+    """PS3.3 C.8.20.2 Algorithm Identification: name, version, family (and source) of the model."""
+    return hd.AlgorithmIdentificationSequence(
+        name=algorithm.name[:64],
+        family=coded(algorithm.family),
+        version=algorithm.version[:64],
+        source=algorithm.source[:64] or None,
+    )
+
+
+def _algorithm_text(algorithm: Algorithm) -> str:
+    return f"{algorithm.name} {algorithm.version}".strip()

@@ -1,0 +1,197 @@
+"""SEG writer: conformance (dciodvfy), round trip through highdicom, geometry against SimpleITK."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from dicom_node.results import OutputSeries, source_headers
+from dicom_node.results.seg import SegOptions, SourceGridError, write_seg
+from dicom_node.results.segread import read_seg, source_grid
+from dicom_node.results.uids import UidSeed, derive_uid
+from inference.results import Algorithm, Code, LabelMap, SegmentLabel
+from tests.peers import CT_J2K_SERIES, dciodvfy
+
+pytestmark = pytest.mark.skipif(not dciodvfy.available(), reason="dciodvfy (dicom3tools) not installed")
+
+ORGAN = Code("123037004", "SCT", "Anatomical Structure")
+SPLEEN = SegmentLabel(1, "spleen", ORGAN, Code("78961009", "SCT", "Spleen"))
+RIGHT_LUNG = SegmentLabel(1, "right lung", ORGAN, Code("3341006", "SCT", "Right lung"))
+LEFT_LUNG = SegmentLabel(2, "left lung", ORGAN, Code("44029006", "SCT", "Left lung"))
+ALGORITHM = Algorithm(name="spleen-unet", version="1.2.0", source="models/spleen")
+
+
+@lru_cache(maxsize=1)
+def real_sources() -> tuple[pydicom.Dataset, ...]:
+    """Headers of the shared 20-slice CT, sorted by position along the slice normal."""
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in sorted(CT_J2K_SERIES.iterdir())]
+    orientation = np.array([float(v) for v in headers[0].ImageOrientationPatient])
+    normal = np.cross(orientation[:3], orientation[3:])
+    headers.sort(key=lambda ds: float(np.dot([float(v) for v in ds.ImagePositionPatient], normal)))
+    # The shared series is anonymised: empty Study/Series UIDs (a PACS would hold
+    # some, fixed here) and empty SOP Class/Instance UIDs (kept in the File Meta).
+    for ds in headers:
+        ds.StudyInstanceUID = derive_uid(None, "test study", CT_J2K_SERIES.name)
+        ds.SeriesInstanceUID = derive_uid(None, "test series", CT_J2K_SERIES.name)
+    return tuple(source_headers(headers))
+
+
+def blob_mask(shape: tuple[int, int, int], centre: tuple[int, int], radius: int, first: int, last: int) -> np.ndarray:
+    """A disc per slice between `first` and `last` (inclusive), radius varying so no two slices match."""
+    k, j, i = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    radii = np.where((k >= first) & (k <= last), radius - np.abs(k - (first + last) / 2), 0)
+    return (((j - centre[0]) ** 2 + (i - centre[1]) ** 2) < radii**2).astype(np.uint8)
+
+
+def label_map(array: np.ndarray, segments=(SPLEEN,)) -> LabelMap:
+    return LabelMap(source_grid(real_sources()).with_array(array), tuple(segments), ALGORITHM)
+
+
+def spleen_map() -> LabelMap:
+    return label_map(blob_mask((20, 512, 512), (300, 380), 40, 4, 15))
+
+
+def lung_map() -> LabelMap:
+    array = blob_mask((20, 512, 512), (250, 150), 60, 0, 19)
+    array[blob_mask((20, 512, 512), (250, 360), 50, 2, 17) > 0] = 2
+    return label_map(array, (RIGHT_LUNG, LEFT_LUNG))
+
+
+def seg_options(pipeline: str = "abdomen", generation: int = 1, **kwargs) -> SegOptions:
+    seed = UidSeed(str(real_sources()[0].SeriesInstanceUID), generation, pipeline, "1.2.826.0.1.3680043.10.1234")
+    return SegOptions(series=OutputSeries(seed, series_number=9901, series_description="AI spleen"), **kwargs)
+
+
+def assert_valid(path: Path) -> None:
+    validation = dciodvfy.validate(path)
+    assert validation.errors == [], validation.report()
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["jpeg2000-lossless", "explicit-le"])
+def test_binary_seg_round_trips_through_highdicom(tmp_path: Path, compress: bool) -> None:
+    sources = real_sources()
+    labels = lung_map()
+    path = write_seg(labels, sources, tmp_path, seg_options(compress=compress))
+    assert_valid(path)
+
+    seg = hd.seg.segread(path)
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert seg.segmentation_type == hd.seg.SegmentationTypeValues.BINARY
+    assert seg.file_meta.TransferSyntaxUID == ("1.2.840.10008.1.2.4.90" if compress else "1.2.840.10008.1.2.1")
+    assert seg.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    assert seg.PatientID == sources[0].PatientID
+    assert seg.SeriesInstanceUID != sources[0].SeriesInstanceUID
+    assert (seg.SeriesNumber, seg.SeriesDescription) == (9901, "AI spleen")
+    # omit_empty_frames is off: one frame per source slice per segment.
+    assert seg.NumberOfFrames == 2 * len(sources)
+    source_uids = [str(s.SOPInstanceUID) for s in sources]
+    assert sorted(uid for _, _, uid in seg.get_source_image_uids()) == sorted(source_uids)
+
+    pixels = seg.get_pixels_by_source_instance(source_uids, segment_numbers=[1, 2])
+    for k in range(len(sources)):
+        np.testing.assert_array_equal(pixels[k, :, :, 0], labels.volume.array[k] == 1, err_msg=f"slice {k}")
+        np.testing.assert_array_equal(pixels[k, :, :, 1], labels.volume.array[k] == 2, err_msg=f"slice {k}")
+
+    by_uid = {str(s.SOPInstanceUID): s for s in sources}
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        source_uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        position = frame.PlanePositionSequence[0].ImagePositionPatient
+        assert [float(v) for v in position] == pytest.approx([float(v) for v in by_uid[source_uid].ImagePositionPatient])
+
+    types = {d.segment_number: d.segmented_property_type.value for d in map(seg.get_segment_description, [1, 2])}
+    assert types == {1: "3341006", 2: "44029006"}
+    algorithm = seg.get_segment_description(1).algorithm_identification[0]
+    assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("spleen-unet", "1.2.0")
+    assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"
+
+
+def test_seg_overlays_the_source_volume_read_by_simpleitk(tmp_path: Path) -> None:
+    labels = spleen_map()
+    path = write_seg(labels, real_sources(), tmp_path, seg_options())
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(CT_J2K_SERIES)))
+    ct = reader.Execute()
+    # The SEG read on its own grid (frame positions only, no source headers).
+    own = read_seg(path).masks[1].to_sitk()
+    assert own.GetSize() == ct.GetSize()
+    np.testing.assert_allclose(own.GetOrigin(), ct.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(own.GetSpacing(), ct.GetSpacing(), atol=1e-3)
+    np.testing.assert_allclose(own.GetDirection(), ct.GetDirection(), atol=1e-6)
+    # Same voxels where the label map put them, in SimpleITK's physical space.
+    expected = labels.volume.to_sitk()
+    resampled = sitk.Resample(own, ct, sitk.Transform(), sitk.sitkNearestNeighbor)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(resampled), sitk.GetArrayFromImage(expected))
+    # And on the referenced source grid, matched by SOP Instance UID.
+    on_sources = read_seg(path, real_sources())
+    np.testing.assert_array_equal(on_sources.masks[1].array, labels.volume.array)
+    assert on_sources.masks[1].same_grid(labels.volume)
+
+
+def test_empty_mask_is_written_with_suffix_or_skipped(tmp_path: Path) -> None:
+    empty = label_map(np.zeros((20, 512, 512), np.uint8))
+    path = write_seg(empty, real_sources(), tmp_path / "write", seg_options(omit_empty_frames=True))
+    assert_valid(path)
+    seg = hd.seg.segread(path)
+    assert seg.SeriesDescription == "AI spleen (empty)"
+    assert seg.NumberOfFrames == len(real_sources())
+    assert not seg.get_pixels_by_source_instance([s.SOPInstanceUID for s in real_sources()]).any()
+
+    assert write_seg(empty, real_sources(), tmp_path / "skip", seg_options(empty="skip")) is None
+    assert not (tmp_path / "skip").exists()
+
+
+def test_omit_empty_frames_writes_only_slices_with_segment_pixels(tmp_path: Path) -> None:
+    labels = spleen_map()
+    path = write_seg(labels, real_sources(), tmp_path, seg_options(omit_empty_frames=True))
+    assert_valid(path)
+    assert hd.seg.segread(path).NumberOfFrames == int(labels.volume.array.any(axis=(1, 2)).sum())
+    np.testing.assert_array_equal(read_seg(path, real_sources()).masks[1].array, labels.volume.array)
+
+
+def test_rerun_writes_the_same_uids(tmp_path: Path) -> None:
+    first = pydicom.dcmread(write_seg(spleen_map(), real_sources(), tmp_path / "a", seg_options()))
+    again = pydicom.dcmread(write_seg(spleen_map(), real_sources(), tmp_path / "b", seg_options()))
+    other = pydicom.dcmread(write_seg(spleen_map(), real_sources(), tmp_path / "c", seg_options(generation=2)))
+    assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (again.SeriesInstanceUID, again.SOPInstanceUID)
+    assert first.SOPInstanceUID.startswith("1.2.826.0.1.3680043.10.1234.")
+    assert {first.SOPInstanceUID, first.SeriesInstanceUID}.isdisjoint({other.SOPInstanceUID, other.SeriesInstanceUID})
+
+
+def test_label_values_that_are_not_1_to_n_become_segments_1_to_n(tmp_path: Path) -> None:
+    array = lung_map().volume.array * 3  # labels 3 and 6
+    segments = (replace(RIGHT_LUNG, value=3), replace(LEFT_LUNG, value=6))
+    path = write_seg(label_map(array, segments), real_sources(), tmp_path, seg_options())
+    masks = read_seg(path, real_sources())
+    np.testing.assert_array_equal(masks.masks[1].array, array == 3)
+    np.testing.assert_array_equal(masks.masks[2].array, array == 6)
+    assert masks.segments[2].type.meaning == "Left lung"
+
+
+def test_labelmap_option_round_trips(tmp_path: Path) -> None:
+    """LABELMAP is 66.7, which dciodvfy (and Orthanc, storescu) do not know yet: round trip only."""
+    labels = lung_map()
+    path = write_seg(labels, real_sources(), tmp_path, seg_options(segmentation_type="LABELMAP"))
+    masks = read_seg(path, real_sources())
+    assert masks.segmentation_type == "LABELMAP"
+    np.testing.assert_array_equal(masks.masks[2].array, labels.volume.array == 2)
+
+
+def test_label_map_off_the_source_grid_is_refused(tmp_path: Path) -> None:
+    reversed_sources = real_sources()[::-1]
+    with pytest.raises(SourceGridError, match="label map slice 0"):
+        write_seg(spleen_map(), reversed_sources, tmp_path, seg_options())
+    with pytest.raises(SourceGridError, match="20 slices but 19"):
+        write_seg(spleen_map(), real_sources()[:19], tmp_path, seg_options())
+    undescribed = label_map(lung_map().volume.array)  # value 2 present, only SPLEEN described
+    with pytest.raises(ValueError, match=r"values \[2\]"):
+        write_seg(undescribed, real_sources(), tmp_path, seg_options())
+    assert not tmp_path.joinpath("x").exists() and list(tmp_path.iterdir()) == []
