@@ -62,7 +62,10 @@ def read_seg(path: Path, sources: Sequence[pydicom.Dataset] | None = None) -> Se
             segment_numbers=numbers,
             assert_missing_frames_are_empty=True,
             rescale_fractional=True,
+            # Writers such as dcmqi omit Spatial Locations Preserved; positions are checked instead.
+            ignore_spatial_locations=True,
         )
+        _check_frame_positions(seg, sources)
         grid = source_grid(sources)
     else:
         uids = None
@@ -108,6 +111,27 @@ def source_grid(sources: Sequence[pydicom.Dataset]) -> Volume:
         origin=tuple(positions[0]),
         direction=direction,
     )
+
+
+class SegGeometryError(ValueError):
+    """A SEG frame does not lie on the source instance it says it derives from."""
+
+
+def _check_frame_positions(seg: hd.seg.Segmentation, sources: Sequence[pydicom.Dataset], tolerance_mm: float = 0.01) -> None:
+    """Each frame's Image Position (Patient) must be its referenced source's (PS3.3 C.7.6.16.2.3)."""
+    positions = {str(s.SOPInstanceUID): np.array([float(v) for v in s.ImagePositionPatient]) for s in sources}
+    for number, frame in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
+        if "PlanePositionSequence" not in frame or "DerivationImageSequence" not in frame:
+            continue
+        for derivation in frame.DerivationImageSequence:
+            for source in derivation.SourceImageSequence:
+                expected = positions.get(str(source.ReferencedSOPInstanceUID))
+                actual = np.array([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient])
+                if expected is not None and np.abs(actual - expected).max() > tolerance_mm:
+                    raise SegGeometryError(
+                        f"frame {number} is at {actual.round(3).tolist()} mm but its source "
+                        f"{source.ReferencedSOPInstanceUID} is at {expected.round(3).tolist()} mm"
+                    )
 
 
 def _along_slice_normal(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, Volume]:
