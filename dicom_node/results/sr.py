@@ -1,0 +1,135 @@
+"""Class probabilities as a DICOM Comprehensive SR (TID 1500 Measurement Report), plus a JSON copy.
+
+Content tree (PS3.16 TID 1500 / TID 1501), one Measurement Group per class:
+
+- Conclusion (121077, DCM) = the class's code, a qualitative evaluation present
+  only in the winning class's group: the coded finding a PACS user reads
+  (not "Finding" 121071: TID 1501 already names the finding type so);
+- Probability (122157, DCM), a NUM in UCUM "1" (dimensionless), 0..1;
+- Finding type = the class's code, Tracking Identifier = the class name;
+- Algorithm Identification (TID 4019): name, version of the classifier.
+
+The source series is referenced twice, as the standard has it: every source
+instance in the Image Library (TID 1600) and in the Current Requested
+Procedure Evidence Sequence (PS3.3 C.17.2). Classes whose model gives no code
+get a local code in the private scheme 99DCMNODE (PS3.16 8.2: "99" prefix).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+from pydicom.sr.codedict import codes
+
+from dicom_node.results import OutputSeries, save_dataset, source_headers, write_atomically
+from dicom_node.results.seg import coded
+from inference.results import ClassLabel, ClassProbabilities, Code
+
+SR_KIND = "sr"
+LOCAL_SCHEME = "99DCMNODE"
+PROBABILITY = Code("122157", "DCM", "Probability")
+CONCLUSION = Code("121077", "DCM", "Conclusion")
+UNITLESS = Code("1", "UCUM", "no units")
+IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")
+
+
+@dataclass(frozen=True)
+class SrOptions:
+    series: OutputSeries
+
+
+def class_code(label: ClassLabel) -> Code:
+    """The class's own code, else a local one named after it."""
+    return label.code or Code(label.name, LOCAL_SCHEME, label.name)
+
+
+def write_classification_sr(
+    result: ClassProbabilities, sources: Sequence[pydicom.Dataset], out_dir: Path, options: SrOptions
+) -> Path:
+    """Write the SR and `<same name>.json` in `out_dir`; returns the SR's path."""
+    headers = source_headers(sources)
+    series = options.series
+    seed = series.seed
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=result.algorithm.name[:64],
+        version=result.algorithm.version[:64],
+        family=coded(result.algorithm.family),
+    )
+    winner = result.winner
+    groups = [
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=seed.instance_uid(f"{SR_KIND}-tracking", index), identifier=label.name[:64]
+            ),
+            finding_type=coded(class_code(label)),
+            algorithm_id=algorithm,
+            measurements=[
+                hd.sr.Measurement(
+                    name=coded(PROBABILITY), value=float(probability), unit=coded(UNITLESS), algorithm_id=algorithm
+                )
+            ],
+            qualitative_evaluations=(
+                [hd.sr.QualitativeEvaluation(name=coded(CONCLUSION), value=coded(class_code(label)))]
+                if label is winner
+                else None
+            ),
+        )
+        for index, (label, probability) in enumerate(zip(result.classes, result.probabilities))
+    ]
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=hd.sr.ObserverContext(
+                observer_type=codes.DCM.Device,
+                observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                    uid=seed.instance_uid(f"{SR_KIND}-device"),
+                    name=series.manufacturer_model_name[:64],
+                    manufacturer_name=series.manufacturer[:64],
+                    model_name=series.manufacturer_model_name[:64],
+                    serial_number=series.device_serial_number[:64],
+                ),
+            )
+        ),
+        procedure_reported=coded(IMAGING_PROCEDURE),
+        imaging_measurements=groups,
+        referenced_images=headers,
+    )
+    document = hd.sr.ComprehensiveSR(
+        evidence=headers,
+        content=report,
+        series_instance_uid=seed.series_uid(SR_KIND),
+        series_number=series.series_number,
+        sop_instance_uid=seed.instance_uid(SR_KIND),
+        instance_number=1,
+        manufacturer=series.manufacturer,
+        is_complete=True,
+        series_description=series.series_description[:64],
+    )
+    document.ManufacturerModelName = series.manufacturer_model_name[:64]
+    document.SoftwareVersions = series.software_versions[:64]
+    document.DeviceSerialNumber = series.device_serial_number[:64]
+    path = save_dataset(document, out_dir / f"SR_{document.SOPInstanceUID}.dcm")
+    summary = {
+        "sop_instance_uid": str(document.SOPInstanceUID),
+        "series_instance_uid": str(document.SeriesInstanceUID),
+        "study_instance_uid": str(document.StudyInstanceUID),
+        "source_series_instance_uid": str(headers[0].SeriesInstanceUID),
+        "source_sop_instance_uids": [str(h.SOPInstanceUID) for h in headers],
+        "algorithm": {"name": result.algorithm.name, "version": result.algorithm.version},
+        "finding": {"name": winner.name, "code": _code_json(class_code(winner))},
+        "classes": [
+            {"name": label.name, "code": _code_json(class_code(label)), "probability": float(probability)}
+            for label, probability in zip(result.classes, result.probabilities)
+        ],
+    }
+    text = json.dumps(summary, indent=2) + "\n"
+    write_atomically(path.with_suffix(".json"), lambda handle: handle.write(text.encode()))
+    return path
+
+
+def _code_json(code: Code) -> dict[str, str]:
+    return {"value": code.value, "scheme": code.scheme, "meaning": code.meaning}

@@ -1,0 +1,93 @@
+"""Classification SR: dciodvfy clean, and highdicom parses back the same probabilities."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import highdicom as hd
+import pytest
+
+from dicom_node.results import OutputSeries
+from dicom_node.results.sr import LOCAL_SCHEME, SrOptions, write_classification_sr
+from dicom_node.results.uids import UidSeed
+from inference.results import Algorithm, ClassLabel, ClassProbabilities, Code
+from tests.peers import dciodvfy
+from tests.test_seg import real_sources
+
+pytestmark = pytest.mark.skipif(not dciodvfy.available(), reason="dciodvfy (dicom3tools) not installed")
+
+RESULT = ClassProbabilities(
+    classes=(
+        ClassLabel("normal", Code("17621005", "SCT", "Normal")),
+        ClassLabel("splenomegaly", Code("16294009", "SCT", "Splenomegaly")),
+        ClassLabel("uncertain"),
+    ),
+    probabilities=(0.125, 0.8, 0.075),
+    algorithm=Algorithm("spleen-size-classifier", "0.3.1"),
+)
+
+
+def sr_options(generation: int = 1) -> SrOptions:
+    seed = UidSeed(str(real_sources()[0].SeriesInstanceUID), generation, "abdomen")
+    return SrOptions(OutputSeries(seed, series_number=9902, series_description="AI spleen classification"))
+
+
+def test_sr_is_valid_and_parses_back_to_the_same_probabilities(tmp_path: Path) -> None:
+    sources = real_sources()
+    path = write_classification_sr(RESULT, sources, tmp_path, sr_options())
+    validation = dciodvfy.validate(path)
+    assert validation.errors == [], validation.report()
+
+    sr = hd.sr.srread(path)
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+    assert sr.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert (sr.SeriesNumber, sr.SeriesDescription) == (9902, "AI spleen classification")
+    assert sr.SeriesInstanceUID.startswith("2.25.")
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.SeriesInstanceUID == sources[0].SeriesInstanceUID
+    assert {i.ReferencedSOPInstanceUID for i in evidence.ReferencedSOPSequence} == {s.SOPInstanceUID for s in sources}
+
+    groups = sr.content.get_image_measurement_groups()
+    parsed = {}
+    for group in groups:
+        (measurement,) = group.get_measurements()
+        assert (measurement.name.value, measurement.unit.value) == ("122157", "1")
+        # TID 4019 Algorithm Identification under the NUM: Algorithm Name, Algorithm Version.
+        assert texts(measurement[0]) >= {"111001": "spleen-size-classifier", "111003": "0.3.1"}.items()
+        parsed[group.finding_type.value] = (measurement.value, conclusions(group))
+    assert parsed == {
+        "17621005": (pytest.approx(0.125), []),
+        "16294009": (pytest.approx(0.8), ["16294009"]),  # the winner carries the coded finding
+        "uncertain": (pytest.approx(0.075), []),
+    }
+
+    summary = json.loads(path.with_suffix(".json").read_text())
+    assert summary["sop_instance_uid"] == sr.SOPInstanceUID
+    assert summary["finding"]["code"] == {"value": "16294009", "scheme": "SCT", "meaning": "Splenomegaly"}
+    assert [(c["name"], c["probability"]) for c in summary["classes"]] == [
+        ("normal", 0.125), ("splenomegaly", 0.8), ("uncertain", 0.075)
+    ]
+    assert summary["classes"][2]["code"]["scheme"] == LOCAL_SCHEME
+
+
+def conclusions(group) -> list[str]:
+    return [e.value.value for e in group.get_qualitative_evaluations() if e.name.value == "121077"]
+
+
+def texts(item) -> set[tuple[str, str]]:
+    """(concept code, text) of every TEXT content item below `item`."""
+    found = set()
+    for child in item.get("ContentSequence", []):
+        if child.ValueType == "TEXT":
+            found.add((child.ConceptNameCodeSequence[0].CodeValue, child.TextValue))
+        found |= texts(child)
+    return found
+
+
+def test_rerun_writes_the_same_sr_uids(tmp_path: Path) -> None:
+    first = hd.sr.srread(write_classification_sr(RESULT, real_sources(), tmp_path / "a", sr_options()))
+    again = hd.sr.srread(write_classification_sr(RESULT, real_sources(), tmp_path / "b", sr_options()))
+    other = hd.sr.srread(write_classification_sr(RESULT, real_sources(), tmp_path / "c", sr_options(generation=2)))
+    assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (again.SOPInstanceUID, again.SeriesInstanceUID)
+    assert first.SOPInstanceUID != other.SOPInstanceUID
