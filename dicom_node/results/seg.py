@@ -12,8 +12,11 @@ each frame on its CT slice.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Literal
 
@@ -78,7 +81,7 @@ def write_seg(
         source_images=source_headers(sources),
         pixel_array=array,
         segmentation_type=options.segmentation_type,
-        segment_descriptions=_segment_descriptions(label_map),
+        segment_descriptions=segment_descriptions(label_map),
         series_instance_uid=series.seed.series_uid(SEG_KIND),
         series_number=series.series_number,
         sop_instance_uid=series.seed.instance_uid(SEG_KIND),
@@ -93,8 +96,19 @@ def write_seg(
         # An all-empty SEG with every frame omitted would have no frames at all.
         omit_empty_frames=options.omit_empty_frames and not empty,
         series_description=description[:64],
+        workers=_frame_encoders() if options.compress else 0,
     )
     return save_dataset(segmentation, out_dir / f"SEG_{segmentation.SOPInstanceUID}.dcm")
+
+
+@cache
+def _frame_encoders() -> ThreadPoolExecutor:
+    """Threads for highdicom's per-frame JPEG 2000 encoding (openjpeg releases the GIL).
+
+    Measured on 2 cores, 300 frames: 0.83 s serial, 0.66 s with two threads.
+    One pool for the process, so no thread start-up per SEG.
+    """
+    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="seg-encode")
 
 
 def check_source_grid(label_map: LabelMap, sources: Sequence[pydicom.Dataset], tolerance_mm: float = 0.01) -> None:
@@ -123,18 +137,26 @@ def check_source_grid(label_map: LabelMap, sources: Sequence[pydicom.Dataset], t
 
 
 def _segment_numbers(label_map: LabelMap, array: np.ndarray) -> list[int]:
-    """Label values in segment order; every value present in the array must be described."""
+    """Label values in segment order; every value present in the array must be described.
+
+    Cheap on 80 M voxels: when the values are 1..n a max() proves it, else one
+    table lookup (no histogram: bincount widens uint8 to int64, 0.5 s here).
+    """
     values = [segment.value for segment in label_map.segments]
     if len(set(values)) != len(values) or not all(0 < v < 256 for v in values):
         raise ValueError(f"segment label values must be distinct and within 1..255, got {values}")
-    present = set(np.flatnonzero(np.bincount(array.ravel(), minlength=256)).tolist()) - {0}
-    undescribed = present - set(values)
-    if undescribed:
-        raise ValueError(f"label map holds values {sorted(undescribed)} that no SegmentLabel describes")
+    highest = int(array.max()) if array.size else 0
+    if sorted(values) == list(range(1, len(values) + 1)) and highest <= len(values):
+        return values
+    described = np.zeros(256, dtype=bool)
+    described[[0, *values]] = True
+    undescribed = np.unique(array[~described[array]])
+    if undescribed.size:
+        raise ValueError(f"label map holds values {undescribed.tolist()} that no SegmentLabel describes")
     return values
 
 
-def _segment_descriptions(label_map: LabelMap) -> list[hd.seg.SegmentDescription]:
+def segment_descriptions(label_map: LabelMap) -> list[hd.seg.SegmentDescription]:
     algorithm = algorithm_identification(label_map.algorithm)
     return [
         hd.seg.SegmentDescription(
