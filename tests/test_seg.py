@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from dicom_node.results import OutputSeries, source_headers
 from dicom_node.results.seg import SegOptions, SourceGridError, write_seg
 from dicom_node.results.segread import read_seg, source_grid
-from dicom_node.results.uids import UidSeed, derive_uid
+from dicom_node.results.uids import UidError, UidSeed, derive_uid, validate_uid
 from inference.results import Algorithm, Code, LabelMap, SegmentLabel
 from tests.peers import CT_J2K_SERIES, dciodvfy
 
@@ -195,3 +195,30 @@ def test_label_map_off_the_source_grid_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"values \[2\]"):
         write_seg(undescribed, real_sources(), tmp_path, seg_options())
     assert not tmp_path.joinpath("x").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_derived_uids_are_valid_stable_and_distinct() -> None:
+    seed = UidSeed("1.2.3.4", 7, "lungs")
+    assert seed.instance_uid("seg") == UidSeed("1.2.3.4", 7, "lungs").instance_uid("seg")
+    uids = {seed.series_uid("seg"), seed.instance_uid("seg"), seed.series_uid("sr"), seed.instance_uid("overlay", 0),
+            seed.instance_uid("overlay", 1), UidSeed("1.2.3.4", 8, "lungs").instance_uid("seg")}
+    assert len(uids) == 6
+    rooted = UidSeed("1.2.3.4", 7, "lungs", org_root="1.2.826.0.1.3680043.10.1234").instance_uid("overlay", 299)
+    for uid in (*uids, rooted):
+        assert validate_uid(uid) == uid and len(uid) <= 64
+    with pytest.raises(UidError, match="leaves"):
+        derive_uid("1.2.826.0.1.3680043.10.1234.5678.9999.1111.2222", "x")
+    with pytest.raises(UidError, match="leading zeros"):
+        derive_uid("1.2.03", "x")
+
+
+def test_options_from_results_config() -> None:
+    config = pytest.importorskip("dicom_node.config")
+    results = config.ResultsConfig(org_root="1.2.826.0.1.3680043.10.1234", compress_frames=False,
+                                   empty_segmentation="skip", seg_omit_empty_frames=True)
+    series = OutputSeries.from_config(results, kind="seg", series_instance_uid="1.2.3", generation=2,
+                                      pipeline="abdomen", description="spleen")
+    assert (series.series_number, series.series_description, series.manufacturer) == (9901, "AI spleen", "dicom-node")
+    assert series.seed.instance_uid("seg").startswith("1.2.826.0.1.3680043.10.1234.")
+    options = SegOptions.from_config(results, series)
+    assert (options.compress, options.empty, options.omit_empty_frames) == (False, "skip", True)

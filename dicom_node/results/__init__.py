@@ -18,11 +18,14 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import pydicom
 
 from dicom_node.results.uids import UidSeed
+
+if TYPE_CHECKING:
+    from dicom_node.config import ResultsConfig
 
 try:
     from importlib.metadata import version as _version
@@ -48,6 +51,22 @@ class OutputSeries:
     manufacturer_model_name: str = "dicom-node"
     software_versions: str = NODE_VERSION
     device_serial_number: str = socket.gethostname()[:64] or "0"
+
+    @classmethod
+    def from_config(
+        cls, results: ResultsConfig, *, kind: str, series_instance_uid: str, generation: int, pipeline: str,
+        description: str,
+    ) -> OutputSeries:
+        """The output series of `kind` ("seg", "sr", "overlay") of one job, numbered and named per config.
+
+        SeriesDescription is "<series_description_prefix> <description>" (e.g. "AI spleen").
+        """
+        return cls(
+            seed=UidSeed(series_instance_uid, generation, pipeline, results.org_root),
+            series_number=getattr(results, f"{kind}_series_number"),
+            series_description=f"{results.series_description_prefix} {description}".strip(),
+            manufacturer=results.manufacturer,
+        )
 
 
 def source_headers(sources: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
@@ -26,6 +27,9 @@ from dicom_node.results import OutputSeries, save_dataset, source_headers
 from dicom_node.results.seg import check_source_grid
 from inference.results import LabelMap
 from inference.volume import Volume
+
+if TYPE_CHECKING:
+    from dicom_node.config import ResultsConfig
 
 OVERLAY_KIND = "overlay"
 # Distinct, saturated colours that stay visible on grey CT; segment n gets colour n-1 (cycling).
@@ -41,6 +45,10 @@ class OverlayOptions:
     window_center: float = 40.0
     window_width: float = 400.0
     compress: bool = True  # RLE Lossless (PS3.5 G), which every PACS we met decodes
+
+    @classmethod
+    def from_config(cls, results: ResultsConfig, series: OutputSeries) -> OverlayOptions:
+        return cls(series=series, compress=results.compress_frames)
 
 
 def write_overlay(

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import highdicom as hd
 import numpy as np
@@ -27,6 +27,9 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from dicom_node.results import OutputSeries, save_dataset, source_headers
 from inference.results import Algorithm, Code, LabelMap
+
+if TYPE_CHECKING:
+    from dicom_node.config import ResultsConfig
 
 SEG_KIND = "seg"
 
@@ -48,6 +51,15 @@ class SegOptions:
     empty: Literal["write", "skip"] = "write"
     compress: bool = True
     content_creator_name: str = "dicom-node^"
+
+    @classmethod
+    def from_config(cls, results: ResultsConfig, series: OutputSeries) -> SegOptions:
+        return cls(
+            series=series,
+            omit_empty_frames=results.seg_omit_empty_frames,
+            empty=results.empty_segmentation,
+            compress=results.compress_frames,
+        )
 
 
 class SourceGridError(ValueError):
