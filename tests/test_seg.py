@@ -55,7 +55,7 @@ def label_map(array: np.ndarray, segments=(SPLEEN,)) -> LabelMap:
 
 
 def spleen_map() -> LabelMap:
-    return label_map(blob_mask((20, 512, 512), (300, 380), 40, 4, 15))
+    return label_map(blob_mask((20, 512, 512), (300, 380), 40, 3, 15))  # not symmetric in k: a flip shows
 
 
 def lung_map() -> LabelMap:
@@ -130,6 +130,10 @@ def test_seg_overlays_the_source_volume_read_by_simpleitk(tmp_path: Path) -> Non
     expected = labels.volume.to_sitk()
     resampled = sitk.Resample(own, ct, sitk.Transform(), sitk.sitkNearestNeighbor)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(resampled), sitk.GetArrayFromImage(expected))
+    # GDCM itself (SimpleITK's DICOM reader) on a native SEG: its frame geometry, its 0/255 unpacking.
+    native = write_seg(labels, real_sources(), tmp_path / "native", seg_options(compress=False))
+    gdcm = sitk.Resample(sitk.ReadImage(str(native)), ct, sitk.Transform(), sitk.sitkNearestNeighbor)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(gdcm) > 0, labels.volume.array > 0)
     # And on the referenced source grid, matched by SOP Instance UID.
     on_sources = read_seg(path, real_sources())
     np.testing.assert_array_equal(on_sources.masks[1].array, labels.volume.array)

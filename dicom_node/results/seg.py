@@ -41,8 +41,10 @@ class SegOptions:
     `omit_empty_frames` is off by default: several viewers mis-render SEGs that
     leave out the frames of slices without segment pixels.
     `compress` writes JPEG 2000 Lossless frames, the only encapsulated syntax
-    PS3.5 8.2 and highdicom allow for 1-bit BINARY frames (PS3.3 C.8.20.2.1);
-    turn it off for destinations that accept only native transfer syntaxes.
+    PS3.5 8.2 and highdicom allow for 1-bit BINARY frames (PS3.3 C.8.20.2.1):
+    30x smaller. Readers differ on it: pydicom/pylibjpeg and highdicom decode
+    it, GDCM 3 (SimpleITK 2.5) refuses 1-bit JPEG 2000 and dcmtk decodes no
+    JPEG 2000 at all; turn it off for destinations read by those.
     """
 
     series: OutputSeries
