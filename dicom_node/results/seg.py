@@ -138,6 +138,11 @@ def check_source_grid(label_map: LabelMap, sources: Sequence[pydicom.Dataset], t
     first_axis = volume.index_to_lps(np.array([[0, 0, k] for k in range(k_count)]))
     for k, source in enumerate(sources):
         uid = source.get("SOPInstanceUID", "?")
+        if "ImagePositionPatient" not in source:
+            raise SourceGridError(
+                f"source instance {uid} has no Image Position (Patient): only single-frame sources "
+                "(CT Image Storage and the like) are supported"
+            )
         if (int(source.Rows), int(source.Columns)) != (rows, columns):
             raise SourceGridError(
                 f"source instance {uid} is {source.Rows}x{source.Columns}, the label map slice is {rows}x{columns}"
