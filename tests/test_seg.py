@@ -198,7 +198,20 @@ def test_label_map_off_the_source_grid_is_refused(tmp_path: Path) -> None:
     undescribed = label_map(lung_map().volume.array)  # value 2 present, only SPLEEN described
     with pytest.raises(ValueError, match=r"values \[2\]"):
         write_seg(undescribed, real_sources(), tmp_path, seg_options())
-    assert not tmp_path.joinpath("x").exists() and list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_slightly_uneven_slices_keep_their_own_positions(tmp_path: Path) -> None:
+    """The loader accepts 5 % uneven spacing; each frame must still carry its source's true position."""
+    uneven = [pydicom.Dataset(s) for s in real_sources()]
+    uneven[7].ImagePositionPatient = [*uneven[7].ImagePositionPatient[:2], float(uneven[7].ImagePositionPatient[2]) + 0.1]
+    seg = hd.seg.segread(write_seg(spleen_map(), uneven, tmp_path, seg_options()))
+    positions = {
+        f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID:
+        float(f.PlanePositionSequence[0].ImagePositionPatient[2])
+        for f in seg.PerFrameFunctionalGroupsSequence
+    }
+    assert positions[uneven[7].SOPInstanceUID] == pytest.approx(float(uneven[7].ImagePositionPatient[2]))
 
 
 def test_derived_uids_are_valid_stable_and_distinct() -> None:

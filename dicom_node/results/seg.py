@@ -125,13 +125,17 @@ def _frame_encoders() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="seg-encode")
 
 
-def check_source_grid(label_map: LabelMap, sources: Sequence[pydicom.Dataset], tolerance_mm: float = 0.01) -> None:
+def check_source_grid(label_map: LabelMap, sources: Sequence[pydicom.Dataset]) -> None:
     """Refuse to write a SEG whose frames would not lie on their source slices.
 
     The SEG places frame k by the position of `sources[k]`; a label map in
     another slice order or on a resampled grid would then be displayed shifted.
+    The tolerance is half a slice: the volume loader accepts slightly uneven
+    spacing (and then models the series as evenly spaced), but any frame
+    matched to the wrong slice is off by at least one spacing.
     """
     volume = label_map.volume
+    tolerance_mm = volume.spacing[2] / 2
     k_count, rows, columns = volume.shape
     if len(sources) != k_count:
         raise SourceGridError(f"label map has {k_count} slices but {len(sources)} source instances were given")
