@@ -1,0 +1,81 @@
+"""Classical lung segmentation on a chest phantom (known truth) and on a real abdominal CT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from inference.lung import LEFT_LUNG, RIGHT_LUNG, LungParameters, fill_holes_slicewise, segment_lungs_classical
+from inference.volume import Volume
+from tests.peers import CT_J2K_SERIES
+from tests.phantoms import chest_phantom, write_ct_volume
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def read_series(folder) -> Volume:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    return Volume.from_sitk(reader.Execute())
+
+
+@pytest.mark.parametrize("gap_mm", [40.0, -2.0], ids=["apart", "touching"])
+def test_phantom_lungs_right_left_and_trachea_excluded(gap_mm):
+    phantom = chest_phantom(lung_gap_mm=gap_mm)
+    result = segment_lungs_classical(phantom.volume)
+    labels = result.volume.array
+    assert result.volume.same_grid(phantom.volume)
+    assert [s.type.value for s in result.segments] == ["3341006", "44029006"]
+    assert [s.value for s in result.segments] == [RIGHT_LUNG.value, LEFT_LUNG.value]
+    assert all(s.category.value == "123037004" for s in result.segments)
+    # The right lung lies at -x in LPS (patient's right), the left at +x.
+    x_right = result.volume.index_to_lps(np.argwhere(labels == 1)[:, ::-1])[:, 0]
+    x_left = result.volume.index_to_lps(np.argwhere(labels == 2)[:, ::-1])[:, 0]
+    assert x_right.mean() < -50 and x_left.mean() > 50
+    assert dice(labels == 1, phantom.right_lung) > 0.9
+    assert dice(labels == 2, phantom.left_lung) > 0.9
+    # Vessels (40 HU tubes inside the lungs) are filled back in.
+    vessels = (phantom.right_lung | phantom.left_lung) & (phantom.volume.array > -300)
+    assert vessels.any() and (labels[vessels] > 0).mean() > 0.95
+    # The trachea above the lungs is never labelled; of the bronchi outside the
+    # lungs at most the stretch where they enter the hilum is.
+    above_lungs = ~(phantom.right_lung | phantom.left_lung).any(axis=(1, 2))
+    assert phantom.trachea[above_lungs].any() and not labels[above_lungs].any()
+    assert (labels[phantom.trachea] > 0).mean() < 0.2
+
+
+def test_phantom_written_as_dicom_segments_the_same(tmp_path):
+    phantom = chest_phantom()
+    paths = write_ct_volume(phantom.volume, tmp_path / "chest")
+    assert len(paths) == phantom.volume.shape[0]
+    volume = read_series(tmp_path / "chest")
+    assert volume.same_grid(phantom.volume) and np.array_equal(volume.array, phantom.volume.array)
+    expected = segment_lungs_classical(phantom.volume).volume.array
+    assert np.array_equal(segment_lungs_classical(volume).volume.array, expected)
+
+
+@pytest.mark.parametrize("min_lung_ml", [LungParameters().min_lung_ml, 1.0], ids=["default", "no-size-limit"])
+def test_abdomen_gives_no_bowel_gas(min_lung_ml):
+    """The shared abdomen holds lung bases only and much bowel gas: nothing or little, never gas."""
+    volume = read_series(CT_J2K_SERIES)
+    labels = segment_lungs_classical(volume, LungParameters(min_lung_ml=min_lung_ml)).volume.array
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    assert np.count_nonzero(labels) * voxel_ml < 20.0
+    # Bowel gas: air enclosed by the body in its anterior half (supine patient).
+    hu = volume.array
+    body = fill_holes_slicewise(hu > -500)
+    body_rows = np.flatnonzero(body.any(axis=(0, 2)))
+    anterior = np.zeros(hu.shape, dtype=bool)
+    anterior[:, : (body_rows[0] + body_rows[-1]) // 2, :] = True
+    gas = body & anterior & (hu < -320)
+    assert np.count_nonzero(gas) * voxel_ml > 10.0  # the series really holds bowel gas
+    assert not labels[gas].any()
+
+
+def test_empty_volume_gives_empty_label_map():
+    volume = Volume(np.full((4, 32, 32), -1000, np.int16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+    result = segment_lungs_classical(volume)
+    assert result.volume.array.dtype == np.uint8 and not result.volume.array.any()
