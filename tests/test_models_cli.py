@@ -1,0 +1,124 @@
+"""`dicom-node models import|list|check` on a temporary repository, with the shared spleen model."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from tests.peers import SHARED_MODELS
+
+pytest.importorskip("inference.repository", reason="inference.repository (H3a) not landed yet")
+pytest.importorskip("inference.backends", reason="inference.backends (H3a) not landed yet")
+
+from dicom_node import models  # noqa: E402
+from inference.repository import ModelRepository  # noqa: E402
+
+SPLEEN_ONNX = SHARED_MODELS / "spleen_ct_demo" / "1" / "model.onnx"
+SPLEEN_TORCHSCRIPT = SHARED_MODELS / "spleen_ct_demo" / "model.torchscript.pt"
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def cli(*argv: str) -> tuple[int, str]:
+    """Parse and run `models ...` exactly as the node's command line registers it."""
+    parser = argparse.ArgumentParser(prog="dicom-node")
+    models.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["models", *argv])
+    out = io.StringIO()
+    return models.run(args, None, out), out.getvalue()
+
+
+def run_spleen(model_path, shape=(1, 1, 96, 96, 96)) -> np.ndarray:
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def test_import_onnx_then_list_and_check(tmp_path):
+    repo = tmp_path / "models"
+    code, text = cli("import", str(SPLEEN_ONNX), "--name", "spleen", "--preset", "monai-spleen", "--repository", str(repo))
+    assert code == 0, text
+    entry_dir = repo / "spleen"
+    assert (entry_dir / "1" / "model.onnx").read_bytes() == SPLEEN_ONNX.read_bytes()
+    config = (entry_dir / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in config
+    assert 'name: "INPUT__0"' in config and "dims: [ -1, 1, -1, -1, -1 ]" in config
+    assert 'name: "OUTPUT__0"' in config and "dims: [ -1, 2, -1, -1, -1 ]" in config
+    assert not [p for p in repo.iterdir() if p.name.startswith(".import-")]  # staging removed
+
+    entry = ModelRepository(repo).get("spleen")
+    assert entry.platform == "onnxruntime_onnx"
+
+    code, text = cli("list", "--repository", str(repo))
+    assert code == 0, text
+    header, row = text.splitlines()[:2]
+    assert header.split() == ["NAME", "PLATFORM", "TASK", "VERSIONS", "READY"]
+    assert row.split() == ["spleen", "onnxruntime_onnx", "segmentation", "1", "yes"]
+
+    code, text = cli("check", "--repository", str(repo))
+    assert code == 0, text
+    assert "spleen: ok (embedded)" in text
+
+    code, text = cli("import", str(SPLEEN_ONNX), "--name", "spleen", "--preset", "monai-spleen", "--repository", str(repo))
+    assert code == 1 and "exists; pass --force" in text
+
+
+def test_broken_pipeline_yaml_gives_located_error(tmp_path):
+    repo = tmp_path / "models"
+    assert cli("import", str(SPLEEN_ONNX), "--name", "spleen", "--preset", "monai-spleen", "--repository", str(repo))[0] == 0
+    pipeline = repo / "spleen" / "pipeline.yaml"
+    lines = pipeline.read_text().splitlines()
+    index = next(n for n, line in enumerate(lines) if line.strip().startswith("overlap:"))
+    lines[index] = lines[index].split(":")[0] + ": lots"
+    pipeline.write_text("\n".join(lines) + "\n")
+    for command in ("list", "check"):
+        code, text = cli(command, "--repository", str(repo))
+        assert code == 1
+        assert f"pipeline.yaml:{index + 1}" in text and "overlap" in text, text
+
+
+def test_monai_bundle_folder(tmp_path):
+    bundle = tmp_path / "spleen_ct_segmentation"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    (bundle / "configs" / "inference.json").write_text(json.dumps({"network_def": {"_target_": "UNet"}}))
+    shutil.copyfile(SPLEEN_ONNX, bundle / "models" / "model.onnx")
+    repo = tmp_path / "models"
+    code, text = cli("import", str(bundle), "--name", "bundle_spleen", "--preset", "monai-spleen", "--repository", str(repo))
+    assert code == 0, text
+    assert ModelRepository(repo).get("bundle_spleen").platform == "onnxruntime_onnx"
+
+    not_a_bundle = tmp_path / "folder"
+    not_a_bundle.mkdir()
+    code, text = cli("import", str(not_a_bundle), "--name", "x", "--preset", "monai-spleen", "--repository", str(repo))
+    assert code == 1 and "not a MONAI bundle (no configs/inference.json)" in text
+    assert not (repo / "x").exists()
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed (optional extra: pip install torch==2.13.0)")
+def test_import_torchscript_exports_equivalent_onnx(tmp_path):
+    repo = tmp_path / "models"
+    code, text = cli("import", str(SPLEEN_TORCHSCRIPT), "--name", "spleen_ts", "--preset", "monai-spleen",
+                     "--repository", str(repo))
+    assert code == 0, text
+    exported = repo / "spleen_ts" / "1" / "model.onnx"
+    assert np.abs(run_spleen(exported) - run_spleen(SPLEEN_ONNX)).max() < 1e-3
+    # Spatial axes stay dynamic: a 2-patch batch of another size runs too.
+    assert run_spleen(exported, (2, 1, 64, 64, 32)).shape == (2, 2, 64, 64, 32)
+    code, text = cli("check", "--repository", str(repo))
+    assert code == 0 and "spleen_ts: ok" in text
+
+
+@pytest.mark.skipif(HAS_TORCH, reason="torch is installed; the missing-torch message cannot occur")
+def test_import_torchscript_without_torch_says_what_to_install(tmp_path):
+    repo = tmp_path / "models"
+    code, text = cli("import", str(SPLEEN_TORCHSCRIPT), "--name", "spleen_ts", "--preset", "monai-spleen",
+                     "--repository", str(repo))
+    assert code == 1 and "install torch==2.13.0 to import TorchScript" in text
+    assert not (repo / "spleen_ts").exists()
