@@ -1,11 +1,44 @@
 """DICOM series -> geometry-checked `inference.Volume` (issue: from a completed series to a trustworthy volume).
 
 `SeriesSummary` is the routing data: what `route` matches pipeline rules on.
+`load_series` turns the instances of one series into a volume a model can use,
+or refuses with a `SeriesGeometryError` that names the series and the
+instances at fault. Slices are ordered by Image Position (Patient) projected
+on the slice normal (PS3.3 C.7.6.2.1.1), never by Instance Number, which
+scanners number in acquisition order, not space.
+
+Memory: the output array is allocated once and filled one frame at a time
+(read the file, decode that frame, rescale it into place), so one copy of the
+volume exists. It is int16 when every Rescale Slope/Intercept is integral and
+the stored bit depth maps into int16 (the usual CT case, half the memory of
+float32), float32 otherwise; values are in Rescale Type units (HU for CT).
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+from pydicom.pixels import iter_pixels
+
+from inference.volume import Volume
+
+# Image Orientation (Patient) values equal within this are one orientation (DS rounding is ~1e-6).
+_ORIENTATION_TOLERANCE = 1e-3
+# Two frames whose positions along the normal differ by less than this are at the same position.
+_SAME_POSITION_MM = 0.01
+# A stack whose positions drift in-plane by more than this per mm along the normal is sheared (0.06 degrees).
+_SHEAR_TOLERANCE = 1e-3
+# A slice normal within 15 degrees of a patient axis names the orientation (else "oblique").
+_AXIS_COSINE = math.cos(math.radians(15))
 
 
 @dataclass(frozen=True)
@@ -27,3 +60,394 @@ class SeriesSummary:
     manufacturer: str
     contrast_agent: str | None
     orientation: str
+
+
+@dataclass(frozen=True)
+class SourceSlice:
+    """Where one volume slice came from: the SEG references it (PS3.3 C.8.20.2 Derivation Image)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: Path
+    frame_number: int | None  # 1-based Frame Number in a multi-frame instance, None for single-frame
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedSeries:
+    """A checked volume, `slices[k]` being the source of `volume.array[k]`.
+
+    `summary` describes the frames that made the volume (localizers and
+    dropped duplicates excluded), `warnings` says what was excluded and why.
+    """
+
+    volume: Volume
+    slices: tuple[SourceSlice, ...]
+    summary: SeriesSummary
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class VolumeOptions:
+    """How strict the loader is.
+
+    `spacing_tolerance` is relative to the median gap between slices: a gap
+    further from it than this fraction is a missing (or extra) slice.
+    `tilt`: a gantry-tilted (sheared) stack is refused by default, because a
+    model trained on orthogonal grids sees a distorted patient otherwise;
+    "resample" shifts each slice in-plane onto the orthogonal grid of the
+    first slice (linear interpolation, edges padded with the volume minimum).
+    """
+
+    min_slices: int = 3
+    spacing_tolerance: float = 0.05
+    tilt: Literal["resample", "refuse"] = "refuse"
+
+
+class SeriesGeometryError(ValueError):
+    """A series that cannot become a trustworthy volume; names the series and the instances at fault."""
+
+    def __init__(self, series_instance_uid: str, sop_instance_uids: Sequence[str], message: str):
+        self.series_instance_uid = series_instance_uid
+        self.sop_instance_uids = tuple(sop_instance_uids)
+        self.message = message
+        instances = f" (instances: {', '.join(self.sop_instance_uids)})" if self.sop_instance_uids else ""
+        super().__init__(f"series {series_instance_uid or '<no Series Instance UID>'}: {message}{instances}")
+
+
+@dataclass(frozen=True, eq=False)
+class _Frame:
+    """The geometry and pixel value transformation of one frame, from the headers only."""
+
+    source: SourceSlice
+    series_instance_uid: str
+    position: np.ndarray | None  # Image Position (Patient), mm
+    orientation: np.ndarray | None  # Image Orientation (Patient), 6 direction cosines
+    rows: int
+    columns: int
+    pixel_spacing: tuple[float, float] | None  # (row spacing, column spacing), PS3.3 10.7.1.3
+    slice_thickness: float | None
+    slope: float
+    intercept: float
+    stored_range: tuple[int, int]  # what Bits Stored / Pixel Representation allow
+    localizer: bool
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.orientation[:3], self.orientation[3:])
+
+    @property
+    def uid(self) -> str:
+        return self.source.sop_instance_uid
+
+
+def _floats(value) -> np.ndarray | None:
+    return None if value is None or len(value) == 0 else np.array([float(v) for v in value])
+
+
+def _functional(ds: Dataset, frame_item: Dataset | None, sequence: str, attribute: str):
+    """An attribute of a functional group macro (PS3.3 C.7.6.16): per-frame first, then shared, then top level."""
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    for groups in (frame_item, shared[0] if shared else None):
+        items = groups.get(sequence) if groups is not None else None
+        if items and attribute in items[0]:
+            return items[0][attribute].value
+    return ds.get(attribute)
+
+
+def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
+    """One `_Frame` per frame of the instance; Enhanced CT keeps geometry in functional groups."""
+    meta = getattr(ds, "file_meta", Dataset())
+    sop_instance_uid = str(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID", ""))
+    sop_class_uid = str(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID", ""))
+    bits = int(ds.get("BitsStored", 16) or 16)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    stored_range = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or ()))
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    number_of_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = []
+    for index in range(number_of_frames):
+        item = per_frame[index] if per_frame is not None and index < len(per_frame) else None
+        spacing = _floats(_functional(ds, item, "PixelMeasuresSequence", "PixelSpacing"))
+        thickness = _functional(ds, item, "PixelMeasuresSequence", "SliceThickness")
+        slope = _functional(ds, item, "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = _functional(ds, item, "PixelValueTransformationSequence", "RescaleIntercept")
+        frames.append(_Frame(
+            source=SourceSlice(sop_instance_uid, sop_class_uid, path,
+                               index + 1 if "NumberOfFrames" in ds else None),
+            series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+            position=_floats(_functional(ds, item, "PlanePositionSequence", "ImagePositionPatient")),
+            orientation=_floats(_functional(ds, item, "PlaneOrientationSequence", "ImageOrientationPatient")),
+            rows=int(ds.get("Rows", 0) or 0),
+            columns=int(ds.get("Columns", 0) or 0),
+            pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
+            slice_thickness=None if thickness in (None, "") else float(thickness),
+            slope=1.0 if slope in (None, "") else float(slope),
+            intercept=0.0 if intercept in (None, "") else float(intercept),
+            stored_range=stored_range,
+            localizer="LOCALIZER" in image_type,
+        ))
+    return frames
+
+
+def _read_headers(paths: Iterable[Path]) -> tuple[Dataset, list[_Frame]]:
+    """Headers of every instance (no pixel data); the first dataset carries the series attributes."""
+    first: Dataset | None = None
+    frames: list[_Frame] = []
+    for path in sorted(Path(p) for p in paths):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        first = first if first is not None else ds
+        frames.extend(_frames_of(path, ds))
+    if first is None:
+        raise SeriesGeometryError("", (), "no instances given")
+    return first, frames
+
+
+def _orientation_name(orientations: Sequence[np.ndarray]) -> str:
+    if not orientations:
+        return "unknown"
+    if any(not np.allclose(o, orientations[0], atol=_ORIENTATION_TOLERANCE) for o in orientations):
+        return "mixed"
+    normal = np.abs(np.cross(orientations[0][:3], orientations[0][3:]))
+    axis = int(np.argmax(normal))
+    return ("sagittal", "coronal", "axial")[axis] if normal[axis] >= _AXIS_COSINE else "oblique"
+
+
+def _contrast_agent(ds: Dataset) -> str | None:
+    """Contrast/Bolus Agent (PS3.3 C.7.6.4), or the Enhanced Contrast/Bolus agent code's meaning."""
+    agent = str(ds.get("ContrastBolusAgent") or "").strip()
+    if not agent and ds.get("ContrastBolusAgentSequence"):
+        agent = str(ds.ContrastBolusAgentSequence[0].get("CodeMeaning") or "").strip()
+    return agent or None
+
+
+def _summary(ds: Dataset, frames: Sequence[_Frame]) -> SeriesSummary:
+    thicknesses = [f.slice_thickness for f in frames if f.slice_thickness is not None]
+    return SeriesSummary(
+        study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+        modality=str(ds.get("Modality", "")),
+        body_part_examined=str(ds.get("BodyPartExamined", "")),
+        series_description=str(ds.get("SeriesDescription", "")),
+        image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or ())),
+        slice_thickness=thicknesses[0] if thicknesses else None,
+        number_of_slices=len(frames),
+        manufacturer=str(ds.get("Manufacturer", "")),
+        contrast_agent=_contrast_agent(ds),
+        orientation=_orientation_name([f.orientation for f in frames if f.orientation is not None]),
+    )
+
+
+def summarize_series(paths: Iterable[Path]) -> SeriesSummary:
+    """Routing data from the headers only: image frames, localizers excluded, are the slices counted."""
+    ds, frames = _read_headers(paths)
+    images = [f for f in frames if f.position is not None and f.orientation is not None and not f.localizer]
+    return _summary(ds, images)
+
+
+class _Check:
+    """The geometry checks, in order; each raises with the series and the instances at fault."""
+
+    def __init__(self, series_instance_uid: str, options: VolumeOptions):
+        self.series = series_instance_uid
+        self.options = options
+        self.warnings: list[str] = []
+
+    def fail(self, frames: Iterable[_Frame], message: str) -> SeriesGeometryError:
+        return SeriesGeometryError(self.series, list(dict.fromkeys(f.uid for f in frames)), message)
+
+    def one_series(self, frames: Sequence[_Frame]) -> None:
+        uids = Counter(f.series_instance_uid for f in frames)
+        if len(uids) > 1:
+            main = uids.most_common(1)[0][0]
+            raise self.fail([f for f in frames if f.series_instance_uid != main],
+                            f"instances from {len(uids)} series given as one: {sorted(uids)}")
+
+    def stack(self, frames: Sequence[_Frame]) -> list[_Frame]:
+        """Exclude non-images, localizers and stray orientations when the rest is one stack."""
+        images = [f for f in frames if f.position is not None and f.orientation is not None and f.rows]
+        self._exclude([f for f in frames if f not in images],
+                      "no Image Position/Orientation (Patient) or no pixel matrix: not part of the volume")
+        localizers = [f for f in images if f.localizer]
+        self._exclude(localizers, "Image Type LOCALIZER")
+        images = [f for f in images if not f.localizer]
+        groups: list[list[_Frame]] = []
+        for frame in images:
+            group = next((g for g in groups if np.allclose(g[0].orientation, frame.orientation,
+                                                           atol=_ORIENTATION_TOLERANCE)), None)
+            (group.append(frame) if group is not None else groups.append([frame]))
+        groups.sort(key=len, reverse=True)
+        if not groups:
+            raise self.fail(frames, "no image frames with a position and orientation")
+        strays = [f for g in groups[1:] for f in g]
+        if len(groups) > 1 and (len(groups[1]) == len(groups[0]) or len(groups[1]) >= self.options.min_slices):
+            raise self.fail(strays, f"mixed orientations: {len(groups)} stacks with different Image Orientation "
+                                    f"(Patient), sizes {[len(g) for g in groups]}")
+        self._exclude(strays, "Image Orientation (Patient) differs from the rest of the stack")
+        return groups[0]
+
+    def _exclude(self, frames: Sequence[_Frame], why: str) -> None:
+        if frames:
+            uids = ", ".join(dict.fromkeys(f.uid for f in frames))
+            self.warnings.append(f"excluded {len(frames)} frame(s) ({why}): {uids}")
+
+    def same_matrix(self, frames: Sequence[_Frame]) -> None:
+        for name, key in (("Rows/Columns", lambda f: (f.rows, f.columns)),
+                          ("Pixel Spacing", lambda f: f.pixel_spacing and tuple(round(v, 4) for v in f.pixel_spacing))):
+            values = Counter(key(f) for f in frames)
+            if len(values) > 1:
+                main = values.most_common(1)[0][0]
+                raise self.fail([f for f in frames if key(f) != main],
+                                f"mixed {name}: {main} in most instances, {sorted(set(values) - {main}, key=str)} "
+                                "in the ones named")
+        if frames[0].pixel_spacing is None:
+            raise self.fail(frames[:1], "no Pixel Spacing")
+
+    def positions(self, frames: Sequence[_Frame]) -> tuple[list[list[_Frame]], np.ndarray]:
+        """Frames grouped by position along the normal, ascending; returns (groups, distances)."""
+        normal = frames[0].normal
+        ordered = sorted(frames, key=lambda f: (float(f.position @ normal), f.uid))
+        groups: list[list[_Frame]] = []
+        for frame in ordered:
+            if groups and abs(float((frame.position - groups[-1][0].position) @ normal)) < _SAME_POSITION_MM:
+                groups[-1].append(frame)
+            else:
+                groups.append([frame])
+        for group in groups:
+            if any(np.linalg.norm(f.position - group[0].position) >= _SAME_POSITION_MM for f in group[1:]):
+                raise self.fail(group, "frames at the same distance along the normal but different "
+                                       f"Image Position (Patient): {[list(f.position) for f in group]}")
+        if len(groups) < self.options.min_slices:
+            raise self.fail([], f"{len(groups)} distinct slice positions, fewer than the minimum "
+                                f"{self.options.min_slices}")
+        return groups, np.array([float(g[0].position @ normal) for g in groups])
+
+    def uniform(self, groups: Sequence[Sequence[_Frame]], distances: np.ndarray) -> float:
+        """The slice spacing; a gap off the median by more than the tolerance is a missing slice."""
+        gaps = np.diff(distances)
+        median = float(np.median(gaps))
+        for k, gap in enumerate(gaps):
+            if abs(gap - median) > self.options.spacing_tolerance * median:
+                raise self.fail([groups[k][0], groups[k + 1][0]],
+                                f"non-uniform slice spacing: {gap:.4g} mm between the instances named where "
+                                f"the series spacing is {median:.4g} mm (missing slice?)")
+        return float(distances[-1] - distances[0]) / (len(distances) - 1)
+
+    def shear(self, groups: Sequence[Sequence[_Frame]]) -> np.ndarray:
+        """In-plane offset (mm, LPS) of each slice from the first; non-zero for a gantry-tilted stack."""
+        first = groups[0][0]
+        normal = first.normal
+        steps = np.array([g[0].position - first.position for g in groups])
+        offsets = steps - np.outer(steps @ normal, normal)
+        extent = float(steps[-1] @ normal)
+        drift = float(np.max(np.linalg.norm(offsets, axis=1)))
+        if drift <= _SHEAR_TOLERANCE * extent:
+            return np.zeros_like(offsets)
+        if self.options.tilt == "refuse":
+            angle = math.degrees(math.atan2(float(np.linalg.norm(offsets[-1])), extent))
+            raise self.fail([first, groups[-1][0]],
+                            f"sheared stack (gantry tilt about {angle:.2f} degrees): positions drift "
+                            f"{drift:.3g} mm in-plane over {extent:.4g} mm along the normal; "
+                            "load with tilt='resample' to resample onto an orthogonal grid")
+        self.warnings.append(f"gantry tilt: {drift:.3g} mm in-plane drift over {extent:.4g} mm resampled "
+                             "onto the orthogonal grid of the first slice")
+        return offsets
+
+
+def _output_dtype(frames: Sequence[_Frame], resample: bool) -> np.dtype:
+    """int16 when integral rescaling maps every storable value into int16 (PS3.3 C.11.1.1.2), else float32."""
+    if resample:
+        return np.dtype(np.float32)
+    info = np.iinfo(np.int16)
+    for f in frames:
+        if f.slope != int(f.slope) or f.intercept != int(f.intercept):
+            return np.dtype(np.float32)
+        ends = [f.slope * v + f.intercept for v in f.stored_range]
+        if min(ends) < info.min or max(ends) > info.max:
+            return np.dtype(np.float32)
+    return np.dtype(np.int16)
+
+
+def _fill(out: np.ndarray, frame: _Frame, pixels: np.ndarray) -> None:
+    """Rescale one decoded frame into its slice of the output, in place."""
+    out[...] = pixels
+    if frame.slope != 1:
+        out *= out.dtype.type(frame.slope)
+    if frame.intercept != 0:
+        out += out.dtype.type(frame.intercept)
+
+
+def _shift_in_plane(image: np.ndarray, shift_ij: tuple[float, float], pad: float) -> np.ndarray:
+    """`image` moved by `shift_ij` pixels (i = columns, j = rows), linear interpolation (SimpleITK)."""
+    source = sitk.GetImageFromArray(image)
+    transform = sitk.TranslationTransform(2, (-shift_ij[0], -shift_ij[1]))
+    return sitk.GetArrayFromImage(sitk.Resample(source, source, transform, sitk.sitkLinear, pad))
+
+
+def _by_file(frames: Iterable[_Frame]) -> dict[Path, list[_Frame]]:
+    files: dict[Path, list[_Frame]] = defaultdict(list)
+    for frame in frames:
+        files[frame.source.path].append(frame)
+    return files
+
+
+def _decoded(files: dict[Path, list[_Frame]]) -> Iterator[tuple[_Frame, np.ndarray]]:
+    """Decode only the wanted frames, one file and one frame at a time (pydicom pixel plugins)."""
+    for path in sorted(files):
+        wanted = sorted(files[path], key=lambda f: f.source.frame_number or 1)
+        dataset = pydicom.dcmread(path)
+        indices = [(f.source.frame_number or 1) - 1 for f in wanted]
+        for frame, pixels in zip(wanted, iter_pixels(dataset, indices=indices)):
+            yield frame, pixels
+        del dataset
+
+
+def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions()) -> LoadedSeries:
+    """Read, check and stack one series; raises `SeriesGeometryError` for a series that would give a wrong volume.
+
+    Volume axes follow SimpleITK: i along the row direction (Image Orientation
+    (Patient)[0:3]), j along the column direction ([3:6]), k along their cross
+    product, slices ascending; the origin is the first slice's position.
+    """
+    ds, frames = _read_headers(paths)
+    check = _Check(str(ds.get("SeriesInstanceUID", "")), options)
+    check.one_series(frames)
+    stack = check.stack(frames)
+    check.same_matrix(stack)
+    groups, distances = check.positions(stack)
+    spacing_k = check.uniform(groups, distances)
+    offsets = check.shear(groups)
+    resample = bool(np.any(offsets))
+
+    first = groups[0][0]
+    row_spacing, column_spacing = first.pixel_spacing
+    direction = np.column_stack([first.orientation[:3], first.orientation[3:], first.normal])
+    dtype = _output_dtype(stack, resample)
+    array = np.empty((len(groups), first.rows, first.columns), dtype=dtype)
+
+    # First the frame that fills each slice, then any duplicates, compared with what they would duplicate.
+    slice_of = {frame: k for k, group in enumerate(groups) for frame in group}
+    for frame, pixels in _decoded(_by_file(group[0] for group in groups)):
+        _fill(array[slice_of[frame]], frame, pixels)
+    scratch = np.empty(array.shape[1:], dtype=dtype)
+    for frame, pixels in _decoded(_by_file(f for group in groups for f in group[1:])):
+        k = slice_of[frame]
+        _fill(scratch, frame, pixels)
+        if not np.array_equal(scratch, array[k]):
+            raise check.fail([groups[k][0], frame], f"conflicting duplicates: different pixel values at the "
+                                                    f"same position (slice {k}, {distances[k]:.4g} mm)")
+    for k, group in enumerate(groups):
+        if len(group) > 1:
+            check.warnings.append(f"dropped {len(group) - 1} identical duplicate(s) at slice {k}: "
+                                  f"{', '.join(f.uid for f in group[1:])} (kept {group[0].uid})")
+    if resample:
+        pad = float(array.min())
+        for k, offset in enumerate(offsets):
+            shift = (float(offset @ direction[:, 0]) / column_spacing, float(offset @ direction[:, 1]) / row_spacing)
+            array[k] = _shift_in_plane(array[k], shift, pad)
+
+    kept = [g[0] for g in groups]
+    volume = Volume(array=array, spacing=(column_spacing, row_spacing, spacing_k),
+                    origin=tuple(float(v) for v in first.position), direction=direction)
+    return LoadedSeries(volume=volume, slices=tuple(f.source for f in kept),
+                        summary=_summary(ds, kept), warnings=tuple(check.warnings))
