@@ -7,6 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from inference.lung import LEFT_LUNG, RIGHT_LUNG, LungParameters, fill_holes_slicewise, segment_lungs_classical
+from dicom_node.volume import load_series
 from inference.volume import Volume
 from tests.peers import CT_J2K_SERIES
 from tests.phantoms import chest_phantom, write_ct_volume
@@ -51,8 +52,11 @@ def test_phantom_written_as_dicom_segments_the_same(tmp_path):
     phantom = chest_phantom()
     paths = write_ct_volume(phantom.volume, tmp_path / "chest")
     assert len(paths) == phantom.volume.shape[0]
-    volume = read_series(tmp_path / "chest")
+    loaded = load_series(paths)  # the node's own loader
+    assert loaded.summary.body_part_examined == "CHEST" and loaded.summary.modality == "CT"
+    volume = loaded.volume
     assert volume.same_grid(phantom.volume) and np.array_equal(volume.array, phantom.volume.array)
+    assert read_series(tmp_path / "chest").same_grid(phantom.volume)  # and GDCM reads the same grid
     expected = segment_lungs_classical(phantom.volume).volume.array
     assert np.array_equal(segment_lungs_classical(volume).volume.array, expected)
 
