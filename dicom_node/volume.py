@@ -28,6 +28,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.pixels import iter_pixels
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from inference.volume import Volume
 
@@ -130,6 +131,7 @@ class _Frame:
     intercept: float
     stored_range: tuple[int, int]  # what Bits Stored / Pixel Representation allow
     localizer: bool
+    transfer_syntax: str
 
     @property
     def normal(self) -> np.ndarray:
@@ -186,6 +188,7 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
             intercept=0.0 if intercept in (None, "") else float(intercept),
             stored_range=stored_range,
             localizer="LOCALIZER" in image_type,
+            transfer_syntax=str(meta.get("TransferSyntaxUID", "")),
         ))
     return frames
 
@@ -392,14 +395,18 @@ def _by_file(frames: Iterable[_Frame]) -> dict[Path, list[_Frame]]:
 
 
 def _decoded(files: dict[Path, list[_Frame]]) -> Iterator[tuple[_Frame, np.ndarray]]:
-    """Decode only the wanted frames, one file and one frame at a time (pydicom pixel plugins)."""
+    """Decode only the wanted frames, one file and one frame at a time (pydicom pixel plugins).
+
+    Given a path, pydicom reads one frame's bytes at a time, so a multi-frame
+    instance never sits in memory whole; a deflated file (PS3.5 A.5) must be
+    inflated whole first.
+    """
     for path in sorted(files):
         wanted = sorted(files[path], key=lambda f: f.source.frame_number or 1)
-        dataset = pydicom.dcmread(path)
         indices = [(f.source.frame_number or 1) - 1 for f in wanted]
-        for frame, pixels in zip(wanted, iter_pixels(dataset, indices=indices)):
+        source = pydicom.dcmread(path) if wanted[0].transfer_syntax == DeflatedExplicitVRLittleEndian else path
+        for frame, pixels in zip(wanted, iter_pixels(source, indices=indices)):
             yield frame, pixels
-        del dataset
 
 
 def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions()) -> LoadedSeries:

@@ -191,3 +191,21 @@ def test_enhanced_ct_multiframe(series, tmp_path, per_frame_rescale):
     assert positions == sorted(frame_positions)
     assert loaded.volume.spacing == pytest.approx((0.9765625, 0.9765625, 2.0))
     assert loaded.summary.number_of_slices == len(series) and loaded.summary.orientation == "axial"
+
+
+def test_non_image_instance_excluded_with_warning(series, tmp_path):
+    """A Key Object or SR stored in the image series has no plane: excluded, the stack still loads."""
+    note = variants.renamed(series[0])
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "Rows", "Columns", "PixelData"):
+        delattr(note, keyword)
+    note.SOPClassUID = note.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    loaded = _assert_loads(variants.write([*series, note], tmp_path), series)
+    assert len(loaded.warnings) == 1 and str(note.SOPInstanceUID) in loaded.warnings[0]
+
+
+def test_instances_of_another_series_are_an_error(series, tmp_path):
+    stranger = variants.renamed(series[2])
+    stranger.SeriesInstanceUID = "1.2.3.4"
+    with pytest.raises(SeriesGeometryError, match="from 2 series") as error:
+        load_series(variants.write([*series, stranger], tmp_path))
+    assert error.value.sop_instance_uids == (str(stranger.SOPInstanceUID),)
