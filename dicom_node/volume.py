@@ -269,7 +269,8 @@ class _Check:
     def stack(self, frames: Sequence[_Frame]) -> list[_Frame]:
         """Exclude non-images, localizers and stray orientations when the rest is one stack."""
         images = [f for f in frames if f.position is not None and f.orientation is not None and f.rows]
-        self._exclude([f for f in frames if f not in images],
+        kept = set(images)
+        self._exclude([f for f in frames if f not in kept],
                       "no Image Position/Orientation (Patient) or no pixel matrix: not part of the volume")
         localizers = [f for f in images if f.localizer]
         self._exclude(localizers, "Image Type LOCALIZER")
@@ -278,7 +279,10 @@ class _Check:
         for frame in images:
             group = next((g for g in groups if np.allclose(g[0].orientation, frame.orientation,
                                                            atol=_ORIENTATION_TOLERANCE)), None)
-            (group.append(frame) if group is not None else groups.append([frame]))
+            if group is None:
+                groups.append([frame])
+            else:
+                group.append(frame)
         groups.sort(key=len, reverse=True)
         if not groups:
             raise self.fail(frames, "no image frames with a position and orientation")

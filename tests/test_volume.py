@@ -127,7 +127,8 @@ def test_localizer_excluded_with_warning(series, tmp_path):
 def test_stray_orientation_excluded_but_second_stack_is_an_error(series, tmp_path):
     one = variants.with_other_orientation(series, 1)
     loaded = _assert_loads(variants.write(one, tmp_path / "one"), series)
-    assert "Image Orientation (Patient) differs" in loaded.warnings[0] and str(one[-1].SOPInstanceUID) in loaded.warnings[0]
+    (warning,) = loaded.warnings
+    assert "Image Orientation (Patient) differs" in warning and str(one[-1].SOPInstanceUID) in warning
     three = variants.with_other_orientation(series, 3)
     with pytest.raises(SeriesGeometryError, match="mixed orientations") as error:
         load_series(variants.write(three, tmp_path / "three"))
