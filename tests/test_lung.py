@@ -83,3 +83,13 @@ def test_empty_volume_gives_empty_label_map():
     volume = Volume(np.full((4, 32, 32), -1000, np.int16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
     result = segment_lungs_classical(volume)
     assert result.volume.array.dtype == np.uint8 and not result.volume.array.any()
+
+
+def test_flipped_axes_give_the_same_lungs():
+    """Slices stored feet-last and columns right-to-left (direction diag(-1, 1, -1)): same anatomy, same labels."""
+    volume = chest_phantom().volume
+    expected = segment_lungs_classical(volume).volume.array
+    corner = volume.index_to_lps(np.array([volume.shape[2] - 1, 0, volume.shape[0] - 1]))
+    flipped = Volume(volume.array[::-1, :, ::-1].copy(), volume.spacing, tuple(corner), np.diag([-1.0, 1.0, -1.0]))
+    labels = segment_lungs_classical(flipped).volume.array
+    assert np.array_equal(labels[::-1, :, ::-1], expected)
