@@ -214,3 +214,13 @@ def test_instances_of_another_series_are_an_error(series, tmp_path):
     with pytest.raises(SeriesGeometryError, match="from 2 series") as error:
         load_series(variants.write([*series, stranger], tmp_path))
     assert error.value.sop_instance_uids == (str(stranger.SOPInstanceUID),)
+
+
+def test_fractional_rescale_gives_float32(series, tmp_path):
+    """int16 only when Rescale Slope/Intercept are integral; otherwise float32 keeps the fraction."""
+    datasets = variants.shuffled(series)
+    for ds in datasets:
+        ds.RescaleSlope, ds.RescaleIntercept = 0.5, -1000.25
+    loaded = _assert_loads(variants.write(datasets, tmp_path), datasets)
+    assert loaded.volume.array.dtype == np.float32
+    assert np.any(loaded.volume.array % 1 != 0)
