@@ -21,8 +21,6 @@ from typing import TYPE_CHECKING, TextIO
 
 import onnxruntime as ort
 
-from inference.repository import ModelRepository, RepositoryError
-
 if TYPE_CHECKING:
     from dicom_node.config import Config
 
@@ -128,6 +126,8 @@ def _repository_path(args: argparse.Namespace, config: Config | None) -> Path:
 
 
 def run_list(args: argparse.Namespace, config: Config | None, out: TextIO = sys.stdout) -> int:
+    from inference.repository import ModelRepository, RepositoryError
+
     path = _repository_path(args, config)
     try:
         entries = ModelRepository(path).models
@@ -150,6 +150,7 @@ def run_list(args: argparse.Namespace, config: Config | None, out: TextIO = sys.
 
 def run_check(args: argparse.Namespace, config: Config | None, out: TextIO = sys.stdout) -> int:
     from inference.backends import BackendError, open_backend
+    from inference.repository import ModelRepository, RepositoryError
 
     path = _repository_path(args, config)
     try:
@@ -197,7 +198,7 @@ def run_import(args: argparse.Namespace, config: Config | None, out: TextIO = sy
     try:
         target = import_model(args.path, _repository_path(args, config), args.name, PRESETS[args.preset],
                               version=args.version, force=args.force)
-    except (ModelImportError, RepositoryError) as error:
+    except ModelImportError as error:
         print(f"error: {error}", file=out)
         return 1
     print(f"imported {args.path} as {target} (preset {args.preset})", file=out)
@@ -228,11 +229,21 @@ def import_model(source: Path, repository: Path, name: str, preset: Preset, *, v
         (entry / "config.pbtxt").write_text(_config_pbtxt(name, inputs, outputs))
         (entry / "pipeline.yaml").write_text(
             Template(preset.pipeline_yaml).substitute(input_name=inputs[0].name, output_name=outputs[0].name))
-        ModelRepository(Path(staging)).get(name)  # raises RepositoryError with file:line when invalid
+        _validate(Path(staging), name)
         if target.exists():
             shutil.rmtree(target)
         entry.rename(target)
     return target
+
+
+def _validate(repository: Path, name: str) -> None:
+    """Parse the staged entry with the node's repository reader (errors carry file:line)."""
+    from inference.repository import ModelRepository, RepositoryError
+
+    try:
+        ModelRepository(repository).get(name)
+    except RepositoryError as error:
+        raise ModelImportError(f"the written entry does not validate: {error}") from None
 
 
 def _write_onnx(source: Path, destination: Path, preset: Preset) -> None:

@@ -14,15 +14,19 @@ import pytest
 
 from tests.peers import SHARED_MODELS
 
-pytest.importorskip("inference.repository", reason="inference.repository (H3a) not landed yet")
-pytest.importorskip("inference.backends", reason="inference.backends (H3a) not landed yet")
-
-from dicom_node import models  # noqa: E402
-from inference.repository import ModelRepository  # noqa: E402
+from dicom_node import models
 
 SPLEEN_ONNX = SHARED_MODELS / "spleen_ct_demo" / "1" / "model.onnx"
 SPLEEN_TORCHSCRIPT = SHARED_MODELS / "spleen_ct_demo" / "model.torchscript.pt"
 HAS_TORCH = importlib.util.find_spec("torch") is not None
+HAS_REPOSITORY = importlib.util.find_spec("inference.repository") is not None
+needs_repository = pytest.mark.skipif(not HAS_REPOSITORY, reason="inference.repository not in this checkout yet")
+
+
+def repository(path):
+    from inference.repository import ModelRepository
+
+    return ModelRepository(path)
 
 
 def cli(*argv: str) -> tuple[int, str]:
@@ -40,6 +44,7 @@ def run_spleen(model_path, shape=(1, 1, 96, 96, 96)) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
+@needs_repository
 def test_import_onnx_then_list_and_check(tmp_path):
     repo = tmp_path / "models"
     code, text = cli("import", str(SPLEEN_ONNX), "--name", "spleen", "--preset", "monai-spleen", "--repository", str(repo))
@@ -52,7 +57,7 @@ def test_import_onnx_then_list_and_check(tmp_path):
     assert 'name: "OUTPUT__0"' in config and "dims: [ -1, 2, -1, -1, -1 ]" in config
     assert not [p for p in repo.iterdir() if p.name.startswith(".import-")]  # staging removed
 
-    entry = ModelRepository(repo).get("spleen")
+    entry = repository(repo).get("spleen")
     assert entry.platform == "onnxruntime_onnx"
 
     code, text = cli("list", "--repository", str(repo))
@@ -69,6 +74,7 @@ def test_import_onnx_then_list_and_check(tmp_path):
     assert code == 1 and "exists; pass --force" in text
 
 
+@needs_repository
 def test_broken_pipeline_yaml_gives_located_error(tmp_path):
     repo = tmp_path / "models"
     assert cli("import", str(SPLEEN_ONNX), "--name", "spleen", "--preset", "monai-spleen", "--repository", str(repo))[0] == 0
@@ -83,6 +89,7 @@ def test_broken_pipeline_yaml_gives_located_error(tmp_path):
         assert f"pipeline.yaml:{index + 1}" in text and "overlap" in text, text
 
 
+@needs_repository
 def test_monai_bundle_folder(tmp_path):
     bundle = tmp_path / "spleen_ct_segmentation"
     (bundle / "configs").mkdir(parents=True)
@@ -92,15 +99,29 @@ def test_monai_bundle_folder(tmp_path):
     repo = tmp_path / "models"
     code, text = cli("import", str(bundle), "--name", "bundle_spleen", "--preset", "monai-spleen", "--repository", str(repo))
     assert code == 0, text
-    assert ModelRepository(repo).get("bundle_spleen").platform == "onnxruntime_onnx"
+    assert repository(repo).get("bundle_spleen").platform == "onnxruntime_onnx"
 
+
+def test_import_refuses_what_is_not_a_model(tmp_path):
+    repo = tmp_path / "models"
     not_a_bundle = tmp_path / "folder"
     not_a_bundle.mkdir()
     code, text = cli("import", str(not_a_bundle), "--name", "x", "--preset", "monai-spleen", "--repository", str(repo))
     assert code == 1 and "not a MONAI bundle (no configs/inference.json)" in text
-    assert not (repo / "x").exists()
+    (not_a_bundle / "configs").mkdir()
+    (not_a_bundle / "configs" / "inference.json").write_text("{}")
+    code, text = cli("import", str(not_a_bundle), "--name", "x", "--preset", "monai-spleen", "--repository", str(repo))
+    assert code == 1 and "holds no model.onnx, model.ts or model.pt" in text
+    garbage = tmp_path / "model.onnx"
+    garbage.write_bytes(b"not a model")
+    code, text = cli("import", str(garbage), "--name", "x", "--preset", "monai-spleen", "--repository", str(repo))
+    assert code == 1 and "ONNX Runtime cannot load it" in text
+    code, text = cli("import", str(SPLEEN_ONNX), "--name", "../x", "--preset", "monai-spleen", "--repository", str(repo))
+    assert code == 1 and "plain folder name" in text
+    assert not (repo / "x").exists() and not list(repo.glob(".import-*"))
 
 
+@needs_repository
 @pytest.mark.skipif(not HAS_TORCH, reason="torch not installed (optional extra: pip install torch==2.13.0)")
 def test_import_torchscript_exports_equivalent_onnx(tmp_path):
     repo = tmp_path / "models"
