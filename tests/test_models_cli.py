@@ -143,3 +143,19 @@ def test_import_torchscript_without_torch_says_what_to_install(tmp_path):
                      "--repository", str(repo))
     assert code == 1 and "install torch==2.13.0 to import TorchScript" in text
     assert not (repo / "spleen_ts").exists()
+
+
+def test_monai_spleen_preset_is_the_recipe():
+    """The preset says what MODEL.md measured: RAS, 1.5x1.5x2.0 mm, HU [-57, 164] -> [0, 1], 96^3, 0.25."""
+    import yaml
+    from string import Template
+
+    text = Template(models.PRESETS["monai-spleen"].pipeline_yaml).substitute(input_name="IN", output_name="OUT")
+    spec = yaml.safe_load(text)
+    assert spec["input"]["name"] == "IN" and spec["output"]["name"] == "OUT"
+    assert spec["preprocessing"] == {"orientation": "RAS", "spacing": [1.5, 1.5, 2.0],
+                                     "window": [-57.0, 164.0], "scale": [0.0, 1.0]}
+    assert spec["sliding_window"]["roi_size"] == [96, 96, 96] and spec["sliding_window"]["overlap"] == 0.25
+    assert spec["postprocessing"]["discretize"] == "argmax" and spec["postprocessing"]["largest_component"]
+    (label,) = spec["labels"]
+    assert label["value"] == 1 and label["type"]["value"] == "78961009" and label["type"]["scheme"] == "SCT"
