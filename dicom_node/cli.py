@@ -1,0 +1,134 @@
+"""`dicom-node`: the admin's command line.
+
+Each subcommand is registered by one function that adds its parser and sets
+`handler` (a function of the parsed arguments returning the exit code), so a
+new subcommand is one more entry in `REGISTRARS`, never another branch here.
+Exit codes: 0 success, 1 the operation failed, 2 unusable configuration or
+command line (argparse's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dicom_node.config import Config, ConfigError, load_config
+
+DEFAULT_CONFIG = Path("config.yaml")
+EXIT_CONFIG = 2
+
+Registrar = Callable[[argparse._SubParsersAction], None]
+
+
+class ConfigUnusable(Exception):
+    """Raised by handlers that need a config; main prints the located errors and exits 2."""
+
+    def __init__(self, error: ConfigError) -> None:
+        super().__init__(str(error))
+        self.errors = error.errors
+
+
+def config_from(path: Path) -> Config:
+    """The config a command runs with, or ConfigUnusable for main to report."""
+    try:
+        return load_config(path)
+    except ConfigError as error:
+        raise ConfigUnusable(error) from None
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = config_from(args.path)
+    enabled = sum(pipeline.enabled for pipeline in config.pipelines.values())
+    print(
+        f"{args.path}: ok (AE {config.node.ae_title} on {config.node.host}:{config.node.port}, "
+        f"{len(config.pipelines)} pipelines ({enabled} enabled), {len(config.destinations)} destinations, "
+        f"inference {config.inference.backend})"
+    )
+    return 0
+
+
+def register_check_config(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("check-config", help="validate a config file and print located errors")
+    parser.add_argument("path", nargs="?", type=Path, default=DEFAULT_CONFIG, help="config file (default config.yaml)")
+    parser.set_defaults(handler=_check_config)
+
+
+class JsonLineFormatter(logging.Formatter):
+    """One JSON object per line for log shippers; series and job identifiers become fields."""
+
+    FIELDS = ("study_instance_uid", "series_instance_uid", "job_id", "calling_ae", "destination")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update({field: getattr(record, field) for field in self.FIELDS if hasattr(record, field)})
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def configure_logging(log_format: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonLineFormatter() if log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = config_from(args.config)
+    from dicom_node import server  # imported here: check-config and the admin commands stay light
+
+    configure_logging(args.log_format)
+    server.serve(config)
+    return 0
+
+
+def register_serve(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="run the DICOM node (C-STORE receiver, pipelines, dispatch)")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file (default config.yaml)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON")
+    parser.set_defaults(handler=_serve)
+
+
+def register_models(subparsers: argparse._SubParsersAction) -> None:
+    from dicom_node import models
+
+    models.add_parser(subparsers)
+    parser = subparsers.choices["models"]
+    parser.add_argument("--config", type=Path, help="config whose inference section to use (before the subcommand)")
+
+    def handler(args: argparse.Namespace) -> int:
+        return models.run(args, config_from(args.config) if args.config else None)
+
+    parser.set_defaults(handler=handler)
+
+
+REGISTRARS: tuple[Registrar, ...] = (register_serve, register_check_config, register_models)
+
+
+def build_parser(registrars: Sequence[Registrar] = REGISTRARS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-node", description="A DICOM node that runs AI pipelines on CT series.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in registrars:
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigUnusable as error:
+        for line in error.errors:
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG

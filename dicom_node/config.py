@@ -1,0 +1,341 @@
+"""The node's configuration: one YAML file, validated by a typed schema.
+
+Every model forbids unknown keys, because a misspelt key silently ignored is
+a setting the admin believes is active and is not. `load_config` reports each
+problem with the file, line and dotted key path it refers to
+(`config.yaml:12 destinations.pacs.port: ...`), found by walking the YAML
+node tree along the error's location. Relative paths resolve against the
+config file's folder, so the node behaves the same from any working directory.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator, model_validator
+
+# SeriesSummary fields (dicom_node.volume) plus the association's AE titles.
+MATCH_KEYS = frozenset({
+    "modality", "body_part_examined", "series_description", "image_type", "slice_thickness",
+    "number_of_slices", "manufacturer", "contrast_agent", "orientation", "calling_ae", "called_ae",
+})
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; `errors` are located lines ready to print."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    """Anchor a relative path at the config file's folder (passed as validation context)."""
+    base = (info.context or {}).get("base_dir")
+    return path if path.is_absolute() or base is None else Path(base) / path
+
+
+class NodeConfig(_Model):
+    ae_title: str = Field("DICOMNODE", min_length=1, max_length=16)  # PS3.5 6.2: AE is at most 16 chars
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    storage_dir: Path = Path("var")
+    journal_url: str | None = None  # None: sqlite:///<storage_dir>/journal.sqlite
+    max_associations: int = Field(16, ge=1)
+    max_pdu: int = Field(262144, ge=0)  # 0 = unlimited (PS3.8 D.1 Maximum Length Sub-Item)
+    min_free_disk_mb: int = Field(1024, ge=0)
+    acse_timeout_s: float = Field(30, gt=0)
+    dimse_timeout_s: float = Field(60, gt=0)
+    network_timeout_s: float = Field(60, gt=0)
+
+    @field_validator("storage_dir")
+    @classmethod
+    def _anchor_storage_dir(cls, value: Path, info: ValidationInfo) -> Path:
+        return _resolve(value, info)
+
+    @model_validator(mode="after")
+    def _default_journal(self) -> NodeConfig:
+        if self.journal_url is None:
+            self.journal_url = f"sqlite:///{self.storage_dir / 'journal.sqlite'}"
+        return self
+
+
+class CallingAE(_Model):
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str | None = None  # when set, the association must come from this address
+
+
+class SecurityConfig(_Model):
+    allow_any_calling_ae: bool = False
+    calling_aes: list[CallingAE] = []
+
+
+class CompletionConfig(_Model):
+    stable_seconds: float = Field(30, gt=0)
+    after_release_seconds: float = Field(2, ge=0)
+
+
+class TritonConfig(_Model):
+    url: str = "127.0.0.1:8001"
+    protocol: Literal["grpc", "http"] = "grpc"
+    timeout_s: float = Field(60, gt=0)
+    retries: int = Field(3, ge=0)
+
+
+class EmbeddedConfig(_Model):
+    cpu_threads: int = Field(0, ge=0)  # 0 = ONNX Runtime default
+    providers: list[str] = []  # empty = CUDA if present else CPU
+
+
+class InferenceConfig(_Model):
+    backend: Literal["embedded", "triton"] = "embedded"
+    model_repository: Path = Path("models")
+    triton: TritonConfig = TritonConfig()
+    embedded: EmbeddedConfig = EmbeddedConfig()
+    workers: int = Field(1, ge=1)
+
+    @field_validator("model_repository")
+    @classmethod
+    def _anchor_model_repository(cls, value: Path, info: ValidationInfo) -> Path:
+        return _resolve(value, info)
+
+
+class RegexCondition(_Model):
+    regex: str
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"invalid regular expression: {error}") from None
+        return value
+
+
+class RangeCondition(_Model):
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RangeCondition:
+        if self.min is None and self.max is None:
+            raise ValueError("a range needs min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("min is greater than max")
+        return self
+
+
+class ContainsAllCondition(_Model):
+    contains_all: list[str] = Field(min_length=1)
+
+
+Scalar = str | int | float
+CONDITION_FORMS = "a value, a list of values, {regex: ...}, {min: ..., max: ...} or {contains_all: [...]}"
+
+
+def _condition_form(value: Any) -> str | None:
+    """Which form of match condition a YAML value is, told by its shape.
+
+    Choosing by shape (instead of trying every union member) gives one error
+    about the form the admin wrote, not one per form they did not mean.
+    """
+    if isinstance(value, BaseModel):
+        return {RegexCondition: "=regex", RangeCondition: "=range", ContainsAllCondition: "=contains_all"}[type(value)]
+    if isinstance(value, dict):
+        return "=regex" if "regex" in value else "=contains_all" if "contains_all" in value else "=range"
+    if isinstance(value, list):
+        return "=list"
+    if isinstance(value, str | int | float) and not isinstance(value, bool):
+        return "=scalar"
+    return None
+
+
+MatchCondition = Annotated[
+    Annotated[Scalar, Tag("=scalar")] | Annotated[list[Scalar], Tag("=list")] | Annotated[RegexCondition, Tag("=regex")]
+    | Annotated[RangeCondition, Tag("=range")] | Annotated[ContainsAllCondition, Tag("=contains_all")],
+    Discriminator(_condition_form, custom_error_type="match_condition",
+                  custom_error_message=f"a match condition is {CONDITION_FORMS}"),
+]
+
+
+class StepConfig(_Model):
+    name: str = Field(min_length=1)
+    task: Literal["segmentation", "classification", "lung_classical"]
+    model: str | None = None  # repository model name; required unless lung_classical
+    input_mask: str | None = None  # an earlier step whose mask a classifier crops by
+
+    @model_validator(mode="after")
+    def _model_named(self) -> StepConfig:
+        if self.task != "lung_classical" and not self.model:
+            raise ValueError(f"task {self.task} needs a model")
+        if self.task == "lung_classical" and self.model:
+            raise ValueError("lung_classical is built in and takes no model")
+        return self
+
+
+class PipelineConfig(_Model):
+    enabled: bool = True
+    match: dict[str, MatchCondition] = Field(min_length=1)
+    steps: list[StepConfig] = Field(min_length=1)
+    outputs: list[Literal["seg", "sr", "overlay"]] = ["seg"]
+    destinations: list[str] = []
+
+    @field_validator("match")
+    @classmethod
+    def _known_keys(cls, match: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(match) - MATCH_KEYS)
+        if unknown:
+            raise ValueError(f"unknown match key(s) {', '.join(unknown)}; known: {', '.join(sorted(MATCH_KEYS))}")
+        return match
+
+    @field_validator("steps")
+    @classmethod
+    def _chained(cls, steps: list[StepConfig]) -> list[StepConfig]:
+        seen: set[str] = set()
+        for step in steps:
+            if step.name in seen:
+                raise ValueError(f"step name {step.name!r} used twice")
+            if step.input_mask is not None and step.input_mask not in seen:
+                raise ValueError(f"step {step.name!r}: input_mask {step.input_mask!r} is not an earlier step")
+            seen.add(step.name)
+        return steps
+
+
+class RetryPolicy(_Model):
+    initial_delay_s: float = Field(5, gt=0)
+    max_delay_s: float = Field(600, gt=0)
+    multiplier: float = Field(2.0, ge=1)
+    jitter: float = Field(0.2, ge=0, le=1)
+    max_attempts: int = Field(50, ge=1)
+
+
+class DestinationConfig(_Model):
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = Field(None, min_length=1, max_length=16)
+    timeout_s: float = Field(30, gt=0)
+    max_pdu: int = Field(0, ge=0)
+    transfer_syntaxes: list[str] = []  # UIDs; empty = explicit + implicit VR little endian
+    retry: RetryPolicy = RetryPolicy()
+
+
+class ResultsConfig(_Model):
+    org_root: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=40)
+    manufacturer: str = "dicom-node"
+    seg_series_number: int = 9901
+    sr_series_number: int = 9902
+    overlay_series_number: int = 9903
+    series_description_prefix: str = "AI"
+    seg_omit_empty_frames: bool = False
+    empty_segmentation: Literal["write", "skip"] = "write"
+    compress_frames: bool = True
+
+
+class Config(_Model):
+    node: NodeConfig = NodeConfig()
+    security: SecurityConfig = SecurityConfig()
+    completion: CompletionConfig = CompletionConfig()
+    inference: InferenceConfig = InferenceConfig()
+    pipelines: dict[str, PipelineConfig] = {}
+    destinations: dict[str, DestinationConfig] = {}
+    results: ResultsConfig = ResultsConfig()
+    source_path: Path | None = Field(None, exclude=True)  # the file it was loaded from
+
+    @model_validator(mode="after")
+    def _references(self, info: ValidationInfo) -> Config:
+        if (info.context or {}).get("defer_references"):
+            return self  # load_config reports them with their lines
+        problems = reference_problems(self)
+        if problems:
+            raise ValueError("; ".join(f"{_dotted(loc)}: {message}" for loc, message in problems))
+        return self
+
+
+def reference_problems(config: Config) -> list[tuple[tuple[str | int, ...], str]]:
+    """Names used in one section that another must define (pipeline destinations)."""
+    return [
+        (("pipelines", name, "destinations", index), f"unknown destination {destination!r} (not under destinations)")
+        for name, pipeline in config.pipelines.items()
+        for index, destination in enumerate(pipeline.destinations)
+        if destination not in config.destinations
+    ]
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, validate and anchor a config file; raise ConfigError with located messages."""
+    path = Path(path)
+    label = path.name
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError([f"{path}: cannot read: {error.strerror or error}"]) from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{label}:{mark.line + 1}" if mark is not None else label
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{label}:1: the top level must be a mapping of sections"])
+    if "source_path" in data:
+        raise ConfigError([f"{label}:{_line(root, ('source_path',))} source_path: Extra inputs are not permitted"])
+    context = {"base_dir": path.resolve().parent, "defer_references": True}
+    try:
+        config = Config.model_validate(data, context=context)
+    except ValidationError as error:
+        raise ConfigError([
+            f"{label}:{_line(root, item['loc'])} {_dotted(item['loc']) or '(top level)'}: {item['msg'].removeprefix('Value error, ')}"
+            for item in error.errors(include_url=False)
+        ]) from None
+    problems = reference_problems(config)
+    if problems:
+        raise ConfigError([f"{label}:{_line(root, loc)} {_dotted(loc)}: {message}" for loc, message in problems])
+    config.source_path = path.resolve()
+    return config
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    """The key path as the admin wrote it (match-condition form tags, `=...`, left out)."""
+    return ".".join(str(part) for part in loc if not str(part).startswith("="))
+
+
+def _line(root: yaml.Node | None, loc: tuple[str | int, ...]) -> int:
+    """1-based line of the deepest YAML node reachable along a pydantic error location.
+
+    Pydantic inserts union-member tags (e.g. `str`, `list[...]`) into the
+    location; a part the node tree does not have is skipped, so the line is
+    that of the nearest enclosing key that exists.
+    """
+    node = root
+    line = node.start_mark.line if node is not None else 0
+    for part in loc:
+        child = _child(node, part)
+        if child is None:
+            continue
+        key_line, node = child
+        line = key_line
+    return line + 1
+
+
+def _child(node: yaml.Node | None, part: str | int) -> tuple[int, yaml.Node] | None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == str(part):
+                return key.start_mark.line, value
+    if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+        item = node.value[part]
+        return item.start_mark.line, item
+    return None
