@@ -1,0 +1,99 @@
+"""Series completion: when has a series finished arriving?
+
+DICOM has no "end of series" message, so two signals are used (apscheduler
+jobs in the `serve` process):
+
+- stable timeout: no instance arrived for `completion.stable_seconds`;
+- release fast path: the association that delivered the series was released
+  normally (A-RELEASE, PS3.8 7.2) and no other open association is still
+  sending that series; after `completion.after_release_seconds` of grace the
+  series is complete. An aborted association never takes the fast path.
+
+Each series that becomes complete is logged and handed to the
+`on_series_complete` callback (the pipeline's router), which must not block.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from dicom_node.journal import Journal, SeriesRecord
+
+log = logging.getLogger("dicom_node.complete")
+
+SeriesKey = tuple[str, int]  # (Series Instance UID, generation)
+
+
+class CompletionTracker:
+    """Knows which open association is sending which series, and completes series."""
+
+    def __init__(self, journal: Journal, stable_seconds: float, after_release_seconds: float,
+                 on_series_complete: Callable[[SeriesRecord], None] | None = None):
+        self.journal = journal
+        self.stable_seconds = stable_seconds
+        self.after_release_seconds = after_release_seconds
+        self.on_series_complete = on_series_complete
+        self._lock = threading.Lock()
+        self._sending: dict[int, set[SeriesKey]] = defaultdict(set)  # association id -> series it sent
+        self.scheduler = BackgroundScheduler(timezone=timezone.utc)
+
+    def start(self) -> None:
+        interval = max(0.5, min(self.stable_seconds / 4, 5.0))
+        self.scheduler.add_job(self.check_stable, "interval", seconds=interval, id="stable-timeout",
+                               max_instances=1, coalesce=True)
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.shutdown(wait=True)
+
+    def instance_received(self, association: int, series_instance_uid: str, generation: int) -> None:
+        with self._lock:
+            self._sending[association].add((series_instance_uid, generation))
+
+    def association_closed(self, association: int, released: bool) -> None:
+        with self._lock:
+            sent = self._sending.pop(association, set())
+            still_open = set().union(*self._sending.values()) if self._sending else set()
+        if not released:
+            return
+        for key in sent - still_open:
+            run_at = datetime.now(timezone.utc) + timedelta(seconds=self.after_release_seconds)
+            self.scheduler.add_job(self._complete_after_release, "date", run_date=run_at, args=[key, run_at])
+
+    def _complete_after_release(self, key: SeriesKey, due: datetime) -> None:
+        with self._lock:
+            if any(key in sent for sent in self._sending.values()):
+                return  # another association started sending this series during the grace
+        # An instance received during the grace (after release - grace) means more is coming.
+        self._complete(key, quiet_since=due - timedelta(seconds=self.after_release_seconds), why="release")
+
+    def check_stable(self) -> None:
+        quiet_since = datetime.now(timezone.utc) - timedelta(seconds=self.stable_seconds)
+        for record in self.journal.series_in_state("receiving"):
+            if record.last_received_at <= quiet_since:
+                self._complete((record.series_instance_uid, record.generation), quiet_since, why="stable timeout")
+
+    def _complete(self, key: SeriesKey, quiet_since: datetime, why: str) -> None:
+        record = self.journal.complete_series(key[0], key[1], quiet_since=quiet_since)
+        if record is None:
+            return
+        log.info("series complete (%s): study=%s series=%s generation=%d instances=%d modality=%s "
+                 "description=%r calling_ae=%s", why, record.study_instance_uid, record.series_instance_uid,
+                 record.generation, record.instance_count, record.modality, record.series_description,
+                 record.calling_ae)
+        self.hand_over(record)
+
+    def hand_over(self, record: SeriesRecord) -> None:
+        if self.on_series_complete is None:
+            return
+        try:
+            self.on_series_complete(record)
+        except Exception:
+            log.exception("on_series_complete failed for series %s generation %d",
+                          record.series_instance_uid, record.generation)

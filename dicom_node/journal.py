@@ -1,0 +1,381 @@
+"""The state store: instances, series, jobs and exports (SQLAlchemy Core; SQLite in WAL mode by default).
+
+Every stage hands over through these tables, so each can restart on its own.
+SQLite runs with `journal_mode=WAL` (readers never block the one writer) and
+`synchronous=FULL`: in WAL mode NORMAL may lose the last commits on power
+loss, and the receiver acknowledges a C-STORE only after its row is
+committed, so the commit must be on disk. Any SQLAlchemy URL works
+(PostgreSQL later); one process-wide writer lock keeps SQLite writes serial.
+
+Series identity is (Series Instance UID, generation): instances that arrive
+after a series was complete open a new generation, so late data is never lost
+and never silently merged into a result already produced.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import (Column, DateTime, Integer, MetaData, String, Table, Text, UniqueConstraint, create_engine,
+                        event, select)
+from sqlalchemy.engine import Engine
+
+SERIES_STATES = ("receiving", "complete", "routed", "unmatched", "quarantined")
+JOB_STATES = ("queued", "running", "done", "failed")
+EXPORT_STATES = ("pending", "sent", "dead")
+
+metadata = MetaData()
+
+instances = Table(
+    "instances", metadata,
+    Column("sop_instance_uid", String(64), primary_key=True),
+    Column("sop_class_uid", String(64), nullable=False),
+    Column("series_instance_uid", String(64), nullable=False, index=True),
+    Column("study_instance_uid", String(64), nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("path", Text, nullable=False),
+    Column("calling_ae", String(16), nullable=False),
+    Column("transfer_syntax", String(64), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+)
+
+series = Table(
+    "series", metadata,
+    Column("series_instance_uid", String(64), primary_key=True),
+    Column("generation", Integer, primary_key=True),
+    Column("study_instance_uid", String(64), nullable=False),
+    Column("state", String(16), nullable=False, index=True),
+    Column("instance_count", Integer, nullable=False),
+    Column("first_received_at", DateTime(timezone=True), nullable=False),
+    Column("last_received_at", DateTime(timezone=True), nullable=False),
+    Column("calling_ae", String(16), nullable=False),
+    Column("called_ae", String(16), nullable=False),
+    Column("modality", String(16), nullable=False),
+    Column("series_description", Text, nullable=False),
+    Column("completed_at", DateTime(timezone=True)),
+    Column("reason", Text),
+)
+
+jobs = Table(
+    "jobs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("series_instance_uid", String(64), nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("pipeline", String(128), nullable=False),
+    Column("state", String(16), nullable=False, index=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("output_dir", Text),
+    UniqueConstraint("series_instance_uid", "generation", "pipeline"),
+)
+
+exports = Table(
+    "exports", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", Integer, nullable=False, index=True),
+    Column("destination", String(128), nullable=False),
+    Column("sop_instance_uid", String(64), nullable=False),
+    Column("path", Text, nullable=False),
+    Column("state", String(16), nullable=False, index=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("last_status", Integer),
+    Column("reason", Text),
+    Column("sent_at", DateTime(timezone=True)),
+    UniqueConstraint("job_id", "destination", "sop_instance_uid"),
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; everything stored is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    generation: int
+    path: str
+    calling_ae: str
+    transfer_syntax: str
+    size: int
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class SeriesRecord:
+    series_instance_uid: str
+    generation: int
+    study_instance_uid: str
+    state: str
+    instance_count: int
+    first_received_at: datetime
+    last_received_at: datetime
+    calling_ae: str
+    called_ae: str
+    modality: str
+    series_description: str
+    completed_at: datetime | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: int
+    series_instance_uid: str
+    generation: int
+    pipeline: str
+    state: str
+    attempts: int
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    output_dir: str | None
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    id: int
+    job_id: int
+    destination: str
+    sop_instance_uid: str
+    path: str
+    state: str
+    attempts: int
+    next_attempt_at: datetime | None
+    last_status: int | None
+    reason: str | None
+    sent_at: datetime | None
+
+
+def _record(cls, row):
+    values = {k: (_aware(v) if isinstance(v, datetime) else v) for k, v in row._mapping.items()}
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """What the receiver knows about an instance it has just written to the spool."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    path: str
+    calling_ae: str
+    called_ae: str
+    transfer_syntax: str
+    size: int
+    modality: str
+    series_description: str
+
+
+class Journal:
+    """Typed access to the state store; safe to call from many threads."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine: Engine = create_engine(url)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        metadata.create_all(self.engine)
+        self._write_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- instances -------------------------------------------------------------------------------
+
+    def find_instance(self, sop_instance_uid: str) -> InstanceRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(instances).where(instances.c.sop_instance_uid == sop_instance_uid)).first()
+        return _record(InstanceRecord, row) if row else None
+
+    def record_instance(self, new: NewInstance, received_at: datetime | None = None) -> tuple[InstanceRecord, bool]:
+        """Insert the instance and count it in its series' open generation, in one transaction.
+
+        Returns (record, True) for a new instance. A SOP Instance UID already in
+        the journal returns (existing record, False) and changes nothing: a
+        duplicate is never stored or counted twice. When the series' latest
+        generation is no longer `receiving`, a new generation is opened.
+        """
+        now = received_at or utcnow()
+        with self._write_lock, self.engine.begin() as conn:
+            existing = conn.execute(select(instances).where(
+                instances.c.sop_instance_uid == new.sop_instance_uid)).first()
+            if existing:
+                return _record(InstanceRecord, existing), False
+            latest = conn.execute(select(series).where(series.c.series_instance_uid == new.series_instance_uid)
+                                  .order_by(series.c.generation.desc()).limit(1)).first()
+            if latest is not None and latest.state == "receiving":
+                generation = latest.generation
+                conn.execute(series.update().where(
+                    (series.c.series_instance_uid == new.series_instance_uid) & (series.c.generation == generation))
+                    .values(instance_count=series.c.instance_count + 1, last_received_at=now))
+            else:
+                generation = 1 if latest is None else latest.generation + 1
+                conn.execute(series.insert().values(
+                    series_instance_uid=new.series_instance_uid, generation=generation,
+                    study_instance_uid=new.study_instance_uid, state="receiving", instance_count=1,
+                    first_received_at=now, last_received_at=now, calling_ae=new.calling_ae,
+                    called_ae=new.called_ae, modality=new.modality, series_description=new.series_description))
+            values = dict(sop_instance_uid=new.sop_instance_uid, sop_class_uid=new.sop_class_uid,
+                          series_instance_uid=new.series_instance_uid, study_instance_uid=new.study_instance_uid,
+                          generation=generation, path=new.path, calling_ae=new.calling_ae,
+                          transfer_syntax=new.transfer_syntax, size=new.size, received_at=now)
+            conn.execute(instances.insert().values(**values))
+        return InstanceRecord(**values), True
+
+    def delete_instance(self, sop_instance_uid: str) -> InstanceRecord | None:
+        """Remove an instance row (its file is gone) and uncount it from its series."""
+        with self._write_lock, self.engine.begin() as conn:
+            row = conn.execute(select(instances).where(instances.c.sop_instance_uid == sop_instance_uid)).first()
+            if row is None:
+                return None
+            conn.execute(instances.delete().where(instances.c.sop_instance_uid == sop_instance_uid))
+            conn.execute(series.update().where(
+                (series.c.series_instance_uid == row.series_instance_uid) & (series.c.generation == row.generation))
+                .values(instance_count=series.c.instance_count - 1))
+        return _record(InstanceRecord, row)
+
+    def all_instances(self) -> list[InstanceRecord]:
+        with self.engine.connect() as conn:
+            return [_record(InstanceRecord, r) for r in conn.execute(select(instances))]
+
+    def series_instances(self, series_instance_uid: str, generation: int) -> list[InstanceRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(instances).where(
+                (instances.c.series_instance_uid == series_instance_uid) & (instances.c.generation == generation))
+                .order_by(instances.c.received_at))
+            return [_record(InstanceRecord, r) for r in rows]
+
+    # --- series ----------------------------------------------------------------------------------
+
+    def get_series(self, series_instance_uid: str, generation: int | None = None) -> SeriesRecord | None:
+        """One generation of a series, the latest when `generation` is None."""
+        query = select(series).where(series.c.series_instance_uid == series_instance_uid)
+        if generation is not None:
+            query = query.where(series.c.generation == generation)
+        with self.engine.connect() as conn:
+            row = conn.execute(query.order_by(series.c.generation.desc()).limit(1)).first()
+        return _record(SeriesRecord, row) if row else None
+
+    def series_in_state(self, *states: str) -> list[SeriesRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(series).where(series.c.state.in_(states)).order_by(series.c.first_received_at))
+            return [_record(SeriesRecord, r) for r in rows]
+
+    def complete_series(self, series_instance_uid: str, generation: int,
+                        quiet_since: datetime | None = None) -> SeriesRecord | None:
+        """Mark a receiving series complete; returns it, or None if it was not receiving
+        (already complete) or received an instance after `quiet_since` (still arriving)."""
+        condition = ((series.c.series_instance_uid == series_instance_uid) & (series.c.generation == generation)
+                     & (series.c.state == "receiving"))
+        if quiet_since is not None:
+            condition = condition & (series.c.last_received_at <= quiet_since)
+        with self._write_lock, self.engine.begin() as conn:
+            result = conn.execute(series.update().where(condition).values(state="complete", completed_at=utcnow()))
+            if result.rowcount == 0:
+                return None
+        return self.get_series(series_instance_uid, generation)
+
+    def set_series_state(self, series_instance_uid: str, generation: int, state: str,
+                         reason: str | None = None) -> None:
+        if state not in SERIES_STATES:
+            raise ValueError(f"unknown series state {state!r}")
+        with self._write_lock, self.engine.begin() as conn:
+            conn.execute(series.update().where(
+                (series.c.series_instance_uid == series_instance_uid) & (series.c.generation == generation))
+                .values(state=state, reason=reason))
+
+    # --- jobs ------------------------------------------------------------------------------------
+
+    def add_job(self, series_instance_uid: str, generation: int, pipeline: str) -> JobRecord:
+        """Queue a job; idempotent per (series, generation, pipeline)."""
+        with self._write_lock, self.engine.begin() as conn:
+            key = ((jobs.c.series_instance_uid == series_instance_uid) & (jobs.c.generation == generation)
+                   & (jobs.c.pipeline == pipeline))
+            row = conn.execute(select(jobs).where(key)).first()
+            if row is None:
+                conn.execute(jobs.insert().values(series_instance_uid=series_instance_uid, generation=generation,
+                                                  pipeline=pipeline, state="queued", attempts=0,
+                                                  created_at=utcnow()))
+                row = conn.execute(select(jobs).where(key)).first()
+        return _record(JobRecord, row)
+
+    def get_job(self, job_id: int) -> JobRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        return _record(JobRecord, row) if row else None
+
+    def jobs_in_state(self, *states: str) -> list[JobRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs).where(jobs.c.state.in_(states)).order_by(jobs.c.id))
+            return [_record(JobRecord, r) for r in rows]
+
+    def update_job(self, job_id: int, **values) -> JobRecord:
+        """Set job columns (state, attempts, error, started_at, finished_at, output_dir)."""
+        if "state" in values and values["state"] not in JOB_STATES:
+            raise ValueError(f"unknown job state {values['state']!r}")
+        with self._write_lock, self.engine.begin() as conn:
+            conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+        return self.get_job(job_id)
+
+    # --- exports ---------------------------------------------------------------------------------
+
+    def add_export(self, job_id: int, destination: str, sop_instance_uid: str, path: str) -> ExportRecord:
+        """Queue one instance for one destination; idempotent per (job, destination, instance)."""
+        with self._write_lock, self.engine.begin() as conn:
+            key = ((exports.c.job_id == job_id) & (exports.c.destination == destination)
+                   & (exports.c.sop_instance_uid == sop_instance_uid))
+            row = conn.execute(select(exports).where(key)).first()
+            if row is None:
+                conn.execute(exports.insert().values(job_id=job_id, destination=destination,
+                                                     sop_instance_uid=sop_instance_uid, path=path, state="pending",
+                                                     attempts=0, next_attempt_at=utcnow()))
+                row = conn.execute(select(exports).where(key)).first()
+        return _record(ExportRecord, row)
+
+    def exports_in_state(self, *states: str, due_before: datetime | None = None) -> list[ExportRecord]:
+        query = select(exports).where(exports.c.state.in_(states))
+        if due_before is not None:
+            query = query.where(exports.c.next_attempt_at <= due_before)
+        with self.engine.connect() as conn:
+            return [_record(ExportRecord, r) for r in conn.execute(query.order_by(exports.c.id))]
+
+    def update_export(self, export_id: int, **values) -> ExportRecord:
+        """Set export columns (state, attempts, next_attempt_at, last_status, reason, sent_at)."""
+        if "state" in values and values["state"] not in EXPORT_STATES:
+            raise ValueError(f"unknown export state {values['state']!r}")
+        with self._write_lock, self.engine.begin() as conn:
+            conn.execute(exports.update().where(exports.c.id == export_id).values(**values))
+            row = conn.execute(select(exports).where(exports.c.id == export_id)).first()
+        return _record(ExportRecord, row)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def default_url(storage_dir) -> str:
+    return f"sqlite:///{storage_dir}/journal.sqlite"

@@ -1,0 +1,120 @@
+"""Durable instance files: `<storage>/spool/<study>/<series>/<sop>.dcm`, built only from validated UIDs.
+
+A UID is digits separated by single dots, at most 64 characters (PS3.5 9.1);
+anything else is refused, so no attribute value can reach the file system as
+a path component (no `..`, no `/`, no empty component).
+
+A write is durable before it returns: the bytes go to a temp file in the
+target folder (named `.<sop>.<random>.tmp`, recognisable for clean-up after a
+crash), the file is fsynced, renamed over the final name (atomic on POSIX)
+and the folder is fsynced so the rename itself survives a power cut.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+TEMP_SUFFIX = ".tmp"
+
+
+class InvalidUID(ValueError):
+    """A UID that cannot name a spool path (PS3.5 9.1: digits and dots, <= 64 characters)."""
+
+    def __init__(self, attribute: str, value: object):
+        self.attribute = attribute
+        self.value = value
+        super().__init__(f"{attribute} {value!r} is not a valid UID (PS3.5 9.1: digits and dots, <= 64 chars)")
+
+
+def validate_uid(attribute: str, value: object) -> str:
+    text = str(value) if value is not None else ""
+    if len(text) > 64 or not _UID.match(text):
+        raise InvalidUID(attribute, value)
+    return text
+
+
+@dataclass(frozen=True)
+class InstanceKey:
+    """The three UIDs that place an instance in the spool, validated."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+
+    @classmethod
+    def of(cls, study: object, series: object, sop: object) -> InstanceKey:
+        return cls(validate_uid("StudyInstanceUID", study), validate_uid("SeriesInstanceUID", series),
+                   validate_uid("SOPInstanceUID", sop))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """The spool and quarantine folders under the storage dir."""
+
+    def __init__(self, storage_dir: Path):
+        self.storage_dir = Path(storage_dir)
+        self.root = self.storage_dir / "spool"
+        self.quarantine_root = self.storage_dir / "quarantine"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.quarantine_root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, key: InstanceKey) -> Path:
+        return self.root / key.study_instance_uid / key.series_instance_uid / f"{key.sop_instance_uid}.dcm"
+
+    def write(self, key: InstanceKey, chunks: tuple[bytes, ...]) -> Path:
+        """Write `chunks` durably to the instance's path; returns it. Raises OSError on any failure."""
+        final = self.path_for(key)
+        folder = final.parent
+        created = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=f".{key.sop_instance_uid}.", suffix=TEMP_SUFFIX, dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, final)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(folder)
+        if created:  # the new study/series folders must survive too
+            _fsync_dir(folder.parent)
+            _fsync_dir(folder.parent.parent)
+        return final
+
+    def instance_files(self) -> Iterator[Path]:
+        """Every completed instance file (`*.dcm`, temp files excluded)."""
+        yield from self.root.glob("*/*/*.dcm")
+
+    def remove_temp_files(self) -> list[Path]:
+        """Delete temp files a crash left behind; returns what was removed."""
+        removed = [p for p in self.root.glob(f"*/*/.*{TEMP_SUFFIX}")]
+        for path in removed:
+            path.unlink(missing_ok=True)
+        return removed
+
+    def quarantine(self, path: Path, reason: str) -> Path:
+        """Move a file that cannot be journaled out of the spool, with a note saying why."""
+        target = self.quarantine_root / path.name
+        shutil.move(str(path), target)
+        target.with_suffix(target.suffix + ".reason.txt").write_text(reason + "\n")
+        return target
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
