@@ -10,8 +10,6 @@ command line (argparse's convention).
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -57,39 +55,11 @@ def register_check_config(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_check_config)
 
 
-class JsonLineFormatter(logging.Formatter):
-    """One JSON object per line for log shippers; series and job identifiers become fields."""
-
-    FIELDS = ("study_instance_uid", "series_instance_uid", "job_id", "calling_ae", "destination")
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        line.update({field: getattr(record, field) for field in self.FIELDS if hasattr(record, field)})
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line)
-
-
-def configure_logging(log_format: str) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(
-        JsonLineFormatter() if log_format == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-
-
 def _serve(args: argparse.Namespace) -> int:
     config = config_from(args.config)
     from dicom_node import server  # imported here: check-config and the admin commands stay light
 
-    configure_logging(args.log_format)
-    server.serve(config)
+    server.serve(config, log_format=args.log_format)
     return 0
 
 
