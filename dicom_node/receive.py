@@ -139,11 +139,18 @@ class Receiver:
         if not calling_ae_allowed(self.config, calling, host):
             log.warning("association rejected: calling AE %r from %s not recognized (called %r)",
                         calling, host, called)
-            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            self._reject(assoc, 0x03)
         elif called != self.config.node.ae_title.strip():
             log.warning("association rejected: called AE %r is not ours (%r); calling AE %r from %s",
                         called, self.config.node.ae_title, calling, host)
-            assoc.acse.send_reject(0x01, 0x01, 0x07)
+            self._reject(assoc, 0x07)
+
+    @staticmethod
+    def _reject(assoc, reason: int) -> None:
+        """A-ASSOCIATE-RJ rejected-permanent by the service user, then wait for the PDU to leave
+        before the connection closes (as pynetdicom's own ACSE rejection does)."""
+        assoc.acse.send_reject(0x01, 0x01, reason)
+        assoc.kill()
 
     def _on_accepted(self, event) -> None:
         assoc = event.assoc

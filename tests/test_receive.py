@@ -1,0 +1,239 @@
+"""The receiver against dcmtk storescu/echoscu: durability, byte equality, rejections (issue 2)."""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+import pytest
+import yaml
+
+from dicom_node.journal import Journal
+from tests.peers import CT_J2K_SERIES, REPO, ManagedProcess, free_port, wait_for_port
+from tests.peers import dcmtk
+from tests.series_factory import write_ct_series
+
+pytestmark = pytest.mark.skipif(not dcmtk.available(), reason="dcmtk not installed (apt-get install dcmtk)")
+
+NODE_AE = "DICOMNODE"
+
+
+class Node:
+    """`dicom-node serve` as a subprocess on a free loopback port, with its config and journal."""
+
+    def __init__(self, root: Path, **overrides):
+        self.root = root
+        self.port = free_port()
+        self.storage = root / "var"
+        config = {
+            "node": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": self.port, "storage_dir": "var",
+                     "min_free_disk_mb": 1},
+            "security": {"calling_aes": [{"ae_title": "STORESCU"}, {"ae_title": "ECHOSCU", "host": "127.0.0.1"}]},
+            "completion": {"stable_seconds": 3, "after_release_seconds": 1},
+        }
+        for section, values in overrides.items():
+            config[section] = {**config.get(section, {}), **values}
+        root.mkdir(parents=True, exist_ok=True)
+        self.config_path = root / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log = root / "node.log"
+        self.process: ManagedProcess | None = None
+
+    def start(self) -> Node:
+        self.process = ManagedProcess([REPO / ".venv" / "bin" / "dicom-node", "serve", "--config", self.config_path],
+                                      log=self.log)
+        wait_for_port(self.port, timeout=30, process=self.process.process)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def journal(self) -> Journal:
+        return Journal(f"sqlite:///{self.storage / 'journal.sqlite'}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def spool_files(self) -> list[Path]:
+        return sorted((self.storage / "spool").glob("*/*/*.dcm"))
+
+    def wait_for_state(self, series_instance_uid: str, state: str, timeout: float = 15.0):
+        journal = self.journal()
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                record = journal.get_series(series_instance_uid)
+                if record is not None and record.state == state:
+                    return record
+                time.sleep(0.1)
+            raise AssertionError(f"series {series_instance_uid} not {state} after {timeout} s: "
+                                 f"{journal.get_series(series_instance_uid)}\n{self.log_text()}")
+        finally:
+            journal.close()
+
+
+@contextmanager
+def running_node(root: Path, **overrides) -> Iterator[Node]:
+    node = Node(root, **overrides).start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded dataset after the Part 10 preamble and file meta group (PS3.10 7.1)."""
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM", path
+    assert data[132:138] == b"\x02\x00\x00\x00UL", f"{path}: meta group does not start with its length"
+    (meta_length,) = struct.unpack("<I", data[140:144])
+    return data[144 + meta_length:]
+
+
+def spool_path(node: Node, sent: Path) -> Path:
+    ds = pydicom.dcmread(sent, stop_before_pixels=True)
+    return node.storage / "spool" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+
+
+def assert_stored_as_sent(node: Node, sent_files: list[Path]) -> None:
+    for sent in sent_files:
+        stored = spool_path(node, sent)
+        assert stored.exists(), f"{sent.name} not in the spool"
+        assert dataset_bytes(stored) == dataset_bytes(sent), f"{sent.name}: dataset bytes differ"
+        sent_ds, stored_ds = pydicom.dcmread(sent), pydicom.dcmread(stored)
+        assert stored_ds == sent_ds  # every element, pixel data included
+        assert stored_ds.file_meta.TransferSyntaxUID == sent_ds.file_meta.TransferSyntaxUID
+        assert stored_ds.file_meta.MediaStorageSOPInstanceUID == sent_ds.SOPInstanceUID
+
+
+def sendable_j2k_copies(out_dir: Path) -> list[Path]:
+    """The shared J2K series with the UIDs its anonymisation emptied filled in.
+
+    The shared files carry empty SOP Class/Instance, Study and Series UIDs in
+    the dataset (only the file meta keeps the SOP ones): storescu cannot pick
+    a presentation context for them, and the node rightly refuses empty UIDs.
+    The pixel data stays the original JPEG 2000 codestream (pydicom writes
+    encapsulated data as read).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    copies = []
+    for path in sorted(CT_J2K_SERIES.iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        copy = out_dir / path.name
+        ds.save_as(copy, enforce_file_format=True)
+        copies.append(copy)
+    return copies
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory) -> Iterator[Node]:
+    with running_node(tmp_path_factory.mktemp("node")) as running:
+        yield running
+
+
+def test_echo_from_allowed_ae(node):
+    result = dcmtk.echoscu(node.port)
+    assert result.returncode == 0, result.output
+
+
+def test_real_j2k_series_stored_as_sent_and_completed_on_release(node, tmp_path):
+    files = sendable_j2k_copies(tmp_path / "j2k")
+    released_at = time.monotonic()
+    result = dcmtk.storescu(node.port, files, extra=["-xv"])
+    assert result.returncode == 0, result.output
+    assert len(result.acknowledged) == 20
+    assert_stored_as_sent(node, files)
+    series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    record = node.wait_for_state(series_uid, "complete", timeout=8)
+    assert time.monotonic() - released_at < 8
+    assert record.instance_count == 20 and record.generation == 1
+    assert record.calling_ae == "STORESCU" and record.modality == "CT"
+    journal = node.journal()
+    rows = journal.series_instances(series_uid, 1)
+    journal.close()
+    assert {row.transfer_syntax for row in rows} == {"1.2.840.10008.1.2.4.90"}
+    assert "association released calling_ae=STORESCU" in node.log_text()
+    assert f"series complete (release): study=" in node.log_text()
+
+
+def test_300_uncompressed_instances_stored_byte_for_byte(node, tmp_path):
+    files = write_ct_series(tmp_path / "ct300", 300)
+    result = dcmtk.storescu(node.port, files)
+    assert result.returncode == 0, result.output
+    assert len(result.acknowledged) == 300
+    assert_stored_as_sent(node, files)
+    series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    record = node.wait_for_state(series_uid, "complete", timeout=8)
+    assert record.instance_count == 300
+    assert "instances=300 bytes=" in node.log_text()
+
+
+def test_unknown_calling_ae_rejected_permanently(node):
+    result = dcmtk.echoscu(node.port, calling_ae="INTRUDER")
+    assert result.returncode != 0
+    assert "Rejected Permanent" in result.output and "Calling AE Title Not Recognized" in result.output, result.output
+    assert "calling AE 'INTRUDER' from 127.0.0.1 not recognized" in node.log_text()
+
+
+def test_calling_ae_from_another_host_rejected(tmp_path):
+    with running_node(tmp_path, security={"calling_aes": [{"ae_title": "ECHOSCU", "host": "10.9.9.9"}]}) as other:
+        result = dcmtk.echoscu(other.port)
+    assert result.returncode != 0
+    assert "Calling AE Title Not Recognized" in result.output, result.output
+
+
+def test_wrong_called_ae_rejected(node):
+    result = dcmtk.echoscu(node.port, called_ae="SOMEONEELSE")
+    assert result.returncode != 0
+    assert "Rejected Permanent" in result.output and "Called AE Title Not Recognized" in result.output, result.output
+
+
+@pytest.mark.parametrize("bad_uid", ["1.2.abc", "1.2.3/../x", "1." + "2" * 70])
+def test_invalid_uid_refused_without_a_file(node, tmp_path, bad_uid):
+    (sent,) = write_ct_series(tmp_path / "bad", 1, rows=64, columns=64)
+    ds = pydicom.dcmread(sent)
+    ds.SeriesInstanceUID = bad_uid
+    ds.save_as(sent, enforce_file_format=True)
+    result = dcmtk.storescu(node.port, [sent])
+    assert result.acknowledged == []
+    assert any("Error" in status or "Failed" in status for status in result.statuses()), result.output
+    assert not list((node.storage / "spool").rglob("*x*"))
+    assert "is not a valid UID" in node.log_text()
+
+
+def test_duplicate_instance_acknowledged_stored_once(node, tmp_path):
+    files = write_ct_series(tmp_path / "dup", 2, rows=64, columns=64)
+    first = dcmtk.storescu(node.port, files)
+    second = dcmtk.storescu(node.port, files[:1])
+    assert first.returncode == 0 and second.returncode == 0, second.output
+    assert len(second.acknowledged) == 1
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    journal = node.journal()
+    series_records = [journal.get_series(ds.SeriesInstanceUID, g) for g in (1, 2)]
+    journal.close()
+    assert series_records[0].instance_count == 2
+    assert series_records[1] is None  # not a late instance: nothing new was stored
+    assert len(list(spool_path(node, files[0]).parent.iterdir())) == 2
+    assert f"duplicate instance {ds.SOPInstanceUID}" in node.log_text()
+
+
+def test_disk_floor_refuses_with_out_of_resources(tmp_path):
+    with running_node(tmp_path, node={"min_free_disk_mb": 1 << 40}) as full:
+        files = write_ct_series(tmp_path / "floor", 1, rows=64, columns=64)
+        result = dcmtk.storescu(full.port, files)
+        spool = full.spool_files()
+        log = full.log_text()
+    assert result.acknowledged == []
+    assert "Refused: OutOfResources" in result.output, result.output
+    assert spool == []
+    assert "C-STORE refused (0xA700)" in log and "floor is" in log
