@@ -1,0 +1,84 @@
+"""Crash and restart: kill -9 mid-send, then every acknowledged instance is in spool and journal (issue 2)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import pydicom
+import pytest
+
+from tests.peers import dcmtk, peer_env
+from tests.series_factory import write_ct_series
+from tests.test_receive import Node, dataset_bytes, spool_path
+
+pytestmark = pytest.mark.skipif(not dcmtk.available(), reason="dcmtk not installed (apt-get install dcmtk)")
+
+
+def test_kill_9_mid_send_loses_nothing_acknowledged(tmp_path):
+    files = write_ct_series(tmp_path / "ct", 300)
+    uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    node = Node(tmp_path / "n", completion={"stable_seconds": 3, "after_release_seconds": 1}).start()
+    out = tmp_path / "storescu.log"
+    with open(out, "w") as log:
+        sender = subprocess.Popen(dcmtk.storescu_args(node.port, files), env=peer_env(), stdout=log,
+                                  stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while len(node.spool_files()) < 100:
+            assert time.monotonic() < deadline and sender.poll() is None, "send finished before the crash"
+            time.sleep(0.01)
+        node.process.kill()
+        sender.wait(timeout=60)
+    finally:
+        node.stop()
+    acknowledged = dcmtk.StoreResult(sender.returncode, out.read_text()).acknowledged
+    assert 100 <= len(acknowledged) < 300, "the crash must land mid-series"
+
+    restarted = node.start()  # same config, storage and port
+    try:
+        record = restarted.wait_for_state(uid, "complete", timeout=20)
+        journal = restarted.journal()
+        journaled = {row.sop_instance_uid for row in journal.series_instances(uid, 1)}
+        journal.close()
+        spooled = restarted.spool_files()
+    finally:
+        restarted.stop()
+    for sent in acknowledged:
+        sop = pydicom.dcmread(sent, stop_before_pixels=True).SOPInstanceUID
+        assert sop in journaled, f"acknowledged {sent.name} missing from the journal"
+        assert dataset_bytes(spool_path(node, sent)) == dataset_bytes(sent)
+    assert not list((node.storage / "spool").rglob("*.tmp"))
+    assert len(spooled) == len(journaled) == record.instance_count >= len(acknowledged)
+
+
+def test_restart_reconciles_spool_and_journal(tmp_path):
+    files = write_ct_series(tmp_path / "ct", 4, rows=64, columns=64)
+    node = Node(tmp_path / "n", completion={"stable_seconds": 2, "after_release_seconds": 30}).start()
+    try:
+        assert dcmtk.storescu(node.port, files[:3]).returncode == 0
+    finally:
+        node.stop()
+    removed = spool_path(node, files[0])
+    removed.unlink()  # row without file
+    orphan = spool_path(node, files[3])
+    shutil.copyfile(files[3], orphan)  # file without row (crash after rename, before commit)
+    temp = removed.parent / f".{removed.stem}.abc123.tmp"
+    temp.write_bytes(b"partial")  # a write that never reached its rename
+    node.start()
+    try:
+        uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+        record = node.wait_for_state(uid, "complete", timeout=15)
+        journal = node.journal()
+        sops = {row.sop_instance_uid for row in journal.series_instances(uid, 1)}
+        journal.close()
+        log = node.log_text()
+    finally:
+        node.stop()
+    expected = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files[1:]}
+    assert sops == expected and record.instance_count == 3
+    assert not temp.exists()
+    assert "reconcile: removed temp file" in log
+    assert "has no file" in log and "row deleted" in log
+    assert "journaled" in log and orphan.name in log
