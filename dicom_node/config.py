@@ -24,6 +24,9 @@ MATCH_KEYS = frozenset({
 })
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
 class ConfigError(Exception):
     """The configuration is unusable; `errors` are located lines ready to print."""
 
@@ -64,6 +67,24 @@ class NodeConfig(_Model):
     def _default_journal(self) -> NodeConfig:
         if self.journal_url is None:
             self.journal_url = f"sqlite:///{self.storage_dir / 'journal.sqlite'}"
+        return self
+
+
+class HttpConfig(_Model):
+    """The status API (/healthz, /readyz, /metrics, /v1/...).
+
+    Loopback by default; bound anywhere else it carries job and patient-study
+    identifiers off the machine, so it then requires a bearer token.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    bearer_token: str | None = Field(None, min_length=16)
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> HttpConfig:
+        if self.host not in LOOPBACK_HOSTS and self.bearer_token is None:
+            raise ValueError(f"host {self.host} is not loopback: set bearer_token (16 characters or more)")
         return self
 
 
@@ -242,6 +263,7 @@ class ResultsConfig(_Model):
 
 class Config(_Model):
     node: NodeConfig = NodeConfig()
+    http: HttpConfig = HttpConfig()
     security: SecurityConfig = SecurityConfig()
     completion: CompletionConfig = CompletionConfig()
     inference: InferenceConfig = InferenceConfig()

@@ -203,3 +203,14 @@ def test_check_config_exits_2_on_broken_yaml_and_missing_file(tmp_path):
     assert (result.returncode, result.stderr.split(" invalid YAML")[0]) == (2, "config.yaml:2:")
     missing = check_config(tmp_path / "absent.yaml")
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_status_api_off_loopback_needs_a_bearer_token(tmp_path):
+    assert errors_of(tmp_path, """\
+        http:
+          host: 0.0.0.0
+          port: 8080
+        """) == ["config.yaml:1 http: host 0.0.0.0 is not loopback: set bearer_token (16 characters or more)"]
+    path = tmp_path / "config.yaml"
+    path.write_text("http: {host: 0.0.0.0, bearer_token: 0123456789abcdef0123}\n")
+    assert load_config(path).http.port == 8080

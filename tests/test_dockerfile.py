@@ -57,7 +57,8 @@ def test_image_shape():
     assert instruction("EXPOSE") == ["11112 8080"]
     assert sorted(json.loads(instruction("VOLUME")[0])) == sorted(CONTAINER_PATHS)
     [healthcheck] = instruction("HEALTHCHECK")
-    assert "http://127.0.0.1:8080/healthz" in healthcheck
+    http = load_config(REPO / "config.yaml").http
+    assert f"http://{http.host}:{http.port}/healthz" in healthcheck  # the shipped config's status API
 
 
 def test_build_config_step_and_entry_command_run_in_the_venv(tmp_path):
