@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.peers import REPO
+from tests.peers import REPO, ManagedProcess, free_port, peer_env, wait_for_port
 
 from dicom_node.config import load_config
 
@@ -81,7 +81,18 @@ def test_build_config_step_and_entry_command_run_in_the_venv(tmp_path):
     result = subprocess.run([str(BIN / program), "check-config", path], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{path}: ok (AE DICOMNODE on 0.0.0.0:11112")
-    assert option == "--config"
+
+    # The entry command itself, on a free loopback port instead of 0.0.0.0:11112, answers C-ECHO.
+    port = free_port()
+    Path(path).write_text(Path(path).read_text().replace("host: 0.0.0.0 ", "host: 127.0.0.1 ")
+                          .replace("port: 11112 ", f"port: {port} ", 1).replace("min_free_disk_mb: 1024", "min_free_disk_mb: 0"))
+    log = tmp_path / "serve.log"
+    with ManagedProcess([BIN / program, _serve, option, path], log=log) as node:
+        wait_for_port(port, timeout=60, process=node.process)
+        echo = subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1", str(port)],
+                              capture_output=True, text=True, timeout=60, env=peer_env())
+        assert echo.returncode == 0, echo.stderr + node.log_text()
+    assert (tmp_path / "var_lib_dicom-node" / "journal.sqlite").exists()  # the storage volume holds the journal
 
 
 def test_compose_runs_the_node_on_triton_with_a_gpu_and_orthanc():
