@@ -1,0 +1,120 @@
+"""`dicom-node jobs list|show|retry|dead-letter`: what an admin does with the journal of a node.
+
+These commands only write the journal; a running node picks requeued jobs and
+exports up on its next dispatch pass (about a second), a stopped one at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from datetime import datetime
+from typing import TextIO
+
+from dicom_node.config import Config
+from dicom_node.journal import JOB_STATES, Journal, utcnow
+
+JOB_COLUMNS = ("id", "state", "pipeline", "series_instance_uid", "generation", "attempts", "created_at", "error")
+EXPORT_COLUMNS = ("id", "job_id", "destination", "sop_instance_uid", "attempts", "last_status", "reason")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    jobs = subparsers.add_parser("jobs", help="list, show and retry pipeline jobs; dead-lettered exports")
+    jobs.add_argument("--json", action="store_true", help="JSON instead of a table")
+    commands = jobs.add_subparsers(dest="jobs_command", required=True)
+    listing = commands.add_parser("list", help="jobs, newest last")
+    listing.add_argument("--state", choices=JOB_STATES, help="only jobs in this state")
+    listing.set_defaults(jobs_handler=run_list)
+    show = commands.add_parser("show", help="one job with its exports")
+    show.add_argument("id", type=int)
+    show.set_defaults(jobs_handler=run_show)
+    retry = commands.add_parser("retry", help="requeue a failed job (or every failed job)")
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", type=int, nargs="?")
+    which.add_argument("--failed", action="store_true", help="requeue every failed job")
+    retry.set_defaults(jobs_handler=run_retry)
+    dead = commands.add_parser("dead-letter", help="exports a destination refused for good")
+    dead.add_argument("action", nargs="?", choices=("list", "retry"), default="list")
+    dead.add_argument("id", type=int, nargs="?", help="export id to send again (with retry)")
+    dead.set_defaults(jobs_handler=run_dead_letter)
+
+
+def run(args: argparse.Namespace, config: Config, out: TextIO = sys.stdout) -> int:
+    from dicom_node.server import journal_url
+
+    journal = Journal(journal_url(config))
+    try:
+        return args.jobs_handler(args, journal, out)
+    finally:
+        journal.close()
+
+
+def run_list(args, journal: Journal, out: TextIO) -> int:
+    jobs = journal.jobs_in_state(*([args.state] if args.state else JOB_STATES))
+    _print([dataclasses.asdict(j) for j in jobs], JOB_COLUMNS, args.json, out)
+    return 0
+
+
+def run_show(args, journal: Journal, out: TextIO) -> int:
+    job = journal.get_job(args.id)
+    if job is None:
+        print(f"no job {args.id}", file=sys.stderr)
+        return 1
+    exports = [dataclasses.asdict(e) for e in journal.exports_in_state("pending", "sent", "dead") if e.job_id == job.id]
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(job), "exports": exports}, default=_json), file=out)
+        return 0
+    for key, value in dataclasses.asdict(job).items():
+        print(f"{key:20} {_cell(value)}", file=out)
+    print(file=out)
+    _print(exports, ("id", "destination", "state", "sop_instance_uid", "attempts", "reason"), False, out)
+    return 0
+
+
+def run_retry(args, journal: Journal, out: TextIO) -> int:
+    jobs = journal.jobs_in_state("failed") if args.failed else [j for j in [journal.get_job(args.id)] if j]
+    if not args.failed and not jobs:
+        print(f"no job {args.id}", file=sys.stderr)
+        return 1
+    for job in jobs:
+        if job.state not in ("failed", "done"):
+            print(f"job {job.id} is {job.state}; only failed or done jobs are retried", file=sys.stderr)
+            return 1
+        journal.update_job(job.id, state="queued", error=None, finished_at=None)
+        print(f"job {job.id} ({job.pipeline}) requeued", file=out)
+    return 0
+
+
+def run_dead_letter(args, journal: Journal, out: TextIO) -> int:
+    if args.action == "list":
+        _print([dataclasses.asdict(e) for e in journal.exports_in_state("dead")], EXPORT_COLUMNS, args.json, out)
+        return 0
+    dead = {e.id: e for e in journal.exports_in_state("dead")}
+    if args.id not in dead:
+        print(f"no dead-lettered export {args.id}", file=sys.stderr)
+        return 1
+    journal.update_export(args.id, state="pending", attempts=0, reason=None, next_attempt_at=utcnow())
+    print(f"export {args.id} to {dead[args.id].destination} requeued", file=out)
+    return 0
+
+
+def _json(value):
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+def _cell(value) -> str:
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return "" if value is None else str(value)
+
+
+def _print(rows: list[dict], columns: tuple[str, ...], as_json: bool, out: TextIO) -> None:
+    if as_json:
+        print(json.dumps(rows, default=_json), file=out)
+        return
+    cells = [[_cell(row[c]) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    for line in [list(columns)] + cells:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip(), file=out)

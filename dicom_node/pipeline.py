@@ -1,0 +1,302 @@
+"""Pipeline stage: a complete series becomes jobs, jobs become results, results reach every PACS.
+
+Everything that matters survives a crash because it is in the journal first:
+a job is a row (queued -> running -> done | failed), each result instance for
+each destination is an export row (pending -> sent | dead) with its attempt
+count and next_attempt_at, so a restart continues the retry schedule where it
+stopped.
+
+Exactly-once to a PACS: an export marked `sent` is never sent again. A crash
+between the C-STORE response and the journal update resends the same object,
+and since result UIDs are derived from (series, generation, pipeline, kind)
+(`dicom_node.results.uids`), the PACS receives the same SOP Instance UID again,
+which it treats as the same instance (PS3.4 B.4.1: the SCP may overwrite or
+ignore a duplicate), not as a second result.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+
+from dicom_node import route
+from dicom_node.config import Config, PipelineConfig
+from dicom_node.journal import JobRecord, Journal, SeriesRecord, utcnow
+from dicom_node.results import OutputSeries
+
+log = logging.getLogger(__name__)
+
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+class Pipeline:
+    """Routing, the bounded inference worker pool and the dispatch loop of one node."""
+
+    def __init__(self, config: Config, journal: Journal) -> None:
+        self.config = config
+        self.journal = journal
+        self.results_dir = Path(config.node.storage_dir) / "results"
+        self._workers = ThreadPoolExecutor(max_workers=max(1, config.inference.workers),
+                                           thread_name_prefix="job")
+        self._stopping = threading.Event()
+        self._dispatch_wakeup = threading.Event()
+        self._dispatcher: threading.Thread | None = None
+        self._backend = None
+        self._repository = None
+        self._backend_lock = threading.Lock()
+        self._rng = random.Random()
+        self._submitted: set[int] = set()
+        self._submitted_lock = threading.Lock()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Requeue jobs a crash left running, run queued ones, resume pending exports."""
+        for job in self.journal.jobs_in_state("running"):
+            log.warning("restart: job %d (%s) was running; requeued", job.id, job.pipeline)
+            self.journal.update_job(job.id, state="queued")
+        self.pick_up_queued()
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatch", daemon=True)
+        self._dispatcher.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        self._stopping.set()
+        self._dispatch_wakeup.set()
+        self._workers.shutdown(wait=True, cancel_futures=True)
+        if self._dispatcher is not None:
+            self._dispatcher.join(timeout)
+        if self._backend is not None:
+            self._backend.close()
+
+    # --- routing -----------------------------------------------------------------------------
+
+    def on_series_complete(self, series: SeriesRecord) -> None:
+        """Route a complete series to jobs; the work itself runs on the worker pool."""
+        paths = [Path(i.path) for i in self.journal.series_instances(series.series_instance_uid, series.generation)]
+        from dicom_node.volume import summarize_series
+        try:
+            summary = summarize_series(paths)
+        except Exception as error:  # unreadable headers: keep the series, say why
+            self.journal.set_series_state(series.series_instance_uid, series.generation, "quarantined",
+                                          reason=f"summary failed: {error}")
+            log.error("series %s quarantined: %s", series.series_instance_uid, error)
+            return
+        matches = route.match_pipelines(self.config, summary, series.calling_ae, series.called_ae)
+        if not matches:
+            why = route.unmatched_reasons(self.config, summary, series.calling_ae, series.called_ae)
+            reason = "; ".join(f"{name}: {text}" for name, text in why.items()) or "no pipelines configured"
+            self.journal.set_series_state(series.series_instance_uid, series.generation, "unmatched", reason=reason)
+            log.info("series %s generation %d matched no pipeline (kept in the spool): %s",
+                     series.series_instance_uid, series.generation, reason)
+            return
+        self.journal.set_series_state(series.series_instance_uid, series.generation, "routed",
+                                      reason=", ".join(m.pipeline for m in matches))
+        for match in matches:
+            job = self.journal.add_job(series.series_instance_uid, series.generation, match.pipeline)
+            log.info("series %s -> pipeline %s (job %d): %s", series.series_instance_uid, match.pipeline,
+                     job.id, "; ".join(match.reasons))
+            if job.state == "queued":
+                self.submit(job)
+
+    def submit(self, job: JobRecord) -> None:
+        with self._submitted_lock:
+            if job.id in self._submitted:
+                return
+            self._submitted.add(job.id)
+        self._workers.submit(self._run_guarded, job.id)
+
+    def pick_up_queued(self) -> None:
+        """Queued jobs not yet on the pool: after a restart, or requeued by `dicom-node jobs retry`."""
+        for job in self.journal.jobs_in_state("queued"):
+            self.submit(job)
+
+    # --- jobs --------------------------------------------------------------------------------
+
+    def _run_guarded(self, job_id: int) -> None:
+        try:
+            self._run(job_id)
+        finally:
+            with self._submitted_lock:
+                self._submitted.discard(job_id)
+
+    def _run(self, job_id: int) -> None:
+        job = self.journal.get_job(job_id)
+        if job is None or job.state != "queued" or self._stopping.is_set():
+            return
+        job = self.journal.update_job(job_id, state="running", started_at=utcnow(), attempts=job.attempts + 1,
+                                      error=None)
+        try:
+            self.run_job(job)
+        except Exception as error:
+            from dicom_node.volume import SeriesGeometryError
+            text = f"{type(error).__name__}: {error}"
+            self.journal.update_job(job_id, state="failed", error=text, finished_at=utcnow())
+            if isinstance(error, SeriesGeometryError):
+                self.journal.set_series_state(job.series_instance_uid, job.generation, "quarantined", reason=text)
+            log.exception("job %d (%s) failed; the series stays in the spool", job_id, job.pipeline)
+            return
+        self.journal.update_job(job_id, state="done", finished_at=utcnow())
+        self._dispatch_wakeup.set()
+
+    def run_job(self, job: JobRecord) -> list[Path]:
+        """Load, run each step, write results, queue one export per (result, destination)."""
+        from dicom_node.volume import load_series
+        pipeline = self.config.pipelines[job.pipeline]
+        instances = self.journal.series_instances(job.series_instance_uid, job.generation)
+        t0 = utcnow()
+        loaded = load_series([Path(i.path) for i in instances])
+        t1 = utcnow()
+        masks, probabilities = self._run_steps(pipeline, loaded.volume)
+        t2 = utcnow()
+        sources = [pydicom.dcmread(s.path, stop_before_pixels=True) for s in loaded.slices]
+        out_dir = self.results_dir / str(job.id)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.journal.update_job(job.id, output_dir=str(out_dir))
+        written = self._write_results(job, pipeline, masks, probabilities, sources, loaded.volume, out_dir)
+        t3 = utcnow()
+        for path in written["all"]:
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+            for destination in pipeline.destinations:
+                self.journal.add_export(job.id, destination, uid, str(path))
+        log.info("job %d (%s) done: load %.2f s, inference %.2f s, encode %.2f s, %d result files",
+                 job.id, job.pipeline, (t1 - t0).total_seconds(), (t2 - t1).total_seconds(),
+                 (t3 - t2).total_seconds(), len(written["all"]))
+        return written["all"]
+
+    def _run_steps(self, pipeline: PipelineConfig, volume):
+        """Each step in order; a classifier crops by an earlier step's label map."""
+        masks, probabilities = {}, []
+        for step in pipeline.steps:
+            if step.task == "lung_classical":
+                from inference.lung import segment_lungs_classical
+                masks[step.name] = segment_lungs_classical(volume)
+                continue
+            from inference import tasks
+            repository, backend = self._inference()
+            entry = repository.get(step.model)
+            if step.task == "segmentation":
+                masks[step.name] = tasks.segment(volume, entry, backend)
+            else:
+                probabilities.append(tasks.classify(volume, masks[step.input_mask], entry, backend))
+        return masks, probabilities
+
+    def _inference(self):
+        """The model repository and backend, opened once on first use (a model load is seconds)."""
+        with self._backend_lock:
+            if self._backend is None:
+                from inference.backends import BackendSettings, open_backend
+                from inference.repository import ModelRepository
+                settings = self.config.inference
+                self._repository = ModelRepository(settings.model_repository)
+                self._backend = open_backend(BackendSettings(
+                    kind=settings.backend, url=settings.triton.url, protocol=settings.triton.protocol,
+                    timeout_s=settings.triton.timeout_s, retries=settings.triton.retries,
+                    cpu_threads=settings.embedded.cpu_threads, providers=list(settings.embedded.providers)),
+                    self._repository)
+            return self._repository, self._backend
+
+    def _write_results(self, job, pipeline, masks, probabilities, sources, pixels, out_dir) -> dict[str, list[Path]]:
+        from dicom_node.results.overlay import OverlayOptions, write_overlay
+        from dicom_node.results.seg import SegOptions, write_seg
+        from dicom_node.results.sr import SrOptions, write_classification_sr
+        results = self.config.results
+
+        def series(kind: str, name: str) -> OutputSeries:
+            return OutputSeries.from_config(results, kind=kind, series_instance_uid=job.series_instance_uid,
+                                            generation=job.generation, pipeline=job.pipeline, description=name)
+
+        written: dict[str, list[Path]] = defaultdict(list)
+        label_map = list(masks.values())[-1] if masks else None  # the last mask a step produced
+        if label_map is not None and "seg" in pipeline.outputs:
+            path = write_seg(label_map, sources, out_dir, SegOptions.from_config(results, series("seg", job.pipeline)))
+            if path is not None:
+                written["seg"].append(path)
+        if label_map is not None and "overlay" in pipeline.outputs:
+            written["overlay"] += write_overlay(label_map, sources, pixels, out_dir / "overlay",
+                                                OverlayOptions.from_config(results, series("overlay", job.pipeline)))
+        if "sr" in pipeline.outputs:
+            for result in probabilities:
+                written["sr"].append(write_classification_sr(result, sources, out_dir,
+                                                             SrOptions(series("sr", job.pipeline))))
+        written["all"] = written["seg"] + written["sr"]
+        if "seg" not in pipeline.outputs or not written["seg"]:
+            written["all"] += written["overlay"]
+        return written
+
+    # --- dispatch ----------------------------------------------------------------------------
+
+    def _dispatch_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.pick_up_queued()
+                self.dispatch_due()
+            except Exception:
+                log.exception("dispatch pass failed")
+            self._dispatch_wakeup.wait(1.0)
+            self._dispatch_wakeup.clear()
+
+    def dispatch_due(self) -> None:
+        """Send every pending export whose time has come, one association per destination."""
+        from dicom_node import dispatch
+        due = self.journal.exports_in_state("pending", due_before=utcnow())
+        by_destination = defaultdict(list)
+        for export in due:
+            by_destination[export.destination].append(export)
+        for name, exports in by_destination.items():
+            destination = self.config.destinations[name]
+            calling = destination.calling_ae_title or self.config.node.ae_title
+            report = dispatch.send(destination, [Path(e.path) for e in exports], calling)
+            outcomes = {o.sop_instance_uid: o for o in report.outcomes}
+            for export in exports:
+                outcome = outcomes.get(export.sop_instance_uid)
+                if outcome is None:
+                    self._transient(export, destination, None, "no outcome reported")
+                elif outcome.kind in ("sent", "warning"):
+                    if outcome.kind == "warning":
+                        log.warning("export %d to %s stored with warning 0x%04X: %s", export.id, name,
+                                    outcome.status or 0, outcome.reason)
+                    self.journal.update_export(export.id, state="sent", sent_at=utcnow(),
+                                               last_status=outcome.status, attempts=export.attempts + 1)
+                elif outcome.kind == "transient":
+                    self._transient(export, destination, outcome.status, outcome.reason)
+                else:
+                    self._dead(export, outcome.status, outcome.reason)
+
+    def _transient(self, export, destination, status, reason) -> None:
+        from dicom_node import dispatch
+        attempts = export.attempts + 1
+        if attempts >= destination.retry.max_attempts:
+            self._dead(export, status, f"{reason} (gave up after {attempts} attempts)", attempts)
+            return
+        delay = dispatch.next_attempt_delay(destination.retry, attempts, self._rng)
+        self.journal.update_export(export.id, attempts=attempts, last_status=status, reason=reason,
+                                   next_attempt_at=utcnow() + timedelta(seconds=delay))
+        log.warning("export %d to %s: transient failure (%s); attempt %d, next in %.1f s", export.id,
+                    export.destination, reason, attempts, delay)
+
+    def _dead(self, export, status, reason, attempts: int | None = None) -> None:
+        self.journal.update_export(export.id, state="dead", last_status=status, reason=reason,
+                                   attempts=export.attempts + 1 if attempts is None else attempts)
+        log.error("export %d to %s dead-lettered: %s", export.id, export.destination, reason)
+        self._overlay_fallback(export, reason or "")
+
+    def _overlay_fallback(self, export, reason: str) -> None:
+        """A destination that refuses SEG's SOP class gets the overlay series, if the pipeline makes one."""
+        job = self.journal.get_job(export.job_id)
+        pipeline = self.config.pipelines.get(job.pipeline) if job else None
+        if pipeline is None or "overlay" not in pipeline.outputs or "sop class" not in reason.lower():
+            return
+        if pydicom.dcmread(export.path, stop_before_pixels=True).SOPClassUID != SEG_STORAGE:
+            return
+        overlay_dir = Path(job.output_dir or self.results_dir / str(job.id)) / "overlay"
+        for path in sorted(overlay_dir.glob("*.dcm")):
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            self.journal.add_export(job.id, export.destination, uid, str(path))
+        log.info("job %d: %s refuses SEG; overlay series queued instead", job.id, export.destination)

@@ -1,0 +1,180 @@
+"""Pipeline against a real journal and real files: routing, jobs, results, retry (no network)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_node.config import load_config
+from dicom_node.journal import Journal, NewInstance
+from dicom_node.pipeline import Pipeline
+from pydicom.uid import generate_uid
+
+from tests.peers import CT_J2K_SERIES, REPO, SHARED_MODELS
+from tests.phantoms import chest_phantom, write_ct_volume
+
+CONFIG = """
+node: {{ae_title: DICOMNODE, storage_dir: var}}
+security: {{allow_any_calling_ae: true}}
+inference: {{backend: embedded, model_repository: models}}
+pipelines:
+  spleen_ct:
+    match: {{modality: {spleen_modality}, number_of_slices: {{min: 10}}}}
+    steps: [{{name: spleen, task: segmentation, model: spleen_ct}}]
+    outputs: [seg]
+  lungs_ct:
+    match: {{modality: CT, body_part_examined: [CHEST]}}
+    steps: [{{name: lungs, task: lung_classical}}]
+    outputs: [seg]
+"""
+
+
+def _config(tmp_path: Path, spleen_modality: str = "CT"):
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG.format(spleen_modality=spleen_modality))
+    return load_config(path)
+
+
+def real_series(out_dir: Path, count: int = 20, shift_slice: int | None = None) -> list[Path]:
+    """The real J2K series with the UIDs its anonymisation blanked in the dataset restored
+    (SOP UIDs from the file meta, new study/series); `shift_slice` moves one slice 3.3 mm
+    along z so the stack has uneven spacing. Pixel data stays the original codestream."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    copies = []
+    for index, path in enumerate(sorted(CT_J2K_SERIES.iterdir())[:count]):
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        if index == shift_slice:
+            ds.ImagePositionPatient[2] = float(ds.ImagePositionPatient[2]) + 3.3
+        ds.save_as(out_dir / path.name, enforce_file_format=True)
+        copies.append(out_dir / path.name)
+    return copies
+
+
+def _spool(journal: Journal, spool: Path, files: list[Path]):
+    """Put files in the journal as the receiver would, then mark their series complete."""
+    for source in files:
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
+        target = spool / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        journal.record_instance(NewInstance(
+            sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
+            series_instance_uid=ds.SeriesInstanceUID, study_instance_uid=ds.StudyInstanceUID, path=str(target),
+            calling_ae="STORESCU", called_ae="DICOMNODE", transfer_syntax=ds.file_meta.TransferSyntaxUID,
+            size=target.stat().st_size, modality=ds.Modality, series_description=ds.get("SeriesDescription", "")))
+    return journal.complete_series(ds.SeriesInstanceUID, 1)
+
+
+def _wait_job(journal: Journal, job_id: int, states=("done", "failed"), timeout: float = 90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = journal.get_job(job_id)
+        if job.state in states:
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} still {journal.get_job(job_id).state}")
+
+
+@pytest.fixture
+def node(tmp_path):
+    def make(**kwargs):
+        config = _config(tmp_path, **kwargs)
+        journal = Journal(f"sqlite:///{tmp_path / 'journal.sqlite'}")
+        pipeline = Pipeline(config, journal)
+        made.append((pipeline, journal))
+        return config, journal, pipeline
+    made = []
+    yield make
+    for pipeline, journal in made:
+        pipeline.stop()
+        journal.close()
+
+
+def _segs(out_dir: Path) -> dict[str, str]:
+    return {p.name: str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+            for p in sorted(Path(out_dir).glob("SEG_*.dcm"))}
+
+
+def test_unmatched_series_is_kept_and_reported(node, tmp_path):
+    config, journal, pipeline = node(spleen_modality="MR")
+    record = _spool(journal, tmp_path / "spool", real_series(tmp_path / "real"))
+    pipeline.on_series_complete(record)
+    series = journal.get_series(record.series_instance_uid)
+    assert series.state == "unmatched" and series.instance_count == 20
+    assert "spleen_ct" in series.reason and "modality" in series.reason
+    assert journal.jobs_in_state("queued", "running", "done", "failed") == []
+    assert all(Path(i.path).exists() for i in journal.series_instances(record.series_instance_uid, 1))
+
+
+def test_lung_job_writes_seg_with_the_same_uids_when_rerun(node, tmp_path):
+    config, journal, pipeline = node(spleen_modality="MR")
+    files = write_ct_volume(chest_phantom().volume, tmp_path / "phantom")
+    record = _spool(journal, tmp_path / "spool", files)
+    pipeline.on_series_complete(record)
+    (job,) = journal.jobs_in_state("queued", "running", "done", "failed")
+    assert job.pipeline == "lungs_ct"
+    job = _wait_job(journal, job.id)
+    assert job.state == "done", job.error
+    first = _segs(job.output_dir)
+    assert len(first) == 1
+    seg = pydicom.dcmread(next(Path(job.output_dir).glob("SEG_*.dcm")))
+    assert seg.StudyInstanceUID == record.study_instance_uid
+    assert seg.SeriesInstanceUID != record.series_instance_uid
+
+    pipeline.on_series_complete(record)  # routing again is idempotent: same job
+    assert [j.id for j in journal.jobs_in_state("queued", "running", "done", "failed")] == [job.id]
+    shutil.rmtree(job.output_dir)
+    journal.update_job(job.id, state="queued")  # what `dicom-node jobs retry` does
+    pipeline.pick_up_queued()
+    job = _wait_job(journal, job.id)
+    assert job.state == "done" and job.attempts == 2
+    assert _segs(job.output_dir) == first
+
+
+def test_geometry_error_fails_the_job_and_quarantines_the_series(node, tmp_path):
+    config, journal, pipeline = node()
+    record = _spool(journal, tmp_path / "spool", real_series(tmp_path / "broken", count=12, shift_slice=6))
+    pipeline.on_series_complete(record)
+    (job,) = journal.jobs_in_state("queued", "running", "done", "failed")
+    job = _wait_job(journal, job.id)
+    assert job.state == "failed"
+    assert "SeriesGeometryError" in job.error
+    series = journal.get_series(record.series_instance_uid)
+    assert series.state == "quarantined" and series.reason == job.error
+    assert all(Path(i.path).exists() for i in journal.series_instances(record.series_instance_uid, 1))
+
+
+def _spleen_repository(target: Path) -> None:
+    entry = target / "spleen_ct"
+    (entry / "1").mkdir(parents=True)
+    for name in ("config.pbtxt", "pipeline.yaml"):
+        shutil.copyfile(REPO / "models" / "spleen_ct" / name, entry / name)
+    shutil.copyfile(SHARED_MODELS / "spleen_ct_demo" / "1" / "model.onnx", entry / "1" / "model.onnx")
+
+
+def test_spleen_job_fails_without_its_model_and_retry_runs_it(node, tmp_path):
+    pytest.importorskip("inference.tasks")
+    config, journal, pipeline = node()
+    record = _spool(journal, tmp_path / "spool", real_series(tmp_path / "real"))
+    pipeline.on_series_complete(record)
+    (job,) = journal.jobs_in_state("queued", "running", "done", "failed")
+    job = _wait_job(journal, job.id)
+    assert job.state == "failed" and "spleen_ct" in job.error  # the repository has no such model yet
+    assert journal.get_series(record.series_instance_uid).state == "routed"
+
+    pipeline.stop()
+    _spleen_repository(tmp_path / "models")
+    config, journal, pipeline = node()
+    journal.update_job(job.id, state="queued", error=None)
+    pipeline.start()
+    job = _wait_job(journal, job.id)
+    assert job.state == "done", job.error
+    assert job.error is None and len(_segs(job.output_dir)) == 1
