@@ -26,7 +26,7 @@ def test_two_associations_within_the_grace_make_one_generation(tmp_path):
         assert dcmtk.storescu(node.port, files[:20]).returncode == 0
         time.sleep(0.5)
         assert dcmtk.storescu(node.port, files[20:]).returncode == 0
-        record = node.wait_for_state(series_uid(files[0]), "complete", timeout=10)
+        record = node.wait_for_completion(series_uid(files[0]), timeout=10)
     assert record.generation == 1 and record.instance_count == 40
 
 
@@ -42,7 +42,7 @@ def test_stable_timeout_completes_a_series_sent_over_two_associations(tmp_path):
         journal = node.journal()
         assert journal.get_series(uid).state == "receiving"
         journal.close()
-        record = node.wait_for_state(uid, "complete", timeout=15)
+        record = node.wait_for_completion(uid, timeout=15)
         waited = time.monotonic() - last_sent
         log = node.log_text()
     assert record.generation == 1 and record.instance_count == 30
@@ -55,17 +55,14 @@ def test_late_instances_open_a_new_generation(tmp_path):
     uid = series_uid(files[0])
     with running_node(tmp_path / "n", completion={"after_release_seconds": 0.5, "stable_seconds": 30}) as node:
         assert dcmtk.storescu(node.port, files[:10]).returncode == 0
-        first = node.wait_for_state(uid, "complete")
+        first = node.wait_for_completion(uid)
         assert dcmtk.storescu(node.port, files[10:]).returncode == 0
-        deadline = time.monotonic() + 10
+        second = node.wait_for_completion(uid, generation=2, timeout=10)
         journal = node.journal()
-        while (second := journal.get_series(uid, 2)) is None or second.state != "complete":
-            assert time.monotonic() < deadline, node.log_text()
-            time.sleep(0.1)
         first_again = journal.get_series(uid, 1)
         late = journal.series_instances(uid, 2)
         journal.close()
-    assert first.instance_count == 10 and first_again.instance_count == 10 and first_again.state == "complete"
+    assert first.instance_count == 10 and first_again.instance_count == 10 and first_again.completed_at == first.completed_at
     assert second.instance_count == 2
     assert {row.sop_instance_uid for row in late} == {
         pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files[10:]}

@@ -63,17 +63,18 @@ class Node:
     def spool_files(self) -> list[Path]:
         return sorted((self.storage / "spool").glob("*/*/*.dcm"))
 
-    def wait_for_state(self, series_instance_uid: str, state: str, timeout: float = 15.0):
+    def wait_for_completion(self, series_instance_uid: str, generation: int | None = None, timeout: float = 15.0):
+        """The series record once it left `receiving` (complete, or already routed/unmatched by the pipeline)."""
         journal = self.journal()
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                record = journal.get_series(series_instance_uid)
-                if record is not None and record.state == state:
+                record = journal.get_series(series_instance_uid, generation)
+                if record is not None and record.completed_at is not None:
                     return record
                 time.sleep(0.1)
-            raise AssertionError(f"series {series_instance_uid} not {state} after {timeout} s: "
-                                 f"{journal.get_series(series_instance_uid)}\n{self.log_text()}")
+            raise AssertionError(f"series {series_instance_uid} not complete after {timeout} s: "
+                                 f"{journal.get_series(series_instance_uid, generation)}\n{self.log_text()}")
         finally:
             journal.close()
 
@@ -154,7 +155,7 @@ def test_real_j2k_series_stored_as_sent_and_completed_on_release(node, tmp_path)
     assert len(result.acknowledged) == 20
     assert_stored_as_sent(node, files)
     series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
-    record = node.wait_for_state(series_uid, "complete", timeout=8)
+    record = node.wait_for_completion(series_uid, timeout=8)
     assert time.monotonic() - released_at < 8
     assert record.instance_count == 20 and record.generation == 1
     assert record.calling_ae == "STORESCU" and record.modality == "CT"
@@ -173,7 +174,7 @@ def test_300_uncompressed_instances_stored_byte_for_byte(node, tmp_path):
     assert len(result.acknowledged) == 300
     assert_stored_as_sent(node, files)
     series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
-    record = node.wait_for_state(series_uid, "complete", timeout=8)
+    record = node.wait_for_completion(series_uid, timeout=8)
     assert record.instance_count == 300
     assert "instances=300 bytes=" in node.log_text()
 

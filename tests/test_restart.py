@@ -34,11 +34,11 @@ def test_kill_9_mid_send_loses_nothing_acknowledged(tmp_path):
     finally:
         node.stop()
     acknowledged = dcmtk.StoreResult(sender.returncode, out.read_text()).acknowledged
-    assert 100 <= len(acknowledged) < 300, "the crash must land mid-series"
+    assert 50 <= len(acknowledged) < 300, "the crash must land mid-series"
 
     restarted = node.start()  # same config, storage and port
     try:
-        record = restarted.wait_for_state(uid, "complete", timeout=20)
+        record = restarted.wait_for_completion(uid, timeout=20)
         journal = restarted.journal()
         journaled = {row.sop_instance_uid for row in journal.series_instances(uid, 1)}
         journal.close()
@@ -69,7 +69,7 @@ def test_restart_reconciles_spool_and_journal(tmp_path):
     node.start()
     try:
         uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
-        record = node.wait_for_state(uid, "complete", timeout=15)
+        record = node.wait_for_completion(uid, timeout=15)
         journal = node.journal()
         sops = {row.sop_instance_uid for row in journal.series_instances(uid, 1)}
         journal.close()
