@@ -12,6 +12,7 @@ import pytest
 from dicom_node.config import load_config
 from dicom_node.journal import Journal, NewInstance
 from dicom_node.pipeline import Pipeline
+from dicom_node.server import journal_url
 from pydicom.uid import generate_uid
 
 from tests.peers import CT_J2K_SERIES, REPO, SHARED_MODELS
@@ -87,7 +88,8 @@ def _wait_job(journal: Journal, job_id: int, states=("done", "failed"), timeout:
 def node(tmp_path):
     def make(**kwargs):
         config = _config(tmp_path, **kwargs)
-        journal = Journal(f"sqlite:///{tmp_path / 'journal.sqlite'}")
+        Path(config.node.storage_dir).mkdir(exist_ok=True)
+        journal = Journal(journal_url(config))
         pipeline = Pipeline(config, journal)
         made.append((pipeline, journal))
         return config, journal, pipeline
@@ -178,3 +180,42 @@ def test_spleen_job_fails_without_its_model_and_retry_runs_it(node, tmp_path):
     job = _wait_job(journal, job.id)
     assert job.state == "done", job.error
     assert job.error is None and len(_segs(job.output_dir)) == 1
+
+
+def _jobs_cli(config, *argv: str) -> tuple[int, str]:
+    import argparse
+    import io
+
+    from dicom_node import jobs
+
+    parser = argparse.ArgumentParser()
+    jobs.add_parser(parser.add_subparsers(dest="command"))
+    out = io.StringIO()
+    code = jobs.run(parser.parse_args(["jobs", *argv]), config, out)
+    return code, out.getvalue()
+
+
+def test_jobs_commands_list_show_and_requeue(node, tmp_path):
+    import json
+
+    config, journal, pipeline = node()
+    record = _spool(journal, tmp_path / "spool", real_series(tmp_path / "broken", count=12, shift_slice=6))
+    pipeline.on_series_complete(record)
+    (job,) = journal.jobs_in_state("queued", "running", "done", "failed")
+    _wait_job(journal, job.id)
+
+    code, text = _jobs_cli(config, "--json", "list", "--state", "failed")
+    assert code == 0
+    (row,) = json.loads(text)
+    assert row["id"] == job.id and "SeriesGeometryError" in row["error"]
+    code, text = _jobs_cli(config, "list")
+    assert text.splitlines()[0].split()[:3] == ["id", "state", "pipeline"] and "failed" in text
+    code, text = _jobs_cli(config, "show", str(job.id))
+    assert code == 0 and "spleen_ct" in text
+    assert _jobs_cli(config, "show", "999")[0] == 1
+
+    code, text = _jobs_cli(config, "retry", "--failed")
+    assert code == 0 and f"job {job.id}" in text
+    assert journal.get_job(job.id).state in ("queued", "running", "failed")
+    code, text = _jobs_cli(config, "--json", "dead-letter")
+    assert code == 0 and json.loads(text) == []
