@@ -203,6 +203,12 @@ class Pipeline:
             return self._repository, self._backend
 
     def _write_results(self, job, pipeline, masks, probabilities, sources, pixels, out_dir) -> dict[str, list[Path]]:
+        """SEG / SR / overlay files of the job; `all` is what gets exported.
+
+        The overlay (secondary capture) series is exported only when the pipeline
+        makes no SEG; otherwise it is the fallback for a destination that refuses
+        SEG's SOP class (`_overlay_fallback`), so a PACS never shows both.
+        """
         from dicom_node.results.overlay import OverlayOptions, write_overlay
         from dicom_node.results.seg import SegOptions, write_seg
         from dicom_node.results.sr import SrOptions, write_classification_sr
@@ -262,7 +268,7 @@ class Pipeline:
                     if outcome.kind == "warning":
                         log.warning("export %d to %s stored with warning 0x%04X: %s", export.id, name,
                                     outcome.status or 0, outcome.reason)
-                    self.journal.update_export(export.id, state="sent", sent_at=utcnow(),
+                    self.journal.update_export(export.id, state="sent", sent_at=utcnow(), reason=outcome.reason,
                                                last_status=outcome.status, attempts=export.attempts + 1)
                 elif outcome.kind == "transient":
                     self._transient(export, destination, outcome.status, outcome.reason)
