@@ -34,6 +34,7 @@ from dicom_node.results import OutputSeries
 log = logging.getLogger(__name__)
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 
 class Pipeline:
@@ -291,13 +292,15 @@ class Pipeline:
         self.journal.update_export(export.id, state="dead", last_status=status, reason=reason,
                                    attempts=export.attempts + 1 if attempts is None else attempts)
         log.error("export %d to %s dead-lettered: %s", export.id, export.destination, reason)
-        self._overlay_fallback(export, reason or "")
+        self._overlay_fallback(export, status, reason or "")
 
-    def _overlay_fallback(self, export, reason: str) -> None:
-        """A destination that refuses SEG's SOP class gets the overlay series, if the pipeline makes one."""
+    def _overlay_fallback(self, export, status: int | None, reason: str) -> None:
+        """A destination that refuses SEG's SOP class (0x0122, PS3.4 Table B.2-1, or no accepted
+        presentation context) gets the overlay series, if the pipeline makes one."""
         job = self.journal.get_job(export.job_id)
         pipeline = self.config.pipelines.get(job.pipeline) if job else None
-        if pipeline is None or "overlay" not in pipeline.outputs or "sop class" not in reason.lower():
+        refused_class = status == SOP_CLASS_NOT_SUPPORTED or "sop class" in reason.lower()
+        if pipeline is None or "overlay" not in pipeline.outputs or not refused_class:
             return
         if pydicom.dcmread(export.path, stop_before_pixels=True).SOPClassUID != SEG_STORAGE:
             return

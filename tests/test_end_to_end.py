@@ -111,3 +111,35 @@ def test_chest_seg_reaches_the_pacs_once_after_an_outage_and_a_node_restart(tmp_
         finally:
             journal.close()
         assert pacs.alive()
+
+
+def test_seg_refused_by_sop_class_is_dead_lettered_and_the_overlay_goes_instead(tmp_path):
+    """A PACS without SEG Storage (pynetdicom SCP offering Secondary Capture only)."""
+    pytest.importorskip("dicom_node.dispatch")
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import SecondaryCaptureImageStorage
+
+    stored = []
+    scp = AE(ae_title="STORESCP")
+    scp.add_supported_context(SecondaryCaptureImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2",
+                                                             "1.2.840.10008.1.2.5"])
+    handlers = [(evt.EVT_C_STORE, lambda event: stored.append(event.request.AffectedSOPInstanceUID) or 0x0000)]
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    overrides = _overrides(port)
+    overrides["pipelines"]["lungs_ct"] = {**LUNGS, "outputs": ["seg", "overlay"]}
+    files = write_ct_volume(chest_phantom().volume, tmp_path / "phantom")
+    try:
+        with running_node(tmp_path / "node", **overrides) as node:
+            assert dcmtk.storescu(node.port, files).returncode == 0
+            _wait(lambda: len(stored) == len(files), 90, "every overlay instance at the PACS")
+            time.sleep(3)  # no retry loop: nothing more arrives, the SEG stays dead
+            journal = node.journal()
+            try:
+                (dead,) = journal.exports_in_state("dead")
+                assert dead.attempts == 1 and dead.reason
+                assert len(journal.exports_in_state("sent")) == len(files) == len(set(stored))
+            finally:
+                journal.close()
+    finally:
+        server.shutdown()
