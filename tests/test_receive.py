@@ -199,17 +199,22 @@ def test_wrong_called_ae_rejected(node):
     assert "Rejected Permanent" in result.output and "Called AE Title Not Recognized" in result.output, result.output
 
 
-@pytest.mark.parametrize("bad_uid", ["1.2.abc", "1.2.3/../x", "1." + "2" * 70])
-def test_invalid_uid_refused_without_a_file(node, tmp_path, bad_uid):
+@pytest.mark.parametrize(("attribute", "bad_uid"), [
+    ("SeriesInstanceUID", "1.2.abc"), ("SeriesInstanceUID", "1.2.3/../x"), ("StudyInstanceUID", "1." + "2" * 70),
+    ("SOPInstanceUID", "1.2.3/../x"), ("SOPInstanceUID", "1.2.abc"),
+])
+def test_invalid_uid_refused_without_a_file(node, tmp_path, attribute, bad_uid):
     (sent,) = write_ct_series(tmp_path / "bad", 1, rows=64, columns=64)
     ds = pydicom.dcmread(sent)
-    ds.SeriesInstanceUID = bad_uid
+    setattr(ds, attribute, bad_uid)
+    if attribute == "SOPInstanceUID":
+        ds.file_meta.MediaStorageSOPInstanceUID = bad_uid
     ds.save_as(sent, enforce_file_format=True)
     result = dcmtk.storescu(node.port, [sent])
     assert result.acknowledged == []
     assert any("Error" in status or "Failed" in status for status in result.statuses()), result.output
     assert not list((node.storage / "spool").rglob("*x*"))
-    assert "is not a valid UID" in node.log_text()
+    assert f"{attribute} {bad_uid!r} is not a valid UID" in node.log_text()
 
 
 def test_duplicate_instance_acknowledged_stored_once(node, tmp_path):
