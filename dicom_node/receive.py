@@ -5,6 +5,10 @@ as received (never decoded and re-encoded) are in the spool, fsynced and
 renamed, and the instance row is committed in the journal. Failures to
 persist answer 0xA700 (PS3.4 B.2.3 "Refused: Out of Resources"); a dataset
 whose UIDs cannot name a spool path answers 0xC000 ("Cannot understand").
+A SOP Instance UID already in the journal (a re-send) is acknowledged with
+success, logged, and neither written nor counted again: the first copy stays
+(PS3.4 B.4.1 leaves duplicate handling to the SCP; success lets the sender's
+retry finish instead of looping).
 
 Association policy (PS3.8 7.1.1.9): an unknown calling AE title (or one
 calling from a host it is not allowed from) gets A-ASSOCIATE-RJ rejected
