@@ -1,0 +1,212 @@
+"""C-STORE of result instances to a destination (SCU side), with per-instance outcomes.
+
+Status meanings follow PS3.4 Annex B (B.2.3, Table B.2-1) and PS3.7 C.4.2: 0x0000 success;
+0xB000/0xB006/0xB007 stored with a warning; 0xA7xx out of resources (transient: the PACS may
+have room later); 0xA9xx data set does not match the SOP class, 0xC0xx cannot understand,
+0x0122 SOP class not supported, 0x0124 not authorized and other failures are permanent (a
+resend would get the same answer). Association outcomes follow PS3.8 9.3.4: an A-ASSOCIATE-RJ
+with result 0x02 is "rejected-transient", 0x01 "rejected-permanent"; a refused connection, a
+timeout or an A-ABORT are transient. A SOP class for which no presentation context was
+accepted is permanent and says "SOP class not supported by destination" so the caller can fall
+back to the overlay series.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+from pynetdicom import AE, evt
+from pynetdicom.presentation import build_context
+
+from dicom_node.config import DestinationConfig, RetryPolicy
+
+log = logging.getLogger(__name__)
+
+OutcomeKind = Literal["sent", "warning", "transient", "permanent"]
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+WARNING_STATUSES = {0xB000, 0xB006, 0xB007}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    sop_instance_uid: str
+    status: int | None
+    kind: OutcomeKind
+    reason: str
+
+
+@dataclass(frozen=True)
+class DispatchReport:
+    destination: str
+    outcomes: tuple[Outcome, ...]
+
+    @property
+    def all_sent(self) -> bool:
+        return all(o.kind in ("sent", "warning") for o in self.outcomes)
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    ok: bool
+    status: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Instance:
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+
+
+def classify_status(status: int) -> tuple[OutcomeKind, str]:
+    """Map a C-STORE response status to an outcome kind (PS3.4 Table B.2-1)."""
+    if status == 0x0000:
+        return "sent", "stored"
+    if status in WARNING_STATUSES:
+        meaning = {0xB000: "coercion of data elements", 0xB006: "elements discarded",
+                   0xB007: "data set does not match SOP class"}[status]
+        return "warning", f"stored with warning 0x{status:04X} ({meaning})"
+    if status & 0xFF00 == 0xA700:
+        return "transient", f"refused: out of resources (0x{status:04X})"
+    if status & 0xFF00 == 0xA900:
+        return "permanent", f"error: data set does not match SOP class (0x{status:04X})"
+    if status & 0xF000 == 0xC000:
+        return "permanent", f"error: cannot understand (0x{status:04X})"
+    if status == 0x0122:
+        return "permanent", "refused: SOP class not supported (0x0122)"
+    if status == 0x0124:
+        return "permanent", "refused: not authorized (0x0124)"
+    return "permanent", f"failure status 0x{status:04X}"
+
+
+def next_attempt_delay(policy: RetryPolicy, attempt: int, rng: random.Random) -> float:
+    """Exponential backoff (attempt 1 waits initial_delay_s) with +-jitter, capped at max_delay_s."""
+    base = policy.initial_delay_s * policy.multiplier ** max(attempt - 1, 0)
+    base = min(base, policy.max_delay_s)
+    jittered = base * (1 + policy.jitter * (2 * rng.random() - 1))
+    return min(jittered, policy.max_delay_s)
+
+
+def is_exhausted(policy: RetryPolicy, attempt: int) -> bool:
+    return attempt >= policy.max_attempts
+
+
+def _read_headers(paths: Sequence[Path]) -> list[_Instance]:
+    instances = []
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        instances.append(_Instance(Path(path), str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                   str(ds.file_meta.TransferSyntaxUID)))
+    return instances
+
+
+def _contexts(instances: Sequence[_Instance], allowed: Sequence[str]) -> list:
+    """Exactly the contexts the files need: each SOP class with the files' own syntaxes, plus
+    explicit/implicit LE when uncompressed; destination.transfer_syntaxes restricts."""
+    wanted: dict[str, list[str]] = {}
+    for inst in instances:
+        syntaxes = wanted.setdefault(inst.sop_class_uid, [])
+        candidates = [inst.transfer_syntax]
+        if UID(inst.transfer_syntax) in UNCOMPRESSED or not UID(inst.transfer_syntax).is_compressed:
+            candidates += list(UNCOMPRESSED)
+        for ts in candidates:
+            if (not allowed or ts in allowed) and ts not in syntaxes:
+                syntaxes.append(ts)
+    return [build_context(sop, syntaxes) for sop, syntaxes in wanted.items() if syntaxes]
+
+
+def _nodelay(event) -> None:
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _associate(destination: DestinationConfig, calling_ae: str, contexts: list):
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = destination.timeout_s
+    ae.connection_timeout = destination.timeout_s
+    ae.requested_contexts = contexts
+    return ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                        max_pdu=destination.max_pdu, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+
+
+def _association_failure(assoc) -> tuple[OutcomeKind, str]:
+    if assoc.is_rejected and assoc.acceptor.primitive is not None:
+        result = assoc.acceptor.primitive.result
+        source, diag = assoc.acceptor.primitive.result_source, assoc.acceptor.primitive.diagnostic
+        kind: OutcomeKind = "transient" if result == 0x02 else "permanent"
+        return kind, f"association rejected ({'transient' if result == 0x02 else 'permanent'}, source {source}, reason {diag})"
+    if assoc.is_aborted:
+        return "transient", "association aborted"
+    return "transient", "connection refused or timed out"
+
+
+def send(destination: DestinationConfig, paths: Sequence[Path], calling_ae: str) -> DispatchReport:
+    """Send every file in one association; each file gets exactly one Outcome."""
+    name = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    instances = _read_headers(paths)
+    if not instances:
+        return DispatchReport(name, ())
+    contexts = _contexts(instances, destination.transfer_syntaxes)
+    if not contexts:
+        return DispatchReport(name, tuple(Outcome(i.sop_instance_uid, None, "permanent",
+                                                  "no allowed transfer syntax for SOP class") for i in instances))
+    assoc = _associate(destination, calling_ae, contexts)
+    if not assoc.is_established:
+        kind, reason = _association_failure(assoc)
+        return DispatchReport(name, tuple(Outcome(i.sop_instance_uid, None, kind, reason) for i in instances))
+    outcomes = []
+    try:
+        accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+        for inst in instances:
+            classes = {sop for sop, _ in accepted}
+            if inst.sop_class_uid not in classes:
+                outcomes.append(Outcome(inst.sop_instance_uid, None, "permanent",
+                                        "SOP class not supported by destination (no accepted presentation context)"))
+                continue
+            if not assoc.is_established:
+                outcomes.append(Outcome(inst.sop_instance_uid, None, "transient", "association lost"))
+                continue
+            try:
+                rsp = assoc.send_c_store(inst.path)
+            except (ValueError, RuntimeError) as exc:
+                outcomes.append(Outcome(inst.sop_instance_uid, None, "permanent", f"cannot send: {exc}"))
+                continue
+            status = getattr(rsp, "Status", None)
+            if status is None:
+                outcomes.append(Outcome(inst.sop_instance_uid, None, "transient",
+                                        "no response (timeout or abort)"))
+                continue
+            kind, reason = classify_status(int(status))
+            if kind == "warning":
+                log.warning("%s: %s for %s", name, reason, inst.sop_instance_uid)
+            outcomes.append(Outcome(inst.sop_instance_uid, int(status), kind, reason))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return DispatchReport(name, tuple(outcomes))
+
+
+def echo(destination: DestinationConfig, calling_ae: str) -> EchoResult:
+    """C-ECHO (Verification, PS3.4 Annex A) to check a destination is reachable and accepts us."""
+    assoc = _associate(destination, calling_ae, [build_context("1.2.840.10008.1.1")])
+    if not assoc.is_established:
+        _, reason = _association_failure(assoc)
+        return EchoResult(False, None, reason)
+    try:
+        rsp = assoc.send_c_echo()
+        status = getattr(rsp, "Status", None)
+        return EchoResult(status == 0x0000, None if status is None else int(status),
+                          "ok" if status == 0x0000 else "no or failed response")
+    finally:
+        if assoc.is_established:
+            assoc.release()
