@@ -1,0 +1,91 @@
+"""Orthanc 1.10 (Debian package) as a real PACS for tests: own JSON config, loopback ports.
+
+`DicomAlwaysAllowStore: false` with `DicomModalities` makes Orthanc accept C-STORE only from
+the listed AEs, so a node calling with another AE title is refused at association time.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.peers import ManagedProcess, free_port, peer_env, wait_for_port
+
+
+def available() -> bool:
+    return shutil.which("Orthanc") is not None
+
+
+class Orthanc:
+    def __init__(self, workdir: Path, *, ae_title: str = "ORTHANC", allowed_aes: dict[str, int] | None = None,
+                 restrict_calling_aes: bool = False, unknown_sop_class_accepted: bool = False):
+        self.workdir = workdir
+        self.ae_title = ae_title
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.config_path = workdir / "orthanc.json"
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "test", "StorageDirectory": str(workdir / "storage"), "IndexDirectory": str(workdir / "index"),
+            "DicomAet": ae_title, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomModalities": {ae.lower(): [ae, "127.0.0.1", port] for ae, port in (allowed_aes or {}).items()},
+            "DicomAlwaysAllowStore": not restrict_calling_aes, "DicomAlwaysAllowEcho": not restrict_calling_aes,
+            "UnknownSopClassAccepted": unknown_sop_class_accepted, "Plugins": [],
+        }
+        self.config_path.write_text(json.dumps(config, indent=1))
+        self.process: ManagedProcess | None = None
+
+    def start(self) -> Orthanc:
+        self.process = ManagedProcess(["Orthanc", self.config_path], env=peer_env(TCP_NODELAY="1"),
+                                      log=self.workdir / "orthanc.log")
+        wait_for_port(self.dicom_port, process=self.process.process)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                self.get("/system")
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop by pid; storage stays in workdir so start() brings back the same PACS (outage tests)."""
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+    def __enter__(self) -> Orthanc:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _open(self, path: str, data: bytes | None = None):
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data)
+        return urllib.request.urlopen(request, timeout=10)
+
+    def get(self, path: str):
+        with self._open(path) as response:
+            return json.loads(response.read())
+
+    def studies(self) -> list[str]:
+        return self.get("/studies")
+
+    def series(self) -> list[dict]:
+        return self.get("/series?expand")
+
+    def instances(self) -> list[str]:
+        return self.get("/instances")
+
+    def instance_file(self, orthanc_id: str) -> bytes:
+        with self._open(f"/instances/{orthanc_id}/file") as response:
+            return response.read()
+
+    def find_study(self, study_instance_uid: str) -> list[str]:
+        body = json.dumps({"Level": "Study", "Query": {"StudyInstanceUID": study_instance_uid}}).encode()
+        with self._open("/tools/find", body) as response:
+            return json.loads(response.read())
