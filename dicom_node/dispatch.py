@@ -145,9 +145,7 @@ def _association_failure(assoc) -> tuple[OutcomeKind, str]:
         source, diag = assoc.acceptor.primitive.result_source, assoc.acceptor.primitive.diagnostic
         kind: OutcomeKind = "transient" if result == 0x02 else "permanent"
         return kind, f"association rejected ({'transient' if result == 0x02 else 'permanent'}, source {source}, reason {diag})"
-    if assoc.is_aborted:
-        return "transient", "association aborted"
-    return "transient", "connection refused or timed out"
+    return "transient", "no association: connection refused, timed out or aborted"
 
 
 def send(destination: DestinationConfig, paths: Sequence[Path], calling_ae: str) -> DispatchReport:

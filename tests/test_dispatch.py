@@ -8,11 +8,24 @@ import pytest
 
 from dicom_node import dispatch
 from dicom_node.config import DestinationConfig, RetryPolicy
-from tests.peers import free_port
+from tests.peers import SHARED_DATA, ManagedProcess, free_port, wait_for_port
 from tests.peers import dcmtk
 from tests.series_factory import write_ct_series
 
 pytestmark = pytest.mark.skipif(not dcmtk.available(), reason="dcmtk not installed")
+SEG_SAMPLE = SHARED_DATA / "seg" / "highdicom" / "seg_image_ct_binary.dcm"
+CT_ONLY_PROFILE = """[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+[[PresentationContexts]]
+[CTOnly]
+PresentationContext1 = VerificationSOPClass\\Uncompressed
+PresentationContext2 = CTImageStorage\\Uncompressed
+[[Profiles]]
+[Default]
+PresentationContexts = CTOnly
+"""
 
 
 def test_ct_series_arrives_byte_identical(tmp_path):
@@ -64,3 +77,35 @@ def test_backoff_monotone_bounded_capped():
     delays = [dispatch.next_attempt_delay(no_jitter, a, rng) for a in range(1, 15)]
     assert delays == sorted(delays) and delays[-1] == no_jitter.max_delay_s
     assert dispatch.is_exhausted(policy, 50) and not dispatch.is_exhausted(policy, 49)
+
+
+def test_sop_class_not_accepted_is_permanent_and_others_sent(tmp_path):
+    """storescp with an association profile accepting only CT: the SEG gets no context."""
+    paths = write_ct_series(tmp_path / "src", 2) + [SEG_SAMPLE]
+    profile = tmp_path / "ct_only.cfg"
+    profile.write_text(CT_ONLY_PROFILE)
+    port = free_port()
+    (tmp_path / "pacs").mkdir()
+    args = [dcmtk.tool("storescp"), "-aet", "CTONLY", "-xf", str(profile), "Default", "-od", str(tmp_path / "pacs"),
+            str(port)]
+    with ManagedProcess(args, log=tmp_path / "storescp.log") as peer:
+        wait_for_port(port, process=peer.process)
+        report = dispatch.send(DestinationConfig(ae_title="CTONLY", host="127.0.0.1", port=port), paths, "NODE")
+    assert [o.kind for o in report.outcomes] == ["sent", "sent", "permanent"]
+    assert "SOP class not supported" in report.outcomes[2].reason
+    assert len(list((tmp_path / "pacs").iterdir())) == 2
+
+
+def test_scu_socket_has_nagle_off(tmp_path, monkeypatch):
+    import socket
+    seen = []
+    original = dispatch._nodelay
+
+    def spy(event):
+        original(event)
+        seen.append(event.assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+    monkeypatch.setattr(dispatch, "_nodelay", spy)
+    port = free_port()
+    with dcmtk.storescp(port, tmp_path / "pacs"):
+        assert dispatch.echo(DestinationConfig(ae_title="STORESCP", host="127.0.0.1", port=port), "NODE").ok
+    assert seen and all(seen)
