@@ -109,3 +109,22 @@ def test_scu_socket_has_nagle_off(tmp_path, monkeypatch):
     with dcmtk.storescp(port, tmp_path / "pacs"):
         assert dispatch.echo(DestinationConfig(ae_title="STORESCP", host="127.0.0.1", port=port), "NODE").ok
     assert seen and all(seen)
+
+
+@pytest.mark.parametrize("fault,kind,status", [("--refuse", "permanent", None), ("--abort-after", "transient", None),
+                                              ("storage-dir-removed", "transient", 0xA700)])
+def test_real_peer_faults(tmp_path, fault, kind, status):
+    """storescp refusing the association (A-ASSOCIATE-RJ permanent), aborting after the request,
+    and failing to write (its storage folder removed under it: 0xA700 out of resources)."""
+    import shutil
+    paths = write_ct_series(tmp_path / "src", 2)
+    port = free_port()
+    out = tmp_path / "pacs"
+    out.mkdir()
+    args = [dcmtk.tool("storescp"), "-aet", "S", "-od", str(out), str(port)]
+    with ManagedProcess(args + ([fault] if fault.startswith("--") else [])) as peer:
+        wait_for_port(port, process=peer.process)
+        if fault == "storage-dir-removed":
+            shutil.rmtree(out)
+        report = dispatch.send(DestinationConfig(ae_title="S", host="127.0.0.1", port=port, timeout_s=5), paths, "N")
+    assert [(o.kind, o.status) for o in report.outcomes] == [(kind, status)] * 2
