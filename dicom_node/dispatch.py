@@ -145,6 +145,10 @@ def _association_failure(assoc) -> tuple[OutcomeKind, str]:
         source, diag = assoc.acceptor.primitive.result_source, assoc.acceptor.primitive.diagnostic
         kind: OutcomeKind = "transient" if result == 0x02 else "permanent"
         return kind, f"association rejected ({'transient' if result == 0x02 else 'permanent'}, source {source}, reason {diag})"
+    primitive = assoc.acceptor.primitive
+    if primitive is not None and primitive.result == 0x00:
+        # A-ASSOCIATE-AC with every proposed context rejected: pynetdicom then aborts.
+        return "permanent", "SOP class not supported by destination (no accepted presentation context)"
     return "transient", "no association: connection refused, timed out or aborted"
 
 

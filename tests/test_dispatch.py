@@ -128,3 +128,18 @@ def test_real_peer_faults(tmp_path, fault, kind, status):
             shutil.rmtree(out)
         report = dispatch.send(DestinationConfig(ae_title="S", host="127.0.0.1", port=port, timeout_s=5), paths, "N")
     assert [(o.kind, o.status) for o in report.outcomes] == [(kind, status)] * 2
+
+
+def test_no_context_accepted_at_all_is_permanent(tmp_path):
+    """Only a SEG proposed to the CT-only storescp: the association carries no context at all."""
+    profile = tmp_path / "ct_only.cfg"
+    profile.write_text(CT_ONLY_PROFILE)
+    port = free_port()
+    (tmp_path / "pacs").mkdir()
+    args = [dcmtk.tool("storescp"), "-aet", "CTONLY", "-xf", str(profile), "Default", "-od", str(tmp_path / "pacs"),
+            str(port)]
+    with ManagedProcess(args) as peer:
+        wait_for_port(port, process=peer.process)
+        report = dispatch.send(DestinationConfig(ae_title="CTONLY", host="127.0.0.1", port=port), [SEG_SAMPLE], "N")
+    assert report.outcomes[0].kind == "permanent"
+    assert "SOP class not supported" in report.outcomes[0].reason
