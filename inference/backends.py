@@ -1,0 +1,303 @@
+"""Two ways to run a repository model behind one small interface.
+
+- `embedded` (the default): ONNX Runtime in this process, CUDA execution
+  provider when present, else CPU with a configurable thread count.
+- `triton`: a Triton server (or any KServe v2 server) serving the same
+  repository, over gRPC (default) or HTTP with binary tensors. Only the
+  standard KServe v2 endpoints are used (server live/ready, model ready,
+  model metadata, infer), so the node runs against any server that speaks
+  the protocol.
+
+Both check a model before the first job: the tensor names, data types and
+ranks the model declares must be what its pipeline.yaml says, so a wrong
+repository fails at start-up with a message an admin can act on, not in the
+middle of a patient's job.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, TypeVar
+
+import numpy as np
+
+from inference.repository import ModelEntry, ModelRepository, RepositoryError
+
+T = TypeVar("T")
+
+# ONNX Runtime element types as KServe v2 datatypes (the names Triton's metadata uses).
+ONNX_DATATYPES = {
+    "tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64",
+    "tensor(int8)": "INT8", "tensor(uint8)": "UINT8", "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32", "tensor(int64)": "INT64", "tensor(bool)": "BOOL",
+}
+FLOAT_DATATYPES = ("FP32", "FP16", "FP64")
+
+
+class BackendError(Exception):
+    """The backend cannot serve a model (unreachable server, missing model, wrong signature)."""
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """What config.yaml's `inference` section says about the backend."""
+
+    kind: Literal["embedded", "triton"] = "embedded"
+    url: str = "127.0.0.1:8001"
+    protocol: Literal["grpc", "http"] = "grpc"
+    timeout_s: float = 60.0
+    retries: int = 3
+    cpu_threads: int = 0
+    providers: list[str] = field(default_factory=list)
+
+
+class Backend(Protocol):
+    def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run `model` on named float32 tensors; returns its outputs by name."""
+
+    def check(self, entry: ModelEntry) -> None:
+        """Raise BackendError unless the backend can serve `entry` as its pipeline.yaml feeds it."""
+
+    def close(self) -> None: ...
+
+
+def open_backend(settings: BackendSettings, repository: ModelRepository) -> Backend:
+    """The backend config.yaml selects; a Triton server is checked live and ready here."""
+    if settings.kind == "embedded":
+        return EmbeddedBackend(repository, settings)
+    if settings.kind == "triton":
+        return TritonBackend(repository, settings)
+    raise BackendError(f"unknown inference backend {settings.kind!r} (embedded or triton)")
+
+
+@dataclass(frozen=True)
+class TensorSignature:
+    """A tensor as the serving side declares it: KServe v2 datatype, shape with -1 for dynamic axes."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...] | None
+
+
+def compare_signature(entry: ModelEntry, inputs: list[TensorSignature], outputs: list[TensorSignature],
+                      where: str) -> None:
+    """The pipeline.yaml tensors must exist on the served model with a float type and the layout's rank."""
+    spec = entry.pipeline
+    for kind, tensor, layout, declared in (("input", spec.input, spec.input_layout, inputs),
+                                           ("output", spec.output, spec.output_layout, outputs)):
+        found = {t.name: t for t in declared}
+        if tensor.name not in found:
+            raise BackendError(f"model {entry.name!r} has no {kind} {tensor.name!r} {where} "
+                               f"(it has {', '.join(found) or 'none'})")
+        served = found[tensor.name]
+        wanted = ("FP32",) if kind == "input" else FLOAT_DATATYPES
+        if served.datatype not in wanted:
+            raise BackendError(f"model {entry.name!r} {kind} {tensor.name!r} is {served.datatype} {where}; "
+                               f"the node {'sends FP32' if kind == 'input' else 'reads float outputs'}")
+        if served.shape is not None and len(served.shape) != len(layout):
+            raise BackendError(f"model {entry.name!r} {kind} {tensor.name!r} has shape {list(served.shape)} {where}, "
+                               f"but pipeline.yaml's layout {layout} has {len(layout)} axes")
+        channels = served.shape[layout.index("C")] if served.shape is not None else -1
+        if kind == "input" and channels not in (-1, 1):
+            raise BackendError(f"model {entry.name!r} input {tensor.name!r} takes {channels} channels {where}; "
+                               "the node feeds one (the CT)")
+
+
+class EmbeddedBackend:
+    """ONNX Runtime sessions in this process, one per model, created on first use."""
+
+    def __init__(self, repository: ModelRepository, settings: BackendSettings) -> None:
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.repository = repository
+        self.settings = settings
+        available = ort.get_available_providers()
+        if settings.providers:
+            missing = [p for p in settings.providers if p not in available]
+            if missing:
+                raise BackendError(f"ONNX Runtime has no {', '.join(missing)} here (it has {', '.join(available)})")
+            self.providers = list(settings.providers)
+        elif "CUDAExecutionProvider" in available:
+            self.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            self.providers = ["CPUExecutionProvider"]
+        self._sessions: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def _session(self, entry: ModelEntry):
+        with self._lock:
+            if entry.name not in self._sessions:
+                if not entry.version_path.name.endswith(".onnx"):
+                    raise BackendError(f"model {entry.name!r} is {entry.platform}: only the triton backend serves "
+                                       "that platform; the embedded backend runs ONNX models")
+                if not entry.version_path.is_file():
+                    raise BackendError(f"model {entry.name!r}: {entry.version_path} is missing "
+                                       "(import the weights with `dicom-node models import`)")
+                options = self._ort.SessionOptions()
+                options.intra_op_num_threads = self.settings.cpu_threads
+                try:
+                    self._sessions[entry.name] = self._ort.InferenceSession(
+                        str(entry.version_path), sess_options=options, providers=self.providers)
+                except Exception as error:  # ONNX Runtime raises its own exception types
+                    raise BackendError(f"model {entry.name!r}: ONNX Runtime cannot load "
+                                       f"{entry.version_path}: {error}") from None
+            return self._sessions[entry.name]
+
+    def check(self, entry: ModelEntry) -> None:
+        session = self._session(entry)
+
+        def signature(args) -> list[TensorSignature]:
+            return [TensorSignature(a.name, ONNX_DATATYPES.get(a.type, a.type),
+                                    tuple(d if isinstance(d, int) else -1 for d in a.shape)) for a in args]
+
+        compare_signature(entry, signature(session.get_inputs()), signature(session.get_outputs()),
+                          f"in {entry.version_path.name}")
+
+    def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self._sessions.get(model) or self._session(_entry(self.repository, model))
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, inputs)))
+
+    def close(self) -> None:
+        with self._lock:
+            self._sessions.clear()
+
+
+class TritonBackend:
+    """tritonclient against a KServe v2 server (Triton, KServe, MLServer) over gRPC or HTTP.
+
+    One client per thread (tritonclient's HTTP client is not thread-safe);
+    transient failures (server unavailable, connection refused or reset) are
+    retried `retries` times with exponential backoff, anything else fails at once.
+    """
+
+    def __init__(self, repository: ModelRepository, settings: BackendSettings) -> None:
+        if settings.protocol == "grpc":
+            import tritonclient.grpc as client_module
+        else:
+            import tritonclient.http as client_module
+        from tritonclient.utils import InferenceServerException
+
+        self._module = client_module
+        self._server_error = InferenceServerException
+        self.repository = repository
+        self.settings = settings
+        self.where = f"on triton at {settings.url}"
+        self._local = threading.local()
+        self._clients: list = []
+        self._lock = threading.Lock()
+        self._entries: dict[str, ModelEntry] = {}
+        live = self._call(lambda c: c.is_server_live(**self._timeout()), "server live")
+        ready = live and self._call(lambda c: c.is_server_ready(**self._timeout()), "server ready")
+        if not ready:
+            raise BackendError(f"triton at {settings.url} is {'not ready' if live else 'not live'}")
+
+    def _timeout(self) -> dict[str, float]:
+        """gRPC takes a per-call deadline; the HTTP client has its network timeout set once."""
+        return {"client_timeout": self.settings.timeout_s} if self.settings.protocol == "grpc" else {}
+
+    def _client(self):
+        client = getattr(self._local, "client", None)
+        if client is None:
+            if self.settings.protocol == "grpc":
+                client = self._module.InferenceServerClient(self.settings.url)
+            else:
+                client = self._module.InferenceServerClient(
+                    self.settings.url, connection_timeout=self.settings.timeout_s,
+                    network_timeout=self.settings.timeout_s)
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def _transient(self, error: Exception) -> bool:
+        if isinstance(error, self._server_error):
+            status = str(error.status() or "")
+            return status in ("StatusCode.UNAVAILABLE", "503") or "connection" in str(error).lower()
+        return isinstance(error, OSError)
+
+    def _call(self, request: Callable[[object], T], what: str) -> T:
+        """One request with bounded retry on transient errors; BackendError after the last attempt."""
+        for attempt in range(self.settings.retries + 1):
+            try:
+                return request(self._client())
+            except Exception as error:  # tritonclient raises its own and the transport's exceptions
+                if not self._transient(error):
+                    raise BackendError(f"{what} failed {self.where}: {_message(error)}") from None
+                if attempt == self.settings.retries:
+                    raise BackendError(f"triton at {self.settings.url} is unreachable ({what}, "
+                                       f"{attempt + 1} attempts): {_message(error)}") from None
+                self._discard_client()
+                time.sleep(min(0.5 * 2 ** attempt, 10.0))
+        raise AssertionError("unreachable")
+
+    def _discard_client(self) -> None:
+        client = getattr(self._local, "client", None)
+        if client is not None:
+            self._local.client = None
+            with self._lock:
+                self._clients.remove(client)
+            client.close()
+
+    def check(self, entry: ModelEntry) -> None:
+        if not self._call(lambda c: c.is_model_ready(entry.name, **self._timeout()), "model ready"):
+            raise BackendError(f"model {entry.name!r} is not ready {self.where}")
+        if self.settings.protocol == "grpc":
+            metadata = self._call(lambda c: c.get_model_metadata(entry.name, as_json=True, **self._timeout()),
+                                  "model metadata")
+        else:
+            metadata = self._call(lambda c: c.get_model_metadata(entry.name), "model metadata")
+
+        def signature(key: str) -> list[TensorSignature]:
+            # gRPC's JSON form writes int64 dims as strings; `versions` may be [] or absent.
+            return [TensorSignature(t["name"], t["datatype"],
+                                    tuple(int(d) for d in t["shape"]) if t.get("shape") is not None else None)
+                    for t in metadata.get(key) or []]
+
+        compare_signature(entry, signature("inputs"), signature("outputs"), self.where)
+        with self._lock:
+            self._entries[entry.name] = entry
+
+    def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            entry = self._entries.get(model)
+        if entry is None:
+            entry = _entry(self.repository, model)
+            self.check(entry)
+        module = self._module
+        http = self.settings.protocol == "http"
+
+        def request(client):
+            tensors = []
+            for name, array in inputs.items():
+                array = np.ascontiguousarray(array, dtype=np.float32)
+                tensor = module.InferInput(name, list(array.shape), "FP32")
+                tensor.set_data_from_numpy(array, **({"binary_data": True} if http else {}))
+                tensors.append(tensor)
+            outputs = [module.InferRequestedOutput(entry.pipeline.output.name, **({"binary_data": True} if http else {}))]
+            result = client.infer(model, tensors, outputs=outputs, **self._timeout())
+            return {entry.pipeline.output.name: result.as_numpy(entry.pipeline.output.name)}
+
+        return self._call(request, f"inference of model {model!r}")
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
+
+
+def _entry(repository: ModelRepository, model: str) -> ModelEntry:
+    try:
+        return repository.get(model)
+    except RepositoryError as error:
+        raise BackendError(str(error)) from None
+
+
+def _message(error: Exception) -> str:
+    text = error.message() if hasattr(error, "message") and callable(error.message) else str(error)
+    return text or error.__class__.__name__

@@ -1,0 +1,168 @@
+"""Model repository reading: Triton's config.pbtxt, our pipeline.yaml, located errors, embedded checks."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+
+import numpy as np
+import pytest
+
+from inference.backends import BackendError, BackendSettings, open_backend
+from inference.repository import ModelRepository, RepositoryError, parse_config_pbtxt
+from tests.peers import REPO, SHARED_MODELS
+
+SPLEEN_ONNX = SHARED_MODELS / "spleen_ct_demo" / "1" / "model.onnx"
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A repository holding the committed spleen_ct entry plus the shared demo weights."""
+    entry = tmp_path / "spleen_ct"
+    shutil.copytree(REPO / "models" / "spleen_ct", entry)
+    (entry / "1").mkdir()
+    shutil.copyfile(SPLEEN_ONNX, entry / "1" / "model.onnx")
+    return tmp_path
+
+
+def edit(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+def line_of(path, fragment):
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if fragment in line)
+
+
+def test_spleen_entry_is_the_monai_recipe(repo):
+    entry = ModelRepository(repo).get("spleen_ct")
+    assert entry.platform == "onnxruntime_onnx" and entry.version == 1
+    assert entry.version_path == repo / "spleen_ct" / "1" / "model.onnx"
+    assert [(t.name, t.data_type, t.dims) for t in entry.config.inputs] == [("INPUT__0", "TYPE_FP32", (-1, 1, -1, -1, -1))]
+    assert [(t.name, t.dims) for t in entry.config.outputs] == [("OUTPUT__0", (-1, 2, -1, -1, -1))]
+    spec = entry.pipeline
+    assert spec.task == "segmentation" and spec.input_layout == spec.output_layout == "NCXYZ"
+    assert spec.preprocessing.orientation == "RAS" and spec.preprocessing.spacing == (1.5, 1.5, 2.0)
+    assert spec.preprocessing.window == (-57.0, 164.0) and spec.preprocessing.scale == (0.0, 1.0)
+    assert spec.sliding_window.roi_size == (96, 96, 96) and spec.sliding_window.overlap == 0.25
+    assert spec.postprocessing.discretize == "argmax" and spec.postprocessing.largest_component is True
+    (label,) = spec.segment_labels()
+    assert (label.value, label.type.value, label.type.scheme, label.category.value) == (1, "78961009", "SCT", "123037004")
+    assert list(ModelRepository(repo).models) == ["spleen_ct"]
+
+
+def test_errors_name_file_line_and_key(repo):
+    pipeline = repo / "spleen_ct" / "pipeline.yaml"
+    edit(pipeline, "overlap: 0.25", "overlap: 1.5")
+    edit(pipeline, "blending: gaussian", "blending: gaussian\n  stride: 4")
+    edit(pipeline, "orientation: RAS", "orientation: RRS")
+    with pytest.raises(RepositoryError) as caught:
+        ModelRepository(repo).get("spleen_ct")
+    problems = str(caught.value).splitlines()
+    assert f"{pipeline}:{line_of(pipeline, 'overlap:')} sliding_window.overlap: Input should be less than 1" in problems
+    assert f"{pipeline}:{line_of(pipeline, 'stride:')} sliding_window.stride: unknown key" in problems
+    assert any(p.startswith(f"{pipeline}:{line_of(pipeline, 'orientation:')} preprocessing.orientation: ") and "R/L" in p
+               for p in problems)
+
+
+def test_missing_key_and_task_sections(repo):
+    pipeline = repo / "spleen_ct" / "pipeline.yaml"
+    edit(pipeline, "  roi_size: [96, 96, 96]", "")
+    with pytest.raises(RepositoryError, match=r"pipeline.yaml:\d+ sliding_window: required key sliding_window.roi_size missing"):
+        ModelRepository(repo).get("spleen_ct")
+    pipeline.write_text("task: classification\ninput: {name: INPUT__0}\noutput: {name: OUTPUT__0}\n")
+    with pytest.raises(RepositoryError, match="needs a classification section"):
+        ModelRepository(repo).get("spleen_ct")
+
+
+def test_pipeline_tensor_names_must_be_the_configs(repo):
+    pipeline = repo / "spleen_ct" / "pipeline.yaml"
+    edit(pipeline, "name: INPUT__0", "name: INPUT__1")
+    with pytest.raises(RepositoryError) as caught:
+        ModelRepository(repo).get("spleen_ct")
+    assert str(caught.value) == (f"{pipeline}:{line_of(pipeline, 'INPUT__1')} input.name: "
+                                 "'INPUT__1' is not an input of config.pbtxt (it has INPUT__0)")
+
+
+def test_classifier_entry(repo):
+    entry = repo / "covid19_ct"
+    entry.mkdir()
+    (entry / "config.pbtxt").write_text('name: "covid19_ct"\nbackend: "onnxruntime"\nmax_batch_size: 4\n')
+    (entry / "pipeline.yaml").write_text(textwrap.dedent("""\
+        task: classification
+        input: {name: volume, layout: NZYXC}
+        output: {name: probabilities}
+        classification:
+          classes:
+            - {name: non-COVID}
+            - name: COVID-19
+              code: {value: "840539006", scheme: SCT, meaning: Disease caused by SARS-CoV-2}
+          crop_margin_mm: 5
+          input_size: [192, 192, 64]
+          window: [-1000, 500]
+          mask_labels: [1, 2]
+        """))
+    model = ModelRepository(repo).get("covid19_ct")
+    assert model.version is None and model.version_path == entry / "1" / "model.onnx"
+    spec = model.pipeline
+    assert spec.input_layout == "NZYXC" and spec.output_layout == "NC"
+    classes = spec.classification.labels()
+    assert [c.name for c in classes] == ["non-COVID", "COVID-19"] and classes[1].code.value == "840539006"
+    assert spec.classification.input_size == (192, 192, 64) and spec.classification.mask_labels == (1, 2)
+    assert model.algorithm.name == "covid19_ct"
+
+
+def test_config_pbtxt_reader(tmp_path):
+    path = tmp_path / "config.pbtxt"
+    path.write_text(textwrap.dedent("""\
+        # comment
+        name: "seg"  platform: "tensorrt_plan"
+        max_batch_size: 8
+        input { name: "x" data_type: TYPE_FP16 format: FORMAT_NONE dims: [ 1, 96, 96, 96 ] }
+        input { name: "y" dims: 3 dims: 4 }
+        output [ { name: "z", data_type: TYPE_FP32, dims: [2, -1] } ]
+        instance_group [ { count: 2 kind: KIND_GPU } ]
+        dynamic_batching { max_queue_delay_microseconds: 100 }
+        """))
+    config = parse_config_pbtxt(path)
+    assert (config.name, config.platform, config.max_batch_size) == ("seg", "tensorrt_plan", 8)
+    assert [(t.name, t.data_type, t.dims) for t in config.inputs] == [("x", "TYPE_FP16", (1, 96, 96, 96)),
+                                                                      ("y", "TYPE_FP32", (3, 4))]
+    assert [(t.name, t.dims) for t in config.outputs] == [("z", (2, -1))]
+    path.write_text('name: "seg" input [ { name: "x" ')
+    with pytest.raises(RepositoryError, match="cannot read the text protobuf"):
+        parse_config_pbtxt(path)
+
+
+def test_repository_level_errors(repo, tmp_path):
+    with pytest.raises(RepositoryError, match="model 'liver' is not in the model repository"):
+        ModelRepository(repo).get("liver")
+    with pytest.raises(RepositoryError, match="is not a folder"):
+        ModelRepository(tmp_path / "nowhere").models
+    edit(repo / "spleen_ct" / "config.pbtxt", 'name: "spleen_ct"', 'name: "spleen"')
+    with pytest.raises(RepositoryError, match="differs from its folder 'spleen_ct'"):
+        ModelRepository(repo).get("spleen_ct")
+
+
+def test_embedded_backend_checks_and_runs(repo):
+    repository = ModelRepository(repo)
+    backend = open_backend(BackendSettings(kind="embedded", cpu_threads=1), repository)
+    try:
+        backend.check(repository.get("spleen_ct"))
+        x = np.zeros((2, 1, 32, 32, 32), np.float32)
+        (out,) = backend.infer("spleen_ct", {"INPUT__0": x}).values()
+        assert out.shape == (2, 2, 32, 32, 32) and out.dtype == np.float32
+        # A pipeline.yaml naming an output the model lacks (config.pbtxt silent about tensors).
+        edit(repo / "spleen_ct" / "config.pbtxt", "output [", "xoutput [")
+        edit(repo / "spleen_ct" / "pipeline.yaml", "name: OUTPUT__0", "name: LOGITS")
+        with pytest.raises(BackendError, match=r"model 'spleen_ct' has no output 'LOGITS' in model.onnx \(it has OUTPUT__0\)"):
+            backend.check(repository.get("spleen_ct"))
+    finally:
+        backend.close()
+    (repo / "spleen_ct" / "1" / "model.onnx").unlink()
+    fresh = open_backend(BackendSettings(kind="embedded"), repository)
+    with pytest.raises(BackendError, match="model.onnx is missing"):
+        fresh.check(repository.get("spleen_ct"))
+    with pytest.raises(BackendError, match="has no NoSuchProvider"):
+        open_backend(BackendSettings(kind="embedded", providers=["NoSuchProvider"]), repository)
