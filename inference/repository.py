@@ -152,6 +152,7 @@ class Classification:
     window: tuple[float, float]
     crop_margin_mm: Annotated[float, Field(ge=0)] = 10.0
     mask_labels: tuple[Annotated[int, Field(ge=1, le=255)], ...] | None = None
+    activation: Literal["softmax", "none"] = "softmax"  # none: the model already outputs probabilities
 
     def labels(self) -> tuple[ClassLabel, ...]:
         return tuple(ClassLabel(c.name, c.code.code() if c.code else None) for c in self.classes)

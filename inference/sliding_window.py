@@ -1,0 +1,72 @@
+"""Sliding-window inference: one routine for every segmentation model.
+
+The volume is tiled by ROI-sized patches that overlap by the configured
+fraction (MONAI's `sliding_window_inference` scheme: interval
+`int(roi * (1 - overlap))`, the last patch flush with the far edge), patches
+go to the model `batch_size` at a time, and overlapping predictions are
+blended with a Gaussian importance map (centre voxels of a patch are trusted
+more than its borders) or uniformly. A volume smaller than the ROI is padded
+symmetrically with zeros first and cropped back afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from inference.repository import SlidingWindow
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+def patch_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Start indices along one axis of a (padded) size >= roi."""
+    if size <= roi:
+        return [0]
+    interval = max(int(roi * (1 - overlap)), 1)
+    count = math.ceil((size - roi) / interval) + 1
+    return sorted({min(n * interval, size - roi) for n in range(count)})
+
+
+def importance_map(roi: tuple[int, int, int], window: SlidingWindow) -> np.ndarray:
+    """Per-voxel weight of a patch's prediction: separable Gaussian (sigma = sigma_scale * roi) or ones."""
+    if window.blending == "constant":
+        return np.ones(roi, dtype=np.float32)
+    axes = []
+    for n in roi:
+        x = np.arange(n, dtype=np.float64) - (n - 1) / 2
+        axes.append(np.exp(-0.5 * (x / (window.sigma_scale * n)) ** 2))
+    weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    weights /= weights.max()
+    return np.maximum(weights, 1e-3).astype(np.float32)  # borders keep a little weight: no division by ~0
+
+
+def sliding_window_inference(image: np.ndarray, window: SlidingWindow, predict: Predict) -> np.ndarray:
+    """Blend `predict` over ROI patches of `image` [x, y, z]; returns [channel, x, y, z] float32.
+
+    `predict` takes a batch [n, 1, *roi] (NCXYZ) and returns [n, channels, *roi].
+    """
+    roi = tuple(int(r) for r in window.roi_size)
+    pads = [(max(r - n, 0) // 2, max(r - n, 0) - max(r - n, 0) // 2) for n, r in zip(image.shape, roi)]
+    padded = np.pad(image, pads) if any(any(p) for p in pads) else image
+    weights = importance_map(roi, window)
+    corners = list(itertools.product(*(patch_starts(n, r, window.overlap) for n, r in zip(padded.shape, roi))))
+    blended: np.ndarray | None = None
+    total = np.zeros(padded.shape, dtype=np.float32)
+    for first in range(0, len(corners), window.batch_size):
+        batch = corners[first:first + window.batch_size]
+        boxes = [tuple(slice(c, c + r) for c, r in zip(corner, roi)) for corner in batch]
+        predictions = predict(np.stack([padded[box] for box in boxes])[:, None])
+        if predictions.shape[0] != len(boxes) or predictions.shape[2:] != roi:
+            raise ValueError(f"the model returned shape {list(predictions.shape)} for {len(boxes)} patches of {list(roi)}")
+        if blended is None:
+            blended = np.zeros((predictions.shape[1], *padded.shape), dtype=np.float32)
+        for box, prediction in zip(boxes, predictions):
+            blended[(slice(None), *box)] += prediction * weights
+            total[box] += weights
+    blended /= total
+    crop = tuple(slice(before, before + n) for (before, _), n in zip(pads, image.shape))
+    return blended[(slice(None), *crop)]
