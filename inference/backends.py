@@ -244,7 +244,15 @@ class TritonBackend:
             client.close()
 
     def check(self, entry: ModelEntry) -> None:
-        if not self._call(lambda c: c.is_model_ready(entry.name, **self._timeout()), "model ready"):
+        def ready(client) -> bool:
+            try:
+                return client.is_model_ready(entry.name, **self._timeout())
+            except self._server_error as error:
+                if str(error.status()) in ("StatusCode.NOT_FOUND", "404"):
+                    return False  # gRPC answers an unknown model with NOT_FOUND, HTTP with a 404 status
+                raise
+
+        if not self._call(ready, "model ready"):
             raise BackendError(f"model {entry.name!r} is not ready {self.where}")
         if self.settings.protocol == "grpc":
             metadata = self._call(lambda c: c.get_model_metadata(entry.name, as_json=True, **self._timeout()),
