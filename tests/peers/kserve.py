@@ -13,6 +13,7 @@ import fcntl
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -29,7 +30,7 @@ def kserve_python() -> Path:
     """The KServe venv's interpreter, building the venv on first use (a file lock serialises builders)."""
     python = VENV / "bin" / "python"
     probe = [str(python), "-c", "import kserve, onnxruntime"]
-    with open(REPO / ".venv-kserve.lock", "w") as lock:
+    with open(Path(tempfile.gettempdir()) / "dicom-node-venv-kserve.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
             return python
