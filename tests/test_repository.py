@@ -166,3 +166,73 @@ def test_embedded_backend_checks_and_runs(repo):
         fresh.check(repository.get("spleen_ct"))
     with pytest.raises(BackendError, match="has no NoSuchProvider"):
         open_backend(BackendSettings(kind="embedded", providers=["NoSuchProvider"]), repository)
+
+
+def test_classifier_task_feeds_the_recipe(repo):
+    """pipeline.yaml's classification section drives crop, resize, window, layout and softmax."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from inference import tasks
+    from inference.classify import classifier_input, crop_to_mask
+    from inference.results import Algorithm, LabelMap
+    from inference.volume import Volume
+
+    entry = repo / "toy_classifier"
+    (entry / "1").mkdir(parents=True)
+    # logits = [mean(volume), max(volume)] over a channels-last Z, Y, X input of 8 x 12 x 16.
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["volume"], ["flat"], axis=1),
+         helper.make_node("ReduceMean", ["flat"], ["mean"], keepdims=1, axes=[1]),
+         helper.make_node("ReduceMax", ["flat"], ["max"], keepdims=1, axes=[1]),
+         helper.make_node("Concat", ["mean", "max"], ["scores"], axis=1)],
+        "toy", [helper.make_tensor_value_info("volume", TensorProto.FLOAT, [1, 8, 12, 16, 1])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 2])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(entry / "1" / "model.onnx"))
+    (entry / "config.pbtxt").write_text('name: "toy_classifier"\nplatform: "onnxruntime_onnx"\n')
+    (entry / "pipeline.yaml").write_text(textwrap.dedent("""\
+        task: classification
+        input: {name: volume, layout: NZYXC}
+        output: {name: scores}
+        classification:
+          classes: [{name: low}, {name: high}]
+          crop_margin_mm: 4
+          input_size: [16, 12, 8]
+          window: [-100, 300]
+          mask_labels: [2]
+        """))
+    rng = np.random.default_rng(3)
+    array = rng.integers(-200, 400, size=(30, 40, 50)).astype(np.int16)
+    labels = np.zeros(array.shape, np.uint8)
+    labels[5:10, 10:20, 30:45] = 2
+    labels[15:25, 5:30, 5:20] = 1
+    volume = Volume(array, (0.8, 0.8, 2.0), (0.0, 0.0, 0.0), np.eye(3))
+    mask = LabelMap(volume.with_array(labels), (), Algorithm("lungs", "1"))
+    repository = ModelRepository(repo)
+    model = repository.get("toy_classifier")
+    seen = []
+
+    class Recording:
+        """The real embedded backend, keeping a copy of what the task sends."""
+
+        def __init__(self, backend):
+            self.backend = backend
+
+        def infer(self, name, inputs):
+            seen.append({k: v.copy() for k, v in inputs.items()})
+            return self.backend.infer(name, inputs)
+
+    backend = open_backend(BackendSettings(kind="embedded"), repository)
+    backend.check(model)
+    result = tasks.classify(volume, mask, model, Recording(backend))
+    crop = crop_to_mask(volume, mask, [2], 4.0)
+    assert crop.shape == (5 + 2 * 2, 10 + 2 * 5, 15 + 2 * 5)  # margin 4 mm: 2 slices, 5 pixels
+    expected_input = classifier_input(crop, (16, 12, 8), (-100, 300), "NZYXC")
+    (sent,) = seen
+    assert sent["volume"].shape == (1, 8, 12, 16, 1)
+    np.testing.assert_array_equal(sent["volume"], expected_input)
+    logits = np.array([expected_input.mean(), expected_input.max()], np.float64)
+    expected = np.exp(logits) / np.exp(logits).sum()
+    assert [c.name for c in result.classes] == ["low", "high"]
+    np.testing.assert_allclose(result.probabilities, expected, rtol=1e-5)
+    assert result.winner.name == "high" and result.algorithm.name == "toy_classifier"
