@@ -34,19 +34,20 @@ class ModelSpace:
 
 
 def to_model_space(volume: Volume, preprocessing: Preprocessing) -> ModelSpace:
-    image = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
+    # Reoriented in the source's own pixel type (int16 for CT: half the memory of float32).
     # DICOMOrient's codes name where each axis points to, as MONAI's axcodes do ("RAS": X to the right).
-    image = sitk.DICOMOrient(image, preprocessing.orientation)
+    image = sitk.DICOMOrient(volume.to_sitk(), preprocessing.orientation)
     if preprocessing.spacing is not None:
-        image = resample(image, preprocessing.spacing, sitk.sitkLinear)
+        image = resample(image, preprocessing.spacing, sitk.sitkLinear, sitk.sitkFloat32)
     array = sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)  # [z, y, x] -> [x, y, z]
     array = scale_intensity(array, preprocessing)
     grid = sitk.Image(image.GetSize(), sitk.sitkUInt8)
     grid.CopyInformation(image)
-    return ModelSpace(np.ascontiguousarray(array, dtype=np.float32), grid)
+    return ModelSpace(array, grid)
 
 
-def resample(image: sitk.Image, spacing: tuple[float, float, float], interpolator: int) -> sitk.Image:
+def resample(image: sitk.Image, spacing: tuple[float, float, float], interpolator: int,
+             pixel_type: int = sitk.sitkUnknown) -> sitk.Image:
     """The same field of view at `spacing`: first voxel centre and direction kept, size rounded.
 
     Edge voxels that fall just outside the source take the nearest source
@@ -57,27 +58,27 @@ def resample(image: sitk.Image, spacing: tuple[float, float, float], interpolato
     size = [max(int(round(n)), 1) for n in old_size * old_spacing / np.asarray(spacing, dtype=np.float64)]
     return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(),
                          tuple(float(s) for s in spacing), image.GetDirection(), 0.0,
-                         image.GetPixelID(), True)
+                         pixel_type if pixel_type != sitk.sitkUnknown else image.GetPixelID(), True)
 
 
 def scale_intensity(array: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
     """Clip to the window [lo, hi] and map it linearly onto `scale` (MONAI ScaleIntensityRange, clip=True)."""
     if preprocessing.window is None:
-        return array.astype(np.float32)
+        return array.astype(np.float32)  # a copy: the caller's array may be a view of an image buffer
     lo, hi = preprocessing.window
     b_min, b_max = preprocessing.scale
     factor = np.float32((b_max - b_min) / (hi - lo))
-    out = np.clip(array, lo, hi).astype(np.float32)
+    out = np.clip(array, lo, hi).astype(np.float32, copy=False)
     out -= np.float32(lo)
     out *= factor
     out += np.float32(b_min)
     return out
 
 
-def to_source_grid(labels: np.ndarray, space: ModelSpace, volume: Volume) -> np.ndarray:
-    """Labels indexed [x, y, z] on the model's grid, resampled by nearest neighbour to the volume's [k, j, i]."""
+def to_source_grid(labels: np.ndarray, grid: sitk.Image, volume: Volume) -> np.ndarray:
+    """Labels indexed [x, y, z] on the model's `grid`, resampled by nearest neighbour to the volume's [k, j, i]."""
     image = sitk.GetImageFromArray(np.ascontiguousarray(labels.transpose(2, 1, 0), dtype=np.uint8))
-    image.CopyInformation(space.grid)
+    image.CopyInformation(grid)
     reference = sitk.Image([int(n) for n in volume.shape[::-1]], sitk.sitkUInt8)
     reference.SetSpacing(tuple(float(s) for s in volume.spacing))
     reference.SetOrigin(tuple(float(o) for o in volume.origin))

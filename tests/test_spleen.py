@@ -189,9 +189,28 @@ def test_model_space_round_trip_on_a_flipped_anisotropic_grid(tmp_path):
     assert space.grid.GetSpacing() == (1.5, 1.5, 2.0)
     assert space.array.min() == 0.0 and space.array.max() == 1.0
     labels = (space.array > 0.5).astype(np.uint8)
-    back = to_source_grid(labels, space, volume)
+    back = to_source_grid(labels, space.grid, volume)
     assert back.shape == array.shape
     assert dice(back > 0, array > 0) > 0.9
     # The corner voxel of the cube nearest the origin is where the source put it, in patient space.
     found = np.argwhere(back)
     assert abs(found[:, 0].min() - 10) <= 1 and abs(found[:, 2].min() - 20) <= 1
+
+
+def test_postprocessing_keeps_largest_component_and_fills_holes_per_label():
+    from inference.repository import Postprocessing
+
+    labels = np.zeros((20, 30, 40), np.uint8)
+    labels[5:15, 5:20, 5:20] = 1
+    labels[9:11, 11:13, 11:13] = 0  # enclosed hole in label 1
+    labels[16:18, 25:28, 30:33] = 1  # a second, smaller label-1 island
+    labels[0:6, 22:30, 30:40] = 2  # label 2 touches the volume's faces...
+    labels[2:4, 25:27, 34:36] = 0  # ...and has its own enclosed hole
+    labels[18:20, 0:2, 0:2] = 2  # small label-2 island
+    out = tasks.postprocess(labels.copy(), Postprocessing(largest_component=True, fill_holes=(1,)), [1, 2])
+    assert (out[9:11, 11:13, 11:13] == 1).all()  # hole filled
+    assert (out[16:18, 25:28, 30:33] == 0).all() and (out[18:20, 0:2, 0:2] == 0).all()  # islands gone
+    assert (out[2:4, 25:27, 34:36] == 0).all()  # label 2 is not in fill_holes
+    assert (out == 1).sum() == 10 * 15 * 15 and (out == 2).sum() == 6 * 8 * 10 - 8
+    untouched = tasks.postprocess(labels.copy(), Postprocessing(), [1, 2])
+    np.testing.assert_array_equal(untouched, labels)

@@ -1,0 +1,234 @@
+"""Spleen segmentation: our embedded path vs the same through KServe gRPC vs MONAI + PyTorch.
+
+    .venv/bin/python -m bench.inference [--threads 2] [--slices 300]
+
+(as a module from the repository root: run as a file, this script's name would hide the
+`inference` package.)
+
+Inputs: the real 20-slice J2K series (../shared/data/ct) and a 512x512x300
+series made from it (its slices repeated back and forth, 2 mm apart). Each
+contender runs in its own fresh process so peak RSS is its own:
+
+- embedded: `inference.tasks.segment` with ONNX Runtime on CPU (this project);
+- kserve-grpc: the same task through the triton backend to KServe's model
+  server (tests/kserve_server.py, own venv), client and server RSS both shown;
+- monai: what a user would write instead, in `.venv-bench` (torch==2.13.0,
+  monai): MONAI Orientation/Spacing/ScaleIntensityRange, `sliding_window_inference`
+  with the TorchScript model, softmax, inverse transforms, argmax,
+  KeepLargestConnectedComponent (the spleen_ct_segmentation bundle's steps).
+
+Wall time covers model-space transforms, inference and mapping back (not
+reading DICOM, not loading the model). Dice is given against TotalSegmentator
+(real series) and between contenders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SERIES = SHARED / "data" / "ct" / "abdomen_siemens_20slices_j2k"
+TOTALSEGMENTATOR = SHARED / "data" / "ct" / "abdomen_siemens_20slices_spleen_ref_lpsgrid.nii.gz"
+ONNX_MODEL = SHARED / "models" / "spleen_ct_demo" / "1" / "model.onnx"
+TORCHSCRIPT_MODEL = SHARED / "models" / "spleen_ct_demo" / "model.torchscript.pt"
+BENCH_VENV = REPO / ".venv-bench"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_input(folder: Path):
+    geometry = json.loads((folder / "geometry.json").read_text())
+    return np.load(folder / "volume.npy"), geometry
+
+
+def write_input(folder: Path, array: np.ndarray, spacing, origin, direction) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "volume.npy", array)
+    (folder / "geometry.json").write_text(json.dumps(
+        {"spacing": list(spacing), "origin": list(origin), "direction": np.asarray(direction).tolist()}))
+
+
+# --- contenders (each runs in a child process) -------------------------------------------------
+
+
+def run_ours(folder: Path, repository: Path, threads: int, url: str | None) -> dict:
+    from inference import tasks
+    from inference.backends import BackendSettings, open_backend
+    from inference.repository import ModelRepository
+    from inference.volume import Volume
+
+    array, geometry = load_input(folder)
+    volume = Volume(array, tuple(geometry["spacing"]), tuple(geometry["origin"]), np.array(geometry["direction"]))
+    repo = ModelRepository(repository)
+    settings = (BackendSettings(kind="embedded", cpu_threads=threads) if url is None
+                else BackendSettings(kind="triton", url=url, protocol="grpc", timeout_s=600))
+    backend = open_backend(settings, repo)
+    entry = repo.get("spleen_ct")
+    backend.check(entry)  # loads the model: not timed
+    start = time.perf_counter()
+    mask = tasks.segment(volume, entry, backend).volume.array
+    seconds = time.perf_counter() - start
+    backend.close()
+    return {"seconds": seconds, "mask": mask}
+
+
+def run_monai(folder: Path, threads: int) -> dict:
+    import torch
+    from monai.data import MetaTensor
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import (AsDiscrete, Compose, KeepLargestConnectedComponent, Orientation,
+                                  ScaleIntensityRange, Spacing)
+
+    torch.set_num_threads(threads)
+    array, geometry = load_input(folder)
+    # LPS affine of the [i, j, k] array, turned into NIfTI's RAS world, as MONAI's loaders would give it.
+    affine = np.eye(4)
+    affine[:3, :3] = np.array(geometry["direction"]) * np.array(geometry["spacing"])
+    affine[:3, 3] = geometry["origin"]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    model = torch.jit.load(str(TORCHSCRIPT_MODEL), map_location="cpu").eval()
+    start = time.perf_counter()
+    image = MetaTensor(torch.from_numpy(array.transpose(2, 1, 0).astype(np.float32))[None], affine=torch.tensor(affine))
+    preprocess = Compose([Orientation(axcodes="RAS"), Spacing(pixdim=(1.5, 1.5, 2.0), mode="bilinear"),
+                          ScaleIntensityRange(a_min=-57, a_max=164, b_min=0.0, b_max=1.0, clip=True)])
+    x = preprocess(image)
+    with torch.inference_mode():
+        logits = sliding_window_inference(x[None], (96, 96, 96), 4, model, overlap=0.25, mode="gaussian")
+    probabilities = torch.softmax(logits[0], dim=0)
+    probabilities = MetaTensor(probabilities, affine=x.affine, applied_operations=x.applied_operations)
+    back = preprocess.inverse(probabilities)  # bilinear back to the source grid, as the bundle's Invertd
+    label = KeepLargestConnectedComponent(applied_labels=[1])(AsDiscrete(argmax=True)(back))
+    mask = np.asarray(label[0]).astype(np.uint8).transpose(2, 1, 0)
+    return {"seconds": time.perf_counter() - start, "mask": mask}
+
+
+def child(args: argparse.Namespace) -> None:
+    if args.child == "monai":
+        result = run_monai(args.input, args.threads)
+    else:
+        result = run_ours(args.input, args.repository, args.threads, args.url)
+    np.save(args.out / f"{args.name}_mask.npy", result.pop("mask"))
+    result["peak_rss_mb"] = peak_rss_mb()
+    (args.out / f"{args.name}.json").write_text(json.dumps(result))
+
+
+# --- orchestration ------------------------------------------------------------------------------
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    total = a.sum() + b.sum()
+    return float(2 * np.logical_and(a, b).sum() / total) if total else 1.0
+
+
+def prepare(work: Path, slices: int) -> dict[str, Path]:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(SERIES)))
+    image = reader.Execute()
+    array = sitk.GetArrayFromImage(image)
+    geometry = (image.GetSpacing(), image.GetOrigin(), np.array(image.GetDirection()).reshape(3, 3))
+    real = work / "real"
+    write_input(real, array, *geometry)
+    # A long series from the real one: its slices back and forth (0..19, 19..0, ...), same geometry.
+    period = 2 * len(array)
+    order = [n % period if n % period < len(array) else period - 1 - n % period for n in range(slices)]
+    big = work / f"big{slices}"
+    write_input(big, np.ascontiguousarray(array[order]), *geometry)
+    repository = work / "models"
+    (repository / "spleen_ct" / "1").mkdir(parents=True)
+    for name in ("config.pbtxt", "pipeline.yaml"):
+        shutil.copyfile(REPO / "models" / "spleen_ct" / name, repository / "spleen_ct" / name)
+    shutil.copyfile(ONNX_MODEL, repository / "spleen_ct" / "1" / "model.onnx")
+    return {"real 512x512x20": real, f"made 512x512x{slices}": big, "repository": repository}
+
+
+def run_child(python: Path, name: str, kind: str, folder: Path, work: Path, threads: int, url: str | None = None) -> dict:
+    command = [str(python), "-m", "bench.inference", "--child", kind, "--name", name, "--input", str(folder),
+               "--out", str(work), "--repository", str(work / "models"), "--threads", str(threads)]
+    if url:
+        command += ["--url", url]
+    subprocess.run(command, check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    result = json.loads((work / f"{name}.json").read_text())
+    result["mask"] = np.load(work / f"{name}_mask.npy")
+    return result
+
+
+def server_peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for every contender")
+    parser.add_argument("--slices", type=int, default=300, help="slices of the made-up long series")
+    parser.add_argument("--child", choices=["embedded", "kserve", "monai"], help=argparse.SUPPRESS)
+    parser.add_argument("--name", help=argparse.SUPPRESS)
+    parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--repository", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    sys.path.insert(0, str(REPO))
+    import SimpleITK as sitk
+
+    from tests.peers.kserve import KServeServer
+
+    bench_python = BENCH_VENV / "bin" / "python"
+    if not bench_python.exists():
+        sys.exit(f"{bench_python} missing: python3 -m venv .venv-bench && .venv-bench/bin/pip install "
+                 "torch==2.13.0 monai nibabel scikit-image numpy")
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(TOTALSEGMENTATOR))) == 1
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
+        work = Path(tmp)
+        inputs = prepare(work, args.slices)
+        repository = inputs.pop("repository")
+        print(f"spleen_ct_demo, {args.threads} CPU threads each, ONNX Runtime vs PyTorch {args.threads} threads\n")
+        print(f"{'input':<18} {'contender':<12} {'wall s':>8} {'peak RSS MB':>12} {'vs monai':>9} "
+              f"{'Dice vs monai':>14} {'Dice vs TotalSeg':>17}")
+        with KServeServer(repository, work / "kserve.log") as server:
+            for label, folder in inputs.items():
+                results = {
+                    "embedded": run_child(Path(sys.executable), "embedded", "embedded", folder, work, args.threads),
+                    "kserve-grpc": run_child(Path(sys.executable), "kserve", "kserve", folder, work, args.threads,
+                                             server.grpc_url),
+                    "monai": run_child(bench_python, "monai", "monai", folder, work, args.threads),
+                }
+                server_rss = server_peak_rss_mb(server.pid)
+                monai = results["monai"]
+                for name, result in results.items():
+                    rss = f"{result['peak_rss_mb']:.0f}"
+                    if name == "kserve-grpc":
+                        rss += f" +{server_rss:.0f}"
+                    against_ref = (f"{dice(result['mask'], reference):.3f}"
+                                   if result["mask"].shape == reference.shape else "-")
+                    print(f"{label:<18} {name:<12} {result['seconds']:>8.2f} {rss:>12} "
+                          f"{result['seconds'] / monai['seconds']:>8.2f}x {dice(result['mask'], monai['mask']):>14.3f} "
+                          f"{against_ref:>17}", flush=True)
+        print("\nkserve-grpc RSS: client + server (server peak over the whole run).")
+
+
+if __name__ == "__main__":
+    main()
