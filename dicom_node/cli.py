@@ -83,7 +83,16 @@ def register_models(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=handler)
 
 
-REGISTRARS: tuple[Registrar, ...] = (register_serve, register_check_config, register_models)
+def register_jobs(subparsers: argparse._SubParsersAction) -> None:
+    from dicom_node import jobs
+
+    jobs.add_parser(subparsers)
+    parser = subparsers.choices["jobs"]
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file (default config.yaml)")
+    parser.set_defaults(handler=lambda args: jobs.run(args, config_from(args.config)))
+
+
+REGISTRARS: tuple[Registrar, ...] = (register_serve, register_check_config, register_models, register_jobs)
 
 
 def build_parser(registrars: Sequence[Registrar] = REGISTRARS) -> argparse.ArgumentParser:
