@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from inference import transforms
 from inference.results import Algorithm, Code, LabelMap, SegmentLabel
 from inference.volume import Volume
 
@@ -67,7 +68,7 @@ def segment_lungs_classical(volume: Volume, parameters: LungParameters = LungPar
         lungs = _lung_components(air, hu, volume, body, parameters)
         labels = _right_left(lungs, volume, body, parameters)
         for value in (RIGHT_LUNG.value, LEFT_LUNG.value):
-            box = _bounding_box(labels == value)
+            box = transforms.bounding_box(labels == value)
             if box is not None:
                 filled = fill_holes_slicewise(labels[box] == value)
                 labels[box][filled & (labels[box] == 0)] = value
@@ -112,16 +113,6 @@ def _slice_order(volume: Volume) -> np.ndarray:
     order = np.arange(volume.shape[0])
     return order[::-1] if np.asarray(volume.direction)[2, 2] > 0 else order
 
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """The smallest index box holding every voxel of the mask; None when empty."""
-    box = []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hits.size == 0:
-            return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
 
 
 def _centroid_lps(mask: np.ndarray, volume: Volume) -> np.ndarray:
@@ -202,7 +193,7 @@ def _lung_components(air: np.ndarray, hu: np.ndarray, volume: Volume, body: np.n
         if counts[value] * voxel_ml < p.min_lung_ml or len(lungs) == 2:
             break
         mask = labels == value
-        box = _bounding_box(mask)
+        box = transforms.bounding_box(mask)
         mean = float(hu[box][mask[box]].mean())
         if not p.parenchyma_hu[0] <= mean <= p.parenchyma_hu[1]:
             continue

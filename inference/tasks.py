@@ -76,7 +76,7 @@ def postprocess(labels: np.ndarray, post: Postprocessing, values: list[int]) -> 
     for value in values:
         if value not in largest and value not in holes:
             continue
-        box = _bounding_box(labels == value)
+        box = transforms.bounding_box(labels == value, margin=1)
         if box is None:
             continue
         region = labels[box]  # a view: writes land in `labels`
@@ -91,16 +91,6 @@ def postprocess(labels: np.ndarray, post: Postprocessing, values: list[int]) -> 
         region[kept & (region == 0)] = value
     return labels
 
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """The box holding every True voxel, grown by one voxel per side (clipped), or None when empty."""
-    box = []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hits.size == 0:
-            return None
-        box.append(slice(max(int(hits[0]) - 1, 0), min(int(hits[-1]) + 2, mask.shape[axis])))
-    return tuple(box)
 
 
 def classify(volume: Volume, mask: LabelMap, entry: ModelEntry, backend: Backend) -> ClassProbabilities:

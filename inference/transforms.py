@@ -85,3 +85,14 @@ def to_source_grid(labels: np.ndarray, grid: sitk.Image, volume: Volume) -> np.n
     reference.SetDirection(tuple(float(d) for d in np.asarray(volume.direction).ravel()))
     back = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     return sitk.GetArrayFromImage(back)
+
+
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """The index box holding every True voxel, grown by `margin` voxels per side (clipped); None when empty."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(box)
