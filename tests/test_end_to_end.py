@@ -113,8 +113,6 @@ def test_chest_seg_reaches_the_pacs_once_after_an_outage_and_a_node_restart(tmp_
         assert pacs.alive()
 
 
-@pytest.mark.xfail(reason="dispatch reports a pynetdicom SCP's A-ASSOCIATE-AC with no accepted context as "
-                          "transient (retried every backoff) instead of 'SOP class not supported'", strict=False)
 def test_seg_refused_by_sop_class_is_dead_lettered_and_the_overlay_goes_instead(tmp_path):
     """A PACS without SEG Storage (pynetdicom SCP offering Secondary Capture only)."""
     pytest.importorskip("dicom_node.dispatch")
