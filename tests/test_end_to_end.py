@@ -78,7 +78,6 @@ def test_localizer_and_unmatched_series_are_kept_not_processed(tmp_path):
 
 
 def test_chest_seg_reaches_the_pacs_once_after_an_outage_and_a_node_restart(tmp_path):
-    pytest.importorskip("dicom_node.dispatch")
     pacs_port = free_port()
     received = tmp_path / "pacs"
     files = write_ct_volume(chest_phantom().volume, tmp_path / "phantom")
@@ -115,7 +114,6 @@ def test_chest_seg_reaches_the_pacs_once_after_an_outage_and_a_node_restart(tmp_
 
 def test_seg_refused_by_sop_class_is_dead_lettered_and_the_overlay_goes_instead(tmp_path):
     """A PACS without SEG Storage (pynetdicom SCP offering Secondary Capture only)."""
-    pytest.importorskip("dicom_node.dispatch")
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import SecondaryCaptureImageStorage
 

@@ -163,7 +163,6 @@ def _spleen_repository(target: Path) -> None:
 
 
 def test_spleen_job_fails_without_its_model_and_retry_runs_it(node, tmp_path):
-    pytest.importorskip("inference.tasks")
     config, journal, pipeline = node()
     record = _spool(journal, tmp_path / "spool", real_series(tmp_path / "real"))
     pipeline.on_series_complete(record)

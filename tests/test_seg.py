@@ -230,7 +230,7 @@ def test_derived_uids_are_valid_stable_and_distinct() -> None:
 
 
 def test_options_from_results_config() -> None:
-    config = pytest.importorskip("dicom_node.config")
+    from dicom_node import config
     results = config.ResultsConfig(org_root="1.2.826.0.1.3680043.10.1234", compress_frames=False,
                                    empty_segmentation="skip", seg_omit_empty_frames=True)
     series = OutputSeries.from_config(results, kind="seg", series_instance_uid="1.2.3", generation=2,
