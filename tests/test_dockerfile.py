@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tests.peers import REPO, ManagedProcess, free_port, peer_env, wait_for_port
