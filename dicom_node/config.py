@@ -202,11 +202,11 @@ class StepConfig(_Model):
         return self
 
 
-class PipelineConfig(_Model):
+class _RoutedConfig(_Model):
+    """What pipelines and forward rules share: match rules (dicom_node.route) and destinations."""
+
     enabled: bool = True
     match: dict[str, MatchCondition] = Field(min_length=1)
-    steps: list[StepConfig] = Field(min_length=1)
-    outputs: list[Literal["seg", "sr", "overlay"]] = ["seg"]
     destinations: list[str] = []
 
     @field_validator("match")
@@ -216,6 +216,11 @@ class PipelineConfig(_Model):
         if unknown:
             raise ValueError(f"unknown match key(s) {', '.join(unknown)}; known: {', '.join(sorted(MATCH_KEYS))}")
         return match
+
+
+class PipelineConfig(_RoutedConfig):
+    steps: list[StepConfig] = Field(min_length=1)
+    outputs: list[Literal["seg", "sr", "overlay"]] = ["seg"]
 
     @field_validator("steps")
     @classmethod
@@ -228,6 +233,13 @@ class PipelineConfig(_Model):
                 raise ValueError(f"step {step.name!r}: input_mask {step.input_mask!r} is not an earlier step")
             seen.add(step.name)
         return steps
+
+
+class ForwardConfig(_RoutedConfig):
+    """Plain auto-routing: every original instance of a matching series, as received, to the
+    destinations (the node inline between scanner and PACS), with the results' retry and dead letter."""
+
+    destinations: list[str] = Field(min_length=1)
 
 
 class RetryPolicy(_Model):
@@ -268,6 +280,7 @@ class Config(_Model):
     completion: CompletionConfig = CompletionConfig()
     inference: InferenceConfig = InferenceConfig()
     pipelines: dict[str, PipelineConfig] = {}
+    forward: dict[str, ForwardConfig] = {}
     destinations: dict[str, DestinationConfig] = {}
     results: ResultsConfig = ResultsConfig()
     source_path: Path | None = Field(None, exclude=True)  # the file it was loaded from
@@ -283,11 +296,12 @@ class Config(_Model):
 
 
 def reference_problems(config: Config) -> list[tuple[tuple[str | int, ...], str]]:
-    """Names used in one section that another must define (pipeline destinations)."""
+    """Names used in one section that another must define (pipeline and forward destinations)."""
     return [
-        (("pipelines", name, "destinations", index), f"unknown destination {destination!r} (not under destinations)")
-        for name, pipeline in config.pipelines.items()
-        for index, destination in enumerate(pipeline.destinations)
+        ((section, name, "destinations", index), f"unknown destination {destination!r} (not under destinations)")
+        for section, rules in (("pipelines", config.pipelines), ("forward", config.forward))
+        for name, rule in rules.items()
+        for index, destination in enumerate(rule.destinations)
         if destination not in config.destinations
     ]
 

@@ -148,6 +148,8 @@ class Pipeline:
 
     def run_job(self, job: JobRecord) -> list[Path]:
         """Load, run each step, write results, queue one export per (result, destination)."""
+        if job.pipeline.startswith(route.FORWARD_JOB_PREFIX):
+            return self._forward(job)
         from dicom_node.volume import load_series
         pipeline = self.config.pipelines[job.pipeline]
         instances = self.journal.series_instances(job.series_instance_uid, job.generation)
@@ -170,6 +172,18 @@ class Pipeline:
                  job.id, job.pipeline, (t1 - t0).total_seconds(), (t2 - t1).total_seconds(),
                  (t3 - t2).total_seconds(), len(written["all"]))
         return written["all"]
+
+    def _forward(self, job: JobRecord) -> list[Path]:
+        """Plain auto-routing: queue the spooled originals themselves, which hold the sender's data set
+        bytes, so the destination gets them byte-identical through the same retry and dead letter."""
+        rule = self.config.forward[job.pipeline.removeprefix(route.FORWARD_JOB_PREFIX)]
+        instances = self.journal.series_instances(job.series_instance_uid, job.generation)
+        for instance in instances:
+            for destination in rule.destinations:
+                self.journal.add_export(job.id, destination, instance.sop_instance_uid, instance.path)
+        log.info("job %d (%s): %d original instances queued for %s", job.id, job.pipeline, len(instances),
+                 ", ".join(rule.destinations))
+        return [Path(i.path) for i in instances]
 
     def _run_steps(self, pipeline: PipelineConfig, volume):
         """Each step in order; a classifier crops by an earlier step's label map."""

@@ -9,6 +9,9 @@ attribute (absent or empty) never satisfies a condition, so a series without
 Body Part Examined does not slip into a pipeline that asks for CHEST.
 Multi-valued attributes (Image Type, PS3.3 C.7.6.1.1.2) match a value or a
 regex when any of their values does.
+
+Forward rules (`forward:` in config.yaml, plain auto-routing of the original
+series) use the same conditions; their jobs are named `forward:<rule>`.
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dicom_node.config import Config, ContainsAllCondition, PipelineConfig, RangeCondition, RegexCondition
+from dicom_node.config import (Config, ContainsAllCondition, ForwardConfig, PipelineConfig, RangeCondition,
+                               RegexCondition)
 from dicom_node.volume import SeriesSummary
+
+FORWARD_JOB_PREFIX = "forward:"
 
 
 @dataclass(frozen=True)
@@ -42,29 +48,40 @@ def series_attributes(summary: SeriesSummary, calling_ae: str, called_ae: str) -
     return {**dataclasses.asdict(summary), "calling_ae": calling_ae, "called_ae": called_ae}
 
 
+def forward_job_name(rule: str) -> str:
+    """The job name of a forward rule: its own namespace, so it never collides with a pipeline's."""
+    return FORWARD_JOB_PREFIX + rule
+
+
+def _rules(config: Config) -> dict[str, PipelineConfig | ForwardConfig]:
+    """Pipelines and forward rules by job name, in config order (forward rules first: cheap, no inference)."""
+    return {**{forward_job_name(name): rule for name, rule in config.forward.items()}, **config.pipelines}
+
+
 def match_pipelines(config: Config, summary: SeriesSummary, calling_ae: str, called_ae: str) -> list[RouteMatch]:
-    """Every enabled pipeline whose conditions all hold, in config order; each becomes a job."""
+    """Every enabled pipeline and forward rule whose conditions all hold, in config order; each becomes a job."""
     attributes = series_attributes(summary, calling_ae, called_ae)
     matches = []
-    for name, pipeline in config.pipelines.items():
-        verdict = evaluate(pipeline, attributes)
+    for name, rule in _rules(config).items():
+        verdict = evaluate(rule, attributes)
         if verdict.matched:
             matches.append(RouteMatch(name, verdict.reasons))
     return matches
 
 
 def unmatched_reasons(config: Config, summary: SeriesSummary, calling_ae: str, called_ae: str) -> dict[str, str]:
-    """For each pipeline the series does not go to, why not (what an admin asks about an unmatched series)."""
+    """For each pipeline or forward rule the series does not go to, why not (what an admin asks about an
+    unmatched series)."""
     attributes = series_attributes(summary, calling_ae, called_ae)
     reasons = {}
-    for name, pipeline in config.pipelines.items():
-        verdict = evaluate(pipeline, attributes)
+    for name, rule in _rules(config).items():
+        verdict = evaluate(rule, attributes)
         if not verdict.matched:
             reasons[name] = verdict.reasons[-1]
     return reasons
 
 
-def evaluate(pipeline: PipelineConfig, attributes: dict[str, Any]) -> Verdict:
+def evaluate(pipeline: PipelineConfig | ForwardConfig, attributes: dict[str, Any]) -> Verdict:
     if not pipeline.enabled:
         return Verdict(False, ("pipeline disabled",))
     reasons = []
