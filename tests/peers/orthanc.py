@@ -20,8 +20,9 @@ def available() -> bool:
 
 class Orthanc:
     def __init__(self, workdir: Path, *, ae_title: str = "ORTHANC", allowed_aes: dict[str, int] | None = None,
-                 restrict_calling_aes: bool = False, unknown_sop_class_accepted: bool = False):
+                 restrict_calling_aes: bool = False, unknown_sop_class_accepted: bool = False, verbose: bool = False):
         self.workdir = workdir
+        self.verbose = verbose  # --verbose logs every C-STORE it is sent: store_requests() counts them
         self.ae_title = ae_title
         self.dicom_port = free_port()
         self.http_port = free_port()
@@ -39,8 +40,8 @@ class Orthanc:
         self.process: ManagedProcess | None = None
 
     def start(self) -> Orthanc:
-        self.process = ManagedProcess(["Orthanc", self.config_path], env=peer_env(TCP_NODELAY="1"),
-                                      log=self.workdir / "orthanc.log")
+        self.process = ManagedProcess(["Orthanc", *(["--verbose"] if self.verbose else []), self.config_path],
+                                      env=peer_env(TCP_NODELAY="1"), log=self.workdir / "orthanc.log")
         wait_for_port(self.dicom_port, process=self.process.process)
         deadline = time.monotonic() + 20
         while True:
@@ -84,6 +85,12 @@ class Orthanc:
     def instance_file(self, orthanc_id: str) -> bytes:
         with self._open(f"/instances/{orthanc_id}/file") as response:
             return response.read()
+
+    def store_requests(self) -> int:
+        """C-STORE requests received over every start so far (needs verbose): a resend of an instance
+        Orthanc already holds is counted here although /instances lists it once."""
+        log = self.workdir / "orthanc.log"
+        return log.read_text(errors="replace").count("Incoming Store request") if log.exists() else 0
 
     def find_study(self, study_instance_uid: str) -> list[str]:
         body = json.dumps({"Level": "Study", "Query": {"StudyInstanceUID": study_instance_uid}}).encode()

@@ -1,0 +1,269 @@
+"""The whole node with Orthanc as the PACS (issue 6): storescu -> `dicom-node serve` -> pipeline -> Orthanc.
+
+Orthanc (tests/peers/orthanc.py) runs as a real foreground process; what it
+holds is read back over its REST API, and with `verbose` its log counts every
+C-STORE it was sent, so a resend of an instance it already has (which
+/instances would list once) is still seen. The pipelines are the shipped
+config.yaml's own `spleen_ct` and `chest_ct`; the expected results are
+computed here with the project's inference code on the same files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import yaml
+
+from dicom_node.results.segread import read_seg
+from dicom_node.volume import load_series
+from inference import tasks
+from inference.backends import BackendSettings, open_backend
+from inference.lung import segment_lungs_classical
+from inference.repository import ModelRepository
+from tests.peers import REPO, dcmtk, free_port, orthanc
+from tests.phantoms import chest_phantom, write_ct_volume
+from tests.test_classify import mean_classifier
+from tests.test_end_to_end import LUNGS, _series_state, _wait
+from tests.test_pipeline import _spleen_repository, real_series
+from tests.test_receive import Node, dataset_bytes, running_node
+
+pytestmark = pytest.mark.skipif(not (dcmtk.available() and orthanc.available()),
+                                reason="dcmtk and Orthanc needed (apt-get install dcmtk orthanc)")
+
+SHIPPED_PIPELINES = yaml.safe_load((REPO / "config.yaml").read_text())["pipelines"]
+COVID_PIPELINE = """\
+task: classification
+input: {name: INPUT__0, layout: NCXYZ}
+output: {name: OUTPUT__0}
+classification:
+  classes:
+    - {name: non-COVID}
+    - name: COVID-19
+      code: {value: "840539006", scheme: SCT, meaning: Disease caused by SARS-CoV-2}
+  crop_margin_mm: 10
+  input_size: [192, 192, 64]
+  window: [-1000, 200]
+"""
+
+
+def covid_repository(target: Path) -> None:
+    """covid19_ct: logits = mean(lung crop) * w + b (no public COVID-19 weights exist)."""
+    entry = target / "covid19_ct"
+    (entry / "1").mkdir(parents=True)
+    mean_classifier(entry / "1" / "model.onnx", [1, 1, 192, 192, 64], weights=[-4.0, 6.0], bias=[1.0, -0.5])
+    (entry / "config.pbtxt").write_text('name: "covid19_ct"\nplatform: "onnxruntime_onnx"\n')
+    (entry / "pipeline.yaml").write_text(COVID_PIPELINE)
+
+
+def overrides(pacs: orthanc.Orthanc, models: Path | None = None, **sections) -> dict:
+    """A node config whose destination `pacs` is the Orthanc peer, with short retry delays."""
+    destination = {"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port,
+                   "retry": {"initial_delay_s": 0.5, "max_delay_s": 1, "jitter": 0, "max_attempts": 1000}}
+    config = {"destinations": {"pacs": destination}, **sections}
+    if models is not None:
+        config["inference"] = {"backend": "embedded", "model_repository": str(models),
+                               "embedded": {"cpu_threads": 2}}
+    return config
+
+
+def study_series(pacs: orthanc.Orthanc, study_instance_uid: str) -> dict[str, list[dict]]:
+    """Orthanc's series of the study by Modality (each with MainDicomTags and Instances)."""
+    found: dict[str, list[dict]] = {}
+    for study in pacs.find_study(study_instance_uid):
+        for series in pacs.get(f"/studies/{study}/series"):
+            found.setdefault(series["MainDicomTags"]["Modality"], []).append(series)
+    return found
+
+
+def download(pacs: orthanc.Orthanc, series: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for instance in series["Instances"]:
+        path = out_dir / f"{instance}.dcm"
+        path.write_bytes(pacs.instance_file(instance))
+        paths.append(path)
+    return paths
+
+
+def uid_of(path: Path, keyword: str) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True)[keyword].value)
+
+
+def expected_inference(files: list[Path], models: Path):
+    """What the node must have computed: the same loader, repository and embedded backend, in this process."""
+    repository = ModelRepository(models)
+    return load_series(files), repository, open_backend(BackendSettings(kind="embedded", cpu_threads=2), repository)
+
+
+def test_real_series_gets_its_spleen_seg_in_orthanc(tmp_path):
+    files = real_series(tmp_path / "series")
+    study_uid, series_uid = uid_of(files[0], "StudyInstanceUID"), uid_of(files[0], "SeriesInstanceUID")
+    _spleen_repository(tmp_path / "models")
+    with orthanc.Orthanc(tmp_path / "orthanc") as pacs, running_node(
+            tmp_path / "node", **overrides(pacs, tmp_path / "models",
+                                           pipelines={"spleen_ct": SHIPPED_PIPELINES["spleen_ct"]})) as node:
+        result = dcmtk.storescu(node.port, files, extra=["-xv"])
+        assert result.returncode == 0, result.output
+        series = _wait(lambda: study_series(pacs, study_uid).get("SEG"), 240, "a SEG series in Orthanc")
+        assert set(study_series(pacs, study_uid)) == {"SEG"}  # results only: the source was not forwarded
+        (seg_series,) = series
+        assert seg_series["MainDicomTags"]["SeriesInstanceUID"] not in ("", series_uid)
+        (seg_path,) = download(pacs, seg_series, tmp_path / "from_orthanc")
+        assert node.process.alive()
+
+    loaded, repository, backend = expected_inference(files, tmp_path / "models")
+    try:
+        expected = tasks.segment(loaded.volume, repository.get("spleen_ct"), backend)
+    finally:
+        backend.close()
+    sources = [pydicom.dcmread(s.path, stop_before_pixels=True) for s in loaded.slices]
+    seg = read_seg(seg_path, sources)
+    assert uid_of(seg_path, "StudyInstanceUID") == study_uid
+    assert seg.segments[1].label == "Spleen"
+    spleen = expected.volume.array == 1
+    assert spleen.sum() > 1000
+    np.testing.assert_array_equal(seg.masks[1].array, spleen)
+
+
+def test_chest_pipeline_seg_and_sr_arrive_in_orthanc(tmp_path):
+    files = write_ct_volume(chest_phantom().volume, tmp_path / "phantom")
+    study_uid = uid_of(files[0], "StudyInstanceUID")
+    covid_repository(tmp_path / "models")
+    with orthanc.Orthanc(tmp_path / "orthanc") as pacs, running_node(
+            tmp_path / "node", **overrides(pacs, tmp_path / "models",
+                                           pipelines={"chest_ct": SHIPPED_PIPELINES["chest_ct"]})) as node:
+        assert dcmtk.storescu(node.port, files).returncode == 0
+        held = _wait(lambda: (found := study_series(pacs, study_uid)).keys() >= {"SEG", "SR"} and found, 120,
+                     "SEG and SR in Orthanc")
+        assert set(held) == {"SEG", "SR"}
+        (seg_path,) = download(pacs, held["SEG"][0], tmp_path / "seg")
+        (sr_path,) = download(pacs, held["SR"][0], tmp_path / "sr")
+        assert node.process.alive()
+
+    loaded, repository, backend = expected_inference(files, tmp_path / "models")
+    try:
+        lungs = segment_lungs_classical(loaded.volume)
+        expected = tasks.classify(loaded.volume, lungs, repository.get("covid19_ct"), backend)
+    finally:
+        backend.close()
+    sources = [pydicom.dcmread(s.path, stop_before_pixels=True) for s in loaded.slices]
+    seg = read_seg(seg_path, sources)
+    labels = np.zeros(lungs.volume.shape, np.uint8)
+    for number, mask in seg.masks.items():
+        labels[mask.array > 0] = number
+    np.testing.assert_array_equal(labels, lungs.volume.array)
+    sr = hd.sr.srread(sr_path)
+    assert sr.StudyInstanceUID == study_uid
+    reported = [group.get_measurements()[0].value for group in sr.content.get_image_measurement_groups()]
+    np.testing.assert_allclose(reported, expected.probabilities, atol=1e-6)
+
+
+def test_outage_and_node_restart_every_result_arrives_once(tmp_path):
+    """Orthanc down while the results are ready, the node restarted meanwhile, Orthanc back on its storage."""
+    files = write_ct_volume(chest_phantom().volume, tmp_path / "phantom")
+    study_uid = uid_of(files[0], "StudyInstanceUID")
+    covid_repository(tmp_path / "models")
+    pacs = orthanc.Orthanc(tmp_path / "orthanc", verbose=True)
+    pacs.start()
+    pacs.stop()  # a PACS with its storage, down from now on
+    node = Node(tmp_path / "node", **overrides(pacs, tmp_path / "models",
+                                               pipelines={"chest_ct": SHIPPED_PIPELINES["chest_ct"]})).start()
+    try:
+        assert dcmtk.storescu(node.port, files).returncode == 0
+
+        def failed_attempts(minimum: int):
+            journal = node.journal()
+            try:
+                pending = journal.exports_in_state("pending")
+                return len(pending) == 2 and all(e.attempts >= minimum for e in pending) and pending
+            finally:
+                journal.close()
+
+        before = _wait(lambda: failed_attempts(1), 120, "SEG and SR ready and refused by the stopped PACS")
+        node.stop()
+        node.start()  # same storage, journal and port: the retry schedule continues
+        _wait(lambda: failed_attempts(max(e.attempts for e in before) + 1), 30, "a retry after the node restart")
+        pacs.start()
+        _wait(lambda: study_series(pacs, study_uid).keys() >= {"SEG", "SR"}, 30, "SEG and SR in Orthanc")
+        time.sleep(3)  # a resend would come within a few dispatch periods
+        journal = node.journal()
+        try:
+            sent = journal.exports_in_state("sent")
+            assert journal.exports_in_state("pending", "dead") == []
+            (job,) = journal.jobs_in_state("queued", "running", "done", "failed")
+        finally:
+            journal.close()
+        held = {pydicom.dcmread(io.BytesIO(pacs.instance_file(i)), stop_before_pixels=True).SOPInstanceUID
+                for i in pacs.instances()}
+        assert held == {e.sop_instance_uid for e in sent} and len(sent) == 2
+        assert job.state == "done" and job.attempts == 1
+        assert pacs.store_requests() == 2, "an instance was sent to Orthanc more than once"
+    finally:
+        node.stop()
+        pacs.stop()
+
+
+def test_permanent_rejection_is_dead_lettered_once_and_listed(tmp_path):
+    """Orthanc accepts C-STORE only from the AEs it knows (DicomAlwaysAllowStore false); ours is not one."""
+    files = write_ct_volume(chest_phantom().volume, tmp_path / "phantom")
+    with orthanc.Orthanc(tmp_path / "orthanc", allowed_aes={"MODALITY": free_port()}, restrict_calling_aes=True,
+                         verbose=True) as pacs, running_node(
+            tmp_path / "node", **overrides(pacs, pipelines={"lungs_ct": LUNGS})) as node:
+        assert dcmtk.storescu(node.port, files).returncode == 0
+
+        def dead():
+            journal = node.journal()
+            try:
+                return journal.exports_in_state("dead")
+            finally:
+                journal.close()
+
+        (export,) = _wait(dead, 120, "the SEG dead-lettered")
+        time.sleep(3)  # with retry delays of 0.5-1 s a retry loop would show here
+        (export,) = dead()
+        assert export.attempts == 1
+        assert "association rejected (permanent" in export.reason, export.reason
+        listed = subprocess.run([REPO / ".venv" / "bin" / "dicom-node", "jobs", "--config", node.config_path,
+                                 "--json", "dead-letter"], capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        (row,) = json.loads(listed.stdout)
+        assert (row["id"], row["reason"], row["attempts"]) == (export.id, export.reason, 1)
+        assert f"export {export.id} to pacs dead-lettered" in node.log_text()
+        assert pacs.instances() == [] and pacs.store_requests() == 0
+
+
+def test_forward_rule_sends_the_original_series_byte_identical(tmp_path):
+    """Plain auto-routing of the real J2K series, with no pipeline: the node inline before the PACS."""
+    files = real_series(tmp_path / "series")
+    series_uid = uid_of(files[0], "SeriesInstanceUID")
+    forward = {"archive": {"match": {"modality": "CT"}, "destinations": ["pacs"]}}
+    with orthanc.Orthanc(tmp_path / "orthanc") as pacs, running_node(
+            tmp_path / "node", **overrides(pacs, forward=forward)) as node:
+        assert dcmtk.storescu(node.port, files, extra=["-xv"]).returncode == 0
+        _wait(lambda: len(pacs.instances()) == len(files), 60, "every original instance in Orthanc")
+        held = {}
+        for instance in pacs.instances():
+            data = pacs.instance_file(instance)
+            held[str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)] = data
+        journal = node.journal()
+        try:
+            (job,) = journal.jobs_in_state("queued", "running", "done", "failed")
+            sent = journal.exports_in_state("sent")
+        finally:
+            journal.close()
+        assert _series_state(node, series_uid) == "routed"
+    assert (job.pipeline, job.state) == ("forward:archive", "done")
+    assert len(sent) == len(files)
+    for path in files:
+        stored = tmp_path / "stored.dcm"
+        stored.write_bytes(held[uid_of(path, "SOPInstanceUID")])
+        assert dataset_bytes(stored) == dataset_bytes(path), f"{path.name} changed on the way"
+        assert pydicom.dcmread(stored).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"
