@@ -270,7 +270,9 @@ class ResultsConfig(_Model):
     series_description_prefix: str = "AI"
     seg_omit_empty_frames: bool = False
     empty_segmentation: Literal["write", "skip"] = "write"
-    compress_frames: bool = True
+    # Uncompressed by default: a 1-bit JPEG 2000 SEG is valid DICOM, but GDCM and dcmtk (and the
+    # PACS and viewers built on them) cannot decode it, while a BINARY frame is only 32 KiB.
+    compress_frames: bool = False
 
 
 class Config(_Model):
