@@ -104,3 +104,16 @@ def write_ct_series(out_dir: Path, n_slices: int, **kwargs) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.series_factory",
+        description="Write a sendable CT series made from the shared real slices (new UIDs, uncompressed).")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--slices", type=int, default=20)
+    args = parser.parse_args()
+    written = write_ct_series(args.out_dir, args.slices)
+    print(f"{len(written)} instances in {args.out_dir}")
