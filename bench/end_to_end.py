@@ -1,22 +1,26 @@
-"""From the first C-STORE to the SEG stored at the PACS, stage by stage.
+"""From the first C-STORE to the SEG stored in Orthanc, stage by stage.
 
     .venv/bin/python bench/end_to_end.py [--slices 20 300]
 
-Runs `dicom-node serve` (embedded backend, spleen_ct from models/ with the
-demo ONNX of ../shared/models) and dcmtk's storescp as the PACS on loopback,
-sends the real 20-slice J2K series (storescu -xv) and a 300-slice series made
-from it (tests/series_factory), and prints each stage from the journal's
-timestamps and the job's log line:
-receive (first to last instance), wait-for-complete (last instance to
-complete), load / inference / encode (job log), dispatch (job done to SEG
-acknowledged by the PACS) and the total from the moment storescu started.
+Runs `dicom-node serve` (embedded backend; the shipped config.yaml's
+`spleen_ct` pipeline and `completion` settings, so the completion fast path
+is the shipped one: complete `after_release_seconds` after the sender's
+association ends) with Orthanc as the PACS on loopback, sends the real 20-slice
+J2K series (storescu -xv) and a 300-slice series made from its slices
+(tests/series_factory), and prints each stage from the journal's timestamps
+and the job's log line:
+receive (first to last instance acknowledged), wait-for-complete (last
+instance to complete), route+queue (complete to job start), load / inference /
+encode (job log; inference includes opening the model on the first job),
+dispatch (job done to Orthanc's C-STORE response for the SEG) and the total
+from the moment storescu started. The SEG is then looked up in Orthanc's REST
+API, so a figure is printed only for a SEG Orthanc really holds.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -26,43 +30,29 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pydicom  # noqa: E402
+import yaml  # noqa: E402
 
-from tests.peers import REPO, SHARED_MODELS, free_port  # noqa: E402
-from tests.peers import dcmtk  # noqa: E402
+from tests.peers import REPO, dcmtk, orthanc  # noqa: E402
 from tests.series_factory import write_ct_series  # noqa: E402
-from tests.test_pipeline import real_series  # noqa: E402
+from tests.test_orthanc_end_to_end import overrides, study_series  # noqa: E402
+from tests.test_pipeline import _spleen_repository, real_series  # noqa: E402
 from tests.test_receive import running_node  # noqa: E402
 
-SPLEEN = {"match": {"modality": "CT"}, "steps": [{"name": "spleen", "task": "segmentation", "model": "spleen_ct"}],
-          "outputs": ["seg"], "destinations": ["pacs"]}
+SHIPPED = yaml.safe_load((REPO / "config.yaml").read_text())
 JOB_LINE = re.compile(r"job (\d+) \(spleen_ct\) done: load ([\d.]+) s, inference ([\d.]+) s, encode ([\d.]+) s")
 
 
-def model_repository(target: Path) -> Path:
-    entry = target / "spleen_ct"
-    (entry / "1").mkdir(parents=True)
-    for name in ("config.pbtxt", "pipeline.yaml"):
-        shutil.copyfile(REPO / "models" / "spleen_ct" / name, entry / name)
-    shutil.copyfile(SHARED_MODELS / "spleen_ct_demo" / "1" / "model.onnx", entry / "1" / "model.onnx")
-    return target
-
-
-def run(root: Path, files: list[Path], label: str, j2k: bool) -> None:
-    pacs_port = free_port()
-    overrides = {
-        "inference": {"backend": "embedded", "model_repository": str(model_repository(root / "models"))},
-        "pipelines": {"spleen_ct": SPLEEN},
-        "destinations": {"pacs": {"ae_title": "STORESCP", "host": "127.0.0.1", "port": pacs_port}},
-        "results": {"compress_frames": False},
-        "completion": {"stable_seconds": 30, "after_release_seconds": 1},
-    }
-    series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
-    with dcmtk.storescp(pacs_port, root / "pacs"), running_node(root / "node", **overrides) as node:
+def run(root: Path, models: Path, files: list[Path], label: str, j2k: bool) -> None:
+    study_uid, series_uid = (str(pydicom.dcmread(files[0], stop_before_pixels=True)[k].value)
+                             for k in ("StudyInstanceUID", "SeriesInstanceUID"))
+    with orthanc.Orthanc(root / "orthanc") as pacs, running_node(
+            root / "node", **overrides(pacs, models, pipelines={"spleen_ct": SHIPPED["pipelines"]["spleen_ct"]},
+                                       completion=SHIPPED["completion"])) as node:
         started = datetime.now(timezone.utc)
-        result = dcmtk.storescu(node.port, files, extra=["-xv"] if j2k else [])
+        result = dcmtk.storescu(node.port, files, extra=["-xv"] if j2k else [], timeout=600)
         assert result.returncode == 0, result.output
         journal = node.journal()
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             sent = journal.exports_in_state("sent")
             if sent or journal.jobs_in_state("failed") or journal.exports_in_state("dead"):
@@ -70,22 +60,29 @@ def run(root: Path, files: list[Path], label: str, j2k: bool) -> None:
             time.sleep(0.05)
         instances = journal.series_instances(series_uid, 1)
         series = journal.get_series(series_uid, 1)
-        (job,) = journal.jobs_in_state("done", "failed")
+        (job,) = journal.jobs_in_state("queued", "running", "done", "failed")
         journal.close()
-        if not sent:
-            print(f"{label}: no SEG reached the PACS (job {job.state}: {job.error})\n{node.log_text()[-3000:]}")
+        in_orthanc = study_series(pacs, study_uid).get("SEG", [])
+        if not sent or len(in_orthanc) != 1:
+            print(f"{label}: no SEG in Orthanc (job {job.state}: {job.error})\n{node.log_text()[-3000:]}")
             return
-        load, inference, encode = map(float, JOB_LINE.search(node.log_text()).groups()[1:])
-        first = min(i.received_at for i in instances)
-        last = max(i.received_at for i in instances)
-        stages = {
-            "receive": (last - first).total_seconds(),
-            "wait-for-complete": (series.completed_at - last).total_seconds(),
-            "load": load, "inference": inference, "encode": encode,
-            "dispatch": (sent[0].sent_at - job.finished_at).total_seconds(),
-        }
-        total = (sent[0].sent_at - started).total_seconds()
-        print(f"{label}: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()) + f"; total {total:.2f} s")
+        timings = JOB_LINE.search(node.log_text())
+        if timings is None:
+            print(f"{label}: the job's timing line is missing from the node log\n{node.log_text()[-3000:]}")
+            return
+        load, inference, encode = map(float, timings.groups()[1:])
+    first = min(i.received_at for i in instances)
+    last = max(i.received_at for i in instances)
+    stages = {
+        "receive": (last - first).total_seconds(),
+        "wait-for-complete": (series.completed_at - last).total_seconds(),
+        "route+queue": (job.started_at - series.completed_at).total_seconds(),
+        "load": load, "inference": inference, "encode": encode,
+        "dispatch": (sent[0].sent_at - job.finished_at).total_seconds(),
+    }
+    total = (sent[0].sent_at - started).total_seconds()
+    print(f"{label}: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()) + f"; total {total:.2f} s",
+          flush=True)
 
 
 def main() -> None:
@@ -94,12 +91,15 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        models = root / "models"
+        _spleen_repository(models)
         for n in args.slices:
             if n == 20:
-                run(root / "real20", real_series(root / "real20" / "series"), "real J2K 20 slices", j2k=True)
+                files = real_series(root / "real20" / "series")
+                run(root / "real20", models, files, "real J2K 20 slices", j2k=True)
             else:
                 files = write_ct_series(root / f"ct{n}" / "series", n)
-                run(root / f"ct{n}", files, f"synthetic {n} slices", j2k=False)
+                run(root / f"ct{n}", models, files, f"{n} slices made from the real ones, uncompressed", j2k=False)
 
 
 if __name__ == "__main__":
