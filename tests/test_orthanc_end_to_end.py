@@ -22,7 +22,9 @@ import pydicom
 import pytest
 import yaml
 
+from dicom_node.config import Config, ConfigError, load_config
 from dicom_node.results.segread import read_seg
+from dicom_node.route import match_pipelines, unmatched_reasons
 from dicom_node.volume import load_series
 from inference import tasks
 from inference.backends import BackendSettings, open_backend
@@ -34,9 +36,10 @@ from tests.test_classify import mean_classifier
 from tests.test_end_to_end import LUNGS, _series_state, _wait
 from tests.test_pipeline import _spleen_repository, real_series
 from tests.test_receive import Node, dataset_bytes, running_node
+from tests.test_route import AXIAL_CT, series
 
-pytestmark = pytest.mark.skipif(not (dcmtk.available() and orthanc.available()),
-                                reason="dcmtk and Orthanc needed (apt-get install dcmtk orthanc)")
+needs_peers = pytest.mark.skipif(not (dcmtk.available() and orthanc.available()),
+                                 reason="dcmtk and Orthanc needed (apt-get install dcmtk orthanc)")
 
 SHIPPED_PIPELINES = yaml.safe_load((REPO / "config.yaml").read_text())["pipelines"]
 COVID_PIPELINE = """\
@@ -103,6 +106,7 @@ def expected_inference(files: list[Path], models: Path):
     return load_series(files), repository, open_backend(BackendSettings(kind="embedded", cpu_threads=2), repository)
 
 
+@needs_peers
 def test_real_series_gets_its_spleen_seg_in_orthanc(tmp_path):
     files = real_series(tmp_path / "series")
     study_uid, series_uid = uid_of(files[0], "StudyInstanceUID"), uid_of(files[0], "SeriesInstanceUID")
@@ -133,6 +137,7 @@ def test_real_series_gets_its_spleen_seg_in_orthanc(tmp_path):
     np.testing.assert_array_equal(seg.masks[1].array, spleen)
 
 
+@needs_peers
 def test_chest_pipeline_seg_and_sr_arrive_in_orthanc(tmp_path):
     files = write_ct_volume(chest_phantom().volume, tmp_path / "phantom")
     study_uid = uid_of(files[0], "StudyInstanceUID")
@@ -166,6 +171,7 @@ def test_chest_pipeline_seg_and_sr_arrive_in_orthanc(tmp_path):
     np.testing.assert_allclose(reported, expected.probabilities, atol=1e-6)
 
 
+@needs_peers
 def test_outage_and_node_restart_every_result_arrives_once(tmp_path):
     """Orthanc down while the results are ready, the node restarted meanwhile, Orthanc back on its storage."""
     files = write_ct_volume(chest_phantom().volume, tmp_path / "phantom")
@@ -211,6 +217,7 @@ def test_outage_and_node_restart_every_result_arrives_once(tmp_path):
         pacs.stop()
 
 
+@needs_peers
 def test_permanent_rejection_is_dead_lettered_once_and_listed(tmp_path):
     """Orthanc accepts C-STORE only from the AEs it knows (DicomAlwaysAllowStore false); ours is not one."""
     files = write_ct_volume(chest_phantom().volume, tmp_path / "phantom")
@@ -240,6 +247,7 @@ def test_permanent_rejection_is_dead_lettered_once_and_listed(tmp_path):
         assert pacs.instances() == [] and pacs.store_requests() == 0
 
 
+@needs_peers
 def test_forward_rule_sends_the_original_series_byte_identical(tmp_path):
     """Plain auto-routing of the real J2K series, with no pipeline: the node inline before the PACS."""
     files = real_series(tmp_path / "series")
@@ -267,3 +275,20 @@ def test_forward_rule_sends_the_original_series_byte_identical(tmp_path):
         stored.write_bytes(held[uid_of(path, "SOPInstanceUID")])
         assert dataset_bytes(stored) == dataset_bytes(path), f"{path.name} changed on the way"
         assert pydicom.dcmread(stored).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"
+
+
+def test_forward_rules_route_like_pipelines_and_name_known_destinations(tmp_path):
+    """Forward rules share the match rules; their jobs are `forward:<rule>`, run before any pipeline's."""
+    rules = {"destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}},
+             "forward": {"archive": {"match": {"modality": ["CT", "MR"]}, "destinations": ["pacs"]}},
+             "pipelines": {"spleen_ct": SHIPPED_PIPELINES["spleen_ct"]}}
+    config = Config.model_validate(rules)
+    assert [m.pipeline for m in match_pipelines(config, AXIAL_CT, "STORESCU", "DICOMNODE")] == [
+        "forward:archive", "spleen_ct"]
+    why = unmatched_reasons(config, series(modality="PT"), "STORESCU", "DICOMNODE")
+    assert why["forward:archive"] == "not modality 'PT' in ['CT', 'MR']"
+    rules["forward"]["archive"]["destinations"] = ["archive_pacs"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(rules, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"config.yaml:\d+ forward.archive.destinations.0: unknown destination"):
+        load_config(path)
