@@ -31,7 +31,8 @@ FORWARD_JOB_PREFIX = "forward:"
 
 @dataclass(frozen=True)
 class RouteMatch:
-    """A pipeline the series goes to, with each condition that let it in (for the log and the audit)."""
+    """A pipeline (or forward rule) the series goes to, with each condition that let it in (for the log and
+    the audit)."""
 
     pipeline: str
     reasons: tuple[str, ...]
@@ -54,7 +55,8 @@ def forward_job_name(rule: str) -> str:
 
 
 def _rules(config: Config) -> dict[str, PipelineConfig | ForwardConfig]:
-    """Pipelines and forward rules by job name, in config order (forward rules first: cheap, no inference)."""
+    """Forward rules, then pipelines, each in config order, by job name: the worker pool runs jobs in
+    order, so the originals leave before any model runs (a forward job only queues exports)."""
     return {**{forward_job_name(name): rule for name, rule in config.forward.items()}, **config.pipelines}
 
 
