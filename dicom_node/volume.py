@@ -28,7 +28,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.pixels import iter_pixels
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from inference.volume import Volume
 
@@ -93,6 +93,8 @@ class VolumeOptions:
 
     `spacing_tolerance` is relative to the median gap between slices: a gap
     further from it than this fraction is a missing (or extra) slice.
+    `max_voxels` bounds the memory a header can make the loader allocate
+    (65,535 x 65,535 is a valid Rows x Columns claim).
     `tilt`: a gantry-tilted (sheared) stack is refused by default, because a
     model trained on orthogonal grids sees a distorted patient otherwise;
     "resample" shifts each slice in-plane onto the orthogonal grid of the
@@ -102,6 +104,7 @@ class VolumeOptions:
     min_slices: int = 3
     spacing_tolerance: float = 0.05
     tilt: Literal["resample", "refuse"] = "refuse"
+    max_voxels: int = 1 << 30  # 1024^3: a header claiming more is refused before anything is allocated
 
 
 class SeriesGeometryError(ValueError):
@@ -113,6 +116,38 @@ class SeriesGeometryError(ValueError):
         self.message = message
         instances = f" (instances: {', '.join(self.sop_instance_uids)})" if self.sop_instance_uids else ""
         super().__init__(f"series {series_instance_uid or '<no Series Instance UID>'}: {message}{instances}")
+
+
+@dataclass(frozen=True)
+class _PixelData:
+    """What an instance's header says about its Pixel Data, read without loading it (PS3.5 8.1.1, A.4)."""
+
+    length: int | None  # None: no Pixel Data element
+    undefined_length: bool  # encapsulated (compressed) Pixel Data has undefined length, native never
+    bits_allocated: int
+    bits_stored: int
+    samples_per_pixel: int
+    frames: int
+
+    def problem(self, rows: int, columns: int, native: bool) -> str | None:
+        """Why these pixels cannot be decoded as the header describes them, or None."""
+        if self.length is None:
+            return "no Pixel Data"
+        if self.bits_allocated != 1 and (self.bits_allocated % 8 or not 8 <= self.bits_allocated <= 32):
+            return f"Bits Allocated {self.bits_allocated} is not 1, 8, 16 or 32"
+        if not 1 <= self.bits_stored <= self.bits_allocated:
+            return f"Bits Stored {self.bits_stored} is not within 1..Bits Allocated ({self.bits_allocated})"
+        if self.samples_per_pixel != 1:
+            return f"Samples per Pixel {self.samples_per_pixel}: not a grayscale image"
+        if not native:
+            return None if self.undefined_length else "compressed transfer syntax but Pixel Data is not encapsulated"
+        if self.undefined_length:
+            return "native transfer syntax but Pixel Data has undefined length"
+        expected = -(-rows * columns * self.frames * self.bits_allocated // 8)
+        if self.length not in (expected, expected + 1):  # + 1: padded to even length
+            return (f"Pixel Data is {self.length} bytes; Rows x Columns x frames x Bits Allocated "
+                    f"({rows} x {columns} x {self.frames} x {self.bits_allocated}) needs {expected}")
+        return None
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,6 +167,7 @@ class _Frame:
     stored_range: tuple[int, int]  # what Bits Stored / Pixel Representation allow
     localizer: bool
     transfer_syntax: str
+    pixel_data: _PixelData
 
     @property
     def normal(self) -> np.ndarray:
@@ -167,6 +203,13 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
     image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or ()))
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     number_of_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    raw = ds.get_item(0x7FE00010, keep_deferred=True)
+    pixel_data = _PixelData(
+        length=None if raw is None else int(getattr(raw, "length", None) or len(raw.value or b"")),
+        undefined_length=raw is not None and bool(getattr(raw, "is_undefined_length", False)
+                                                  or getattr(raw, "length", 0) == 0xFFFFFFFF),
+        bits_allocated=int(ds.get("BitsAllocated", 16) or 0), bits_stored=bits,
+        samples_per_pixel=int(ds.get("SamplesPerPixel", 1) or 1), frames=number_of_frames)
     frames = []
     for index in range(number_of_frames):
         item = per_frame[index] if per_frame is not None and index < len(per_frame) else None
@@ -189,20 +232,77 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
             stored_range=stored_range,
             localizer="LOCALIZER" in image_type,
             transfer_syntax=str(meta.get("TransferSyntaxUID", "")),
+            pixel_data=pixel_data,
         ))
     return frames
 
 
+# Values longer than this stay on disk while headers are read (Pixel Data, huge private elements).
+_DEFER_BYTES = 4096
+# Attributes every instance of one series must share: a series mixing them must never reach a model,
+# whose result would be filed under one patient and study (PS3.3 C.7.3.1: a series is one study's).
+_SERIES_CONSTANTS = ("PatientID", "StudyInstanceUID", "Modality")
+
+
+def _read_header(path: Path) -> Dataset:
+    """The header with every value decoded, so a wrong VR or length fails here, naming the file."""
+    try:
+        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+        _check_complete(path, ds)
+        _decode_values(ds)
+    except Exception as error:
+        raise SeriesGeometryError("", (path.stem,), f"unreadable header in {path.name}: "
+                                                    f"{type(error).__name__}: {error}") from error
+    return ds
+
+
+def _check_complete(path: Path, ds: Dataset) -> None:
+    """pydicom reads a truncated file without complaint (short last value, or nothing at all); refuse it.
+
+    Offsets are into the file, except in a deflated one (into the inflated stream), which is not checked.
+    """
+    if "SOPInstanceUID" not in ds:
+        raise ValueError("no SOP Instance UID: the data set could not be parsed")
+    if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return
+    size = path.stat().st_size
+    for tag in ds.keys():
+        raw = ds.get_item(tag, keep_deferred=True)
+        length, offset = getattr(raw, "length", None), getattr(raw, "value_tell", None)
+        if length is not None and offset is not None and length != 0xFFFFFFFF and offset + length > size:
+            raise ValueError(f"the file ends inside {raw.tag} ({size - offset} of its {length} bytes present): "
+                             "truncated")
+
+
+def _decode_values(ds: Dataset) -> None:
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag, keep_deferred=True)
+        if getattr(raw, "value", b"") is None:  # deferred: a large value, decoded only if it is used
+            continue
+        element = ds[tag]
+        if element.VR == "SQ":
+            for item in element.value:
+                _decode_values(item)
+
+
 def _read_headers(paths: Iterable[Path]) -> tuple[Dataset, list[_Frame]]:
-    """Headers of every instance (no pixel data); the first dataset carries the series attributes."""
+    """Headers of every instance (pixel data left on disk); the first dataset carries the series attributes."""
     first: Dataset | None = None
     frames: list[_Frame] = []
+    seen: dict[str, Counter] = {name: Counter() for name in _SERIES_CONSTANTS}
     for path in sorted(Path(p) for p in paths):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = _read_header(path)
         first = first if first is not None else ds
+        for name in _SERIES_CONSTANTS:
+            seen[name][str(ds.get(name, "") or "")] += 1
         frames.extend(_frames_of(path, ds))
     if first is None:
         raise SeriesGeometryError("", (), "no instances given")
+    for name, values in seen.items():
+        if len(values) > 1:
+            raise SeriesGeometryError(str(first.get("SeriesInstanceUID", "")), (),
+                                      f"one series with {len(values)} different {name} values {sorted(values)}: "
+                                      "instances of different patients, studies or modalities are never combined")
     return first, frames
 
 
@@ -310,6 +410,19 @@ class _Check:
         if frames[0].pixel_spacing is None:
             raise self.fail(frames[:1], "no Pixel Spacing")
 
+    def pixel_data(self, frames: Sequence[_Frame], slices: int) -> None:
+        """Before anything is allocated or decoded: a size the loader may allocate, pixels as the header says."""
+        first = frames[0]
+        voxels = slices * first.rows * first.columns
+        if voxels > self.options.max_voxels:
+            raise self.fail(frames[:1], f"{slices} x {first.rows} x {first.columns} = {voxels} voxels exceeds "
+                                        f"the loader's limit of {self.options.max_voxels}")
+        for frame in frames:
+            native = not UID(frame.transfer_syntax).is_compressed if frame.transfer_syntax else True
+            problem = frame.pixel_data.problem(frame.rows, frame.columns, native)
+            if problem:
+                raise self.fail([frame], problem)
+
     def positions(self, frames: Sequence[_Frame]) -> tuple[list[list[_Frame]], np.ndarray]:
         """Frames grouped by position along the normal, ascending; returns (groups, distances)."""
         normal = frames[0].normal
@@ -409,8 +522,13 @@ def _decoded(files: dict[Path, list[_Frame]]) -> Iterator[tuple[_Frame, np.ndarr
         wanted = sorted(files[path], key=lambda f: f.source.frame_number or 1)
         indices = [(f.source.frame_number or 1) - 1 for f in wanted]
         source = pydicom.dcmread(path) if wanted[0].transfer_syntax == DeflatedExplicitVRLittleEndian else path
-        for frame, pixels in zip(wanted, iter_pixels(source, indices=indices)):
-            yield frame, pixels
+        try:
+            for frame, pixels in zip(wanted, iter_pixels(source, indices=indices)):
+                yield frame, pixels
+        except Exception as error:  # truncated or corrupt pixel data: the decoder's words, the file named
+            raise SeriesGeometryError(wanted[0].series_instance_uid, (wanted[0].uid,),
+                                      f"pixel data of {path.name} cannot be decoded: "
+                                      f"{type(error).__name__}: {error}") from error
 
 
 def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions()) -> LoadedSeries:
@@ -428,6 +546,7 @@ def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions())
     groups, distances = check.positions(stack)
     spacing_k = check.uniform(groups, distances)
     offsets = check.shear(groups)
+    check.pixel_data(stack, len(groups))
     resample = bool(np.any(offsets))
 
     first = groups[0][0]

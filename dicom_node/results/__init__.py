@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import pydicom
+from pydicom.multival import MultiValue
 
 from dicom_node.results.uids import UidSeed
 
@@ -76,25 +77,55 @@ def source_headers(sources: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
     data set while the File Meta keeps Media Storage SOP Class/Instance UID
     (PS3.10 7.1); the shared real series is such a case. References (PS3.3
     C.7.6.16.2.6, C.17.2) need both, so they are taken from the File Meta. The
-    caller's data sets are not modified.
+    caller's data sets are not modified. The Specific Character Set the
+    results copy from the source is put in the form highdicom accepts
+    (`result_character_set`).
     """
     repaired = []
     for source in sources:
         for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
             if not source.get(keyword):
                 raise ValueError(f"source instance {source.get('SOPInstanceUID', '?')} has an empty {keyword}")
-        if source.get("SOPClassUID") and source.get("SOPInstanceUID"):
+        character_set = result_character_set(source.get("SpecificCharacterSet"))
+        if source.get("SOPClassUID") and source.get("SOPInstanceUID") and character_set == source.get(
+                "SpecificCharacterSet"):
             repaired.append(source)
             continue
         meta = getattr(source, "file_meta", None) or pydicom.Dataset()
         copy = pydicom.Dataset(source)
         copy.file_meta = meta
+        if character_set is None:
+            copy.pop("SpecificCharacterSet", None)
+        else:
+            copy.SpecificCharacterSet = character_set
         copy.SOPClassUID = source.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID")
         copy.SOPInstanceUID = source.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID")
         if not (copy.SOPClassUID and copy.SOPInstanceUID):
             raise ValueError("a source instance has no SOP Class/Instance UID, in the data set or its File Meta")
         repaired.append(copy)
     return repaired
+
+
+def result_character_set(value) -> str | list[str] | None:
+    """Specific Character Set (0008,0005) for a result whose text comes from a source with `value`.
+
+    PS3.3 C.12.1.1.2 lets the first of several values be empty, meaning ISO
+    2022 IR 6 (Japanese sources send `\\ISO 2022 IR 87`); highdicom needs the
+    name. A term no edition defines (pydicom decoded the source with its
+    default) becomes ISO_IR 192: the copied strings are Unicode by now and
+    UTF-8 encodes all of them.
+    """
+    from highdicom.enum import SpecificCharacterSetValues
+
+    if value is None or value == "":
+        return None
+    values = [str(v).strip() for v in (value if isinstance(value, list | tuple | MultiValue) else [value])]
+    if len(values) > 1 and values[0] == "":
+        values[0] = SpecificCharacterSetValues.DEFAULT_REPERTOIRE_CODE_EXTENSIONS.value
+    known = {member.value for member in SpecificCharacterSetValues}
+    if not all(v in known for v in values):
+        return SpecificCharacterSetValues.UNICODE_IN_UTF8.value
+    return values if len(values) > 1 else values[0]
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
