@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 SOP_CLASS_NOT_SUPPORTED = 0x0122
+# A job found `running` at start-up was interrupted by a node crash. Requeue it, but not forever:
+# a job that takes the process down (a native crash in a codec or model runtime) would otherwise
+# crash the node again at every restart and keep it from receiving anything.
+MAX_INTERRUPTED_RUNS = 3
 
 
 class Pipeline:
@@ -61,6 +65,13 @@ class Pipeline:
     def start(self) -> None:
         """Requeue jobs a crash left running, run queued ones, resume pending exports."""
         for job in self.journal.jobs_in_state("running"):
+            if job.attempts >= MAX_INTERRUPTED_RUNS:
+                error = (f"the node stopped {job.attempts} times while running this job (a crash in a model or "
+                         f"codec?); not started again automatically: `dicom-node jobs retry {job.id}`")
+                log.error("restart: job %d (%s) of series %s failed: %s", job.id, job.pipeline,
+                          job.series_instance_uid, error)
+                self.journal.update_job(job.id, state="failed", error=error, finished_at=utcnow())
+                continue
             log.warning("restart: job %d (%s) was running; requeued", job.id, job.pipeline)
             self.journal.update_job(job.id, state="queued")
         self.pick_up_queued()

@@ -218,3 +218,18 @@ def test_jobs_commands_list_show_and_requeue(node, tmp_path):
     assert journal.get_job(job.id).state in ("queued", "running", "failed")
     code, text = _jobs_cli(config, "--json", "dead-letter")
     assert code == 0 and json.loads(text) == []
+
+
+def test_a_job_the_node_died_in_three_times_is_failed_not_rerun(node, tmp_path):
+    """A job that crashes the process (a native codec fault) must not crash-loop the node."""
+    from dicom_node.pipeline import MAX_INTERRUPTED_RUNS
+
+    config, journal, pipeline = node(spleen_modality="MR")
+    record = _spool(journal, tmp_path / "spool", real_series(tmp_path / "real"))
+    job = journal.add_job(record.series_instance_uid, record.generation, "lungs_ct")
+    journal.update_job(job.id, state="running", attempts=MAX_INTERRUPTED_RUNS)
+    pipeline.start()
+    job = journal.get_job(job.id)
+    assert job.state == "failed"
+    assert f"stopped {MAX_INTERRUPTED_RUNS} times" in job.error and f"jobs retry {job.id}" in job.error
+    assert all(Path(i.path).exists() for i in journal.series_instances(record.series_instance_uid, 1))
