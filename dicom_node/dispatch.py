@@ -9,6 +9,10 @@ with result 0x02 is "rejected-transient", 0x01 "rejected-permanent"; a refused c
 timeout or an A-ABORT are transient. A SOP class for which no presentation context was
 accepted is permanent and says "SOP class not supported by destination" so the caller can fall
 back to the overlay series.
+
+A compressed object goes compressed where the destination accepts its syntax and decompressed
+(explicit VR little endian, same SOP Instance UID) where it takes only uncompressed ones, so
+`results.compress_frames` and forwarding of compressed originals never strand an object.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 import pydicom
+from pydicom.pixels import pack_bits
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
@@ -110,18 +115,43 @@ def _read_headers(paths: Sequence[Path]) -> list[_Instance]:
 
 
 def _contexts(instances: Sequence[_Instance], allowed: Sequence[str]) -> list:
-    """Exactly the contexts the files need: each SOP class with the files' own syntaxes, plus
-    explicit/implicit LE when uncompressed; destination.transfer_syntaxes restricts."""
-    wanted: dict[str, list[str]] = {}
+    """The contexts the files need: per SOP class, one context for each compressed syntax
+    the files are in, and one offering explicit + implicit VR little endian (uncompressed files
+    go that way; compressed ones fall back to it, decompressed, when the destination refuses
+    their own syntax). Separate contexts let the destination accept the compressed syntax
+    instead of having to choose one syntax from a mixed list. destination.transfer_syntaxes
+    restricts both."""
+    wanted: dict[tuple[str, tuple[str, ...]], None] = {}
+    uncompressed = tuple(ts for ts in UNCOMPRESSED if not allowed or ts in allowed)
     for inst in instances:
-        syntaxes = wanted.setdefault(inst.sop_class_uid, [])
-        candidates = [inst.transfer_syntax]
-        if UID(inst.transfer_syntax) in UNCOMPRESSED or not UID(inst.transfer_syntax).is_compressed:
-            candidates += list(UNCOMPRESSED)
-        for ts in candidates:
-            if (not allowed or ts in allowed) and ts not in syntaxes:
-                syntaxes.append(ts)
-    return [build_context(sop, syntaxes) for sop, syntaxes in wanted.items() if syntaxes]
+        if _is_compressed(inst.transfer_syntax) and (not allowed or inst.transfer_syntax in allowed):
+            wanted[(inst.sop_class_uid, (inst.transfer_syntax,))] = None
+        if uncompressed:
+            wanted[(inst.sop_class_uid, uncompressed)] = None
+    return [build_context(sop, list(syntaxes)) for sop, syntaxes in wanted]
+
+
+def _is_compressed(transfer_syntax: str) -> bool:
+    return UID(transfer_syntax) not in UNCOMPRESSED and UID(transfer_syntax).is_compressed
+
+
+def _decompressed(path: Path) -> pydicom.Dataset:
+    """The file's dataset with native (uncompressed) Pixel Data, explicit VR little endian.
+
+    1-bit data (BINARY SEG frames) is packed again after decoding, 8 pixels a byte with frames
+    contiguous (PS3.5 8.1.1): pydicom's own decompress() would leave a byte per pixel.
+    """
+    ds = pydicom.dcmread(path)
+    if int(ds.get("BitsAllocated", 0)) == 1:
+        ds.PixelData = pack_bits(ds.pixel_array)
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = False  # it was encapsulated
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    else:
+        # The same instance in another transfer syntax keeps its identity; pydicom would
+        # otherwise give the decompressed dataset a new SOP Instance UID.
+        ds.decompress(generate_instance_uid=False)
+    return ds
 
 
 def _nodelay(event) -> None:
@@ -169,8 +199,8 @@ def send(destination: DestinationConfig, paths: Sequence[Path], calling_ae: str)
     outcomes = []
     try:
         accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+        classes = {sop for sop, _ in accepted}
         for inst in instances:
-            classes = {sop for sop, _ in accepted}
             if inst.sop_class_uid not in classes:
                 outcomes.append(Outcome(inst.sop_instance_uid, None, "permanent",
                                         "SOP class not supported by destination (no accepted presentation context)"))
@@ -178,9 +208,10 @@ def send(destination: DestinationConfig, paths: Sequence[Path], calling_ae: str)
             if not assoc.is_established:
                 outcomes.append(Outcome(inst.sop_instance_uid, None, "transient", "association lost"))
                 continue
+            as_stored = (inst.sop_class_uid, inst.transfer_syntax) in accepted or not _is_compressed(inst.transfer_syntax)
             try:
-                rsp = assoc.send_c_store(inst.path)
-            except (ValueError, RuntimeError) as exc:
+                rsp = assoc.send_c_store(inst.path if as_stored else _decompressed(inst.path))
+            except (ValueError, RuntimeError, NotImplementedError) as exc:  # incl. no decoder for the syntax
                 outcomes.append(Outcome(inst.sop_instance_uid, None, "permanent", f"cannot send: {exc}"))
                 continue
             status = getattr(rsp, "Status", None)

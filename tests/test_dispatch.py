@@ -9,7 +9,7 @@ import pytest
 from dicom_node import dispatch
 from dicom_node.config import DestinationConfig, RetryPolicy
 from tests.peers import SHARED_DATA, ManagedProcess, free_port, wait_for_port
-from tests.peers import dcmtk
+from tests.peers import dcmtk, dciodvfy
 from tests.series_factory import write_ct_series
 
 pytestmark = pytest.mark.skipif(not dcmtk.available(), reason="dcmtk not installed")
@@ -165,3 +165,50 @@ def test_no_context_accepted_at_all_is_permanent(tmp_path):
         report = dispatch.send(DestinationConfig(ae_title="CTONLY", host="127.0.0.1", port=port), [SEG_SAMPLE], "N")
     assert report.outcomes[0].kind == "permanent"
     assert "SOP class not supported" in report.outcomes[0].reason
+
+
+@pytest.mark.parametrize("accept_all", [False, True], ids=["uncompressed-only-pacs", "jpeg2000-pacs"])
+def test_jpeg2000_seg_goes_compressed_where_accepted_else_decompressed(tmp_path, accept_all):
+    """A compressed result reaches a PACS that takes only uncompressed syntaxes (storescp's
+    default) decompressed, 1-bit frames packed again, and a PACS that takes JPEG 2000 (+xa)
+    byte-identical; the mask is the same either way."""
+    import highdicom as hd
+    import numpy as np
+
+    from dicom_node.results.seg import write_seg
+    from tests.test_seg import lung_map, real_sources, seg_options
+
+    path = write_seg(lung_map(), real_sources(), tmp_path / "seg", seg_options(compress=True))
+    port = free_port()
+    out = tmp_path / "pacs"
+    out.mkdir()
+    args = [dcmtk.tool("storescp"), "-aet", "S", "-od", str(out), str(port)] + (["+xa"] if accept_all else [])
+    with ManagedProcess(args) as peer:
+        wait_for_port(port, process=peer.process)
+        report = dispatch.send(DestinationConfig(ae_title="S", host="127.0.0.1", port=port), [path], "N")
+    assert [o.kind for o in report.outcomes] == ["sent"], report
+    (stored,) = list(out.iterdir())
+    received = pydicom.dcmread(stored)
+    expected_syntax = "1.2.840.10008.1.2.4.90" if accept_all else "1.2.840.10008.1.2.1"
+    assert received.file_meta.TransferSyntaxUID == expected_syntax
+    assert np.array_equal(hd.seg.segread(stored).pixel_array, hd.seg.segread(path).pixel_array)
+    assert not dciodvfy.validate(stored).errors
+
+
+def test_jpeg2000_ct_forwarded_decompressed_to_an_uncompressed_only_pacs(tmp_path):
+    """Forwarding the real JPEG 2000 CT to storescp (uncompressed syntaxes only): the pixels arrive equal."""
+    import numpy as np
+
+    from tests.test_receive import sendable_j2k_copies
+
+    paths = sendable_j2k_copies(tmp_path / "j2k")[:3]
+    port = free_port()
+    with dcmtk.storescp(port, tmp_path / "pacs"):
+        report = dispatch.send(DestinationConfig(ae_title="STORESCP", host="127.0.0.1", port=port), paths, "NODE")
+    assert report.all_sent, report
+    received = {str(d.SOPInstanceUID): d for d in map(pydicom.dcmread, (tmp_path / "pacs").iterdir())}
+    for path in paths:
+        sent = pydicom.dcmread(path)
+        stored = received[str(sent.SOPInstanceUID)]
+        assert stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+        assert np.array_equal(stored.pixel_array, sent.pixel_array)
