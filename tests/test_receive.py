@@ -29,8 +29,10 @@ class Node:
     def __init__(self, root: Path, **overrides):
         self.root = root
         self.port = free_port()
+        self.http_port = free_port()
         self.storage = root / "var"
         config = {
+            "http": {"host": "127.0.0.1", "port": self.http_port},
             "node": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": self.port, "storage_dir": "var",
                      "min_free_disk_mb": 1},
             "security": {"calling_aes": [{"ae_title": "STORESCU"}, {"ae_title": "ECHOSCU", "host": "127.0.0.1"}]},
