@@ -127,12 +127,18 @@ class Receiver:
 
     # --- association level -----------------------------------------------------------------------
 
-    @staticmethod
-    def _on_conn_open(event) -> None:
-        """Nagle off: otherwise each C-STORE-RSP can wait for the peer's delayed ACK (~40 ms)."""
+    def _on_conn_open(self, event) -> None:
+        """Nagle off: otherwise each C-STORE-RSP can wait for the peer's delayed ACK (~40 ms).
+
+        And a read timeout: an accepted socket blocks forever by default, and
+        pynetdicom reads a whole PDU in one blocking call, so a peer that
+        announces a PDU length and stops sending would hold its thread (and an
+        association slot) until it hangs up; ARTIM cannot interrupt a read.
+        """
         sock = event.assoc.dul.socket.socket
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(self.config.node.network_timeout_s)
 
     def _on_requested(self, event) -> None:
         assoc = event.assoc

@@ -1,0 +1,28 @@
+"""Threads and open file descriptors of a running process, from /proc (Linux)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Resources:
+    threads: int
+    fds: int
+
+    def within(self, baseline: Resources) -> bool:
+        return self.threads <= baseline.threads and self.fds <= baseline.fds
+
+
+def resources(pid: int) -> Resources:
+    return Resources(len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd")))
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM: the peak resident set size of the process so far."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
