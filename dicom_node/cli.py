@@ -59,7 +59,13 @@ def _serve(args: argparse.Namespace) -> int:
     config = config_from(args.config)
     from dicom_node import server  # imported here: check-config and the admin commands stay light
 
-    server.serve(config, log_format=args.log_format)
+    from dicom_node.api import ApiBindError
+
+    try:
+        server.serve(config, log_format=args.log_format)
+    except ApiBindError as error:
+        print(f"dicom-node serve: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -92,7 +98,43 @@ def register_jobs(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=lambda args: jobs.run(args, config_from(args.config)))
 
 
-REGISTRARS: tuple[Registrar, ...] = (register_serve, register_check_config, register_models, register_jobs)
+def _with_config(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace, Config], int]) -> None:
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file (default config.yaml)")
+    parser.set_defaults(handler=lambda args: handler(args, config_from(args.config)))
+
+
+def register_status(subparsers: argparse._SubParsersAction) -> None:
+    from dicom_node import status
+
+    _with_config(status.add_parser(subparsers), status.run)
+
+
+def register_send(subparsers: argparse._SubParsersAction) -> None:
+    from dicom_node import send
+
+    send_parser, echo_parser = send.add_parsers(subparsers)
+    _with_config(send_parser, send.run_send)
+    _with_config(echo_parser, send.run_echo)
+
+
+def register_audit(subparsers: argparse._SubParsersAction) -> None:
+    from dicom_node import audit
+
+    def handler(args: argparse.Namespace, config: Config) -> int:
+        from dicom_node.journal import Journal
+        from dicom_node.server import journal_url
+
+        journal = Journal(journal_url(config))
+        try:
+            return audit.run(args, journal)
+        finally:
+            journal.close()
+
+    _with_config(audit.add_parser(subparsers), handler)
+
+
+REGISTRARS: tuple[Registrar, ...] = (register_serve, register_check_config, register_status, register_models,
+                                     register_jobs, register_send, register_audit)
 
 
 def build_parser(registrars: Sequence[Registrar] = REGISTRARS) -> argparse.ArgumentParser:

@@ -3,7 +3,11 @@
 DICOM has no "end of series" message, so two signals are used (apscheduler
 jobs in the `serve` process):
 
-- stable timeout: no instance arrived for `completion.stable_seconds`;
+- stable timeout: no instance arrived for `completion.stable_seconds`, and
+  the node has been up that long: a series still arriving when the node
+  died gets a full stable period after the restart, because its sender saw
+  the association abort and resends; completing it at once would process
+  the partial series and file the resent rest as a second generation;
 - release fast path: the association that delivered the series was released
   normally (A-RELEASE, PS3.8 7.2) and no other open association is still
   sending that series; after `completion.after_release_seconds` of grace the
@@ -24,6 +28,8 @@ from datetime import datetime, timedelta, timezone
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.journal import Journal, SeriesRecord
+from dicom_node.logs import series_context
+from dicom_node.metrics import NodeMetrics
 
 log = logging.getLogger("dicom_node.complete")
 
@@ -34,14 +40,16 @@ class CompletionTracker:
     """Knows which open association is sending which series, and completes series."""
 
     def __init__(self, journal: Journal, stable_seconds: float, after_release_seconds: float,
-                 on_series_complete: Callable[[SeriesRecord], None] | None = None):
+                 on_series_complete: Callable[[SeriesRecord], None] | None = None, metrics: NodeMetrics | None = None):
         self.journal = journal
+        self.metrics = metrics or NodeMetrics()
         self.stable_seconds = stable_seconds
         self.after_release_seconds = after_release_seconds
         self.on_series_complete = on_series_complete
         self._lock = threading.Lock()
         self._sending: dict[int, set[SeriesKey]] = defaultdict(set)  # association id -> series it sent
         self.scheduler = BackgroundScheduler(timezone=timezone.utc)
+        self.started_at = datetime.now(timezone.utc)
 
     def start(self) -> None:
         interval = max(0.5, min(self.stable_seconds / 4, 5.0))
@@ -75,6 +83,8 @@ class CompletionTracker:
 
     def check_stable(self) -> None:
         quiet_since = datetime.now(timezone.utc) - timedelta(seconds=self.stable_seconds)
+        if quiet_since < self.started_at:
+            return
         for record in self.journal.series_in_state("receiving"):
             if record.last_received_at <= quiet_since:
                 self._complete((record.series_instance_uid, record.generation), quiet_since, why="stable timeout")
@@ -83,17 +93,21 @@ class CompletionTracker:
         record = self.journal.complete_series(key[0], key[1], quiet_since=quiet_since)
         if record is None:
             return
-        log.info("series complete (%s): study=%s series=%s generation=%d instances=%d modality=%s "
-                 "description=%r calling_ae=%s", why, record.study_instance_uid, record.series_instance_uid,
-                 record.generation, record.instance_count, record.modality, record.series_description,
-                 record.calling_ae)
+        self.metrics.series_completed.labels(trigger=why).inc()
+        self.metrics.observe_stage("wait_for_complete", (record.completed_at - record.last_received_at).total_seconds())
+        with series_context(record.study_instance_uid, record.series_instance_uid):
+            log.info("series complete (%s): study=%s series=%s generation=%d instances=%d modality=%s "
+                     "description=%r calling_ae=%s", why, record.study_instance_uid, record.series_instance_uid,
+                     record.generation, record.instance_count, record.modality, record.series_description,
+                     record.calling_ae)
         self.hand_over(record)
 
     def hand_over(self, record: SeriesRecord) -> None:
         if self.on_series_complete is None:
             return
-        try:
-            self.on_series_complete(record)
-        except Exception:
-            log.exception("on_series_complete failed for series %s generation %d",
-                          record.series_instance_uid, record.generation)
+        with series_context(record.study_instance_uid, record.series_instance_uid):
+            try:
+                self.on_series_complete(record)
+            except Exception:
+                log.exception("on_series_complete failed for series %s generation %d",
+                              record.series_instance_uid, record.generation)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -27,8 +28,11 @@ from pathlib import Path
 import pydicom
 
 from dicom_node import route
+from dicom_node.audit import AuditEvent, AuditLog
 from dicom_node.config import Config, PipelineConfig
 from dicom_node.journal import JobRecord, Journal, SeriesRecord, utcnow
+from dicom_node.logs import series_context
+from dicom_node.metrics import NodeMetrics, failure_reason
 from dicom_node.results import OutputSeries
 
 log = logging.getLogger(__name__)
@@ -44,9 +48,11 @@ MAX_INTERRUPTED_RUNS = 3
 class Pipeline:
     """Routing, the bounded inference worker pool and the dispatch loop of one node."""
 
-    def __init__(self, config: Config, journal: Journal) -> None:
+    def __init__(self, config: Config, journal: Journal, metrics: NodeMetrics | None = None) -> None:
         self.config = config
         self.journal = journal
+        self.metrics = metrics or NodeMetrics()
+        self.audit = AuditLog(journal)
         self.results_dir = Path(config.node.storage_dir) / "results"
         self._workers = ThreadPoolExecutor(max_workers=max(1, config.inference.workers),
                                            thread_name_prefix="job")
@@ -112,8 +118,9 @@ class Pipeline:
                                       reason=", ".join(m.pipeline for m in matches))
         for match in matches:
             job = self.journal.add_job(series.series_instance_uid, series.generation, match.pipeline)
-            log.info("series %s -> pipeline %s (job %d): %s", series.series_instance_uid, match.pipeline,
-                     job.id, "; ".join(match.reasons))
+            with series_context(series.study_instance_uid, series.series_instance_uid, job.id):
+                log.info("series %s -> pipeline %s (job %d): %s", series.series_instance_uid, match.pipeline,
+                         job.id, "; ".join(match.reasons))
             if job.state == "queued":
                 self.submit(job)
 
@@ -131,9 +138,17 @@ class Pipeline:
 
     # --- jobs --------------------------------------------------------------------------------
 
+    def _job_context(self, job_id: int):
+        """Log context of a job: its id and its series' Study/Series Instance UIDs."""
+        job = self.journal.get_job(job_id)
+        series = self.journal.get_series(job.series_instance_uid, job.generation) if job else None
+        return series_context(series.study_instance_uid if series else None,
+                              job.series_instance_uid if job else None, job_id)
+
     def _run_guarded(self, job_id: int) -> None:
         try:
-            self._run(job_id)
+            with self._job_context(job_id):
+                self._run(job_id)
         finally:
             with self._submitted_lock:
                 self._submitted.discard(job_id)
@@ -145,16 +160,21 @@ class Pipeline:
         job = self.journal.update_job(job_id, state="running", started_at=utcnow(), attempts=job.attempts + 1,
                                       error=None)
         try:
-            self.run_job(job)
+            written = self.run_job(job)
         except Exception as error:
             from dicom_node.volume import SeriesGeometryError
             text = f"{type(error).__name__}: {error}"
             self.journal.update_job(job_id, state="failed", error=text, finished_at=utcnow())
+            self.audit.record(AuditEvent("produced", series_instance_uid=job.series_instance_uid, job_id=job_id,
+                                         instance_count=0, status="failed", detail=f"{job.pipeline}: {text}"))
             if isinstance(error, SeriesGeometryError):
                 self.journal.set_series_state(job.series_instance_uid, job.generation, "quarantined", reason=text)
             log.exception("job %d (%s) failed; the series stays in the spool", job_id, job.pipeline)
             return
         self.journal.update_job(job_id, state="done", finished_at=utcnow())
+        self.audit.record(AuditEvent("produced", series_instance_uid=job.series_instance_uid, job_id=job_id,
+                                     instance_count=len(written), status="done",
+                                     detail=f"{job.pipeline}: {', '.join(sorted({p.parent.name for p in written}))}"))
         self._dispatch_wakeup.set()
 
     def run_job(self, job: JobRecord) -> list[Path]:
@@ -175,6 +195,8 @@ class Pipeline:
         self.journal.update_job(job.id, output_dir=str(out_dir))
         written = self._write_results(job, pipeline, masks, probabilities, sources, loaded.volume, out_dir)
         t3 = utcnow()
+        for stage, start, end in (("load", t0, t1), ("inference", t1, t2), ("encode", t2, t3)):
+            self.metrics.observe_stage(stage, (end - start).total_seconds())
         for path in written["all"]:
             uid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
             for destination in pipeline.destinations:
@@ -205,7 +227,7 @@ class Pipeline:
                 masks[step.name] = segment_lungs_classical(volume)
                 continue
             from inference import tasks
-            repository, backend = self._inference()
+            repository, backend = self.inference()
             entry = repository.get(step.model)
             if step.task == "segmentation":
                 masks[step.name] = tasks.segment(volume, entry, backend)
@@ -213,7 +235,7 @@ class Pipeline:
                 probabilities.append(tasks.classify(volume, masks[step.input_mask], entry, backend))
         return masks, probabilities
 
-    def _inference(self):
+    def inference(self):
         """The model repository and backend, opened once on first use (a model load is seconds)."""
         with self._backend_lock:
             if self._backend is None:
@@ -284,22 +306,49 @@ class Pipeline:
         for name, exports in by_destination.items():
             destination = self.config.destinations[name]
             calling = destination.calling_ae_title or self.config.node.ae_title
+            started = time.monotonic()
             report = dispatch.send(destination, [Path(e.path) for e in exports], calling)
+            self.metrics.observe_stage("dispatch", time.monotonic() - started)
             outcomes = {o.sop_instance_uid: o for o in report.outcomes}
+            by_job = defaultdict(list)
             for export in exports:
-                outcome = outcomes.get(export.sop_instance_uid)
-                if outcome is None:
-                    self._transient(export, destination, None, "no outcome reported")
-                elif outcome.kind in ("sent", "warning"):
-                    if outcome.kind == "warning":
-                        log.warning("export %d to %s stored with warning 0x%04X: %s", export.id, name,
-                                    outcome.status or 0, outcome.reason)
-                    self.journal.update_export(export.id, state="sent", sent_at=utcnow(), reason=outcome.reason,
-                                               last_status=outcome.status, attempts=export.attempts + 1)
-                elif outcome.kind == "transient":
+                by_job[export.job_id].append(export)
+            for job_id, job_exports in by_job.items():
+                with self._job_context(job_id):
+                    self._settle(job_id, destination, job_exports, outcomes)
+
+    def _settle(self, job_id: int, destination, exports, outcomes) -> None:
+        """Journal each export's outcome, count failures, audit one line per (job, destination) pass."""
+        name = exports[0].destination
+        statuses: dict[str, int] = defaultdict(int)
+        sent = 0
+        for export in exports:
+            outcome = outcomes.get(export.sop_instance_uid)
+            statuses[outcome.reason if outcome else "no outcome reported"] += 1
+            if outcome is None:
+                self.metrics.dispatch_failures.labels(destination=name, reason=failure_reason("transient", None)).inc()
+                self._transient(export, destination, None, "no outcome reported")
+            elif outcome.kind in ("sent", "warning"):
+                if outcome.kind == "warning":
+                    log.warning("export %d to %s stored with warning 0x%04X: %s", export.id, name,
+                                outcome.status or 0, outcome.reason)
+                sent += 1
+                self.metrics.exports_sent.labels(destination=name).inc()
+                self.journal.update_export(export.id, state="sent", sent_at=utcnow(), reason=outcome.reason,
+                                           last_status=outcome.status, attempts=export.attempts + 1)
+            else:
+                self.metrics.dispatch_failures.labels(destination=name,
+                                                      reason=failure_reason(outcome.kind, outcome.status)).inc()
+                if outcome.kind == "transient":
                     self._transient(export, destination, outcome.status, outcome.reason)
                 else:
                     self._dead(export, outcome.status, outcome.reason)
+        job = self.journal.get_job(job_id)
+        self.audit.record(AuditEvent(
+            "sent" if sent == len(exports) else "failed", series_instance_uid=job.series_instance_uid if job else None,
+            job_id=job_id, destination=name, instance_count=sent,
+            status=f"{sent}/{len(exports)} stored",
+            detail="; ".join(f"{reason} x{count}" for reason, count in sorted(statuses.items()))))
 
     def _transient(self, export, destination, status, reason) -> None:
         from dicom_node import dispatch

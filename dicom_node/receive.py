@@ -23,6 +23,7 @@ import logging
 import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from io import BytesIO
 
@@ -31,9 +32,11 @@ from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
 from pydicom import uid as tsuid
 
+from dicom_node.audit import AuditEvent, AuditLog
 from dicom_node.complete import CompletionTracker
 from dicom_node.config import Config
 from dicom_node.journal import Journal, NewInstance
+from dicom_node.metrics import NodeMetrics
 from dicom_node.spool import InstanceKey, InvalidUID, Spool
 
 log = logging.getLogger("dicom_node.receive")
@@ -76,6 +79,7 @@ class AssociationStats:
     bytes: int = 0
     failures: int = 0
     released: bool = False
+    series: Counter[tuple[str, str]] = field(default_factory=Counter)  # (study, series) UIDs -> instances stored
 
 
 def calling_ae_allowed(config: Config, calling_ae: str, host: str) -> bool:
@@ -89,11 +93,14 @@ def calling_ae_allowed(config: Config, calling_ae: str, host: str) -> bool:
 class Receiver:
     """Owns the AE and the per-association bookkeeping; `start()` binds the port."""
 
-    def __init__(self, config: Config, spool: Spool, journal: Journal, tracker: CompletionTracker):
+    def __init__(self, config: Config, spool: Spool, journal: Journal, tracker: CompletionTracker,
+                 metrics: NodeMetrics | None = None):
         self.config = config
         self.spool = spool
         self.journal = journal
         self.tracker = tracker
+        self.metrics = metrics or NodeMetrics()
+        self.audit = AuditLog(journal)
         self._stats: dict[int, AssociationStats] = {}
         self._lock = threading.Lock()
         node = config.node
@@ -125,6 +132,10 @@ class Receiver:
         if self.server is not None:
             self.server.shutdown()
 
+    def open_associations(self) -> list[AssociationStats]:
+        with self._lock:
+            return list(self._stats.values())
+
     # --- association level -----------------------------------------------------------------------
 
     def _on_conn_open(self, event) -> None:
@@ -150,10 +161,12 @@ class Receiver:
             log.warning("association rejected: calling AE %r from %s not recognized (called %r)",
                         calling, host, called)
             self._reject(assoc, 0x03)
+            self.metrics.associations_rejected.labels(reason="calling AE not recognized").inc()
         elif called != self.config.node.ae_title.strip():
             log.warning("association rejected: called AE %r is not ours (%r); calling AE %r from %s",
                         called, self.config.node.ae_title, calling, host)
             self._reject(assoc, 0x07)
+            self.metrics.associations_rejected.labels(reason="called AE not recognized").inc()
 
     @staticmethod
     def _reject(assoc, reason: int) -> None:
@@ -169,6 +182,7 @@ class Receiver:
             self._stats[id(assoc)] = AssociationStats(
                 calling_ae=request.calling_ae_title.strip(), called_ae=request.called_ae_title.strip(),
                 peer=f"{assoc.requestor.address}:{assoc.requestor.port}")
+        self.metrics.associations_open.inc()
 
     def _on_released(self, event) -> None:
         stats = self._stats.get(id(event.assoc))
@@ -181,8 +195,15 @@ class Receiver:
         if stats is None:  # rejected or never negotiated
             return
         duration = time.monotonic() - stats.started
+        outcome = "released" if stats.released else "aborted"
+        self.metrics.associations_open.dec()
+        self.metrics.associations.labels(calling_ae=stats.calling_ae, outcome=outcome).inc()
+        for (study, series), count in stats.series.items():
+            self.audit.record(AuditEvent("received", calling_ae=stats.calling_ae, host=stats.peer.rpartition(":")[0],
+                                         study_instance_uid=study, series_instance_uid=series, instance_count=count,
+                                         status=outcome, detail=f"called AE {stats.called_ae}"))
         log.info("association %s calling_ae=%s peer=%s instances=%d bytes=%d failures=%d duration=%.2fs",
-                 "released" if stats.released else "aborted", stats.calling_ae, stats.peer, stats.instances,
+                 outcome, stats.calling_ae, stats.peer, stats.instances,
                  stats.bytes, stats.failures, duration)
         self.tracker.association_closed(id(event.assoc), released=stats.released)
 
@@ -244,5 +265,8 @@ class Receiver:
         if stats is not None:
             stats.instances += 1
             stats.bytes += len(encoded)
+            stats.series[(key.study_instance_uid, key.series_instance_uid)] += 1
+        self.metrics.instances_received.labels(calling_ae=calling).inc()
+        self.metrics.bytes_received.labels(calling_ae=calling).inc(len(encoded))
         self.tracker.instance_received(id(event.assoc), record.series_instance_uid, record.generation)
         return STATUS_SUCCESS

@@ -1,14 +1,19 @@
-"""`dicom-node serve`: journal, restart reconciliation, completion scheduler, pipeline, Storage SCP.
+"""`dicom-node serve`: journal, restart reconciliation, completion scheduler, pipeline, Storage SCP, HTTP API.
 
 Start-up order matters for "nothing acknowledged is ever lost": the journal
 is reconciled with the spool before the port opens, so a crash at any point
 of a C-STORE (temp file written, renamed, row committed) is repaired first.
+
+Shutdown on SIGTERM (or SIGINT) runs in the reverse order: the DICOM port
+closes first (no new associations; open ones are ended), then completion stops,
+then the pipeline lets running jobs finish while queued jobs stay `queued` in
+the journal for the next start, the HTTP API stops, and the SQLite WAL is
+checkpointed into the database file before it is closed. The exit code is 0.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import signal
 import threading
@@ -17,10 +22,13 @@ from pathlib import Path
 
 import pydicom
 
+from dicom_node import logs
 from dicom_node.complete import CompletionTracker
 from dicom_node.config import Config
 from dicom_node.journal import Journal, NewInstance, default_url
+from dicom_node.metrics import JournalCollector, NodeMetrics
 from dicom_node.receive import Receiver
+from dicom_node.status import journal_counts
 from dicom_node.spool import InstanceKey, Spool
 
 log = logging.getLogger("dicom_node.server")
@@ -69,57 +77,42 @@ def _journal_file(path: Path, journal: Journal) -> None:
         series_description=str(ds.get("SeriesDescription", "") or "")))
 
 
-def _start_pipeline(config: Config, journal: Journal):
+def _start_pipeline(config: Config, journal: Journal, metrics: NodeMetrics):
     """The routing/inference stage, when installed (dicom_node.pipeline.Pipeline)."""
     if importlib.util.find_spec("dicom_node.pipeline") is None:
         return None
     from dicom_node import pipeline as module
     if not hasattr(module, "Pipeline"):
         return None
-    pipeline = module.Pipeline(config, journal)
+    pipeline = module.Pipeline(config, journal, metrics)
     pipeline.start()
     return pipeline
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object a line, for log shippers."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                           "message": record.getMessage()})
-
-
-def _configure_logging(log_format: str) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if log_format == "json"
-                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-
-
 def serve(config: Config, log_format: str = "text") -> None:
-    """Run the node until SIGTERM or SIGINT; then stop accepting and shut down cleanly."""
-    _configure_logging(log_format)
+    """Run the node until SIGTERM or SIGINT; then shut down as the module docstring says."""
+    logs.configure(log_format)
     spool = Spool(Path(config.node.storage_dir))
     journal = Journal(journal_url(config))
     reconcile(spool, journal)
-    pipeline = _start_pipeline(config, journal)
+    metrics = NodeMetrics()
+    metrics.add_collector(JournalCollector(lambda: journal_counts(journal), spool.free_bytes))
+    pipeline = _start_pipeline(config, journal, metrics)
     tracker = CompletionTracker(journal, config.completion.stable_seconds, config.completion.after_release_seconds,
-                                on_series_complete=pipeline.on_series_complete if pipeline else None)
+                                on_series_complete=pipeline.on_series_complete if pipeline else None, metrics=metrics)
     tracker.start()
     for record in journal.series_in_state("complete"):  # complete but never routed before the restart
         log.info("restart: series %s generation %d is complete and not yet routed; handing over",
                  record.series_instance_uid, record.generation)
         tracker.hand_over(record)
-    receiver = Receiver(config, spool, journal, tracker)
+    receiver = Receiver(config, spool, journal, tracker, metrics)
+    api = _api_server(config, journal, metrics, receiver, pipeline)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stopping.set())
-    receiver.start()
     try:
+        api.start()
+        receiver.start()
         while not stopping.wait(1.0):
             pass
     finally:
@@ -127,6 +120,39 @@ def serve(config: Config, log_format: str = "text") -> None:
         receiver.stop()
         tracker.stop()
         if pipeline is not None:
+            log.info("waiting for running jobs; queued jobs stay queued in the journal")
             pipeline.stop()
+        api.stop()
+        _checkpoint(journal)
         journal.close()
         log.info("stopped")
+
+
+def _api_server(config: Config, journal: Journal, metrics: NodeMetrics, receiver: Receiver, pipeline):
+    from dicom_node.api import ApiServer, NodeHandles, create_app
+    from dicom_node.audit import AuditLog
+    from dicom_node.status import OpenAssociation
+
+    def open_inference():
+        if pipeline is None:
+            raise RuntimeError("no pipeline stage in this installation")
+        return pipeline.inference()
+
+    def associations() -> list[OpenAssociation]:
+        return [OpenAssociation(s.calling_ae, s.peer, s.instances, s.bytes) for s in receiver.open_associations()]
+
+    handles = NodeHandles(config=config, journal=journal, metrics=metrics, audit=AuditLog(journal),
+                          open_inference=open_inference, associations=associations,
+                          pick_up_queued=pipeline.pick_up_queued if pipeline else lambda: None)
+    return ApiServer(create_app(handles), config.http.host, config.http.port)
+
+
+def _checkpoint(journal: Journal) -> None:
+    """Move the WAL's committed pages into the database file, so the file alone is the whole state."""
+    if journal.engine.dialect.name != "sqlite":
+        return
+    try:
+        with journal.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    except Exception as error:  # the WAL is still durable; the next open checkpoints it
+        log.warning("journal checkpoint failed: %s", error)

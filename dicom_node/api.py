@@ -1,0 +1,244 @@
+"""The node's HTTP API for admins and monitoring: health, readiness, Prometheus metrics, jobs.
+
+Served by `dicom-node serve` (uvicorn in a thread) on `http.host:http.port`,
+loopback by default. With `http.bearer_token` set (config.py requires it off
+loopback) every path except `/healthz` needs `Authorization: Bearer <token>`:
+the API names studies, series and jobs. `/healthz` stays open because it says
+nothing but "the process answers", and container health checks carry no token.
+The OpenAPI description is at `/openapi.json` (browsable at `/docs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import uvicorn
+from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+
+from dicom_node.audit import AUDIT_EVENTS, AuditEvent, AuditLog, AuditRecord
+from dicom_node.config import Config
+from dicom_node.journal import (JOB_STATES, ExportRecord, JobRecord, Journal, SeriesRecord, _record, exports, jobs,
+                                series)
+from dicom_node.metrics import CONTENT_TYPE, NodeMetrics
+from dicom_node.status import InferenceOpener, NodeStatus, OpenAssociation, configured_models, readiness, snapshot
+
+log = logging.getLogger("dicom_node.api")
+
+OPEN_PATHS = frozenset({"/healthz"})
+JobState = Literal[JOB_STATES]
+AuditEventKind = Literal[AUDIT_EVENTS]
+
+
+@dataclass(frozen=True)
+class NodeHandles:
+    """What the API reads from the running node (built by `dicom_node.server.serve`)."""
+
+    config: Config
+    journal: Journal
+    metrics: NodeMetrics
+    audit: AuditLog
+    open_inference: InferenceOpener
+    associations: Callable[[], list[OpenAssociation]]
+    pick_up_queued: Callable[[], None]  # the pipeline runs a requeued job without waiting for its next pass
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One repository entry, in the spirit of Clara AIAA's model list."""
+
+    name: str
+    task: str | None
+    platform: str | None
+    version: int | None
+    labels: list[str]
+    pipelines: list[str]
+    ready: bool
+    error: str | None
+
+
+@dataclass(frozen=True)
+class JobDetail:
+    job: JobRecord
+    exports: list[ExportRecord]
+
+
+@dataclass(frozen=True)
+class SeriesDetail:
+    generations: list[SeriesRecord]
+    jobs: list[JobRecord]
+    audit: list[AuditRecord]
+
+
+def create_app(node: NodeHandles) -> FastAPI:
+    app = FastAPI(title="dicom-node", version="0.1.0",
+                  description="Status, metrics and jobs of a DICOM node that runs AI pipelines on CT series.")
+    token = node.config.http.bearer_token
+
+    @app.middleware("http")
+    async def bearer_token(request: Request, call_next):
+        if token is not None and request.url.path not in OPEN_PATHS:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+                return JSONResponse({"detail": "bearer token required"}, status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    @app.get("/healthz", summary="Liveness: the process answers")
+    def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz", summary="Readiness: journal writable, disk above the floor, backend and models ready",
+             responses={503: {"description": "not ready; `reasons` says why"}})
+    def readyz() -> JSONResponse:
+        result = readiness(node.config, node.journal, node.open_inference)
+        body = {"ready": result.ready, "reasons": result.reasons,
+                "checks": [dataclasses.asdict(check) for check in result.checks]}
+        return JSONResponse(body, status_code=200 if result.ready else 503)
+
+    @app.get("/metrics", summary="Prometheus text exposition", response_class=Response)
+    def metrics() -> Response:
+        return Response(node.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/status", summary="What `dicom-node status` shows")
+    def status() -> NodeStatus:
+        return snapshot(node.config, node.journal, readiness(node.config, node.journal, node.open_inference),
+                        source="node", associations=node.associations())
+
+    @app.get("/v1/models", summary="Models of the repository and the pipelines that use them")
+    def models() -> list[ModelInfo]:
+        return list_models(node.config, node.open_inference)
+
+    @app.get("/v1/jobs", summary="Jobs, newest first")
+    def list_jobs(state: JobState | None = None, pipeline: str | None = None,
+                  series_instance_uid: str | None = None, limit: int = Query(100, ge=1, le=10000)) -> list[JobRecord]:
+        query = select(jobs)
+        for column, value in (("state", state), ("pipeline", pipeline), ("series_instance_uid", series_instance_uid)):
+            if value is not None:
+                query = query.where(jobs.c[column] == value)
+        return _rows(node.journal, JobRecord, query.order_by(jobs.c.id.desc()).limit(limit))
+
+    @app.get("/v1/jobs/{job_id}", summary="One job with its exports", responses={404: {"description": "no such job"}})
+    def get_job(job_id: int) -> JobDetail:
+        job = _job_or_404(node.journal, job_id)
+        return JobDetail(job, _rows(node.journal, ExportRecord,
+                                    select(exports).where(exports.c.job_id == job_id).order_by(exports.c.id)))
+
+    @app.post("/v1/jobs/{job_id}/retry", status_code=202, summary="Requeue a failed (or done) job",
+              responses={404: {"description": "no such job"}, 409: {"description": "the job is queued or running"}})
+    def retry_job(job_id: int, request: Request) -> JobRecord:
+        job = _job_or_404(node.journal, job_id)
+        if job.state not in ("failed", "done"):
+            raise HTTPException(409, f"job {job_id} is {job.state}; only failed or done jobs are retried")
+        job = node.journal.update_job(job_id, state="queued", error=None, finished_at=None)
+        node.audit.record(AuditEvent("retry", host=request.client.host if request.client else None,
+                                     series_instance_uid=job.series_instance_uid, job_id=job_id,
+                                     detail=f"requeued through the API (pipeline {job.pipeline})"))
+        log.info("job %d (%s) requeued through the API", job_id, job.pipeline)
+        node.pick_up_queued()
+        return job
+
+    @app.get("/v1/series/{series_instance_uid}", summary="Every generation of a series, its jobs and audit trail",
+             responses={404: {"description": "the journal has no such series"}})
+    def get_series(series_instance_uid: str) -> SeriesDetail:
+        generations = _rows(node.journal, SeriesRecord, select(series).where(
+            series.c.series_instance_uid == series_instance_uid).order_by(series.c.generation))
+        if not generations:
+            raise HTTPException(404, f"no series {series_instance_uid} in the journal")
+        return SeriesDetail(generations, _rows(node.journal, JobRecord, select(jobs).where(
+            jobs.c.series_instance_uid == series_instance_uid).order_by(jobs.c.id)),
+            node.audit.query(series_instance_uid=series_instance_uid, limit=1000))
+
+    @app.get("/v1/audit", summary="Audit log, newest first: who sent what, what was produced, where it went")
+    def audit(series_instance_uid: str | None = None, study_instance_uid: str | None = None,
+              job_id: int | None = None, event: AuditEventKind | None = None,
+              limit: int = Query(100, ge=1, le=10000)) -> list[AuditRecord]:
+        return node.audit.query(series_instance_uid=series_instance_uid, study_instance_uid=study_instance_uid,
+                                job_id=job_id, event=event, limit=limit)
+
+    return app
+
+
+def list_models(config: Config, open_inference: InferenceOpener) -> list[ModelInfo]:
+    """Every entry of the repository (a broken one listed with its error) plus models pipelines name but lack."""
+    from inference.repository import RepositoryError
+
+    used = configured_models(config)
+    root = Path(config.inference.model_repository)
+    names = set(used)
+    if root.is_dir():
+        names |= {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and ((p / "config.pbtxt").exists() or (p / "pipeline.yaml").exists())}
+    try:
+        repository, backend = open_inference()
+    except Exception as error:
+        return [ModelInfo(name, None, None, None, [], used.get(name, []), False, f"backend: {error}")
+                for name in sorted(names)]
+    infos = []
+    for name in sorted(names):
+        try:
+            entry = repository.get(name)
+        except RepositoryError as error:
+            infos.append(ModelInfo(name, None, None, None, [], used.get(name, []), False, str(error)))
+            continue
+        spec = entry.pipeline
+        labels = [label.name for label in spec.labels] or (
+            [c.name for c in spec.classification.classes] if spec.classification else [])
+        try:
+            backend.check(entry)
+            error = None
+        except Exception as failure:
+            error = str(failure)
+        infos.append(ModelInfo(name, spec.task, entry.platform, entry.version, labels, used.get(name, []),
+                               error is None, error))
+    return infos
+
+
+def _job_or_404(journal: Journal, job_id: int) -> JobRecord:
+    job = journal.get_job(job_id)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id}")
+    return job
+
+
+def _rows(journal: Journal, cls, query) -> list:
+    with journal.engine.connect() as conn:
+        return [_record(cls, row) for row in conn.execute(query)]
+
+
+class ApiBindError(RuntimeError):
+    """The configured HTTP address cannot be listened on; `serve` stops instead of running unobservable."""
+
+
+class ApiServer:
+    """uvicorn serving the app on a thread of `serve` (its signal handling stays with `serve`)."""
+
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        self.address = f"{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    access_log=False, lifespan="off"))
+        self._thread = threading.Thread(target=self.server.run, name="http-api", daemon=True)
+
+    def start(self, timeout: float = 30) -> None:
+        """Return once listening; raise if the address cannot be bound (uvicorn's thread then ends)."""
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise ApiBindError(f"HTTP API could not listen on {self.address} (address in use or not local?)")
+            time.sleep(0.02)
+        log.info("HTTP API on http://%s (/healthz /readyz /metrics /v1/... /docs)", self.address)
+
+    def stop(self, timeout: float = 10) -> None:
+        self.server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout)

@@ -1,0 +1,125 @@
+"""The audit log: who sent what, what the node made of it, where it went and with what status.
+
+One row per fact, kept in the journal's database (table `audit`) so it shares
+its durability and backups, and queried by `GET /v1/audit` and `dicom-node
+audit`. Events:
+
+- `received`: an association delivered instances of a series (calling AE, peer
+  host, study/series, instance count), written when the association ends;
+- `produced`: a job finished and wrote result instances (or failed, with why);
+- `sent` / `failed`: one dispatch pass to one destination for one job, with the
+  instance count and the DIMSE status or association failure;
+- `retry`: an admin requeued a job (API or CLI).
+
+The table is created here, not in journal.py, so the journal's schema for the
+stages stays what the stages need; it lives on the same engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TextIO
+
+from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, select
+
+from dicom_node.journal import Journal, _aware, utcnow
+
+AUDIT_EVENTS = ("received", "produced", "sent", "failed", "retry")
+
+_metadata = MetaData()
+audit = Table(
+    "audit", _metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("time", DateTime(timezone=True), nullable=False, index=True),
+    Column("event", String(16), nullable=False),
+    Column("calling_ae", String(16)),
+    Column("host", String(64)),
+    Column("study_instance_uid", String(64)),
+    Column("series_instance_uid", String(64), index=True),
+    Column("job_id", Integer),
+    Column("destination", String(128)),
+    Column("instance_count", Integer),
+    Column("status", String(64)),
+    Column("detail", Text),
+)
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    event: str
+    calling_ae: str | None = None
+    host: str | None = None
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    job_id: int | None = None
+    destination: str | None = None
+    instance_count: int | None = None
+    status: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditRecord(AuditEvent):
+    id: int = 0
+    time: datetime | None = None
+
+
+class AuditLog:
+    """Append and query audit rows through the journal's engine and writer lock."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        _metadata.create_all(journal.engine, checkfirst=True)
+
+    def record(self, event: AuditEvent) -> None:
+        if event.event not in AUDIT_EVENTS:
+            raise ValueError(f"unknown audit event {event.event!r}")
+        with self.journal._write_lock, self.journal.engine.begin() as conn:
+            conn.execute(audit.insert().values(time=utcnow(), **dataclasses.asdict(event)))
+
+    def query(self, *, series_instance_uid: str | None = None, study_instance_uid: str | None = None,
+              job_id: int | None = None, event: str | None = None, since: datetime | None = None,
+              limit: int = 100) -> list[AuditRecord]:
+        """Newest first."""
+        query = select(audit)
+        for column, value in (("series_instance_uid", series_instance_uid), ("study_instance_uid", study_instance_uid),
+                              ("job_id", job_id), ("event", event)):
+            if value is not None:
+                query = query.where(audit.c[column] == value)
+        if since is not None:
+            query = query.where(audit.c.time >= since)
+        with self.journal.engine.connect() as conn:
+            rows = conn.execute(query.order_by(audit.c.id.desc()).limit(limit))
+            return [AuditRecord(**{k: _aware(v) if isinstance(v, datetime) else v for k, v in row._mapping.items()})
+                    for row in rows]
+
+
+# --- `dicom-node audit` ------------------------------------------------------------------------
+
+AUDIT_COLUMNS = ("id", "time", "event", "calling_ae", "host", "series_instance_uid", "job_id", "destination",
+                 "instance_count", "status", "detail")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("audit", help="who sent what, what was produced, where it was sent (newest first)")
+    parser.add_argument("--series", dest="series_instance_uid", help="only this Series Instance UID")
+    parser.add_argument("--study", dest="study_instance_uid", help="only this Study Instance UID")
+    parser.add_argument("--job", dest="job_id", type=int, help="only this job")
+    parser.add_argument("--event", choices=AUDIT_EVENTS, help="only this kind of event")
+    parser.add_argument("--limit", type=int, default=100, help="at most this many rows (default 100)")
+    parser.add_argument("--json", action="store_true", help="JSON instead of a table")
+    return parser
+
+
+def run(args: argparse.Namespace, journal: Journal, out: TextIO = sys.stdout) -> int:
+    from dicom_node.jobs import _print  # the same table layout as `dicom-node jobs`
+
+    records = AuditLog(journal).query(series_instance_uid=args.series_instance_uid,
+                                      study_instance_uid=args.study_instance_uid, job_id=args.job_id,
+                                      event=args.event, limit=args.limit)
+    _print([dataclasses.asdict(r) for r in records], AUDIT_COLUMNS, args.json, out)
+    return 0

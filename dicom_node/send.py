@@ -1,0 +1,151 @@
+"""`dicom-node send PATH... --to DESTINATION` and `dicom-node echo DESTINATION`: the admin's SCU.
+
+`send` pushes files or folders (searched recursively) to a destination of the
+config with the node's own C-STORE code (`dicom_node.dispatch.send`): the same
+presentation contexts, statuses and calling AE title the pipeline uses, so a
+successful manual send says the pipeline's exports will get through too. Files
+go in associations of `--batch` files so the progress bar moves; each file gets
+one outcome in the summary. Files that are not DICOM are listed as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from dicom_node import dispatch
+from dicom_node.config import Config, DestinationConfig
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    path: str
+    sop_instance_uid: str | None
+    outcome: str  # sent | warning | transient | permanent | skipped
+    status: int | None
+    reason: str
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    send = subparsers.add_parser("send", help="C-STORE files or folders to a configured destination")
+    send.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders (searched recursively)")
+    send.add_argument("--to", required=True, metavar="DESTINATION", help="a name under destinations in the config")
+    send.add_argument("--batch", type=int, default=50, help="files per association (default 50)")
+    send.add_argument("--json", action="store_true", help="JSON instead of a table")
+    echo = subparsers.add_parser("echo", help="C-ECHO a configured destination")
+    echo.add_argument("destination", metavar="DESTINATION", help="a name under destinations in the config")
+    echo.add_argument("--json", action="store_true", help="JSON instead of a line of text")
+    return send, echo
+
+
+def destination_of(config: Config, name: str) -> DestinationConfig | None:
+    destination = config.destinations.get(name)
+    if destination is None:
+        known = ", ".join(sorted(config.destinations)) or "none configured"
+        print(f"unknown destination {name!r} (destinations: {known})", file=sys.stderr)
+    return destination
+
+
+def calling_ae(config: Config, destination: DestinationConfig) -> str:
+    return destination.calling_ae_title or config.node.ae_title
+
+
+def files_under(paths: Iterable[Path]) -> list[Path]:
+    found: list[Path] = []
+    for path in paths:
+        found += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return found
+
+
+def run_send(args: argparse.Namespace, config: Config, out: TextIO = sys.stdout, progress: TextIO = sys.stderr) -> int:
+    destination = destination_of(config, args.to)
+    if destination is None:
+        return 1
+    outcomes: list[FileOutcome] = []
+    sendable: list[tuple[Path, str]] = []
+    for path in files_under(args.paths):
+        try:
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+        except (InvalidDicomError, OSError, AttributeError) as error:
+            outcomes.append(FileOutcome(str(path), None, "skipped", None, f"not a DICOM file: {error}"))
+            continue
+        sendable.append((path, uid))
+    bar = Progress(len(sendable), progress)
+    for start in range(0, len(sendable), max(1, args.batch)):
+        batch = sendable[start:start + max(1, args.batch)]
+        report = dispatch.send(destination, [path for path, _ in batch], calling_ae(config, destination))
+        by_uid = {o.sop_instance_uid: o for o in report.outcomes}
+        for path, uid in batch:
+            outcome = by_uid.get(uid)
+            outcomes.append(FileOutcome(str(path), uid, outcome.kind, outcome.status, outcome.reason) if outcome
+                            else FileOutcome(str(path), uid, "transient", None, "no outcome reported"))
+        bar.advance(len(batch), failed=sum(1 for o in outcomes[-len(batch):] if o.outcome not in ("sent", "warning")))
+    bar.finish()
+    _report(args.to, destination, outcomes, args.json, out)
+    return 0 if sendable and all(o.outcome in ("sent", "warning") for o in outcomes if o.outcome != "skipped") else 1
+
+
+def _report(name: str, destination: DestinationConfig, outcomes: Sequence[FileOutcome], as_json: bool,
+            out: TextIO) -> None:
+    totals = {kind: sum(1 for o in outcomes if o.outcome == kind)
+              for kind in ("sent", "warning", "transient", "permanent", "skipped")}
+    if as_json:
+        print(json.dumps({"destination": name, "files": [dataclasses.asdict(o) for o in outcomes], **totals}), file=out)
+        return
+    from dicom_node.jobs import _print  # the same table layout as `dicom-node jobs`
+    _print([dataclasses.asdict(o) for o in outcomes], ("outcome", "path", "reason"), False, out)
+    print(f"{name} ({destination.ae_title}@{destination.host}:{destination.port}): "
+          + ", ".join(f"{count} {kind}" for kind, count in totals.items() if count), file=out)
+
+
+class Progress:
+    """A one-line bar on a terminal; a line per batch otherwise (logs of a script stay readable)."""
+
+    def __init__(self, total: int, stream: TextIO) -> None:
+        self.total, self.stream, self.done, self.failed = total, stream, 0, 0
+        self.tty = stream.isatty()
+        self.started = time.monotonic()
+
+    def advance(self, count: int, failed: int) -> None:
+        self.done += count
+        self.failed += failed
+        rate = self.done / max(time.monotonic() - self.started, 1e-6)
+        text = f"{self.done}/{self.total} files, {self.failed} failed, {rate:.0f} files/s"
+        if self.tty:
+            width = 30
+            filled = width * self.done // max(self.total, 1)
+            print(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}", end="", file=self.stream, flush=True)
+        else:
+            print(f"sent {text}", file=self.stream, flush=True)
+
+    def finish(self) -> None:
+        if self.tty and self.total:
+            print(file=self.stream)
+
+
+def run_echo(args: argparse.Namespace, config: Config, out: TextIO = sys.stdout) -> int:
+    destination = destination_of(config, args.destination)
+    if destination is None:
+        return 1
+    started = time.monotonic()
+    result = dispatch.echo(destination, calling_ae(config, destination))
+    seconds = time.monotonic() - started
+    if args.json:
+        print(json.dumps({"destination": args.destination, "ae_title": destination.ae_title, "host": destination.host,
+                          "port": destination.port, "seconds": round(seconds, 3), **dataclasses.asdict(result)}),
+              file=out)
+    else:
+        status = "" if result.status is None else f", status 0x{result.status:04X}"
+        print(f"{args.destination} ({destination.ae_title}@{destination.host}:{destination.port}): "
+              f"{'C-ECHO ok' if result.ok else 'C-ECHO FAILED: ' + result.reason}{status}, {seconds:.2f} s", file=out)
+    return 0 if result.ok else 1

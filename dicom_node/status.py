@@ -1,0 +1,255 @@
+"""What state the node is in: readiness checks and the status snapshot behind `/readyz`,
+`/v1/status` and `dicom-node status`.
+
+`dicom-node status` asks the running node's API first (only the running
+process knows its open associations and its loaded backend); when nothing
+answers on the configured HTTP address it reads the journal and checks the
+models itself, and says so (`source: journal`, associations unknown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from sqlalchemy import func, select
+
+from dicom_node.config import Config
+from dicom_node.journal import Journal, exports, jobs, series
+
+Counts = dict[str, dict[tuple[str, ...], int]]
+InferenceOpener = Callable[[], tuple[object, object]]  # () -> (ModelRepository, Backend)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Readiness:
+    checks: tuple[Check, ...]
+
+    @property
+    def ready(self) -> bool:
+        return all(check.ok for check in self.checks)
+
+    @property
+    def reasons(self) -> list[str]:
+        return [f"{check.name}: {check.detail}" for check in self.checks if not check.ok]
+
+
+@dataclass(frozen=True)
+class DiskUse:
+    storage_dir: str
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+    min_free_bytes: int
+
+
+@dataclass(frozen=True)
+class OpenAssociation:
+    calling_ae: str
+    peer: str
+    instances: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    source: str  # "node" (its API answered) or "journal" (read directly; the node may be down)
+    associations_open: int | None
+    associations: list[OpenAssociation]
+    series: dict[str, int]
+    jobs: dict[str, int]
+    jobs_by_pipeline: dict[str, dict[str, int]]
+    dead_letters: int
+    disk: DiskUse
+    ready: bool
+    checks: list[Check] = field(default_factory=list)
+
+
+def journal_counts(journal: Journal) -> Counts:
+    """Row counts grouped by state (and pipeline/destination), one query a table."""
+    def grouped(conn, table, *columns: str) -> dict[tuple[str, ...], int]:
+        cols = [table.c[name] for name in columns]
+        return {tuple(row[:-1]): row[-1] for row in conn.execute(select(*cols, func.count()).group_by(*cols))}
+
+    with journal.engine.connect() as conn:
+        return {"jobs": grouped(conn, jobs, "pipeline", "state"), "series": grouped(conn, series, "state"),
+                "exports": grouped(conn, exports, "destination", "state")}
+
+
+def disk_use(config: Config) -> DiskUse:
+    usage = shutil.disk_usage(config.node.storage_dir)
+    return DiskUse(str(config.node.storage_dir), usage.total, usage.used, usage.free,
+                   config.node.min_free_disk_mb * 1024 * 1024)
+
+
+def check_journal_writable(journal: Journal) -> Check:
+    """A write statement that changes nothing still needs SQLite's write lock and a writable file."""
+    try:
+        with journal._write_lock, journal.engine.begin() as conn:
+            conn.execute(jobs.delete().where(jobs.c.id < 0))
+    except Exception as error:
+        return Check("journal", False, f"not writable: {error}")
+    return Check("journal", True, "writable")
+
+
+def check_disk(config: Config) -> Check:
+    disk = disk_use(config)
+    mb = disk.free_bytes // (1024 * 1024)
+    if disk.free_bytes < disk.min_free_bytes:
+        return Check("disk", False, f"{mb} MB free under {disk.storage_dir}, floor is {config.node.min_free_disk_mb} MB "
+                                    "(C-STOREs are refused with 0xA700)")
+    return Check("disk", True, f"{mb} MB free")
+
+
+def configured_models(config: Config) -> dict[str, list[str]]:
+    """Repository model name -> the enabled pipelines that use it."""
+    used: dict[str, list[str]] = {}
+    for name, pipeline in config.pipelines.items():
+        if pipeline.enabled:
+            for step in pipeline.steps:
+                if step.model:
+                    used.setdefault(step.model, []).append(name)
+    return used
+
+
+def check_models(config: Config, open_inference: InferenceOpener) -> list[Check]:
+    """The backend opens, and every model an enabled pipeline uses is in the repository and loads."""
+    models = configured_models(config)
+    if not models:
+        return []
+    try:
+        repository, backend = open_inference()
+    except Exception as error:
+        return [Check("backend", False, f"{config.inference.backend}: {error}")]
+    checks = [Check("backend", True, config.inference.backend)]
+    for model, pipelines in sorted(models.items()):
+        name = f"model {model} ({', '.join(pipelines)})"
+        try:
+            backend.check(repository.get(model))
+        except Exception as error:
+            checks.append(Check(name, False, str(error)))
+        else:
+            checks.append(Check(name, True, "ready"))
+    return checks
+
+
+def readiness(config: Config, journal: Journal, open_inference: InferenceOpener) -> Readiness:
+    return Readiness((check_journal_writable(journal), check_disk(config), *check_models(config, open_inference)))
+
+
+def snapshot(config: Config, journal: Journal, ready: Readiness, *, source: str,
+             associations: Iterable[OpenAssociation] | None) -> NodeStatus:
+    counts = journal_counts(journal)
+    job_states: dict[str, int] = {}
+    by_pipeline: dict[str, dict[str, int]] = {}
+    for (pipeline, state), count in counts["jobs"].items():
+        job_states[state] = job_states.get(state, 0) + count
+        by_pipeline.setdefault(pipeline, {})[state] = count
+    open_list = list(associations) if associations is not None else []
+    return NodeStatus(
+        source=source, associations_open=len(open_list) if associations is not None else None,
+        associations=open_list, series={state: count for (state,), count in counts["series"].items()},
+        jobs=job_states, jobs_by_pipeline=by_pipeline,
+        dead_letters=sum(count for (_, state), count in counts["exports"].items() if state == "dead"),
+        disk=disk_use(config), ready=ready.ready, checks=list(ready.checks))
+
+
+# --- `dicom-node status` -----------------------------------------------------------------------
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("status", help="associations, series, jobs, dead letters, disk, model readiness")
+    parser.add_argument("--json", action="store_true", help="JSON instead of a table")
+    return parser
+
+
+def api_base(config: Config) -> str:
+    """Where the node's API answers this machine (a wildcard bind is reached on loopback)."""
+    host = config.http.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "localhost") else "::1" if host == "::" else host
+    return f"http://{f'[{host}]' if ':' in host else host}:{config.http.port}"
+
+
+def api_get(config: Config, path: str, timeout: float = 10) -> dict:
+    """GET a JSON document from the running node's API (with the configured bearer token)."""
+    request = urllib.request.Request(api_base(config) + path)
+    if config.http.bearer_token:
+        request.add_header("Authorization", f"Bearer {config.http.bearer_token}")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.load(response)
+
+
+def run(args: argparse.Namespace, config: Config, out: TextIO = sys.stdout) -> int:
+    try:
+        document = api_get(config, "/v1/status")
+    except (urllib.error.URLError, ConnectionError, TimeoutError):  # not running (or not reachable)
+        document = dataclasses.asdict(_offline_status(config))
+    if args.json:
+        print(json.dumps(document), file=out)
+    else:
+        _print_status(document, out)
+    return 0 if document["ready"] else 1
+
+
+def _offline_status(config: Config) -> NodeStatus:
+    from dicom_node.server import journal_url
+
+    Path(config.node.storage_dir).mkdir(parents=True, exist_ok=True)
+    journal = Journal(journal_url(config))
+    backends: list = []
+
+    def open_inference():
+        from inference.backends import open_backend
+        from inference.repository import ModelRepository
+        from dicom_node.models import backend_settings
+        repository = ModelRepository(config.inference.model_repository)
+        backends.append(open_backend(backend_settings(config), repository))
+        return repository, backends[-1]
+
+    try:
+        return snapshot(config, journal, readiness(config, journal, open_inference), source="journal",
+                        associations=None)
+    finally:
+        for backend in backends:
+            backend.close()
+        journal.close()
+
+
+def _print_status(status: dict, out: TextIO) -> None:
+    def line(label: str, value: object) -> None:
+        print(f"{label:22} {value}", file=out)
+
+    def states(counts: dict[str, int]) -> str:
+        return ", ".join(f"{state} {count}" for state, count in sorted(counts.items())) or "none"
+
+    line("source", "running node (API)" if status["source"] == "node" else "journal (node API not answering)")
+    open_count = status["associations_open"]
+    line("associations open", "unknown" if open_count is None else open_count)
+    for assoc in status["associations"]:
+        line("", f"{assoc['calling_ae']} from {assoc['peer']}: {assoc['instances']} instances, {assoc['bytes']} bytes")
+    line("series", states(status["series"]))
+    line("jobs", states(status["jobs"]))
+    for pipeline, counts in sorted(status["jobs_by_pipeline"].items()):
+        line(f"  {pipeline}", states(counts))
+    line("dead letters", status["dead_letters"])
+    disk = status["disk"]
+    line("disk", f"{disk['used_bytes'] / 2**30:.1f} GiB used, {disk['free_bytes'] / 2**30:.1f} GiB free of "
+                 f"{disk['total_bytes'] / 2**30:.1f} GiB ({disk['storage_dir']}; floor {disk['min_free_bytes'] // 2**20} MB)")
+    line("ready", "yes" if status["ready"] else "NO")
+    for check in status["checks"]:
+        line(f"  {check['name']}", f"{'ok' if check['ok'] else 'FAILED'}: {check['detail']}")
