@@ -83,5 +83,6 @@ def configure(log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
-    for noisy in ("pynetdicom", "apscheduler", "uvicorn", "uvicorn.access", "uvicorn.error", "highdicom"):
+    for noisy in ("pynetdicom", "apscheduler", "uvicorn", "uvicorn.access", "uvicorn.error", "highdicom",
+                   "openjpeg"):  # openjpeg logs every encoded tile at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
