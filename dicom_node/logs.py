@@ -83,6 +83,7 @@ def configure(log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
+    # openjpeg logs every encoded tile at INFO; highdicom every copied module.
     for noisy in ("pynetdicom", "apscheduler", "uvicorn", "uvicorn.access", "uvicorn.error", "highdicom",
-                   "openjpeg"):  # openjpeg logs every encoded tile at INFO
+                  "openjpeg"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
