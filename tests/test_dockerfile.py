@@ -80,16 +80,24 @@ def test_build_config_step_and_entry_command_run_in_the_venv(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{path}: ok (AE DICOMNODE on 0.0.0.0:11112")
 
-    # The entry command itself, on a free loopback port instead of 0.0.0.0:11112, answers C-ECHO.
-    port = free_port()
+    # The entry command itself, on free loopback ports instead of 0.0.0.0:11112 and :8080, answers
+    # C-ECHO, and the image's HEALTHCHECK command (on that HTTP port) reports it healthy.
+    port, http_port = free_port(), free_port()
     Path(path).write_text(Path(path).read_text().replace("host: 0.0.0.0 ", "host: 127.0.0.1 ")
-                          .replace("port: 11112 ", f"port: {port} ", 1).replace("min_free_disk_mb: 1024", "min_free_disk_mb: 0"))
+                          .replace("port: 11112 ", f"port: {port} ", 1).replace("port: 8080", f"port: {http_port}", 1)
+                          .replace("min_free_disk_mb: 1024", "min_free_disk_mb: 0"))
+    [healthcheck] = instruction("HEALTHCHECK")
+    probe = json.loads(healthcheck.split(" CMD ", 1)[1].replace(":8080/", f":{http_port}/"))
     log = tmp_path / "serve.log"
     with ManagedProcess([BIN / program, _serve, option, path], log=log) as node:
         wait_for_port(port, timeout=60, process=node.process)
+        wait_for_port(http_port, timeout=60, process=node.process)
         echo = subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1", str(port)],
                               capture_output=True, text=True, timeout=60, env=peer_env())
         assert echo.returncode == 0, echo.stderr + node.log_text()
+        health = subprocess.run([sys.executable if probe[0] == "python" else probe[0], *probe[1:]],
+                                capture_output=True, text=True, timeout=60)
+        assert health.returncode == 0, health.stderr + node.log_text()
     assert (tmp_path / "var_lib_dicom-node" / "journal.sqlite").exists()  # the storage volume holds the journal
 
 
