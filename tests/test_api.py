@@ -22,7 +22,7 @@ from pydicom.uid import generate_uid
 from prometheus_client.parser import text_string_to_metric_families
 
 from dicom_node.journal import Journal
-from tests.peers import REPO, SHARED_MODELS, ManagedProcess, dcmtk, wait_for_port
+from tests.peers import REPO, SHARED_MODELS, ManagedProcess, dcmtk, free_port, wait_for_port
 from tests.series_factory import write_ct_series
 from tests.test_pipeline import real_series
 from tests.test_receive import Node, running_node, spool_path
@@ -233,3 +233,28 @@ def test_sigterm_lets_the_running_job_finish_keeps_queued_jobs_and_exits_0(tmp_p
             journal.close()
     finally:
         node.stop()
+
+
+def test_dispatch_failures_and_dead_letters_are_counted_and_audited(tmp_path):
+    from tests.phantoms import chest_phantom, write_ct_volume
+
+    lungs = {"match": {"modality": "CT"}, "steps": [{"name": "lungs", "task": "lung_classical"}],
+             "outputs": ["seg"], "destinations": ["pacs"]}
+    down = {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": free_port(), "timeout_s": 5,
+                     "retry": {"max_attempts": 1}}}  # nothing listens there: the first failure is the last
+    files = write_ct_volume(chest_phantom().volume, tmp_path / "phantom")
+    with running_node(tmp_path / "node", pipelines={"lungs_ct": lungs}, destinations=down,
+                      results={"compress_frames": False}) as node:
+        assert dcmtk.storescu(node.port, files).returncode == 0
+        metrics = wait_for(lambda: (s := samples(node)).get(("dicom_node_dead_letters", (("destination", "pacs"),)))
+                           and s, 180, "the SEG dead-lettered")
+        assert metrics[("dicom_node_dead_letters", (("destination", "pacs"),))] == 1
+        assert metrics[("dicom_node_dispatch_failures_total",
+                        (("destination", "pacs"), ("reason", "transient:association")))] == 1
+        assert metrics[("dicom_node_jobs", (("pipeline", "lungs_ct"), ("state", "done")))] == 1
+        assert metrics[("dicom_node_stage_seconds_count", (("stage", "dispatch"),))] == 1
+        (failed,) = get_json(node, "/v1/audit?event=failed")
+        assert (failed["destination"], failed["instance_count"], failed["status"]) == ("pacs", 0, "0/1 stored")
+        assert "no association" in failed["detail"]
+        (produced,) = get_json(node, "/v1/audit?event=produced")
+        assert (produced["instance_count"], produced["status"]) == (1, "done")
