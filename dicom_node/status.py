@@ -197,6 +197,10 @@ def api_get(config: Config, path: str, timeout: float = 10) -> dict:
 def run(args: argparse.Namespace, config: Config, out: TextIO = sys.stdout) -> int:
     try:
         document = api_get(config, "/v1/status")
+    except urllib.error.HTTPError as error:  # a node answered but refused: say so, never fall back silently
+        print(f"the node's API at {api_base(config)} answered {error.code}: {error.read().decode(errors='replace')}",
+              file=sys.stderr)
+        return 1
     except (urllib.error.URLError, ConnectionError, TimeoutError):  # not running (or not reachable)
         document = dataclasses.asdict(_offline_status(config))
     if args.json:

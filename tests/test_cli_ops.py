@@ -89,3 +89,26 @@ def test_status_json_from_the_running_node_then_from_the_journal(tmp_path):
     offline = json.loads(cli("status", "--json", "--config", node.config_path).stdout)
     assert offline["source"] == "journal" and offline["associations_open"] is None
     assert offline["series"] == live["series"] and offline["ready"]
+
+
+def test_status_says_when_the_api_refuses_its_token_and_serve_exits_1_when_the_port_is_taken(tmp_path):
+    import socket
+
+    with running_node(tmp_path / "node", http={"bearer_token": "token-of-the-admin-0123"}) as node:
+        config = yaml.safe_load(node.config_path.read_text())
+        config["http"]["bearer_token"] = "not-the-token-of-the-node"
+        wrong = tmp_path / "wrong.yaml"
+        wrong.write_text(yaml.safe_dump({**config, "node": {**config["node"], "storage_dir": str(node.storage)}}))
+        result = cli("status", "--config", wrong)
+        assert result.returncode == 1 and "answered 401" in result.stderr
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config["http"]["port"] = taken.getsockname()[1]
+        config["node"]["port"] = free_port()
+        clash = tmp_path / "clash" / "config.yaml"
+        clash.parent.mkdir()
+        clash.write_text(yaml.safe_dump(config))
+        result = cli("serve", "--config", clash)
+    assert result.returncode == 1 and "HTTP API could not listen on 127.0.0.1:" in result.stderr
