@@ -21,9 +21,10 @@ def pacs_destination(port: int, ae_title: str = "STORESCP") -> dict:
                      "retry": {"initial_delay_s": 0.5, "max_delay_s": 2, "jitter": 0, "max_attempts": 50}}}
 
 
-def node_with_pipeline(root: Path, pacs_port: int, *, pipeline: dict = CT_PIPELINE, **overrides) -> Node:
+def node_with_pipeline(root: Path, pacs_port: int, *, pipeline: dict = CT_PIPELINE, pacs_ae: str = "STORESCP",
+                       **overrides) -> Node:
     """A node whose CT series go to one pipeline and whose results go to the PACS on `pacs_port`."""
-    sections = {"pipelines": {"ct": pipeline}, "destinations": pacs_destination(pacs_port),
+    sections = {"pipelines": {"ct": pipeline}, "destinations": pacs_destination(pacs_port, pacs_ae),
                 "results": {"compress_frames": False}}  # storescp stores the uncompressed syntaxes only
     for section, values in overrides.items():
         sections[section] = {**sections.get(section, {}), **values}
