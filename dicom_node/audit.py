@@ -9,7 +9,7 @@ audit`. Events:
 - `produced`: a job finished and wrote result instances (or failed, with why);
 - `sent` / `failed`: one dispatch pass to one destination for one job, with the
   instance count and the DIMSE status or association failure;
-- `retry`: an admin requeued a job (API or CLI).
+- `retry`: an admin requeued a job through `POST /v1/jobs/{id}/retry`.
 
 The table is created here, not in journal.py, so the journal's schema for the
 stages stays what the stages need; it lives on the same engine.
