@@ -26,6 +26,7 @@ from typing import TextIO
 
 from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, select
 
+from dicom_node.jobs import print_table  # the same table layout as `dicom-node jobs`
 from dicom_node.journal import Journal, _aware, utcnow
 
 AUDIT_EVENTS = ("received", "produced", "sent", "failed", "retry")
@@ -116,10 +117,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace, journal: Journal, out: TextIO = sys.stdout) -> int:
-    from dicom_node.jobs import _print  # the same table layout as `dicom-node jobs`
 
     records = AuditLog(journal).query(series_instance_uid=args.series_instance_uid,
                                       study_instance_uid=args.study_instance_uid, job_id=args.job_id,
                                       event=args.event, limit=args.limit)
-    _print([dataclasses.asdict(r) for r in records], AUDIT_COLUMNS, args.json, out)
+    print_table([dataclasses.asdict(r) for r in records], AUDIT_COLUMNS, args.json, out)
     return 0

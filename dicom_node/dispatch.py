@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -182,50 +182,65 @@ def _association_failure(assoc) -> tuple[OutcomeKind, str]:
     return "transient", "no association: connection refused, timed out or aborted"
 
 
-def send(destination: DestinationConfig, paths: Sequence[Path], calling_ae: str) -> DispatchReport:
-    """Send every file in one association; each file gets exactly one Outcome."""
+def send(destination: DestinationConfig, paths: Sequence[Path], calling_ae: str,
+         on_outcome: Callable[[Outcome], None] | None = None) -> DispatchReport:
+    """Send every file in one association; each file gets exactly one Outcome.
+
+    `on_outcome` sees each outcome as it is decided (the CLI's progress bar).
+    """
     name = f"{destination.ae_title}@{destination.host}:{destination.port}"
     instances = _read_headers(paths)
     if not instances:
         return DispatchReport(name, ())
     contexts = _contexts(instances, destination.transfer_syntaxes)
     if not contexts:
-        return DispatchReport(name, tuple(Outcome(i.sop_instance_uid, None, "permanent",
-                                                  "no allowed transfer syntax for SOP class") for i in instances))
+        return _report(name, [Outcome(i.sop_instance_uid, None, "permanent", "no allowed transfer syntax for SOP class")
+                              for i in instances], on_outcome)
     assoc = _associate(destination, calling_ae, contexts)
     if not assoc.is_established:
         kind, reason = _association_failure(assoc)
-        return DispatchReport(name, tuple(Outcome(i.sop_instance_uid, None, kind, reason) for i in instances))
-    outcomes = []
+        return _report(name, [Outcome(i.sop_instance_uid, None, kind, reason) for i in instances], on_outcome)
+    outcomes: list[Outcome] = []
+
+    def add(outcome: Outcome) -> None:
+        outcomes.append(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
+
     try:
         accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
         classes = {sop for sop, _ in accepted}
         for inst in instances:
             if inst.sop_class_uid not in classes:
-                outcomes.append(Outcome(inst.sop_instance_uid, None, "permanent",
-                                        "SOP class not supported by destination (no accepted presentation context)"))
+                add(Outcome(inst.sop_instance_uid, None, "permanent",
+                            "SOP class not supported by destination (no accepted presentation context)"))
                 continue
             if not assoc.is_established:
-                outcomes.append(Outcome(inst.sop_instance_uid, None, "transient", "association lost"))
+                add(Outcome(inst.sop_instance_uid, None, "transient", "association lost"))
                 continue
             as_stored = (inst.sop_class_uid, inst.transfer_syntax) in accepted or not _is_compressed(inst.transfer_syntax)
             try:
                 rsp = assoc.send_c_store(inst.path if as_stored else _decompressed(inst.path))
             except (ValueError, RuntimeError, NotImplementedError) as exc:  # incl. no decoder for the syntax
-                outcomes.append(Outcome(inst.sop_instance_uid, None, "permanent", f"cannot send: {exc}"))
+                add(Outcome(inst.sop_instance_uid, None, "permanent", f"cannot send: {exc}"))
                 continue
             status = getattr(rsp, "Status", None)
             if status is None:
-                outcomes.append(Outcome(inst.sop_instance_uid, None, "transient",
-                                        "no response (timeout or abort)"))
+                add(Outcome(inst.sop_instance_uid, None, "transient", "no response (timeout or abort)"))
                 continue
             kind, reason = classify_status(int(status))
             if kind == "warning":
                 log.warning("%s: %s for %s", name, reason, inst.sop_instance_uid)
-            outcomes.append(Outcome(inst.sop_instance_uid, int(status), kind, reason))
+            add(Outcome(inst.sop_instance_uid, int(status), kind, reason))
     finally:
         if assoc.is_established:
             assoc.release()
+    return DispatchReport(name, tuple(outcomes))
+
+
+def _report(name: str, outcomes: list[Outcome], on_outcome: Callable[[Outcome], None] | None) -> DispatchReport:
+    for outcome in outcomes if on_outcome is not None else ():
+        on_outcome(outcome)
     return DispatchReport(name, tuple(outcomes))
 
 

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace, config: Config, out: TextIO = sys.stdout) -> i
 
 def run_list(args, journal: Journal, out: TextIO) -> int:
     jobs = journal.jobs_in_state(*([args.state] if args.state else JOB_STATES))
-    _print([dataclasses.asdict(j) for j in jobs], JOB_COLUMNS, args.json, out)
+    print_table([dataclasses.asdict(j) for j in jobs], JOB_COLUMNS, args.json, out)
     return 0
 
 
@@ -69,7 +69,7 @@ def run_show(args, journal: Journal, out: TextIO) -> int:
     for key, value in dataclasses.asdict(job).items():
         print(f"{key:20} {_cell(value)}", file=out)
     print(file=out)
-    _print(exports, ("id", "destination", "state", "sop_instance_uid", "attempts", "reason"), False, out)
+    print_table(exports, ("id", "destination", "state", "sop_instance_uid", "attempts", "reason"), False, out)
     return 0
 
 
@@ -89,7 +89,7 @@ def run_retry(args, journal: Journal, out: TextIO) -> int:
 
 def run_dead_letter(args, journal: Journal, out: TextIO) -> int:
     if args.action == "list":
-        _print([dataclasses.asdict(e) for e in journal.exports_in_state("dead")], EXPORT_COLUMNS, args.json, out)
+        print_table([dataclasses.asdict(e) for e in journal.exports_in_state("dead")], EXPORT_COLUMNS, args.json, out)
         return 0
     dead = {e.id: e for e in journal.exports_in_state("dead")}
     if args.id not in dead:
@@ -110,7 +110,8 @@ def _cell(value) -> str:
     return "" if value is None else str(value)
 
 
-def _print(rows: list[dict], columns: tuple[str, ...], as_json: bool, out: TextIO) -> None:
+def print_table(rows: list[dict], columns: tuple[str, ...], as_json: bool, out: TextIO) -> None:
+    """The admin CLI's output: aligned columns for people, a JSON list with --json for scripts."""
     if as_json:
         print(json.dumps(rows, default=_json), file=out)
         return

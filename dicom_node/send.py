@@ -3,9 +3,10 @@
 `send` pushes files or folders (searched recursively) to a destination of the
 config with the node's own C-STORE code (`dicom_node.dispatch.send`): the same
 presentation contexts, statuses and calling AE title the pipeline uses, so a
-successful manual send says the pipeline's exports will get through too. Files
-go in associations of `--batch` files so the progress bar moves; each file gets
-one outcome in the summary. Files that are not DICOM are listed as skipped.
+successful manual send says the pipeline's exports will get through too. All files
+go in one association (a PACS may take the end of an association as the end of a
+study), the progress bar moving with each file's outcome; each file gets one
+outcome in the summary. Files that are not DICOM are listed as skipped.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pydicom.errors import InvalidDicomError
 
 from dicom_node import dispatch
 from dicom_node.config import Config, DestinationConfig
+from dicom_node.jobs import print_table  # the same table layout as `dicom-node jobs`
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,6 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> tuple[argparse.Argume
     send = subparsers.add_parser("send", help="C-STORE files or folders to a configured destination")
     send.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders (searched recursively)")
     send.add_argument("--to", required=True, metavar="DESTINATION", help="a name under destinations in the config")
-    send.add_argument("--batch", type=int, default=50, help="files per association (default 50)")
     send.add_argument("--json", action="store_true", help="JSON instead of a table")
     echo = subparsers.add_parser("echo", help="C-ECHO a configured destination")
     echo.add_argument("destination", metavar="DESTINATION", help="a name under destinations in the config")
@@ -81,15 +82,13 @@ def run_send(args: argparse.Namespace, config: Config, out: TextIO = sys.stdout,
             continue
         sendable.append((path, uid))
     bar = Progress(len(sendable), progress)
-    for start in range(0, len(sendable), max(1, args.batch)):
-        batch = sendable[start:start + max(1, args.batch)]
-        report = dispatch.send(destination, [path for path, _ in batch], calling_ae(config, destination))
-        by_uid = {o.sop_instance_uid: o for o in report.outcomes}
-        for path, uid in batch:
-            outcome = by_uid.get(uid)
-            outcomes.append(FileOutcome(str(path), uid, outcome.kind, outcome.status, outcome.reason) if outcome
-                            else FileOutcome(str(path), uid, "transient", None, "no outcome reported"))
-        bar.advance(len(batch), failed=sum(1 for o in outcomes[-len(batch):] if o.outcome not in ("sent", "warning")))
+    report = dispatch.send(destination, [path for path, _ in sendable], calling_ae(config, destination),
+                           on_outcome=lambda o: bar.advance(failed=o.kind not in ("sent", "warning")))
+    by_uid = {o.sop_instance_uid: o for o in report.outcomes}
+    for path, uid in sendable:
+        outcome = by_uid.get(uid)
+        outcomes.append(FileOutcome(str(path), uid, outcome.kind, outcome.status, outcome.reason) if outcome
+                        else FileOutcome(str(path), uid, "transient", None, "no outcome reported"))
     bar.finish()
     _report(args.to, destination, outcomes, args.json, out)
     return 0 if sendable and all(o.outcome in ("sent", "warning") for o in outcomes if o.outcome != "skipped") else 1
@@ -102,22 +101,24 @@ def _report(name: str, destination: DestinationConfig, outcomes: Sequence[FileOu
     if as_json:
         print(json.dumps({"destination": name, "files": [dataclasses.asdict(o) for o in outcomes], **totals}), file=out)
         return
-    from dicom_node.jobs import _print  # the same table layout as `dicom-node jobs`
-    _print([dataclasses.asdict(o) for o in outcomes], ("outcome", "path", "reason"), False, out)
+    print_table([dataclasses.asdict(o) for o in outcomes], ("outcome", "path", "reason"), False, out)
     print(f"{name} ({destination.ae_title}@{destination.host}:{destination.port}): "
           + ", ".join(f"{count} {kind}" for kind, count in totals.items() if count), file=out)
 
 
 class Progress:
-    """A one-line bar on a terminal; a line per batch otherwise (logs of a script stay readable)."""
+    """A one-line bar on a terminal; otherwise a line every LINE_EVERY files and at the end,
+    so the log of a script stays readable."""
+
+    LINE_EVERY = 50
 
     def __init__(self, total: int, stream: TextIO) -> None:
         self.total, self.stream, self.done, self.failed = total, stream, 0, 0
         self.tty = stream.isatty()
         self.started = time.monotonic()
 
-    def advance(self, count: int, failed: int) -> None:
-        self.done += count
+    def advance(self, failed: bool) -> None:
+        self.done += 1
         self.failed += failed
         rate = self.done / max(time.monotonic() - self.started, 1e-6)
         text = f"{self.done}/{self.total} files, {self.failed} failed, {rate:.0f} files/s"
@@ -125,7 +126,7 @@ class Progress:
             width = 30
             filled = width * self.done // max(self.total, 1)
             print(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}", end="", file=self.stream, flush=True)
-        else:
+        elif self.done % self.LINE_EVERY == 0 or self.done == self.total:
             print(f"sent {text}", file=self.stream, flush=True)
 
     def finish(self) -> None:

@@ -44,9 +44,9 @@ def test_echo_and_send_a_folder_to_storescp(tmp_path):
         echoed = json.loads(cli("echo", "pacs", "--json", "--config", config).stdout)
         assert echoed["ok"] and echoed["status"] == 0
 
-        result = cli("send", folder, "--to", "pacs", "--batch", "2", "--config", config)
+        result = cli("send", folder, "--to", "pacs", "--config", config)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert result.stderr.count("sent ") == 3 and "5/5 files, 0 failed" in result.stderr  # progress, a line a batch
+        assert result.stderr.count("sent ") == 1 and "5/5 files, 0 failed" in result.stderr  # progress at the end
         assert "pacs (STORESCP@127.0.0.1:" in result.stdout and "5 sent, 1 skipped" in result.stdout
 
         report = json.loads(cli("send", *files[:2], "--to", "pacs", "--json", "--config", config).stdout)
