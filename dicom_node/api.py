@@ -25,9 +25,10 @@ from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from dicom_node.audit import AUDIT_EVENTS, AuditEvent, AuditLog, AuditRecord
+from dicom_node import jobs as jobs_cli
+from dicom_node.audit import AUDIT_EVENTS, AuditLog, AuditRecord
 from dicom_node.config import Config
-from dicom_node.journal import (JOB_STATES, ExportRecord, JobRecord, Journal, SeriesRecord, _record, exports, jobs,
+from dicom_node.journal import (JOB_STATES, ExportRecord, JobRecord, Journal, SeriesRecord, exports, jobs,
                                 series)
 from dicom_node.metrics import CONTENT_TYPE, NodeMetrics
 from dicom_node.status import InferenceOpener, NodeStatus, OpenAssociation, configured_models, readiness, snapshot
@@ -125,24 +126,22 @@ def create_app(node: NodeHandles) -> FastAPI:
         for column, value in (("state", state), ("pipeline", pipeline), ("series_instance_uid", series_instance_uid)):
             if value is not None:
                 query = query.where(jobs.c[column] == value)
-        return _rows(node.journal, JobRecord, query.order_by(jobs.c.id.desc()).limit(limit))
+        return node.journal.select(JobRecord, query.order_by(jobs.c.id.desc()).limit(limit))
 
     @app.get("/v1/jobs/{job_id}", summary="One job with its exports", responses={404: {"description": "no such job"}})
     def get_job(job_id: int) -> JobDetail:
         job = _job_or_404(node.journal, job_id)
-        return JobDetail(job, _rows(node.journal, ExportRecord,
-                                    select(exports).where(exports.c.job_id == job_id).order_by(exports.c.id)))
+        return JobDetail(job, node.journal.select(
+            ExportRecord, select(exports).where(exports.c.job_id == job_id).order_by(exports.c.id)))
 
     @app.post("/v1/jobs/{job_id}/retry", status_code=202, summary="Requeue a failed (or done) job",
               responses={404: {"description": "no such job"}, 409: {"description": "the job is queued or running"}})
     def retry_job(job_id: int, request: Request) -> JobRecord:
-        job = _job_or_404(node.journal, job_id)
-        if job.state not in ("failed", "done"):
-            raise HTTPException(409, f"job {job_id} is {job.state}; only failed or done jobs are retried")
-        job = node.journal.update_job(job_id, state="queued", error=None, finished_at=None)
-        node.audit.record(AuditEvent("retry", host=request.client.host if request.client else None,
-                                     series_instance_uid=job.series_instance_uid, job_id=job_id,
-                                     detail=f"requeued through the API (pipeline {job.pipeline})"))
+        try:
+            job = jobs_cli.requeue(node.journal, _job_or_404(node.journal, job_id), "the HTTP API",
+                                   host=request.client.host if request.client else None)
+        except jobs_cli.NotRetryable as error:
+            raise HTTPException(409, str(error)) from None
         log.info("job %d (%s) requeued through the API", job_id, job.pipeline)
         node.pick_up_queued()
         return job
@@ -150,11 +149,11 @@ def create_app(node: NodeHandles) -> FastAPI:
     @app.get("/v1/series/{series_instance_uid}", summary="Every generation of a series, its jobs and audit trail",
              responses={404: {"description": "the journal has no such series"}})
     def get_series(series_instance_uid: str) -> SeriesDetail:
-        generations = _rows(node.journal, SeriesRecord, select(series).where(
+        generations = node.journal.select(SeriesRecord, select(series).where(
             series.c.series_instance_uid == series_instance_uid).order_by(series.c.generation))
         if not generations:
             raise HTTPException(404, f"no series {series_instance_uid} in the journal")
-        return SeriesDetail(generations, _rows(node.journal, JobRecord, select(jobs).where(
+        return SeriesDetail(generations, node.journal.select(JobRecord, select(jobs).where(
             jobs.c.series_instance_uid == series_instance_uid).order_by(jobs.c.id)),
             node.audit.query(series_instance_uid=series_instance_uid, limit=1000))
 
@@ -208,11 +207,6 @@ def _job_or_404(journal: Journal, job_id: int) -> JobRecord:
     if job is None:
         raise HTTPException(404, f"no job {job_id}")
     return job
-
-
-def _rows(journal: Journal, cls, query) -> list:
-    with journal.engine.connect() as conn:
-        return [_record(cls, row) for row in conn.execute(query)]
 
 
 class ApiBindError(RuntimeError):

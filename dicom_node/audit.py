@@ -26,8 +26,8 @@ from typing import TextIO
 
 from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, select
 
-from dicom_node.jobs import print_table  # the same table layout as `dicom-node jobs`
-from dicom_node.journal import Journal, _aware, utcnow
+from dicom_node.tables import print_table
+from dicom_node.journal import Journal, utcnow
 
 AUDIT_EVENTS = ("received", "produced", "sent", "failed", "retry")
 
@@ -79,7 +79,7 @@ class AuditLog:
     def record(self, event: AuditEvent) -> None:
         if event.event not in AUDIT_EVENTS:
             raise ValueError(f"unknown audit event {event.event!r}")
-        with self.journal._write_lock, self.journal.engine.begin() as conn:
+        with self.journal.write() as conn:
             conn.execute(audit.insert().values(time=utcnow(), **dataclasses.asdict(event)))
 
     def query(self, *, series_instance_uid: str | None = None, study_instance_uid: str | None = None,
@@ -93,10 +93,7 @@ class AuditLog:
                 query = query.where(audit.c[column] == value)
         if since is not None:
             query = query.where(audit.c.time >= since)
-        with self.journal.engine.connect() as conn:
-            rows = conn.execute(query.order_by(audit.c.id.desc()).limit(limit))
-            return [AuditRecord(**{k: _aware(v) if isinstance(v, datetime) else v for k, v in row._mapping.items()})
-                    for row in rows]
+        return self.journal.select(AuditRecord, query.order_by(audit.c.id.desc()).limit(limit))
 
 
 # --- `dicom-node audit` ------------------------------------------------------------------------

@@ -10,11 +10,12 @@ import argparse
 import dataclasses
 import json
 import sys
-from datetime import datetime
 from typing import TextIO
 
 from dicom_node.config import Config
-from dicom_node.journal import JOB_STATES, Journal, utcnow
+from dicom_node.tables import cell, print_table, to_json
+from dicom_node.audit import AuditEvent, AuditLog
+from dicom_node.journal import JOB_STATES, JobRecord, Journal, utcnow
 
 JOB_COLUMNS = ("id", "state", "pipeline", "series_instance_uid", "generation", "attempts", "created_at", "error")
 EXPORT_COLUMNS = ("id", "job_id", "destination", "sop_instance_uid", "attempts", "last_status", "reason")
@@ -64,13 +65,30 @@ def run_show(args, journal: Journal, out: TextIO) -> int:
         return 1
     exports = [dataclasses.asdict(e) for e in journal.exports_in_state("pending", "sent", "dead") if e.job_id == job.id]
     if args.json:
-        print(json.dumps({**dataclasses.asdict(job), "exports": exports}, default=_json), file=out)
+        print(json.dumps({**dataclasses.asdict(job), "exports": exports}, default=to_json), file=out)
         return 0
     for key, value in dataclasses.asdict(job).items():
-        print(f"{key:20} {_cell(value)}", file=out)
+        print(f"{key:20} {cell(value)}", file=out)
     print(file=out)
     print_table(exports, ("id", "destination", "state", "sop_instance_uid", "attempts", "reason"), False, out)
     return 0
+
+
+class NotRetryable(ValueError):
+    """Only a failed or done job goes back in the queue; a queued or running one is on its way."""
+
+
+def requeue(journal: Journal, job: JobRecord, via: str, host: str | None = None) -> JobRecord:
+    """Put a failed or done job back in the queue (its series is still in the spool) and audit it.
+
+    The one retry path for the CLI and the HTTP API; a running node picks the job up.
+    """
+    if job.state not in ("failed", "done"):
+        raise NotRetryable(f"job {job.id} is {job.state}; only failed or done jobs are retried")
+    job = journal.update_job(job.id, state="queued", error=None, finished_at=None)
+    AuditLog(journal).record(AuditEvent("retry", host=host, series_instance_uid=job.series_instance_uid, job_id=job.id,
+                                        detail=f"requeued through {via} (pipeline {job.pipeline})"))
+    return job
 
 
 def run_retry(args, journal: Journal, out: TextIO) -> int:
@@ -79,10 +97,11 @@ def run_retry(args, journal: Journal, out: TextIO) -> int:
         print(f"no job {args.id}", file=sys.stderr)
         return 1
     for job in jobs:
-        if job.state not in ("failed", "done"):
-            print(f"job {job.id} is {job.state}; only failed or done jobs are retried", file=sys.stderr)
+        try:
+            requeue(journal, job, "the CLI")
+        except NotRetryable as error:
+            print(error, file=sys.stderr)
             return 1
-        journal.update_job(job.id, state="queued", error=None, finished_at=None)
         print(f"job {job.id} ({job.pipeline}) requeued", file=out)
     return 0
 
@@ -98,24 +117,3 @@ def run_dead_letter(args, journal: Journal, out: TextIO) -> int:
     journal.update_export(args.id, state="pending", attempts=0, reason=None, next_attempt_at=utcnow())
     print(f"export {args.id} to {dead[args.id].destination} requeued", file=out)
     return 0
-
-
-def _json(value):
-    return value.isoformat() if isinstance(value, datetime) else str(value)
-
-
-def _cell(value) -> str:
-    if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S")
-    return "" if value is None else str(value)
-
-
-def print_table(rows: list[dict], columns: tuple[str, ...], as_json: bool, out: TextIO) -> None:
-    """The admin CLI's output: aligned columns for people, a JSON list with --json for scripts."""
-    if as_json:
-        print(json.dumps(rows, default=_json), file=out)
-        return
-    cells = [[_cell(row[c]) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    for line in [list(columns)] + cells:
-        print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip(), file=out)

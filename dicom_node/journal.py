@@ -15,12 +15,14 @@ and never silently merged into a result already produced.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from sqlalchemy import (Column, DateTime, Integer, MetaData, String, Table, Text, UniqueConstraint, create_engine,
                         event, select)
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 SERIES_STATES = ("receiving", "complete", "routed", "unmatched", "quarantined")
 JOB_STATES = ("queued", "running", "done", "failed")
@@ -164,7 +166,8 @@ class ExportRecord:
     sent_at: datetime | None
 
 
-def _record(cls, row):
+def as_record(cls, row):
+    """A result row as the record dataclass `cls`, datetimes UTC-aware."""
     values = {k: (_aware(v) if isinstance(v, datetime) else v) for k, v in row._mapping.items()}
     return cls(**values)
 
@@ -200,12 +203,24 @@ class Journal:
     def close(self) -> None:
         self.engine.dispose()
 
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction under the journal's lock: SQLite has one writer at a time, and
+        waiting here is cheaper than its busy-retry. For modules with tables of their own (audit)."""
+        with self._write_lock, self.engine.begin() as conn:
+            yield conn
+
+    def select(self, cls, query) -> list:
+        """The rows of `query` as `cls` records."""
+        with self.engine.connect() as conn:
+            return [as_record(cls, row) for row in conn.execute(query)]
+
     # --- instances -------------------------------------------------------------------------------
 
     def find_instance(self, sop_instance_uid: str) -> InstanceRecord | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(instances).where(instances.c.sop_instance_uid == sop_instance_uid)).first()
-        return _record(InstanceRecord, row) if row else None
+        return as_record(InstanceRecord, row) if row else None
 
     def record_instance(self, new: NewInstance, received_at: datetime | None = None) -> tuple[InstanceRecord, bool]:
         """Insert the instance and count it in its series' open generation, in one transaction.
@@ -220,7 +235,7 @@ class Journal:
             existing = conn.execute(select(instances).where(
                 instances.c.sop_instance_uid == new.sop_instance_uid)).first()
             if existing:
-                return _record(InstanceRecord, existing), False
+                return as_record(InstanceRecord, existing), False
             latest = conn.execute(select(series).where(series.c.series_instance_uid == new.series_instance_uid)
                                   .order_by(series.c.generation.desc()).limit(1)).first()
             if latest is not None and latest.state == "receiving":
@@ -252,18 +267,18 @@ class Journal:
             conn.execute(series.update().where(
                 (series.c.series_instance_uid == row.series_instance_uid) & (series.c.generation == row.generation))
                 .values(instance_count=series.c.instance_count - 1))
-        return _record(InstanceRecord, row)
+        return as_record(InstanceRecord, row)
 
     def all_instances(self) -> list[InstanceRecord]:
         with self.engine.connect() as conn:
-            return [_record(InstanceRecord, r) for r in conn.execute(select(instances))]
+            return [as_record(InstanceRecord, r) for r in conn.execute(select(instances))]
 
     def series_instances(self, series_instance_uid: str, generation: int) -> list[InstanceRecord]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(instances).where(
                 (instances.c.series_instance_uid == series_instance_uid) & (instances.c.generation == generation))
                 .order_by(instances.c.received_at))
-            return [_record(InstanceRecord, r) for r in rows]
+            return [as_record(InstanceRecord, r) for r in rows]
 
     # --- series ----------------------------------------------------------------------------------
 
@@ -274,12 +289,12 @@ class Journal:
             query = query.where(series.c.generation == generation)
         with self.engine.connect() as conn:
             row = conn.execute(query.order_by(series.c.generation.desc()).limit(1)).first()
-        return _record(SeriesRecord, row) if row else None
+        return as_record(SeriesRecord, row) if row else None
 
     def series_in_state(self, *states: str) -> list[SeriesRecord]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(series).where(series.c.state.in_(states)).order_by(series.c.first_received_at))
-            return [_record(SeriesRecord, r) for r in rows]
+            return [as_record(SeriesRecord, r) for r in rows]
 
     def complete_series(self, series_instance_uid: str, generation: int,
                         quiet_since: datetime | None = None) -> SeriesRecord | None:
@@ -317,17 +332,17 @@ class Journal:
                                                   pipeline=pipeline, state="queued", attempts=0,
                                                   created_at=utcnow()))
                 row = conn.execute(select(jobs).where(key)).first()
-        return _record(JobRecord, row)
+        return as_record(JobRecord, row)
 
     def get_job(self, job_id: int) -> JobRecord | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
-        return _record(JobRecord, row) if row else None
+        return as_record(JobRecord, row) if row else None
 
     def jobs_in_state(self, *states: str) -> list[JobRecord]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(jobs).where(jobs.c.state.in_(states)).order_by(jobs.c.id))
-            return [_record(JobRecord, r) for r in rows]
+            return [as_record(JobRecord, r) for r in rows]
 
     def update_job(self, job_id: int, **values) -> JobRecord:
         """Set job columns (state, attempts, error, started_at, finished_at, output_dir)."""
@@ -350,14 +365,14 @@ class Journal:
                                                      sop_instance_uid=sop_instance_uid, path=path, state="pending",
                                                      attempts=0, next_attempt_at=utcnow()))
                 row = conn.execute(select(exports).where(key)).first()
-        return _record(ExportRecord, row)
+        return as_record(ExportRecord, row)
 
     def exports_in_state(self, *states: str, due_before: datetime | None = None) -> list[ExportRecord]:
         query = select(exports).where(exports.c.state.in_(states))
         if due_before is not None:
             query = query.where(exports.c.next_attempt_at <= due_before)
         with self.engine.connect() as conn:
-            return [_record(ExportRecord, r) for r in conn.execute(query.order_by(exports.c.id))]
+            return [as_record(ExportRecord, r) for r in conn.execute(query.order_by(exports.c.id))]
 
     def update_export(self, export_id: int, **values) -> ExportRecord:
         """Set export columns (state, attempts, next_attempt_at, last_status, reason, sent_at)."""
@@ -366,7 +381,7 @@ class Journal:
         with self._write_lock, self.engine.begin() as conn:
             conn.execute(exports.update().where(exports.c.id == export_id).values(**values))
             row = conn.execute(select(exports).where(exports.c.id == export_id)).first()
-        return _record(ExportRecord, row)
+        return as_record(ExportRecord, row)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

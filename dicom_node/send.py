@@ -26,7 +26,7 @@ from pydicom.errors import InvalidDicomError
 
 from dicom_node import dispatch
 from dicom_node.config import Config, DestinationConfig
-from dicom_node.jobs import print_table  # the same table layout as `dicom-node jobs`
+from dicom_node.tables import print_table
 
 
 @dataclass(frozen=True)

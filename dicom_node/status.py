@@ -101,7 +101,7 @@ def disk_use(config: Config) -> DiskUse:
 def check_journal_writable(journal: Journal) -> Check:
     """A write statement that changes nothing still needs SQLite's write lock and a writable file."""
     try:
-        with journal._write_lock, journal.engine.begin() as conn:
+        with journal.write() as conn:
             conn.execute(jobs.delete().where(jobs.c.id < 0))
     except Exception as error:
         return Check("journal", False, f"not writable: {error}")

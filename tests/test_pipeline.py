@@ -216,6 +216,9 @@ def test_jobs_commands_list_show_and_requeue(node, tmp_path):
     code, text = _jobs_cli(config, "retry", "--failed")
     assert code == 0 and f"job {job.id}" in text
     assert journal.get_job(job.id).state in ("queued", "running", "failed")
+    from dicom_node.audit import AuditLog
+    (audited,) = AuditLog(journal).query(event="retry")
+    assert audited.job_id == job.id and "the CLI" in audited.detail
     code, text = _jobs_cli(config, "--json", "dead-letter")
     assert code == 0 and json.loads(text) == []
 
