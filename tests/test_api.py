@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,7 +21,7 @@ from pydicom.uid import generate_uid
 from prometheus_client.parser import text_string_to_metric_families
 
 from dicom_node.journal import Journal
-from tests.peers import REPO, SHARED_MODELS, ManagedProcess, dcmtk, free_port, wait_for_port
+from tests.peers import REPO, SHARED_MODELS, ManagedProcess, dcmtk, free_port, wait_for, wait_for_port
 from tests.series_factory import write_ct_series
 from tests.test_pipeline import real_series
 from tests.test_receive import Node, running_node, spool_path
@@ -57,16 +56,6 @@ def samples(node: Node, **kwargs) -> dict[tuple[str, tuple[tuple[str, str], ...]
     assert status == 200, body
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(body.decode()) for s in family.samples}
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not within {timeout} s")
 
 
 def install_spleen_model(repository: Path) -> None:

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 
 from dicom_node.journal import Journal
-from tests.peers import free_port
+from tests.peers import free_port, wait_for
 from tests.peers import dcmtk
 from tests.phantoms import chest_phantom, write_ct_volume
 from tests.test_pipeline import real_series
@@ -36,16 +36,6 @@ def _overrides(pacs_port: int) -> dict:
             "results": {"compress_frames": False}}  # storescp takes the uncompressed syntaxes only
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not within {timeout} s")
-
-
 def _series_state(node, series_uid: str) -> str | None:
     journal: Journal = node.journal()
     try:
@@ -66,7 +56,7 @@ def test_localizer_and_unmatched_series_are_kept_not_processed(tmp_path):
         result = dcmtk.storescu(node.port, files, extra=["-xv"])
         assert result.returncode == 0, result.output
         series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
-        _wait(lambda: _series_state(node, series_uid) == "unmatched", 20, "unmatched")
+        wait_for(lambda: _series_state(node, series_uid) == "unmatched", 20, "unmatched")
         journal = node.journal()
         try:
             assert "image_type" in journal.get_series(series_uid).reason
@@ -85,7 +75,7 @@ def test_chest_seg_reaches_the_pacs_once_after_an_outage_and_a_node_restart(tmp_
     with running_node(tmp_path / "node", **_overrides(pacs_port)) as node:  # the PACS is down
         result = dcmtk.storescu(node.port, files)
         assert result.returncode == 0, result.output
-        _wait(lambda: _series_state(node, series_uid) == "routed", 20, "routed")
+        wait_for(lambda: _series_state(node, series_uid) == "routed", 20, "routed")
 
         def attempted():
             journal = node.journal()
@@ -93,10 +83,10 @@ def test_chest_seg_reaches_the_pacs_once_after_an_outage_and_a_node_restart(tmp_
                 return [e for e in journal.exports_in_state("pending") if e.attempts >= 1]
             finally:
                 journal.close()
-        (export,) = _wait(attempted, 60, "a failed send attempt")
+        (export,) = wait_for(attempted, 60, "a failed send attempt")
         assert export.state == "pending" and export.next_attempt_at is not None
     with dcmtk.storescp(pacs_port, received) as pacs, running_node(tmp_path / "node", **_overrides(pacs_port)) as node:
-        _wait(lambda: list(received.glob("*")), 30, "SEG at the PACS")
+        wait_for(lambda: list(received.glob("*")), 30, "SEG at the PACS")
         time.sleep(3)  # a resend would arrive within the dispatch period
         stored = [pydicom.dcmread(p) for p in received.glob("*")]
         assert [ds.Modality for ds in stored] == ["SEG"]
@@ -130,7 +120,7 @@ def test_seg_refused_by_sop_class_is_dead_lettered_and_the_overlay_goes_instead(
     try:
         with running_node(tmp_path / "node", **overrides) as node:
             assert dcmtk.storescu(node.port, files).returncode == 0
-            _wait(lambda: len(stored) == len(files), 30, "every overlay instance at the PACS")
+            wait_for(lambda: len(stored) == len(files), 30, "every overlay instance at the PACS")
             time.sleep(3)  # no retry loop: nothing more arrives, the SEG stays dead
             journal = node.journal()
             try:

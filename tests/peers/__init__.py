@@ -34,6 +34,18 @@ def peer_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Poll `predicate` until it returns something truthy (returned), or fail the test saying `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(interval)
+
+
 def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen | None = None) -> None:
     """Block until something accepts TCP connections on 127.0.0.1:port."""
     deadline = time.monotonic() + timeout
