@@ -30,10 +30,10 @@ from inference import tasks
 from inference.backends import BackendSettings, open_backend
 from inference.lung import segment_lungs_classical
 from inference.repository import ModelRepository
-from tests.peers import REPO, dcmtk, free_port, orthanc
+from tests.peers import REPO, dcmtk, free_port, orthanc, wait_for
 from tests.phantoms import chest_phantom, write_ct_volume
 from tests.test_classify import mean_classifier
-from tests.test_end_to_end import LUNGS, _series_state, _wait
+from tests.test_end_to_end import LUNGS, _series_state
 from tests.test_pipeline import _spleen_repository, real_series
 from tests.test_receive import Node, dataset_bytes, running_node
 from tests.test_route import AXIAL_CT, series
@@ -116,7 +116,7 @@ def test_real_series_gets_its_spleen_seg_in_orthanc(tmp_path):
                                            pipelines={"spleen_ct": SHIPPED_PIPELINES["spleen_ct"]})) as node:
         result = dcmtk.storescu(node.port, files, extra=["-xv"])
         assert result.returncode == 0, result.output
-        series = _wait(lambda: study_series(pacs, study_uid).get("SEG"), 240, "a SEG series in Orthanc")
+        series = wait_for(lambda: study_series(pacs, study_uid).get("SEG"), 240, "a SEG series in Orthanc")
         assert set(study_series(pacs, study_uid)) == {"SEG"}  # results only: the source was not forwarded
         (seg_series,) = series
         assert seg_series["MainDicomTags"]["SeriesInstanceUID"] not in ("", series_uid)
@@ -146,7 +146,7 @@ def test_chest_pipeline_seg_and_sr_arrive_in_orthanc(tmp_path):
             tmp_path / "node", **overrides(pacs, tmp_path / "models",
                                            pipelines={"chest_ct": SHIPPED_PIPELINES["chest_ct"]})) as node:
         assert dcmtk.storescu(node.port, files).returncode == 0
-        held = _wait(lambda: (found := study_series(pacs, study_uid)).keys() >= {"SEG", "SR"} and found, 120,
+        held = wait_for(lambda: (found := study_series(pacs, study_uid)).keys() >= {"SEG", "SR"} and found, 120,
                      "SEG and SR in Orthanc")
         assert set(held) == {"SEG", "SR"}
         (seg_path,) = download(pacs, held["SEG"][0], tmp_path / "seg")
@@ -193,12 +193,12 @@ def test_outage_and_node_restart_every_result_arrives_once(tmp_path):
             finally:
                 journal.close()
 
-        before = _wait(lambda: failed_attempts(1), 120, "SEG and SR ready and refused by the stopped PACS")
+        before = wait_for(lambda: failed_attempts(1), 120, "SEG and SR ready and refused by the stopped PACS")
         node.stop()
         node.start()  # same storage, journal and port: the retry schedule continues
-        _wait(lambda: failed_attempts(max(e.attempts for e in before) + 1), 30, "a retry after the node restart")
+        wait_for(lambda: failed_attempts(max(e.attempts for e in before) + 1), 30, "a retry after the node restart")
         pacs.start()
-        _wait(lambda: study_series(pacs, study_uid).keys() >= {"SEG", "SR"}, 30, "SEG and SR in Orthanc")
+        wait_for(lambda: study_series(pacs, study_uid).keys() >= {"SEG", "SR"}, 30, "SEG and SR in Orthanc")
         time.sleep(3)  # a resend would come within a few dispatch periods
         journal = node.journal()
         try:
@@ -233,7 +233,7 @@ def test_permanent_rejection_is_dead_lettered_once_and_listed(tmp_path):
             finally:
                 journal.close()
 
-        (export,) = _wait(dead, 120, "the SEG dead-lettered")
+        (export,) = wait_for(dead, 120, "the SEG dead-lettered")
         time.sleep(3)  # with retry delays of 0.5-1 s a retry loop would show here
         (export,) = dead()
         assert export.attempts == 1
@@ -256,7 +256,7 @@ def test_forward_rule_sends_the_original_series_byte_identical(tmp_path):
     with orthanc.Orthanc(tmp_path / "orthanc") as pacs, running_node(
             tmp_path / "node", **overrides(pacs, forward=forward)) as node:
         assert dcmtk.storescu(node.port, files, extra=["-xv"]).returncode == 0
-        _wait(lambda: len(pacs.instances()) == len(files), 60, "every original instance in Orthanc")
+        wait_for(lambda: len(pacs.instances()) == len(files), 60, "every original instance in Orthanc")
         held = {}
         for instance in pacs.instances():
             data = pacs.instance_file(instance)
