@@ -266,12 +266,20 @@ def _check_complete(path: Path, ds: Dataset) -> None:
     if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
         return
     size = path.stat().st_size
+    ends = {}  # tag -> where its value ends, for elements of defined length
     for tag in ds.keys():
         raw = ds.get_item(tag, keep_deferred=True)
         length, offset = getattr(raw, "length", None), getattr(raw, "value_tell", None)
-        if length is not None and offset is not None and length != 0xFFFFFFFF and offset + length > size:
+        if length is None or offset is None or length == 0xFFFFFFFF:
+            continue
+        if offset + length > size:
             raise ValueError(f"the file ends inside {raw.tag} ({size - offset} of its {length} bytes present): "
                              "truncated")
+        ends[tag] = offset + length
+    last = max(ds.keys(), default=None)  # tags ascend in a data set (PS3.5 7.1): the last one ends the file
+    if last in ends and 0 < size - ends[last] < 8:  # less than an element header left: cut inside one
+        raise ValueError(f"{size - ends[last]} stray byte(s) after the last element: truncated inside an "
+                         "element header")
 
 
 def _decode_values(ds: Dataset) -> None:

@@ -263,10 +263,9 @@ INVALID_UIDS = [
 ]
 
 
-def _mixed(attribute: str) -> Builder:
-    return _edit(lambda ds, index: setattr(ds, attribute, f"{getattr(ds, attribute)}{index % 2}"
-                                           if attribute != "StudyInstanceUID" or index % 2 == 0
-                                           else generate_uid()))
+def _mixed(attribute: str, other: Callable[[], str]) -> Builder:
+    """Every second instance of the series gets another value of `attribute`."""
+    return _edit(lambda ds, index: setattr(ds, attribute, other()) if index % 2 else None)
 
 
 SERIES_LEVEL = [
@@ -275,10 +274,9 @@ SERIES_LEVEL = [
          _setattrs(SOPClassUID=SecondaryCaptureImageStorage, Modality="OT")),
     Case("CT localizers only", UNMATCHED, _setattrs(ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])),
     Case("RT Structure Set SOP class (not accepted)", REFUSED, _setattrs(SOPClassUID=RTStructureSetStorage)),
-    Case("mixed-patient series", QUARANTINED, _mixed("PatientID")),
-    Case("mixed-study series", QUARANTINED, _mixed("StudyInstanceUID")),
-    Case("mixed-modality series (CT and MR)", QUARANTINED,
-         _edit(lambda ds, index: setattr(ds, "Modality", "MR") if index % 2 else None)),
+    Case("mixed-patient series", QUARANTINED, _mixed("PatientID", lambda: "DN-OTHER-PATIENT")),
+    Case("mixed-study series", QUARANTINED, _mixed("StudyInstanceUID", generate_uid)),
+    Case("mixed-modality series (CT and MR)", QUARANTINED, _mixed("Modality", lambda: "MR")),
     Case("Images in Acquisition 10,000 claimed", PROCESSED, _setattrs(ImagesInAcquisition=10000)),
 ]
 

@@ -98,6 +98,15 @@ def _stall_mid_dataset(port: int) -> str:
     return f"aborted={assoc.is_aborted} sop={ds.SOPInstanceUID}"
 
 
+def _describe(answer: object) -> str:
+    """The node's answer in PS3.8 9.3 words (the PDU type is the first byte)."""
+    if answer == b"":
+        return "closed"
+    if isinstance(answer, bytes) and answer not in (HELD_OPEN, b"closed", b"reset"):
+        return {0x03: "A-ASSOCIATE-RJ", 0x07: "A-ABORT"}.get(answer[0], f"PDU 0x{answer[0]:02X}") + ", closed"
+    return answer.decode() if isinstance(answer, bytes) else str(answer)[:80]
+
+
 ABUSE: dict[str, Callable[[int], object]] = {
     "random bytes": lambda port: _raw(port, os.urandom(8192)),
     "HTTP request on the DICOM port": lambda port: _raw(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
@@ -138,7 +147,7 @@ def test_protocol_abuse_is_survived_without_leaks(node, tmp_path, ledger):
         except Exception as error:  # the abuse helper itself must not fail either
             answer, served = f"{type(error).__name__}: {error}", False
         ledger.record(CaseResult("protocol", name, "closed or aborted by the node, node still serving",
-                                 f"{str(answer)[:60]!r}, serving={served}", served))
+                                 f"{_describe(answer)}, serving={served}", served))
         if not served:
             failures.append(name)
     assert node.process.alive(), node.log_text()[-3000:]
@@ -189,7 +198,8 @@ def test_unknown_calling_ae_is_refused(node, tmp_path, ledger):
     files = write_ct_series(tmp_path / "intruder", 2, rows=64, columns=64)
     result = dcmtk.storescu(node.port, files, calling_ae="INTRUDER")
     refused = result.acknowledged == [] and "Calling AE Title Not Recognized" in result.output
-    ledger.record(CaseResult("access", "unknown calling AE", "A-ASSOCIATE-RJ 1/1/3", result.output[-80:], refused))
+    ledger.record(CaseResult("access", "unknown calling AE", "A-ASSOCIATE-RJ 1/1/3",
+                             "rejected: Calling AE Title Not Recognized" if refused else result.output[-200:], refused))
     assert refused, result.output
     uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
     assert with_journal(node, lambda journal: journal.get_series(uid)) is None
