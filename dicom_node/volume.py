@@ -303,7 +303,11 @@ def _read_headers(paths: Iterable[Path]) -> tuple[Dataset, list[_Frame]]:
         first = first if first is not None else ds
         for name in _SERIES_CONSTANTS:
             seen[name][str(ds.get(name, "") or "")] += 1
-        frames.extend(_frames_of(path, ds))
+        try:
+            frames.extend(_frames_of(path, ds))
+        except (TypeError, ValueError, IndexError) as error:  # e.g. Rows with two values, Pixel Spacing "x"
+            raise SeriesGeometryError(str(ds.get("SeriesInstanceUID", "")), (path.stem,),
+                                      f"unusable image attribute values in {path.name}: {error}") from error
     if first is None:
         raise SeriesGeometryError("", (), "no instances given")
     for name, values in seen.items():

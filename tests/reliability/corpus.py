@@ -194,7 +194,8 @@ TRUNCATED = [
 
 WRONG_VR_AND_LENGTH = [
     Case("Rows with length 4 (US, VM 1)", REFUSED_OR_QUARANTINED, _bytes(_rows_twice), raw=True),
-    Case("Patient Name length past the end", REFUSED_OR_QUARANTINED, _bytes(set_length(PATIENT_NAME, 0xFFF0)), raw=True),
+    Case("Patient Name length past the end", REFUSED_OR_QUARANTINED, _bytes(set_length(PATIENT_NAME, 0xFFF0)),
+         raw=True),
     Case("Patient ID odd length shifts the parse", REFUSED_OR_QUARANTINED,
          _bytes(lambda b: set_length(PATIENT_ID, _find(b, PATIENT_ID)[2] + 1)(b)), raw=True),
     Case("unknown VR ZZ", REFUSED_OR_QUARANTINED, _bytes(set_vr(PATIENT_NAME, b"ZZ")), raw=True),
@@ -204,7 +205,8 @@ WRONG_VR_AND_LENGTH = [
     Case("Pixel Data undefined length without items", REFUSED_OR_QUARANTINED,
          _bytes(set_length(PIXEL_DATA, 0xFFFFFFFF)), raw=True),
     Case("Pixel Spacing not a number", REFUSED_OR_QUARANTINED, _bytes(overwrite_value(PIXEL_SPACING, b"x")), raw=True),
-    Case("Image Position not a number", REFUSED_OR_QUARANTINED, _bytes(overwrite_value(IMAGE_POSITION, b"?")), raw=True),
+    Case("Image Position not a number", REFUSED_OR_QUARANTINED, _bytes(overwrite_value(IMAGE_POSITION, b"?")),
+         raw=True),
     Case("implicit VR body declared explicit", REFUSED_OR_QUARANTINED,
          lambda datasets: [encode(ds, implicit=True) for ds in datasets], raw=True),
     Case("little endian body declared big endian", REFUSED_OR_QUARANTINED,
@@ -242,7 +244,8 @@ PIXELS = [
     Case("10,000 frames claimed in each instance", QUARANTINED, _setattrs(NumberOfFrames=10000)),
     Case("JPEG 2000 declared, native pixels sent", QUARANTINED, _bytes(lambda b: b), raw=True,
          transfer_syntax=JPEG2000Lossless),
-    Case("unknown transfer syntax", REFUSED, _bytes(lambda b: b), raw=True, transfer_syntax="1.2.826.0.1.3680043.9.9.9"),
+    Case("unknown transfer syntax", REFUSED, _bytes(lambda b: b), raw=True,
+         transfer_syntax="1.2.826.0.1.3680043.9.9.9"),
 ]
 
 
@@ -316,7 +319,8 @@ CHARSETS_AND_PRIVATE = [
     Case("ISO_IR 100 Latin-1 name", PROCESSED, _charset("ISO_IR 100", "Müller^Jürgen")),
     Case("ISO_IR 192 UTF-8 name", PROCESSED, _charset("ISO_IR 192", "Ωμέγα^Ζήτα")),
     Case("unknown Specific Character Set", PROCESSED, _unknown_charset, raw=True),
-    Case("16 MB private OB element", PROCESSED, _edit(lambda ds, i: _private(ds, i, size=16 << 20) if i == 0 else None)),
+    Case("16 MB private OB element", PROCESSED,
+         _edit(lambda ds, i: _private(ds, i, size=16 << 20) if i == 0 else None)),
     Case("224 private elements", PROCESSED, _edit(lambda ds, i: _private(ds, i, count=224))),
     Case("private sequence nested 64 deep", PROCESSED, _edit(lambda ds, i: _private(ds, i, depth=64))),
 ]

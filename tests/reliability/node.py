@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 from dicom_node.journal import Journal
-from tests.peers import free_port
 from tests.test_receive import Node
 
 CT_PIPELINE = {
@@ -63,6 +62,3 @@ def settled(node: Node, series_instance_uid: str):
         return record, jobs
     return with_journal(node, read)
 
-
-__all__ = ["CT_PIPELINE", "Node", "free_port", "node_with_pipeline", "pacs_destination", "settled", "wait_for",
-           "with_journal"]

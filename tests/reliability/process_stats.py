@@ -11,8 +11,9 @@ class Resources:
     threads: int
     fds: int
 
-    def within(self, baseline: Resources) -> bool:
-        return self.threads <= baseline.threads and self.fds <= baseline.fds
+    def within(self, baseline: Resources, threads: int = 0, fds: int = 0) -> bool:
+        """No more than `baseline` plus the given slack."""
+        return self.threads <= baseline.threads + threads and self.fds <= baseline.fds + fds
 
 
 def resources(pid: int) -> Resources:

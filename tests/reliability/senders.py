@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
 from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import build_context
@@ -95,7 +94,3 @@ def _status_code(text: str) -> int:
         if name in text:
             return code
     return UNKNOWN_FAILURE
-
-
-def sop_instance_uid(path: Path) -> str:
-    return str(dcmread(path, stop_before_pixels=True, force=True).file_meta.MediaStorageSOPInstanceUID)

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from tests.peers import dcmtk
-from tests.reliability.node import wait_for, with_journal
+from tests.reliability.node import with_journal
 from tests.reliability.senders import storescu_store
 from tests.reliability.summary import CaseResult
 from tests.series_factory import write_ct_series
