@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from dicom_node.journal import Journal
@@ -28,17 +27,6 @@ def node_with_pipeline(root: Path, pacs_port: int, *, pipeline: dict = CT_PIPELI
     for section, values in overrides.items():
         sections[section] = {**sections.get(section, {}), **values}
     return Node(root, **sections)
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(interval)
 
 
 def with_journal(node: Node, read):

@@ -14,9 +14,9 @@ import pydicom
 import pytest
 
 from dicom_node.spool import validate_uid
-from tests.peers import dcmtk, free_port
+from tests.peers import dcmtk, free_port, wait_for
 from tests.reliability.corpus import CASES, Case, write_case
-from tests.reliability.node import node_with_pipeline, settled, wait_for, with_journal
+from tests.reliability.node import node_with_pipeline, settled, with_journal
 from tests.reliability.senders import SUCCESS, Delivery, raw_store, storescu_store
 from tests.reliability.summary import CaseResult
 from tests.series_factory import write_ct_series

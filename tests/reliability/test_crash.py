@@ -24,9 +24,9 @@ import pytest
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage
 
-from tests.peers import dcmtk, orthanc
+from tests.peers import dcmtk, orthanc, wait_for
 from tests.peers.orthanc import Orthanc
-from tests.reliability.node import node_with_pipeline, wait_for, with_journal
+from tests.reliability.node import node_with_pipeline, with_journal
 from tests.reliability.summary import CaseResult
 from tests.test_pipeline import _spleen_repository, real_series
 from tests.test_receive import NODE_AE, Node

@@ -12,9 +12,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.peers import dcmtk, orthanc, peer_env
+from tests.peers import dcmtk, orthanc, peer_env, wait_for
 from tests.peers.orthanc import Orthanc
-from tests.reliability.node import node_with_pipeline, wait_for, with_journal
+from tests.reliability.node import node_with_pipeline, with_journal
 from tests.reliability.process_stats import peak_rss_mb
 from tests.reliability.summary import CaseResult
 from tests.series_factory import write_ct_series

@@ -21,8 +21,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from tests.peers import dcmtk
-from tests.reliability.node import wait_for, with_journal
+from tests.peers import dcmtk, wait_for
+from tests.reliability.node import with_journal
 from tests.reliability.process_stats import resources
 from tests.reliability.summary import CaseResult
 from tests.series_factory import ct_datasets, write_ct_series
