@@ -283,7 +283,11 @@ def _check_complete(path: Path, ds: Dataset) -> None:
 
 
 def _decode_values(ds: Dataset) -> None:
+    """Decode every public value; private ones (half of a Siemens header, never used, never
+    copied into results) are left raw: decoding them doubled the load time of a real series."""
     for tag in list(ds.keys()):
+        if tag.is_private:
+            continue
         raw = ds.get_item(tag, keep_deferred=True)
         if getattr(raw, "value", b"") is None:  # deferred: a large value, decoded only if it is used
             continue
