@@ -33,8 +33,9 @@ SPLEEN = {"match": {"modality": "CT"}, "steps": [{"name": "spleen", "task": "seg
 TOKEN = "s3cret-token-of-the-admin"
 
 
-def http(node: Node, path: str, method: str = "GET", token: str | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(f"http://127.0.0.1:{node.http_port}{path}", method=method)
+def http(node: Node, path: str, method: str = "GET", token: str | None = None,
+         host: str = "127.0.0.1") -> tuple[int, bytes]:
+    request = urllib.request.Request(f"http://{host}:{node.http_port}{path}", method=method)
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -184,6 +185,24 @@ def test_bearer_token_guards_everything_but_healthz(tmp_path):
             assert http(node, path, token="wrong-token-wrong-token")[0] == 401, path
             assert http(node, path, token=TOKEN)[0] == 200, path
         assert http(node, "/v1/jobs/1/retry", method="POST")[0] == 401
+
+
+def test_off_loopback_the_token_is_required_and_no_path_reaches_a_file(tmp_path):
+    """Bound to another address (127.0.0.2 stands in for the hospital LAN) the API refuses
+    requests without the token; with it, path-traversal UIDs and ids read nothing from disk."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the API")
+    with running_node(tmp_path / "node", http={"host": "127.0.0.2", "bearer_token": TOKEN}) as node:
+        wait_for_port(node.http_port, host="127.0.0.2")
+        assert http(node, "/v1/jobs", host="127.0.0.2")[0] == 401
+        assert http(node, "/v1/jobs", host="127.0.0.2", token=TOKEN)[0] == 200
+        relative = "..%2F" * 12 + str(secret).lstrip("/").replace("/", "%2F")
+        for path in (f"/v1/series/{relative}", f"/v1/series/..%2F..%2F..%2Fetc%2Fpasswd", f"/v1/jobs/{relative}",
+                     f"/v1/audit?series_instance_uid={relative}", "/../../etc/passwd", f"/{relative}",
+                     "/v1/models/..%2F..%2Fetc%2Fpasswd"):
+            status, body = http(node, path, host="127.0.0.2", token=TOKEN)
+            assert status in (200, 404, 422), (path, status)
+            assert b"not for the API" not in body and b"root:" not in body, path
 
 
 def test_sigterm_lets_the_running_job_finish_keeps_queued_jobs_and_exits_0(tmp_path):

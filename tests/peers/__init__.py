@@ -46,18 +46,19 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
         time.sleep(interval)
 
 
-def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen | None = None) -> None:
-    """Block until something accepts TCP connections on 127.0.0.1:port."""
+def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen | None = None,
+                  host: str = "127.0.0.1") -> None:
+    """Block until something accepts TCP connections on host:port."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"process {process.args!r} exited with {process.returncode} before listening")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
 
 
 class ManagedProcess:
