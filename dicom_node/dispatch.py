@@ -115,17 +115,20 @@ def _read_headers(paths: Sequence[Path]) -> list[_Instance]:
 
 
 def _contexts(instances: Sequence[_Instance], allowed: Sequence[str]) -> list:
-    """The contexts the files need: per SOP class, one context for each compressed syntax
-    the files are in, and one offering explicit + implicit VR little endian (uncompressed files
-    go that way; compressed ones fall back to it, decompressed, when the destination refuses
-    their own syntax). Separate contexts let the destination accept the compressed syntax
-    instead of having to choose one syntax from a mixed list. destination.transfer_syntaxes
-    restricts both."""
+    """The contexts the files need: per SOP class, one context for each compressed syntax the
+    files are in, and one offering the uncompressed syntaxes, the file's own first (compressed
+    files fall back to it, decompressed, when the destination refuses their own syntax).
+    Separate contexts let the destination accept the compressed syntax instead of having to
+    choose one syntax from a mixed list. destination.transfer_syntaxes restricts both."""
     wanted: dict[tuple[str, tuple[str, ...]], None] = {}
-    uncompressed = tuple(ts for ts in UNCOMPRESSED if not allowed or ts in allowed)
     for inst in instances:
-        if _is_compressed(inst.transfer_syntax) and (not allowed or inst.transfer_syntax in allowed):
-            wanted[(inst.sop_class_uid, (inst.transfer_syntax,))] = None
+        if _is_compressed(inst.transfer_syntax):
+            if not allowed or inst.transfer_syntax in allowed:
+                wanted[(inst.sop_class_uid, (inst.transfer_syntax,))] = None
+            preferred = list(UNCOMPRESSED)
+        else:
+            preferred = [inst.transfer_syntax] + [ts for ts in UNCOMPRESSED if ts != inst.transfer_syntax]
+        uncompressed = tuple(ts for ts in preferred if not allowed or ts in allowed)
         if uncompressed:
             wanted[(inst.sop_class_uid, uncompressed)] = None
     return [build_context(sop, list(syntaxes)) for sop, syntaxes in wanted]
@@ -218,9 +221,14 @@ def send(destination: DestinationConfig, paths: Sequence[Path], calling_ae: str,
             if not assoc.is_established:
                 add(Outcome(inst.sop_instance_uid, None, "transient", "association lost"))
                 continue
-            as_stored = (inst.sop_class_uid, inst.transfer_syntax) in accepted or not _is_compressed(inst.transfer_syntax)
+            if (inst.sop_class_uid, inst.transfer_syntax) in accepted:
+                payload = inst.path  # the stored bytes as they are
+            elif _is_compressed(inst.transfer_syntax):
+                payload = _decompressed(inst.path)
+            else:  # accepted in the other uncompressed syntax: pynetdicom re-encodes the data set
+                payload = pydicom.dcmread(inst.path)
             try:
-                rsp = assoc.send_c_store(inst.path if as_stored else _decompressed(inst.path))
+                rsp = assoc.send_c_store(payload)
             except (ValueError, RuntimeError, NotImplementedError) as exc:  # incl. no decoder for the syntax
                 add(Outcome(inst.sop_instance_uid, None, "permanent", f"cannot send: {exc}"))
                 continue

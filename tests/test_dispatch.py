@@ -212,3 +212,24 @@ def test_jpeg2000_ct_forwarded_decompressed_to_an_uncompressed_only_pacs(tmp_pat
         stored = received[str(sent.SOPInstanceUID)]
         assert stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
         assert np.array_equal(stored.pixel_array, sent.pixel_array)
+
+
+def test_implicit_vr_file_goes_to_a_pacs_that_takes_only_explicit_vr(tmp_path):
+    """The file's own uncompressed syntax is proposed first; when the destination only takes the
+    other one (here: transfer_syntaxes restricted to Explicit VR Little Endian, as Orthanc may
+    choose), the data set is re-encoded instead of failing as 'no presentation context'."""
+    import numpy as np
+
+    (path,) = write_ct_series(tmp_path / "src", 1)
+    ds = pydicom.dcmread(path)
+    implicit = tmp_path / "implicit.dcm"
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+    ds.save_as(implicit, implicit_vr=True, little_endian=True)
+    port = free_port()
+    with dcmtk.storescp(port, tmp_path / "pacs"):
+        report = dispatch.send(DestinationConfig(ae_title="STORESCP", host="127.0.0.1", port=port,
+                                                 transfer_syntaxes=["1.2.840.10008.1.2.1"]), [implicit], "NODE")
+    assert [o.kind for o in report.outcomes] == ["sent"], report
+    (stored,) = [pydicom.dcmread(p) for p in (tmp_path / "pacs").iterdir()]
+    assert stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert stored.SOPInstanceUID == ds.SOPInstanceUID and np.array_equal(stored.pixel_array, ds.pixel_array)
