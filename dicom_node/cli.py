@@ -41,9 +41,10 @@ def config_from(path: Path) -> Config:
 def _check_config(args: argparse.Namespace) -> int:
     config = config_from(args.path)
     enabled = sum(pipeline.enabled for pipeline in config.pipelines.values())
+    forward = f"{len(config.forward)} forward rules, " if config.forward else ""
     print(
         f"{args.path}: ok (AE {config.node.ae_title} on {config.node.host}:{config.node.port}, "
-        f"{len(config.pipelines)} pipelines ({enabled} enabled), {len(config.destinations)} destinations, "
+        f"{len(config.pipelines)} pipelines ({enabled} enabled), {forward}{len(config.destinations)} destinations, "
         f"inference {config.inference.backend})"
     )
     return 0

@@ -69,3 +69,12 @@ def test_a_registrar_adds_a_command_without_touching_main(capsys):
     assert capsys.readouterr().out == "hello admin\n"
     with pytest.raises(SystemExit):
         cli.build_parser(cli.REGISTRARS).parse_args(["hello", "admin"])
+
+
+def test_check_config_counts_forward_rules(tmp_path):
+    text = (REPO / "config.yaml").read_text()
+    (tmp_path / "config.yaml").write_text(
+        text + "\nforward:\n  archive:\n    match: {modality: CT}\n    destinations: [pacs]\n")
+    result = run("check-config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "2 pipelines (2 enabled), 1 forward rules, 1 destinations" in result.stdout
