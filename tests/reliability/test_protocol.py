@@ -50,8 +50,8 @@ def _raw(port: int, payload: bytes) -> bytes:
         try:
             while chunk := sock.recv(65536):
                 received += chunk
-        except ConnectionResetError:
-            pass
+        except ConnectionResetError:  # the node reset the connection: an answer too
+            return received or b"reset"
         except TimeoutError:
             return HELD_OPEN
         return received
