@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import (Column, DateTime, Integer, MetaData, String, Table, Text, UniqueConstraint, create_engine,
-                        event, select)
+from sqlalchemy import (Column, DateTime, Integer, MetaData, String, Table, Text, UniqueConstraint, bindparam,
+                        create_engine,                        event, select)
 from sqlalchemy.engine import Connection, Engine
 
 SERIES_STATES = ("receiving", "complete", "routed", "unmatched", "quarantined")
@@ -92,6 +92,16 @@ exports = Table(
     Column("sent_at", DateTime(timezone=True)),
     UniqueConstraint("job_id", "destination", "sop_instance_uid"),
 )
+
+
+_FIND_INSTANCE = select(instances).where(instances.c.sop_instance_uid == bindparam("sop"))
+_LATEST_GENERATION = (select(series.c.generation, series.c.state)
+                      .where(series.c.series_instance_uid == bindparam("series"))
+                      .order_by(series.c.generation.desc()).limit(1))
+_COUNT_IN_GENERATION = (series.update()
+                        .where((series.c.series_instance_uid == bindparam("series"))
+                               & (series.c.generation == bindparam("open_generation")))
+                        .values(instance_count=series.c.instance_count + 1, last_received_at=bindparam("now")))
 
 
 def utcnow() -> datetime:
@@ -219,7 +229,7 @@ class Journal:
 
     def find_instance(self, sop_instance_uid: str) -> InstanceRecord | None:
         with self.engine.connect() as conn:
-            row = conn.execute(select(instances).where(instances.c.sop_instance_uid == sop_instance_uid)).first()
+            row = conn.execute(_FIND_INSTANCE, {"sop": sop_instance_uid}).first()
         return as_record(InstanceRecord, row) if row else None
 
     def record_instance(self, new: NewInstance, received_at: datetime | None = None) -> tuple[InstanceRecord, bool]:
@@ -229,23 +239,22 @@ class Journal:
         the journal returns (existing record, False) and changes nothing: a
         duplicate is never stored or counted twice. When the series' latest
         generation is no longer `receiving`, a new generation is opened.
+        This runs once per received instance while the sender waits, so its
+        statements are built once (module level) and only bound here.
         """
         now = received_at or utcnow()
         with self._write_lock, self.engine.begin() as conn:
-            existing = conn.execute(select(instances).where(
-                instances.c.sop_instance_uid == new.sop_instance_uid)).first()
+            existing = conn.execute(_FIND_INSTANCE, {"sop": new.sop_instance_uid}).first()
             if existing:
                 return as_record(InstanceRecord, existing), False
-            latest = conn.execute(select(series).where(series.c.series_instance_uid == new.series_instance_uid)
-                                  .order_by(series.c.generation.desc()).limit(1)).first()
+            latest = conn.execute(_LATEST_GENERATION, {"series": new.series_instance_uid}).first()
             if latest is not None and latest.state == "receiving":
                 generation = latest.generation
-                conn.execute(series.update().where(
-                    (series.c.series_instance_uid == new.series_instance_uid) & (series.c.generation == generation))
-                    .values(instance_count=series.c.instance_count + 1, last_received_at=now))
+                conn.execute(_COUNT_IN_GENERATION, {"series": new.series_instance_uid, "open_generation": generation,
+                                                    "now": now})
             else:
                 generation = 1 if latest is None else latest.generation + 1
-                conn.execute(series.insert().values(
+                conn.execute(series.insert(), dict(
                     series_instance_uid=new.series_instance_uid, generation=generation,
                     study_instance_uid=new.study_instance_uid, state="receiving", instance_count=1,
                     first_received_at=now, last_received_at=now, calling_ae=new.calling_ae,
@@ -254,7 +263,7 @@ class Journal:
                           series_instance_uid=new.series_instance_uid, study_instance_uid=new.study_instance_uid,
                           generation=generation, path=new.path, calling_ae=new.calling_ae,
                           transfer_syntax=new.transfer_syntax, size=new.size, received_at=now)
-            conn.execute(instances.insert().values(**values))
+            conn.execute(instances.insert(), values)
         return InstanceRecord(**values), True
 
     def delete_instance(self, sop_instance_uid: str) -> InstanceRecord | None:
