@@ -1,5 +1,6 @@
-"""The node's front door: a pynetdicom Storage SCP (C-ECHO, C-STORE) with an AE allow-list and limits.
+"""The node's front door: a Storage SCP (C-ECHO, C-STORE) with an AE allow-list and limits.
 
+The wire protocol is upper_layer.Acceptor's; this module is the policy.
 Durability contract: C-STORE success (0x0000) is sent only after the bytes
 as received (never decoded and re-encoded) are in the spool, fsynced and
 renamed, and the instance row is committed in the journal. Failures to
@@ -14,30 +15,32 @@ Association policy (PS3.8 7.1.1.9): an unknown calling AE title (or one
 calling from a host it is not allowed from) gets A-ASSOCIATE-RJ rejected
 permanent / service user / "calling AE title not recognized" (1, 1, 3); a
 called AE title other than ours gets reason 7 "called AE title not
-recognized".
+recognized"; one association over `node.max_associations` is rejected
+transient / local limit exceeded (2, 3, 2).
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from io import BytesIO
 
-import pydicom
-from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
 from pydicom import uid as tsuid
 
 from dicom_node.audit import AuditEvent, AuditLog
 from dicom_node.complete import CompletionTracker
 from dicom_node.config import Config
+from dicom_node.header import HeaderError, read_header
 from dicom_node.journal import Journal, NewInstance
 from dicom_node.metrics import NodeMetrics
-from dicom_node.spool import InstanceKey, InvalidUID, Spool
+from dicom_node.spool import InstanceKey, InvalidUID, Spool, part10_header
+from dicom_node.upper_layer import (CALLED_AE_NOT_RECOGNIZED, CALLING_AE_NOT_RECOGNIZED,
+                                    IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Acceptor,
+                                    AcceptorSettings, Association, AssociationRequest, Rejection, StoreRequest,
+                                    contexts_for)
 
 log = logging.getLogger("dicom_node.receive")
 
@@ -65,8 +68,7 @@ TRANSFER_SYNTAXES = (
     tsuid.RLELossless,
 )
 
-_HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality",
-                "SeriesDescription"]
+VERIFICATION_SYNTAXES = (tsuid.ImplicitVRLittleEndian, tsuid.ExplicitVRLittleEndian)
 
 
 @dataclass
@@ -78,7 +80,6 @@ class AssociationStats:
     instances: int = 0
     bytes: int = 0
     failures: int = 0
-    released: bool = False
     series: Counter[tuple[str, str]] = field(default_factory=Counter)  # (study, series) UIDs -> instances stored
 
 
@@ -90,8 +91,9 @@ def calling_ae_allowed(config: Config, calling_ae: str, host: str) -> bool:
                for entry in security.calling_aes)
 
 
+
 class Receiver:
-    """Owns the AE and the per-association bookkeeping; `start()` binds the port."""
+    """The association handler behind the node's acceptor; `start()` binds the port."""
 
     def __init__(self, config: Config, spool: Spool, journal: Journal, tracker: CompletionTracker,
                  metrics: NodeMetrics | None = None):
@@ -104,33 +106,21 @@ class Receiver:
         self._stats: dict[int, AssociationStats] = {}
         self._lock = threading.Lock()
         node = config.node
-        self.ae = AE(ae_title=node.ae_title)
-        self.ae.maximum_associations = node.max_associations
-        self.ae.maximum_pdu_size = node.max_pdu
-        self.ae.acse_timeout = node.acse_timeout_s
-        self.ae.dimse_timeout = node.dimse_timeout_s
-        self.ae.network_timeout = node.network_timeout_s
-        self.ae.add_supported_context(sc.Verification)
-        for sop_class in STORAGE_CLASSES:
-            self.ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
-        self.server = None
+        contexts = contexts_for([sc.Verification], list(VERIFICATION_SYNTAXES))
+        contexts += contexts_for(list(STORAGE_CLASSES), list(TRANSFER_SYNTAXES))
+        self.acceptor = Acceptor(AcceptorSettings(
+            ae_title=node.ae_title, host=node.host, port=node.port, max_pdu=node.max_pdu,
+            max_associations=node.max_associations, acse_timeout_s=node.acse_timeout_s,
+            dimse_timeout_s=node.dimse_timeout_s, network_timeout_s=node.network_timeout_s, contexts=contexts), self)
 
-    def start(self):
-        """Start listening (non-blocking); returns pynetdicom's server."""
-        handlers = [
-            (evt.EVT_CONN_OPEN, self._on_conn_open), (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
-            (evt.EVT_C_STORE, self._on_c_store), (evt.EVT_RELEASED, self._on_released),
-            (evt.EVT_CONN_CLOSE, self._on_conn_close),
-        ]
+    def start(self) -> None:
+        """Start listening (non-blocking)."""
+        self.acceptor.start()
         node = self.config.node
-        self.server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
         log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
-        return self.server
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
+        self.acceptor.stop()
 
     def open_associations(self) -> list[AssociationStats]:
         with self._lock:
@@ -138,102 +128,69 @@ class Receiver:
 
     # --- association level -----------------------------------------------------------------------
 
-    def _on_conn_open(self, event) -> None:
-        """Nagle off: otherwise each C-STORE-RSP can wait for the peer's delayed ACK (~40 ms).
-
-        And a read timeout: an accepted socket blocks forever by default, and
-        pynetdicom reads a whole PDU in one blocking call, so a peer that
-        announces a PDU length and stops sending would hold its thread (and an
-        association slot) until it hangs up; ARTIM cannot interrupt a read.
-        """
-        sock = event.assoc.dul.socket.socket
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(self.config.node.network_timeout_s)
-
-    def _on_requested(self, event) -> None:
-        assoc = event.assoc
-        request = assoc.requestor.primitive
-        calling = request.calling_ae_title.strip()
-        called = request.called_ae_title.strip()
-        host = assoc.requestor.address
-        if not calling_ae_allowed(self.config, calling, host):
+    def requested(self, request: AssociationRequest) -> Rejection | None:
+        if not calling_ae_allowed(self.config, request.calling_ae, request.host):
             log.warning("association rejected: calling AE %r from %s not recognized (called %r)",
-                        calling, host, called)
-            self._reject(assoc, 0x03)
+                        request.calling_ae, request.host, request.called_ae)
             self.metrics.associations_rejected.labels(reason="calling AE not recognized").inc()
-        elif called != self.config.node.ae_title.strip():
+            return CALLING_AE_NOT_RECOGNIZED
+        if request.called_ae != self.config.node.ae_title.strip():
             log.warning("association rejected: called AE %r is not ours (%r); calling AE %r from %s",
-                        called, self.config.node.ae_title, calling, host)
-            self._reject(assoc, 0x07)
+                        request.called_ae, self.config.node.ae_title, request.calling_ae, request.host)
             self.metrics.associations_rejected.labels(reason="called AE not recognized").inc()
+            return CALLED_AE_NOT_RECOGNIZED
+        return None
 
-    @staticmethod
-    def _reject(assoc, reason: int) -> None:
-        """A-ASSOCIATE-RJ rejected-permanent by the service user, then wait for the PDU to leave
-        before the connection closes (as pynetdicom's own ACSE rejection does)."""
-        assoc.acse.send_reject(0x01, 0x01, reason)
-        assoc.kill()
-
-    def _on_accepted(self, event) -> None:
-        assoc = event.assoc
-        request = assoc.requestor.primitive
+    def accepted(self, association: Association) -> None:
         with self._lock:
-            self._stats[id(assoc)] = AssociationStats(
-                calling_ae=request.calling_ae_title.strip(), called_ae=request.called_ae_title.strip(),
-                peer=f"{assoc.requestor.address}:{assoc.requestor.port}")
+            self._stats[association.id] = AssociationStats(
+                calling_ae=association.calling_ae, called_ae=association.called_ae,
+                peer=f"{association.host}:{association.port}")
         self.metrics.associations_open.inc()
 
-    def _on_released(self, event) -> None:
-        stats = self._stats.get(id(event.assoc))
-        if stats is not None:
-            stats.released = True
-
-    def _on_conn_close(self, event) -> None:
+    def closed(self, association: Association, released: bool) -> None:
         with self._lock:
-            stats = self._stats.pop(id(event.assoc), None)
-        if stats is None:  # rejected or never negotiated
+            stats = self._stats.pop(association.id, None)
+        if stats is None:
             return
         duration = time.monotonic() - stats.started
-        outcome = "released" if stats.released else "aborted"
+        outcome = "released" if released else "aborted"
         self.metrics.associations_open.dec()
         self.metrics.associations.labels(calling_ae=stats.calling_ae, outcome=outcome).inc()
         for (study, series), count in stats.series.items():
-            self.audit.record(AuditEvent("received", calling_ae=stats.calling_ae, host=stats.peer.rpartition(":")[0],
+            self.audit.record(AuditEvent("received", calling_ae=stats.calling_ae, host=association.host,
                                          study_instance_uid=study, series_instance_uid=series, instance_count=count,
                                          status=outcome, detail=f"called AE {stats.called_ae}"))
         log.info("association %s calling_ae=%s peer=%s instances=%d bytes=%d failures=%d duration=%.2fs",
                  outcome, stats.calling_ae, stats.peer, stats.instances,
                  stats.bytes, stats.failures, duration)
-        self.tracker.association_closed(id(event.assoc), released=stats.released)
+        self.tracker.association_closed(association.id, released=released)
 
     # --- C-STORE ---------------------------------------------------------------------------------
 
-    def _on_c_store(self, event) -> int:
-        stats = self._stats.get(id(event.assoc))
-        status = self._store(event, stats)
+    def store(self, request: StoreRequest) -> int:
+        stats = self._stats.get(request.association.id)
+        status = self._store(request, stats)
         if stats is not None and status != STATUS_SUCCESS:
             stats.failures += 1
         return status
 
-    def _store(self, event, stats: AssociationStats | None) -> int:
-        calling = stats.calling_ae if stats else ""
-        called = stats.called_ae if stats else self.config.node.ae_title
+    def _store(self, request: StoreRequest, stats: AssociationStats | None) -> int:
+        calling = request.association.calling_ae
         floor = self.config.node.min_free_disk_mb * 1024 * 1024
         free = self.spool.free_bytes()
         if free < floor:
             log.error("C-STORE refused (0xA700): %d MB free under %s, floor is %d MB; calling AE %s",
                       free // (1024 * 1024), self.spool.root, self.config.node.min_free_disk_mb, calling)
             return STATUS_OUT_OF_RESOURCES
-        encoded = event.encoded_dataset()
         try:
-            header = pydicom.dcmread(BytesIO(encoded), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-            key = InstanceKey.of(header.get("StudyInstanceUID"), header.get("SeriesInstanceUID"),
-                                 header.get("SOPInstanceUID"))
+            header = read_header(request.data_set, request.transfer_syntax)
+            key = InstanceKey.of(header.study_instance_uid or None, header.series_instance_uid or None,
+                                 header.sop_instance_uid or None)
         except InvalidUID as error:
             log.error("C-STORE refused (0xC000) from %s: %s", calling, error)
             return STATUS_CANNOT_UNDERSTAND
-        except Exception as error:  # a dataset pydicom cannot parse cannot be placed in the spool
+        except HeaderError as error:  # a data set whose UIDs cannot be found cannot be placed in the spool
             log.error("C-STORE refused (0xC000) from %s: unreadable dataset (%s)", calling, error)
             return STATUS_CANNOT_UNDERSTAND
         existing = self.journal.find_instance(key.sop_instance_uid)
@@ -241,17 +198,21 @@ class Receiver:
             log.info("duplicate instance %s (series %s) from %s acknowledged, not stored again",
                      key.sop_instance_uid, key.series_instance_uid, calling)
             return STATUS_SUCCESS
+        meta = part10_header(request.affected_sop_class_uid, key.sop_instance_uid, request.transfer_syntax,
+                             IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, self.config.node.ae_title,
+                             calling)
         try:
-            path = self.spool.write(key, (encoded,))
+            path = self.spool.write(key, (meta, request.data_set))
         except OSError as error:
             log.error("C-STORE refused (0xA700): writing %s failed: %s", key.sop_instance_uid, error)
             return STATUS_OUT_OF_RESOURCES
+        size = len(meta) + len(request.data_set)
         new = NewInstance(
-            sop_instance_uid=key.sop_instance_uid, sop_class_uid=str(event.request.AffectedSOPClassUID),
+            sop_instance_uid=key.sop_instance_uid, sop_class_uid=request.affected_sop_class_uid,
             series_instance_uid=key.series_instance_uid, study_instance_uid=key.study_instance_uid,
-            path=str(path), calling_ae=calling, called_ae=called, transfer_syntax=str(event.context.transfer_syntax),
-            size=len(encoded), modality=str(header.get("Modality", "") or ""),
-            series_description=str(header.get("SeriesDescription", "") or ""))
+            path=str(path), calling_ae=calling, called_ae=request.association.called_ae,
+            transfer_syntax=request.transfer_syntax, size=size, modality=header.modality,
+            series_description=header.series_description)
         try:
             record, is_new = self.journal.record_instance(new)
         except Exception as error:
@@ -264,9 +225,9 @@ class Receiver:
             return STATUS_SUCCESS
         if stats is not None:
             stats.instances += 1
-            stats.bytes += len(encoded)
+            stats.bytes += size
             stats.series[(key.study_instance_uid, key.series_instance_uid)] += 1
         self.metrics.instances_received.labels(calling_ae=calling).inc()
-        self.metrics.bytes_received.labels(calling_ae=calling).inc(len(encoded))
-        self.tracker.instance_received(id(event.assoc), record.series_instance_uid, record.generation)
+        self.metrics.bytes_received.labels(calling_ae=calling).inc(size)
+        self.tracker.instance_received(request.association.id, record.series_instance_uid, record.generation)
         return STATUS_SUCCESS

@@ -15,12 +15,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: 16 characters, no backslash or control
 TEMP_SUFFIX = ".tmp"
 
 
@@ -52,6 +54,43 @@ class InstanceKey:
     def of(cls, study: object, series: object, sop: object) -> InstanceKey:
         return cls(validate_uid("StudyInstanceUID", study), validate_uid("SeriesInstanceUID", series),
                    validate_uid("SOPInstanceUID", sop))
+
+
+def _meta_element(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    """One group 0002 element, explicit VR little endian (PS3.10 7.1), padded to even length."""
+    if len(value) % 2:
+        value += pad
+    if vr == b"OB":
+        return struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _ascii(text: str) -> bytes:
+    return text.encode("ascii", errors="replace")
+
+
+def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, implementation_class_uid: str,
+                  implementation_version_name: str, source_ae: str, sending_ae: str | None) -> bytes:
+    """Preamble, "DICM" and File Meta Information (PS3.10 7.1) for a data set received over the network.
+
+    Written by hand because pydicom's meta writer costs ~0.7 ms, a third of an
+    instance's budget at line rate; tests check it reads back with pydicom.
+    (0002,0016) is this node, (0002,0017) the AE that sent it to us; a calling
+    AE title that is not a valid AE value (PS3.5 6.2) is left out.
+    """
+    elements = [
+        _meta_element(0x0001, b"OB", b"\x00\x01", b"\x00"),
+        _meta_element(0x0002, b"UI", _ascii(sop_class_uid), b"\x00"),
+        _meta_element(0x0003, b"UI", _ascii(sop_instance_uid), b"\x00"),
+        _meta_element(0x0010, b"UI", _ascii(transfer_syntax), b"\x00"),
+        _meta_element(0x0012, b"UI", _ascii(implementation_class_uid), b"\x00"),
+        _meta_element(0x0013, b"SH", _ascii(implementation_version_name), b" "),
+        _meta_element(0x0016, b"AE", _ascii(source_ae), b" "),
+    ]
+    if sending_ae and _AE_TITLE.match(sending_ae):
+        elements.append(_meta_element(0x0017, b"AE", sending_ae.encode("ascii"), b" "))
+    body = b"".join(elements)
+    return b"\x00" * 128 + b"DICM" + struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,0 +1,545 @@
+"""The receiving side of the DICOM Upper Layer (PS3.8 9) for a Storage SCP: one thread per association.
+
+Why the node does not receive through pynetdicom's AE: pynetdicom moves
+every PDU through two polling threads (1 ms sleeps) and reads the socket
+4 KiB at a time, so a storage SCP whose handler does nothing answers about
+230 instances/s on two cores, where dcmtk's storescp answers 600 (measured,
+see bench/ingest.py). Here each association's thread blocks on its socket,
+reads whole PDUs with `recv_into`, reassembles the data set from the PDV
+fragments and answers on the same thread. pynetdicom still does what it is
+good at: the A-ASSOCIATE-RQ/AC codecs and presentation context negotiation
+(with SCP/SCU role selection) are its own, so the association wire format
+is the one the node's SCU side (pynetdicom) speaks.
+
+States, reduced to what an acceptor meets (PS3.8 9.2): waiting for the
+A-ASSOCIATE-RQ under the ACSE timeout (ARTIM), then data transfer (C-ECHO,
+C-STORE; any other command is answered 0x0211 "unrecognized operation")
+until A-RELEASE-RQ (answered A-RELEASE-RP) or A-ABORT. Anything the state
+does not allow, a PDU that does not parse, or one longer than we announced,
+is answered with A-ABORT (source: service provider, with the PS3.8 9.3.8
+reason) and the connection closed. An idle association is aborted after the
+network timeout, a message that stops arriving after the DIMSE timeout.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pydicom.uid import UID, generate_uid
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotification,
+                                       ImplementationVersionNameNotification, MaximumLengthNotification,
+                                       SCP_SCU_RoleSelectionNegotiation)
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+
+from dicom_node import __version__
+
+log = logging.getLogger("dicom_node.upper_layer")
+
+APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"  # PS3.7 A.2.1
+IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["dicom-node", __version__])
+IMPLEMENTATION_VERSION_NAME = f"DICOM_NODE_{__version__}"[:16]
+
+# PDU types (PS3.8 9.3.1)
+A_ASSOCIATE_RQ_PDU, A_ASSOCIATE_AC_PDU, A_ASSOCIATE_RJ_PDU = 0x01, 0x02, 0x03
+P_DATA_TF_PDU, A_RELEASE_RQ_PDU, A_RELEASE_RP_PDU, A_ABORT_PDU = 0x04, 0x05, 0x06, 0x07
+_KNOWN_PDUS = range(0x01, 0x08)
+# A-ABORT reasons when the source is the service provider (PS3.8 9.3.8)
+UNRECOGNIZED_PDU, UNEXPECTED_PDU, INVALID_PDU_PARAMETER_VALUE = 0x01, 0x02, 0x06
+_ABORT_SOURCE_PROVIDER = 0x02
+MAX_ASSOCIATION_PDU = 1 << 20  # an A-ASSOCIATE-RQ proposing every SOP class is far smaller
+
+# DIMSE (PS3.7 9.3, E.1)
+C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
+NO_DATA_SET = 0x0101
+STATUS_UNRECOGNIZED_OPERATION = 0x0211
+TAG_AFFECTED_SOP_CLASS_UID, TAG_COMMAND_FIELD, TAG_MESSAGE_ID = 0x00000002, 0x00000100, 0x00000110
+TAG_MESSAGE_ID_RESPONDED_TO, TAG_PRIORITY, TAG_DATA_SET_TYPE = 0x00000120, 0x00000700, 0x00000800
+TAG_STATUS, TAG_AFFECTED_SOP_INSTANCE_UID = 0x00000900, 0x00001000
+
+_HEADER = struct.Struct(">BBI")
+_PDV_HEADER = struct.Struct(">IBB")
+_COMMAND_ELEMENT = struct.Struct("<HHI")
+_US = struct.Struct("<H")
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An A-ASSOCIATE-RJ: result (1 permanent, 2 transient), source and reason (PS3.8 9.3.4)."""
+
+    result: int
+    source: int
+    reason: int
+    text: str
+
+
+CALLING_AE_NOT_RECOGNIZED = Rejection(0x01, 0x01, 0x03, "calling AE title not recognized")
+CALLED_AE_NOT_RECOGNIZED = Rejection(0x01, 0x01, 0x07, "called AE title not recognized")
+APPLICATION_CONTEXT_NOT_SUPPORTED = Rejection(0x01, 0x01, 0x02, "application context name not supported")
+PROTOCOL_VERSION_NOT_SUPPORTED = Rejection(0x01, 0x02, 0x02, "protocol version not supported")
+LOCAL_LIMIT_EXCEEDED = Rejection(0x02, 0x03, 0x02, "local limit exceeded")
+
+
+@dataclass(frozen=True)
+class AssociationRequest:
+    calling_ae: str
+    called_ae: str
+    host: str
+    port: int
+
+
+@dataclass
+class Association:
+    """An established association; `id` is unique for the life of the process."""
+
+    id: int
+    calling_ae: str
+    called_ae: str
+    host: str
+    port: int
+    contexts: dict[int, PresentationContext]  # accepted, by presentation context ID
+    peer_max_pdu: int  # 0: unlimited
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """A complete C-STORE-RQ: its command and the data set exactly as it came off the wire."""
+
+    association: Association
+    message_id: int
+    affected_sop_class_uid: str
+    affected_sop_instance_uid: str
+    transfer_syntax: str
+    data_set: bytes
+
+
+class AssociationHandler(Protocol):
+    """What the acceptor asks of the application (receive.Receiver)."""
+
+    def requested(self, request: AssociationRequest) -> Rejection | None: ...
+
+    def accepted(self, association: Association) -> None: ...
+
+    def store(self, request: StoreRequest) -> int: ...
+
+    def closed(self, association: Association, released: bool) -> None: ...
+
+
+@dataclass(frozen=True)
+class AcceptorSettings:
+    ae_title: str
+    host: str
+    port: int
+    max_pdu: int  # the longest P-DATA-TF we receive; 0: unlimited
+    max_associations: int
+    acse_timeout_s: float
+    dimse_timeout_s: float
+    network_timeout_s: float
+    contexts: list[PresentationContext] = field(default_factory=list)
+
+
+class Abort(Exception):
+    """End the association with an A-ABORT from the service provider."""
+
+    def __init__(self, reason: int, text: str):
+        super().__init__(text)
+        self.reason = reason
+
+
+class PeerClosed(Exception):
+    """The peer closed the connection, aborted, or stopped sending within its time."""
+
+
+def _uid_value(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def encode_command(elements: list[tuple[int, bytes]]) -> bytes:
+    """A DIMSE command set (implicit VR little endian, group length first), elements in tag order."""
+    body = b"".join(_COMMAND_ELEMENT.pack(tag >> 16, tag & 0xFFFF, len(value)) + value for tag, value in elements)
+    return _COMMAND_ELEMENT.pack(0, 0, 4) + struct.pack("<I", len(body)) + body
+
+
+def decode_command(raw: bytes) -> dict[int, bytes]:
+    """The elements of a command set by tag; raises Abort when it does not parse."""
+    elements, pos = {}, 0
+    while pos < len(raw):
+        if pos + 8 > len(raw):
+            raise Abort(INVALID_PDU_PARAMETER_VALUE, "command set ends inside an element header")
+        group, element, length = _COMMAND_ELEMENT.unpack_from(raw, pos)
+        pos += 8
+        if pos + length > len(raw):
+            raise Abort(INVALID_PDU_PARAMETER_VALUE, f"command element (0000,{element:04X}) runs past the set")
+        elements[group << 16 | element] = raw[pos:pos + length]
+        pos += length
+    for tag in (TAG_COMMAND_FIELD, TAG_MESSAGE_ID, TAG_DATA_SET_TYPE):
+        if len(elements.get(tag, b"")) != 2:
+            raise Abort(INVALID_PDU_PARAMETER_VALUE, f"command set without (0000,{tag & 0xFFFF:04X})")
+    return elements
+
+
+def _us(elements: dict[int, bytes], tag: int) -> int:
+    return _US.unpack(elements[tag])[0]
+
+
+def _text(elements: dict[int, bytes], tag: int) -> str:
+    return elements.get(tag, b"").rstrip(b"\x00 ").decode("ascii", errors="replace")
+
+
+def _response(request: dict[int, bytes], command_field: int, status: int) -> bytes:
+    elements = []
+    if TAG_AFFECTED_SOP_CLASS_UID in request:
+        elements.append((TAG_AFFECTED_SOP_CLASS_UID, request[TAG_AFFECTED_SOP_CLASS_UID]))
+    elements += [(TAG_COMMAND_FIELD, _US.pack(command_field)),
+                 (TAG_MESSAGE_ID_RESPONDED_TO, request[TAG_MESSAGE_ID]),
+                 (TAG_DATA_SET_TYPE, _US.pack(NO_DATA_SET)), (TAG_STATUS, _US.pack(status))]
+    if TAG_AFFECTED_SOP_INSTANCE_UID in request:
+        elements.append((TAG_AFFECTED_SOP_INSTANCE_UID, request[TAG_AFFECTED_SOP_INSTANCE_UID]))
+    return encode_command(elements)
+
+
+class _Connection:
+    """One TCP connection: whole-PDU reads under a deadline, PDU writes."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def receive_exactly(self, length: int, deadline: float) -> bytearray:
+        buffer = bytearray(length)
+        view = memoryview(buffer)
+        received = 0
+        while received < length:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self.sock.settimeout(remaining)
+            count = self.sock.recv_into(view[received:])
+            if count == 0:
+                raise PeerClosed("the peer closed the connection")
+            received += count
+        return buffer
+
+    def read_pdu(self, header_deadline: float, body_timeout: float, limit: int) -> tuple[int, bytearray]:
+        pdu_type, _, length = _HEADER.unpack(self.receive_exactly(6, header_deadline))
+        if pdu_type not in _KNOWN_PDUS:
+            raise Abort(UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{pdu_type:02X}")
+        if length > limit:
+            raise Abort(INVALID_PDU_PARAMETER_VALUE, f"PDU type 0x{pdu_type:02X} of {length} bytes, over {limit}")
+        return pdu_type, self.receive_exactly(length, time.monotonic() + body_timeout)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send_abort(self, source: int, reason: int) -> None:
+        try:
+            self.send(struct.pack(">BBIBBBB", A_ABORT_PDU, 0, 4, 0, 0, source, reason))
+        except OSError:
+            pass
+
+    def linger_until_closed(self, timeout: float) -> None:
+        """After A-ASSOCIATE-RJ or A-RELEASE-RP the requestor closes the transport (PS3.8 9.2, Sta13);
+        wait for that (ARTIM) so our close does not race the last PDU."""
+        deadline = time.monotonic() + timeout
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            while (remaining := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(remaining)
+                if not self.sock.recv(4096):
+                    return
+        except OSError:
+            pass
+
+
+class _Message:
+    """A DIMSE message being reassembled from PDV fragments (PS3.8 E.2)."""
+
+    def __init__(self):
+        self.context_id: int | None = None
+        self.command_bytes = bytearray()
+        self.command: dict[int, bytes] | None = None
+        self.data_fragments: list[memoryview] = []
+
+    @property
+    def in_progress(self) -> bool:
+        return self.context_id is not None
+
+    def add(self, context_id: int, control: int, fragment: memoryview) -> bool:
+        """Add one PDV; True when the message (command and any data set) is complete."""
+        if self.context_id is None:
+            self.context_id = context_id
+        elif context_id != self.context_id:
+            raise Abort(UNEXPECTED_PDU, "a message's fragments came on two presentation contexts")
+        if control & 0x01:  # command fragment
+            if self.command is not None:
+                raise Abort(UNEXPECTED_PDU, "a command fragment after the command was complete")
+            self.command_bytes += fragment
+            if not control & 0x02:
+                return False
+            self.command = decode_command(bytes(self.command_bytes))
+            return _us(self.command, TAG_DATA_SET_TYPE) == NO_DATA_SET
+        if self.command is None or _us(self.command, TAG_DATA_SET_TYPE) == NO_DATA_SET:
+            raise Abort(UNEXPECTED_PDU, "a data set fragment without a command announcing one")
+        self.data_fragments.append(fragment)
+        return bool(control & 0x02)
+
+
+class Acceptor:
+    """Listens on the node's port and runs each association on its own thread."""
+
+    def __init__(self, settings: AcceptorSettings, handler: AssociationHandler):
+        self.settings = settings
+        self.handler = handler
+        self._listener: socket.socket | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._connections: dict[int, tuple[socket.socket, threading.Thread]] = {}
+        self._established = 0
+        self._ids = itertools.count(1)
+        self._accept_thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._listener = socket.create_server((self.settings.host, self.settings.port), backlog=64)
+        self._listener.settimeout(0.5)  # the accept loop notices stop() within this
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="dicom-acceptor", daemon=True)
+        self._accept_thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting; connections still open are shut down (their peers see the connection close)."""
+        self._stopping.set()
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout)
+        if self._listener is not None:
+            self._listener.close()
+        with self._lock:
+            connections = list(self._connections.values())
+        for sock, _ in connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for _, thread in connections:
+            thread.join(timeout)
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                sock, (host, port, *_) = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as error:
+                if self._stopping.is_set():
+                    return
+                log.error("accepting a DICOM connection failed: %s", error)
+                time.sleep(0.1)
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # else each response waits ~40 ms
+            number = next(self._ids)
+            thread = threading.Thread(target=self._serve, args=(number, sock, host, port),
+                                      name=f"association-{number}-{host}:{port}", daemon=True)
+            with self._lock:
+                self._connections[number] = (sock, thread)
+            thread.start()
+
+    # --- one connection ---------------------------------------------------------------------------
+
+    def _serve(self, number: int, sock: socket.socket, host: str, port: int) -> None:
+        connection = _Connection(sock)
+        association: Association | None = None
+        released = False
+        try:
+            association = self._establish(connection, number, host, port)
+            if association is not None:
+                released = self._transfer(connection, association)
+        except Abort as abort:
+            log.warning("A-ABORT to %s:%d: %s", host, port, abort)
+            connection.send_abort(_ABORT_SOURCE_PROVIDER, abort.reason)
+        except TimeoutError:
+            if association is None:  # ARTIM expired waiting for the A-ASSOCIATE-RQ (PS3.8 9.1.5): just close
+                log.warning("connection from %s:%d closed: no A-ASSOCIATE-RQ within %.0f s", host, port,
+                            self.settings.acse_timeout_s)
+            else:
+                log.warning("association from %s:%d aborted: nothing received within its timeout", host, port)
+                connection.send_abort(_ABORT_SOURCE_PROVIDER, 0x00)
+        except PeerClosed:
+            pass
+        except OSError as error:
+            log.warning("connection from %s:%d failed: %s", host, port, error)
+        except Exception:  # a handler bug must not take the node down with it
+            log.exception("association from %s:%d failed; aborting it", host, port)
+            connection.send_abort(_ABORT_SOURCE_PROVIDER, 0x00)
+        finally:
+            sock.close()
+            if association is not None:
+                with self._lock:
+                    self._established -= 1
+                self.handler.closed(association, released)
+            with self._lock:
+                self._connections.pop(number, None)
+
+    def _establish(self, connection: _Connection, number: int, host: str, port: int) -> Association | None:
+        """Read and answer the A-ASSOCIATE-RQ; the Association when accepted, None when rejected."""
+        settings = self.settings
+        pdu_type, body = connection.read_pdu(time.monotonic() + settings.acse_timeout_s,
+                                             settings.acse_timeout_s, MAX_ASSOCIATION_PDU)
+        if pdu_type != A_ASSOCIATE_RQ_PDU:
+            raise Abort(UNEXPECTED_PDU, f"PDU type 0x{pdu_type:02X} before an association")
+        pdu = A_ASSOCIATE_RQ()
+        try:
+            pdu.decode(_HEADER.pack(pdu_type, 0, len(body)) + bytes(body))
+            request = pdu.to_primitive()
+        except Exception as error:
+            raise Abort(INVALID_PDU_PARAMETER_VALUE, f"A-ASSOCIATE-RQ does not decode: {error}") from None
+        calling, called = request.calling_ae_title.strip(), request.called_ae_title.strip()
+        rejection = self._rejection(pdu, request, AssociationRequest(calling, called, host, port))
+        if rejection is not None:
+            log.info("A-ASSOCIATE-RJ to %s from %s:%d (called %r): %s", calling, host, port, called, rejection.text)
+            connection.send(struct.pack(">BBIBBBB", A_ASSOCIATE_RJ_PDU, 0, 4, 0, rejection.result,
+                                        rejection.source, rejection.reason))
+            connection.linger_until_closed(settings.acse_timeout_s)
+            return None
+        try:  # the slot counted for us in _rejection is ours until _serve gives it back; free it on failure
+            roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in request.user_information
+                     if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
+            results, role_replies = negotiate_as_acceptor(request.presentation_context_definition_list,
+                                                          settings.contexts, roles)
+            association = Association(id=number, calling_ae=calling, called_ae=called, host=host, port=port,
+                                      contexts={cx.context_id: cx for cx in results if cx.result == 0x00},
+                                      peer_max_pdu=request.maximum_length_received or 0)
+            connection.send(self._accept_pdu(request, results, role_replies))
+            self.handler.accepted(association)
+        except BaseException:
+            with self._lock:
+                self._established -= 1
+            raise
+        return association
+
+    def _rejection(self, pdu: A_ASSOCIATE_RQ, request: A_ASSOCIATE, asked: AssociationRequest) -> Rejection | None:
+        """PS3.8 checks first, then the application's, then the association limit (which counts us in)."""
+        if not pdu.protocol_version & 0x01:
+            return PROTOCOL_VERSION_NOT_SUPPORTED
+        if request.application_context_name != APPLICATION_CONTEXT_NAME:
+            return APPLICATION_CONTEXT_NOT_SUPPORTED
+        rejection = self.handler.requested(asked)
+        if rejection is not None:
+            return rejection
+        with self._lock:
+            if self._established >= self.settings.max_associations:
+                return LOCAL_LIMIT_EXCEEDED
+            self._established += 1
+        return None
+
+    def _accept_pdu(self, request: A_ASSOCIATE, results: list[PresentationContext],
+                    role_replies: list[SCP_SCU_RoleSelectionNegotiation]) -> bytes:
+        accept = A_ASSOCIATE()
+        accept.application_context_name = UID(APPLICATION_CONTEXT_NAME)
+        accept.calling_ae_title = request.calling_ae_title
+        accept.called_ae_title = request.called_ae_title
+        accept.result, accept.result_source = 0x00, 0x01
+        accept.presentation_context_definition_results_list = results
+        max_length = MaximumLengthNotification()
+        max_length.maximum_length_received = self.settings.max_pdu
+        implementation = ImplementationClassUIDNotification()
+        implementation.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        version = ImplementationVersionNameNotification()
+        version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        accept.user_information = [max_length, implementation, version, *role_replies]
+        pdu = A_ASSOCIATE_AC()
+        pdu.from_primitive(accept)
+        return pdu.encode()
+
+    def _transfer(self, connection: _Connection, association: Association) -> bool:
+        """Serve DIMSE messages until release (returns True) or the peer's A-ABORT (False)."""
+        settings = self.settings
+        limit = settings.max_pdu or (1 << 32)
+        message = _Message()
+        while True:
+            wait = settings.dimse_timeout_s if message.in_progress else settings.network_timeout_s
+            pdu_type, body = connection.read_pdu(time.monotonic() + wait, settings.dimse_timeout_s, limit)
+            if pdu_type == P_DATA_TF_PDU:
+                for context_id, control, fragment in self._pdvs(association, body):
+                    if message.add(context_id, control, fragment):
+                        self._dispatch(connection, association, message)
+                        message = _Message()
+            elif pdu_type == A_RELEASE_RQ_PDU:
+                connection.send(struct.pack(">BBII", A_RELEASE_RP_PDU, 0, 4, 0))
+                connection.linger_until_closed(settings.acse_timeout_s)
+                return True
+            elif pdu_type == A_ABORT_PDU:
+                log.info("A-ABORT from %s at %s:%d", association.calling_ae, association.host, association.port)
+                return False
+            else:
+                raise Abort(UNEXPECTED_PDU, f"PDU type 0x{pdu_type:02X} during data transfer")
+
+    @staticmethod
+    def _pdvs(association: Association, body: bytearray):
+        """The (context ID, message control header, value) of each PDV item of a P-DATA-TF (PS3.8 9.3.5)."""
+        view = memoryview(body)
+        pos = 0
+        while pos < len(body):
+            if pos + 6 > len(body):
+                raise Abort(INVALID_PDU_PARAMETER_VALUE, "P-DATA-TF ends inside a PDV item header")
+            length, context_id, control = _PDV_HEADER.unpack_from(body, pos)
+            end = pos + 4 + length
+            if length < 2 or end > len(body):
+                raise Abort(INVALID_PDU_PARAMETER_VALUE, f"PDV item length {length} does not fit its P-DATA-TF")
+            if context_id not in association.contexts:
+                raise Abort(INVALID_PDU_PARAMETER_VALUE, f"PDV on presentation context {context_id}, not accepted")
+            yield context_id, control, view[pos + 6:end]
+            pos = end
+
+    def _dispatch(self, connection: _Connection, association: Association, message: _Message) -> None:
+        command = message.command
+        assert command is not None and message.context_id is not None
+        command_field = _us(command, TAG_COMMAND_FIELD)
+        context = association.contexts[message.context_id]
+        if command_field == C_STORE_RQ:
+            request = StoreRequest(
+                association=association, message_id=_us(command, TAG_MESSAGE_ID),
+                affected_sop_class_uid=_text(command, TAG_AFFECTED_SOP_CLASS_UID),
+                affected_sop_instance_uid=_text(command, TAG_AFFECTED_SOP_INSTANCE_UID),
+                transfer_syntax=str(context.transfer_syntax[0]), data_set=b"".join(message.data_fragments))
+            status = self.handler.store(request)
+        elif command_field == C_ECHO_RQ:
+            status = 0x0000
+        elif command_field == C_CANCEL_RQ:  # nothing of ours is cancellable; no response (PS3.7 9.3.2.3)
+            return
+        else:
+            log.warning("command 0x%04X from %s answered 0x0211 (unrecognized operation)", command_field,
+                        association.calling_ae)
+            status = STATUS_UNRECOGNIZED_OPERATION
+        self._send_command(connection, association, message.context_id,
+                           _response(command, command_field | 0x8000, status))
+
+    @staticmethod
+    def _send_command(connection: _Connection, association: Association, context_id: int, command: bytes) -> None:
+        """A command set as P-DATA-TF PDUs no longer than the peer accepts."""
+        room = association.peer_max_pdu - 6 if association.peer_max_pdu else len(command)
+        room = max(room, 16)
+        chunks = [command[i:i + room] for i in range(0, len(command), room)]
+        pdus = []
+        for index, chunk in enumerate(chunks):
+            control = 0x03 if index == len(chunks) - 1 else 0x01
+            pdus.append(_HEADER.pack(P_DATA_TF_PDU, 0, len(chunk) + 6) + _PDV_HEADER.pack(len(chunk) + 2, context_id,
+                                                                                              control) + chunk)
+        connection.send(b"".join(pdus))
+
+
+def contexts_for(abstract_syntaxes: list[str], transfer_syntaxes: list[str]) -> list[PresentationContext]:
+    """Supported contexts: each SOP class with every transfer syntax, in our order of preference."""
+    contexts = []
+    for abstract_syntax in abstract_syntaxes:
+        context = PresentationContext()
+        context.abstract_syntax = UID(abstract_syntax)
+        context.transfer_syntax = [UID(ts) for ts in transfer_syntaxes]
+        contexts.append(context)
+    return contexts
+
