@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from io import BytesIO
 
@@ -24,11 +25,13 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from tests.test_receive import NODE_AE, Node, running_node
 
 NODE_MAX_PDU = 16384
+ACSE_TIMEOUT_S = 2
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory) -> Iterator[Node]:
-    with running_node(tmp_path_factory.mktemp("upper-layer"), node={"max_pdu": NODE_MAX_PDU}) as running:
+    with running_node(tmp_path_factory.mktemp("upper-layer"), node={"max_pdu": NODE_MAX_PDU,
+                                                                                "acse_timeout_s": ACSE_TIMEOUT_S}) as running:
         yield running
 
 
@@ -176,3 +179,20 @@ def test_an_unknown_application_context_is_rejected(node):
     sock, pdu_type, body = _associate(node.port, 0, application_context="1.2.3.4")
     with sock:
         assert pdu_type == 0x03 and body[1:4] == bytes([0x01, 0x01, 0x02])  # A-ASSOCIATE-RJ permanent, user, 2
+
+
+def test_a_request_trickled_byte_by_byte_is_cut_off_at_the_acse_timeout(node):
+    """A deadline per PDU, not a timeout per read: one byte every half second must not hold the slot."""
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+        sock.sendall(struct.pack(">BBI", 0x01, 0, 200))
+        started = time.monotonic()
+        closed_after = None
+        for _ in range(40):
+            time.sleep(0.5)
+            try:
+                sock.sendall(b"\x00")
+            except (BrokenPipeError, ConnectionResetError):
+                closed_after = time.monotonic() - started
+                break
+        assert closed_after is not None, "the node kept reading a trickled A-ASSOCIATE-RQ for 20 s"
+        assert closed_after < ACSE_TIMEOUT_S + 3
