@@ -4,12 +4,15 @@ Each subcommand is registered by one function that adds its parser and sets
 `handler` (a function of the parsed arguments returning the exit code), so a
 new subcommand is one more entry in `REGISTRARS`, never another branch here.
 Exit codes: 0 success, 1 the operation failed, 2 unusable configuration or
-command line (argparse's convention).
+command line (argparse's convention), 141 the reader of stdout went away (as
+a shell reports a command killed by SIGPIPE).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +21,7 @@ from dicom_node.config import Config, ConfigError, load_config
 
 DEFAULT_CONFIG = Path("config.yaml")
 EXIT_CONFIG = 2
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 Registrar = Callable[[argparse._SubParsersAction], None]
 
@@ -149,8 +153,15 @@ def build_parser(registrars: Sequence[Registrar] = REGISTRARS) -> argparse.Argum
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # here, not at interpreter exit, so a closed pipe is handled below
+        return code
     except ConfigUnusable as error:
         for line in error.errors:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
+    except BrokenPipeError:
+        # The reader went away (`dicom-node status | head -1`): not a failure of the command. Point stdout
+        # at /dev/null so Python's own flush at exit stays quiet, and exit as a shell reports SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE

@@ -4,6 +4,7 @@ dcmtk's storescp, `status --json` from a running node's API and from the journal
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -89,6 +90,17 @@ def test_status_json_from_the_running_node_then_from_the_journal(tmp_path):
     offline = json.loads(cli("status", "--json", "--config", node.config_path).stdout)
     assert offline["source"] == "journal" and offline["associations_open"] is None
     assert offline["series"] == live["series"] and offline["ready"]
+
+    # `dicom-node status | head -1` where head has already gone: no traceback, the shell's SIGPIPE status
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        piped = subprocess.run([str(REPO / ".venv" / "bin" / "dicom-node"), "status", "--config",
+                                str(node.config_path)], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert piped.returncode == 141 and "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr, \
+        piped.stderr
 
 
 def test_status_says_when_the_api_refuses_its_token_and_serve_exits_1_when_the_port_is_taken(tmp_path):
