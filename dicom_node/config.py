@@ -11,11 +11,14 @@ config file's folder, so the node behaves the same from any working directory.
 from __future__ import annotations
 
 import re
+import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator, model_validator
+
+from dicom_node import tls
 
 # SeriesSummary fields (dicom_node.volume) plus the association's AE titles.
 MATCH_KEYS = frozenset({
@@ -45,6 +48,34 @@ def _resolve(path: Path, info: ValidationInfo) -> Path:
     return path if path.is_absolute() or base is None else Path(base) / path
 
 
+class NodeTlsConfig(_Model):
+    """A DICOM TLS listener beside the plain port (dicom_node.tls). Senders must present a certificate
+    that chains to `ca_certificates` unless `require_client_certificate` is false."""
+
+    port: int = Field(2762, ge=1, le=65535)
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = True
+
+    @field_validator("certificate", "private_key", "ca_certificates")
+    @classmethod
+    def _anchor(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _resolve(value, info)
+
+    @model_validator(mode="after")
+    def _usable(self) -> NodeTlsConfig:
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates (the CA that signs the senders' "
+                             "certificates)")
+        try:
+            tls.server_context(self.certificate, self.private_key, self.ca_certificates,
+                               self.require_client_certificate)
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(f"TLS certificate, key or CA file unusable: {error}") from None
+        return self
+
+
 class NodeConfig(_Model):
     ae_title: str = Field("DICOMNODE", min_length=1, max_length=16)  # PS3.5 6.2: AE is at most 16 chars
     host: str = "0.0.0.0"
@@ -57,6 +88,7 @@ class NodeConfig(_Model):
     acse_timeout_s: float = Field(30, gt=0)
     dimse_timeout_s: float = Field(60, gt=0)
     network_timeout_s: float = Field(60, gt=0)
+    tls: NodeTlsConfig | None = None
 
     @field_validator("storage_dir")
     @classmethod
@@ -65,6 +97,8 @@ class NodeConfig(_Model):
 
     @model_validator(mode="after")
     def _default_journal(self) -> NodeConfig:
+        if self.tls is not None and self.tls.port == self.port:
+            raise ValueError(f"tls.port {self.tls.port} is the plain DICOM port too; give TLS its own (2762)")
         if self.journal_url is None:
             self.journal_url = f"sqlite:///{self.storage_dir / 'journal.sqlite'}"
         return self
@@ -250,6 +284,30 @@ class RetryPolicy(_Model):
     max_attempts: int = Field(50, ge=1)
 
 
+class DestinationTlsConfig(_Model):
+    """Associations to this destination over TLS (dicom_node.tls)."""
+
+    ca_certificates: Path | None = None  # None: the system's trust store
+    certificate: Path | None = None  # ours, for destinations that authenticate their callers
+    private_key: Path | None = None
+    check_hostname: bool = False
+
+    @field_validator("ca_certificates", "certificate", "private_key")
+    @classmethod
+    def _anchor(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _resolve(value, info)
+
+    @model_validator(mode="after")
+    def _usable(self) -> DestinationTlsConfig:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        try:
+            tls.client_context(self.ca_certificates, self.certificate, self.private_key, self.check_hostname)
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(f"TLS certificate, key or CA file unusable: {error}") from None
+        return self
+
+
 class DestinationConfig(_Model):
     ae_title: str = Field(min_length=1, max_length=16)
     host: str
@@ -259,6 +317,7 @@ class DestinationConfig(_Model):
     max_pdu: int = Field(0, ge=0)
     transfer_syntaxes: list[str] = []  # UIDs; empty = explicit + implicit VR little endian
     retry: RetryPolicy = RetryPolicy()
+    tls: DestinationTlsConfig | None = None
 
 
 class ResultsConfig(_Model):

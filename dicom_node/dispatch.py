@@ -31,6 +31,7 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
 from dicom_node.config import DestinationConfig, RetryPolicy
+from dicom_node.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,14 @@ def _associate(destination: DestinationConfig, calling_ae: str, contexts: list):
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = destination.timeout_s
     ae.connection_timeout = destination.timeout_s
     ae.requested_contexts = contexts
+    tls_args = None
+    if destination.tls is not None:
+        settings = destination.tls
+        context = client_context(settings.ca_certificates, settings.certificate, settings.private_key,
+                                 settings.check_hostname)
+        tls_args = (context, destination.host if settings.check_hostname else None)
     return ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                        max_pdu=destination.max_pdu, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+                        max_pdu=destination.max_pdu, tls_args=tls_args, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
 
 
 def _association_failure(assoc) -> tuple[OutcomeKind, str]:

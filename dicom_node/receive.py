@@ -37,6 +37,7 @@ from dicom_node.header import HeaderError, read_header
 from dicom_node.journal import Journal, NewInstance
 from dicom_node.metrics import NodeMetrics
 from dicom_node.spool import InstanceKey, InvalidUID, Spool, part10_header
+from dicom_node.tls import server_context
 from dicom_node.upper_layer import (CALLED_AE_NOT_RECOGNIZED, CALLING_AE_NOT_RECOGNIZED,
                                     IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Acceptor,
                                     AcceptorSettings, Association, AssociationRequest, Rejection, StoreRequest,
@@ -108,16 +109,20 @@ class Receiver:
         node = config.node
         contexts = contexts_for([sc.Verification], list(VERIFICATION_SYNTAXES))
         contexts += contexts_for(list(STORAGE_CLASSES), list(TRANSFER_SYNTAXES))
+        tls_context = None if node.tls is None else server_context(
+            node.tls.certificate, node.tls.private_key, node.tls.ca_certificates, node.tls.require_client_certificate)
         self.acceptor = Acceptor(AcceptorSettings(
             ae_title=node.ae_title, host=node.host, port=node.port, max_pdu=node.max_pdu,
             max_associations=node.max_associations, acse_timeout_s=node.acse_timeout_s,
-            dimse_timeout_s=node.dimse_timeout_s, network_timeout_s=node.network_timeout_s, contexts=contexts), self)
+            dimse_timeout_s=node.dimse_timeout_s, network_timeout_s=node.network_timeout_s, contexts=contexts,
+            tls_port=None if node.tls is None else node.tls.port, tls_context=tls_context), self)
 
     def start(self) -> None:
         """Start listening (non-blocking)."""
         self.acceptor.start()
         node = self.config.node
-        log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
+        tls_note = "" if node.tls is None else f", DICOM TLS on port {node.tls.port}"
+        log.info("listening as %s on %s:%d%s", node.ae_title, node.host, node.port, tls_note)
 
     def stop(self) -> None:
         self.acceptor.stop()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -40,6 +41,7 @@ from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotifi
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from dicom_node import __version__
+from dicom_node.tls import peer_subject
 
 log = logging.getLogger("dicom_node.upper_layer")
 
@@ -143,6 +145,8 @@ class AcceptorSettings:
     dimse_timeout_s: float
     network_timeout_s: float
     contexts: list[PresentationContext] = field(default_factory=list)
+    tls_port: int | None = None  # a second listener, TLS with `tls_context` (dicom_node.tls)
+    tls_context: ssl.SSLContext | None = None
 
 
 class Abort(Exception):
@@ -292,32 +296,40 @@ class _Message:
 
 
 class Acceptor:
-    """Listens on the node's port and runs each association on its own thread."""
+    """Listens on the node's port (and its TLS port) and runs each association on its own thread."""
 
     def __init__(self, settings: AcceptorSettings, handler: AssociationHandler):
         self.settings = settings
         self.handler = handler
-        self._listener: socket.socket | None = None
+        self._listeners: list[tuple[socket.socket, ssl.SSLContext | None]] = []
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._connections: dict[int, tuple[socket.socket, threading.Thread]] = {}
-        self._established = 0
+        self._established = 0  # over both listeners: max_associations is the node's limit
         self._ids = itertools.count(1)
-        self._accept_thread: threading.Thread | None = None
+        self._accept_threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        self._listener = socket.create_server((self.settings.host, self.settings.port), backlog=64)
-        self._listener.settimeout(0.5)  # the accept loop notices stop() within this
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="dicom-acceptor", daemon=True)
-        self._accept_thread.start()
+        settings = self.settings
+        ports = [(settings.port, None)]
+        if settings.tls_port is not None and settings.tls_context is not None:
+            ports.append((settings.tls_port, settings.tls_context))
+        for port, tls_context in ports:
+            listener = socket.create_server((settings.host, port), backlog=64)
+            listener.settimeout(0.5)  # the accept loop notices stop() within this
+            self._listeners.append((listener, tls_context))
+            thread = threading.Thread(target=self._accept_loop, args=(listener, tls_context),
+                                      name=f"dicom-acceptor-{port}", daemon=True)
+            self._accept_threads.append(thread)
+            thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting; connections still open are shut down (their peers see the connection close)."""
         self._stopping.set()
-        if self._accept_thread is not None:
-            self._accept_thread.join(timeout)
-        if self._listener is not None:
-            self._listener.close()
+        for thread in self._accept_threads:
+            thread.join(timeout)
+        for listener, _ in self._listeners:
+            listener.close()
         with self._lock:
             connections = list(self._connections.values())
         for sock, _ in connections:
@@ -328,11 +340,10 @@ class Acceptor:
         for _, thread in connections:
             thread.join(timeout)
 
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
+    def _accept_loop(self, listener: socket.socket, tls_context: ssl.SSLContext | None) -> None:
         while not self._stopping.is_set():
             try:
-                sock, (host, port, *_) = self._listener.accept()
+                sock, (host, port, *_) = listener.accept()
             except TimeoutError:
                 continue
             except OSError as error:
@@ -343,15 +354,38 @@ class Acceptor:
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # else each response waits ~40 ms
             number = next(self._ids)
-            thread = threading.Thread(target=self._serve, args=(number, sock, host, port),
+            thread = threading.Thread(target=self._serve, args=(number, sock, host, port, tls_context),
                                       name=f"association-{number}-{host}:{port}", daemon=True)
             with self._lock:
                 self._connections[number] = (sock, thread)
             thread.start()
 
+    def _secure(self, number: int, sock: socket.socket, host: str, port: int,
+                tls_context: ssl.SSLContext) -> socket.socket | None:
+        """The TLS handshake, under the ACSE timeout; the TLS socket, or None when it failed (logged)."""
+        try:
+            sock.settimeout(self.settings.acse_timeout_s)
+            secure = tls_context.wrap_socket(sock, server_side=True)
+        except (OSError, ssl.SSLError) as error:
+            log.warning("TLS handshake with %s:%d failed: %s", host, port, error)
+            sock.close()
+            return None
+        with self._lock:
+            self._connections[number] = (secure, self._connections[number][1])
+        log.info("TLS %s with %s:%d, peer certificate %r", secure.version(), host, port, peer_subject(secure))
+        return secure
+
     # --- one connection ---------------------------------------------------------------------------
 
-    def _serve(self, number: int, sock: socket.socket, host: str, port: int) -> None:
+    def _serve(self, number: int, sock: socket.socket, host: str, port: int,
+               tls_context: ssl.SSLContext | None) -> None:
+        if tls_context is not None:
+            secure = self._secure(number, sock, host, port, tls_context)
+            if secure is None:
+                with self._lock:
+                    self._connections.pop(number, None)
+                return
+            sock = secure
         connection = _Connection(sock)
         association: Association | None = None
         released = False

@@ -72,9 +72,10 @@ def echoscu(port: int, *, called_ae: str = "DICOMNODE", calling_ae: str = "ECHOS
     return StoreResult(result.returncode, result.stdout + result.stderr)
 
 
-def storescp(port: int, out_dir: Path, *, ae_title: str = "STORESCP", log: Path | None = None) -> ManagedProcess:
+def storescp(port: int, out_dir: Path, *, ae_title: str = "STORESCP", log: Path | None = None,
+             extra: Sequence[str] = ()) -> ManagedProcess:
     """dcmtk's Storage SCP writing every instance under `out_dir` (uncompressed syntaxes)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    process = ManagedProcess([tool("storescp"), "-aet", ae_title, "-od", str(out_dir), str(port)], log=log)
+    process = ManagedProcess([tool("storescp"), "-aet", ae_title, "-od", str(out_dir), *extra, str(port)], log=log)
     wait_for_port(port, process=process.process)
     return process
