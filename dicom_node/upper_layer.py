@@ -19,6 +19,9 @@ does not allow, a PDU that does not parse, or one longer than we announced,
 is answered with A-ABORT (source: service provider, with the PS3.8 9.3.8
 reason) and the connection closed. An idle association is aborted after the
 network timeout, a message that stops arriving after the DIMSE timeout.
+With `tls_port` set a second listener does the same over TLS (dicom_node.tls)
+after a handshake under the ACSE timeout; both count against one association
+limit.
 """
 
 from __future__ import annotations
