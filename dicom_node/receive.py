@@ -6,10 +6,11 @@ as received (never decoded and re-encoded) are in the spool, fsynced and
 renamed, and the instance row is committed in the journal. Failures to
 persist answer 0xA700 (PS3.4 B.2.3 "Refused: Out of Resources"); a dataset
 whose UIDs cannot name a spool path answers 0xC000 ("Cannot understand").
-A SOP Instance UID already in the journal (a re-send) is acknowledged with
-success, logged, and neither written nor counted again: the first copy stays
-(PS3.4 B.4.1 leaves duplicate handling to the SCP; success lets the sender's
-retry finish instead of looping).
+An instance already in the spool (a re-send), or whose SOP Instance UID is
+journaled under other study/series UIDs, is acknowledged with success, logged,
+and neither kept twice nor counted again: the first copy stays (PS3.4 B.4.1
+leaves duplicate handling to the SCP; success lets the sender's retry finish
+instead of looping).
 
 Association policy (PS3.8 7.1.1.9): an unknown calling AE title (or one
 calling from a host it is not allowed from) gets A-ASSOCIATE-RJ rejected
@@ -198,11 +199,6 @@ class Receiver:
         except HeaderError as error:  # a data set whose UIDs cannot be found cannot be placed in the spool
             log.error("C-STORE refused (0xC000) from %s: unreadable dataset (%s)", calling, error)
             return STATUS_CANNOT_UNDERSTAND
-        existing = self.journal.find_instance(key.sop_instance_uid)
-        if existing is not None:
-            log.info("duplicate instance %s (series %s) from %s acknowledged, not stored again",
-                     key.sop_instance_uid, key.series_instance_uid, calling)
-            return STATUS_SUCCESS
         meta = part10_header(request.affected_sop_class_uid, key.sop_instance_uid, request.transfer_syntax,
                              IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, self.config.node.ae_title,
                              calling)
@@ -211,6 +207,10 @@ class Receiver:
         except OSError as error:
             log.error("C-STORE refused (0xA700): writing %s failed: %s", key.sop_instance_uid, error)
             return STATUS_OUT_OF_RESOURCES
+        if path is None:  # the instance's file is already in the spool
+            log.info("duplicate instance %s (series %s) from %s acknowledged, not stored again",
+                     key.sop_instance_uid, key.series_instance_uid, calling)
+            return STATUS_SUCCESS
         size = len(meta) + len(request.data_set)
         new = NewInstance(
             sop_instance_uid=key.sop_instance_uid, sop_class_uid=request.affected_sop_class_uid,
@@ -224,9 +224,11 @@ class Receiver:
             log.error("C-STORE refused (0xA700): journaling %s failed: %s", key.sop_instance_uid, error)
             path.unlink(missing_ok=True)
             return STATUS_OUT_OF_RESOURCES
-        if not is_new:
-            log.info("duplicate instance %s (series %s) from %s acknowledged, counted once",
-                     key.sop_instance_uid, key.series_instance_uid, calling)
+        if not is_new:  # the SOP Instance UID is journaled under other study/series UIDs: that copy stays
+            if record.path != str(path):
+                path.unlink(missing_ok=True)
+            log.info("duplicate instance %s (first stored in series %s) from %s acknowledged, counted once",
+                     key.sop_instance_uid, record.series_instance_uid, calling)
             return STATUS_SUCCESS
         if stats is not None:
             stats.instances += 1

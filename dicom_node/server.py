@@ -69,12 +69,14 @@ def _journal_file(path: Path, journal: Journal) -> None:
     key = InstanceKey.of(ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), ds.get("SOPInstanceUID"))
     if path.name != f"{key.sop_instance_uid}.dcm" or path.parent.name != key.series_instance_uid:
         raise ValueError(f"file name does not match its UIDs ({key})")
-    journal.record_instance(NewInstance(
+    record, is_new = journal.record_instance(NewInstance(
         sop_instance_uid=key.sop_instance_uid, sop_class_uid=str(ds.SOPClassUID),
         series_instance_uid=key.series_instance_uid, study_instance_uid=key.study_instance_uid,
         path=str(path), calling_ae="", called_ae="", transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
         size=len(data), modality=str(ds.get("Modality", "") or ""),
         series_description=str(ds.get("SeriesDescription", "") or "")))
+    if not is_new and record.path != str(path):
+        raise ValueError(f"SOP Instance UID {key.sop_instance_uid} is already stored as {record.path}")
 
 
 def _start_pipeline(config: Config, journal: Journal, metrics: NodeMetrics):

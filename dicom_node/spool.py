@@ -6,8 +6,10 @@ a path component (no `..`, no `/`, no empty component).
 
 A write is durable before it returns: the bytes go to a temp file in the
 target folder (named `.<sop>.<random>.tmp`, recognisable for clean-up after a
-crash), the file is fsynced, renamed over the final name (atomic on POSIX)
-and the folder is fsynced so the rename itself survives a power cut.
+crash), the file is fsynced, hard-linked to the final name (atomic on POSIX,
+and it never replaces a file already there) and the folder is fsynced so the
+new name survives a power cut. The storage dir must be on a file system with
+hard links (ext4, XFS, btrfs, NFS all have them).
 """
 
 from __future__ import annotations
@@ -115,7 +117,10 @@ class Spool:
         return self.root / key.study_instance_uid / key.series_instance_uid / f"{key.sop_instance_uid}.dcm"
 
     def write(self, key: InstanceKey, chunks: tuple[bytes, ...]) -> Path:
-        """Write `chunks` durably to the instance's path; returns it. Raises OSError on any failure."""
+        """Write `chunks` durably to the instance's path; returns it, or None when a file is already
+        there: the first copy stays, even when two associations deliver the same instance at once
+        (the temp file is hard-linked to the final name, which fails rather than replaces, where a
+        rename would overwrite). Raises OSError on any failure."""
         final = self.path_for(key)
         folder = final.parent
         created = not folder.exists()
@@ -127,10 +132,12 @@ class Spool:
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(temp, final)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+            try:
+                os.link(temp, final)
+            except FileExistsError:
+                return None
+        finally:
+            os.unlink(temp)
         _fsync_dir(folder)
         if created:  # the new study/series folders must survive too
             _fsync_dir(folder.parent)

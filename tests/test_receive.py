@@ -235,6 +235,26 @@ def test_duplicate_instance_acknowledged_stored_once(node, tmp_path):
     assert f"duplicate instance {ds.SOPInstanceUID}" in node.log_text()
 
 
+def test_same_sop_instance_uid_under_another_series_keeps_the_first_copy(node, tmp_path):
+    (original,) = write_ct_series(tmp_path / "first", 1, rows=64, columns=64)
+    ds = pydicom.dcmread(original)
+    ds.SeriesInstanceUID = generate_uid()
+    clash = tmp_path / "clash.dcm"
+    ds.save_as(clash)
+    assert dcmtk.storescu(node.port, [original]).returncode == 0
+    second = dcmtk.storescu(node.port, [clash])
+    assert len(second.acknowledged) == 1, second.output
+    journal = node.journal()
+    try:
+        assert journal.find_instance(ds.SOPInstanceUID).path == str(spool_path(node, original))
+        assert journal.get_series(ds.SeriesInstanceUID) is None
+    finally:
+        journal.close()
+    assert not (spool_path(node, original).parent.parent / ds.SeriesInstanceUID).exists() or \
+        not any((spool_path(node, original).parent.parent / ds.SeriesInstanceUID).iterdir())
+    assert f"duplicate instance {ds.SOPInstanceUID} (first stored in series" in node.log_text()
+
+
 def test_disk_floor_refuses_with_out_of_resources(tmp_path):
     with running_node(tmp_path, node={"min_free_disk_mb": 1 << 40}) as full:
         files = write_ct_series(tmp_path / "floor", 1, rows=64, columns=64)
