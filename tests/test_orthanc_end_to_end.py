@@ -234,15 +234,19 @@ def test_permanent_rejection_is_dead_lettered_once_and_listed(tmp_path):
                 journal.close()
 
         (export,) = wait_for(dead, 120, "the SEG dead-lettered")
+        attempts = export.attempts
         time.sleep(3)  # with retry delays of 0.5-1 s a retry loop would show here
         (export,) = dead()
-        assert export.attempts == 1
+        # One attempt; two when pynetdicom saw Orthanc close the connection before it read the
+        # A-ASSOCIATE-RJ (a race seen once on a loaded runner: Orthanc's log shows both rejections,
+        # the node's first attempt ended "aborted", a transient failure). Never a retry loop.
+        assert export.attempts == attempts and attempts in (1, 2), attempts
         assert "association rejected (permanent" in export.reason, export.reason
         listed = subprocess.run([REPO / ".venv" / "bin" / "dicom-node", "jobs", "--config", node.config_path,
                                  "--json", "dead-letter"], capture_output=True, text=True, timeout=60)
         assert listed.returncode == 0, listed.stderr
         (row,) = json.loads(listed.stdout)
-        assert (row["id"], row["reason"], row["attempts"]) == (export.id, export.reason, 1)
+        assert (row["id"], row["reason"], row["attempts"]) == (export.id, export.reason, attempts)
         assert f"export {export.id} to pacs dead-lettered" in node.log_text()
         assert pacs.instances() == [] and pacs.store_requests() == 0
 
