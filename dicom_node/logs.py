@@ -75,6 +75,12 @@ class TextFormatter(logging.Formatter):
         return f"{first} [{suffix}]{newline}{rest}"
 
 
+def current_format() -> str:
+    """The format `configure` set up ("text" when it was not called), for worker processes to match."""
+    handlers = logging.getLogger().handlers
+    return "json" if handlers and isinstance(handlers[0].formatter, JsonFormatter) else "text"
+
+
 def configure(log_format: str) -> None:
     """Root handler for `serve`: text or JSON lines on stderr, with the series context."""
     handler = logging.StreamHandler()

@@ -29,19 +29,20 @@ import pydicom
 
 from dicom_node import route
 from dicom_node.audit import AuditEvent, AuditLog
-from dicom_node.config import Config, PipelineConfig
+from dicom_node.config import Config
+from dicom_node.job import JobRequest
 from dicom_node.journal import JobRecord, Journal, SeriesRecord, utcnow
 from dicom_node.logs import series_context
 from dicom_node.metrics import NodeMetrics, failure_reason
-from dicom_node.results import OutputSeries
+from dicom_node.workers import JobError, JobWorkers, WorkerDied
 
 log = logging.getLogger(__name__)
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 SOP_CLASS_NOT_SUPPORTED = 0x0122
-# A job found `running` at start-up was interrupted by a node crash. Requeue it, but not forever:
-# a job that takes the process down (a native crash in a codec or model runtime) would otherwise
-# crash the node again at every restart and keep it from receiving anything.
+# A job found `running` at start-up was interrupted by a node crash, and a job whose worker process
+# died was interrupted too. Requeue it, but not forever: a job that takes its process down (a native
+# crash in a codec or model runtime) would otherwise do so again and again.
 MAX_INTERRUPTED_RUNS = 3
 
 
@@ -54,8 +55,9 @@ class Pipeline:
         self.metrics = metrics or NodeMetrics()
         self.audit = AuditLog(journal)
         self.results_dir = Path(config.node.storage_dir) / "results"
-        self._workers = ThreadPoolExecutor(max_workers=max(1, config.inference.workers),
-                                           thread_name_prefix="job")
+        # One thread per worker slot waits on its job's worker process (dicom_node.workers).
+        self._threads = ThreadPoolExecutor(max_workers=max(1, config.inference.workers), thread_name_prefix="job")
+        self._job_workers = JobWorkers(max(1, config.inference.workers))
         self._stopping = threading.Event()
         self._dispatch_wakeup = threading.Event()
         self._dispatcher: threading.Thread | None = None
@@ -87,7 +89,8 @@ class Pipeline:
     def stop(self, timeout: float = 30) -> None:
         self._stopping.set()
         self._dispatch_wakeup.set()
-        self._workers.shutdown(wait=True, cancel_futures=True)
+        self._threads.shutdown(wait=True, cancel_futures=True)
+        self._job_workers.close()
         if self._dispatcher is not None:
             self._dispatcher.join(timeout)
         if self._backend is not None:
@@ -129,7 +132,7 @@ class Pipeline:
             if job.id in self._submitted:
                 return
             self._submitted.add(job.id)
-        self._workers.submit(self._run_guarded, job.id)
+        self._threads.submit(self._run_guarded, job.id)
 
     def pick_up_queued(self) -> None:
         """Queued jobs not yet on the pool: after a restart, or requeued by `dicom-node jobs retry`."""
@@ -161,15 +164,22 @@ class Pipeline:
                                       error=None)
         try:
             written = self.run_job(job)
+        except WorkerDied as died:
+            self._worker_died(job, str(died))
+            return
         except Exception as error:
-            from dicom_node.volume import SeriesGeometryError
-            text = f"{type(error).__name__}: {error}"
+            kind = error.kind if isinstance(error, JobError) else type(error).__name__
+            text = f"{kind}: {error}"
             self.journal.update_job(job_id, state="failed", error=text, finished_at=utcnow())
             self.audit.record(AuditEvent("produced", series_instance_uid=job.series_instance_uid, job_id=job_id,
                                          instance_count=0, status="failed", detail=f"{job.pipeline}: {text}"))
-            if isinstance(error, SeriesGeometryError):
+            if kind == "SeriesGeometryError":
                 self.journal.set_series_state(job.series_instance_uid, job.generation, "quarantined", reason=text)
-            log.exception("job %d (%s) failed; the series stays in the spool", job_id, job.pipeline)
+            if isinstance(error, JobError):
+                log.error("job %d (%s) failed; the series stays in the spool\n%s", job_id, job.pipeline,
+                          error.details.rstrip())
+            else:
+                log.exception("job %d (%s) failed; the series stays in the spool", job_id, job.pipeline)
             return
         self.journal.update_job(job_id, state="done", finished_at=utcnow())
         self.audit.record(AuditEvent("produced", series_instance_uid=job.series_instance_uid, job_id=job_id,
@@ -177,34 +187,42 @@ class Pipeline:
                                      detail=f"{job.pipeline}: {', '.join(sorted({p.parent.name for p in written}))}"))
         self._dispatch_wakeup.set()
 
+    def _worker_died(self, job: JobRecord, reason: str) -> None:
+        """A job whose worker process died is run again, in a fresh worker, up to MAX_INTERRUPTED_RUNS
+        runs (the OOM killer may have picked it for another job's memory); then it is failed."""
+        if job.attempts < MAX_INTERRUPTED_RUNS:
+            log.error("job %d (%s): %s; run %d of %d, queued again", job.id, job.pipeline, reason, job.attempts,
+                      MAX_INTERRUPTED_RUNS)
+            self.journal.update_job(job.id, state="queued", error=reason)
+            return  # the dispatch loop's pick_up_queued submits it again within a second
+        error = (f"{reason}, in each of its {job.attempts} runs; not started again automatically: "
+                 f"`dicom-node jobs retry {job.id}`")
+        log.error("job %d (%s) failed: %s", job.id, job.pipeline, error)
+        self.journal.update_job(job.id, state="failed", error=error, finished_at=utcnow())
+        self.audit.record(AuditEvent("produced", series_instance_uid=job.series_instance_uid, job_id=job.id,
+                                     instance_count=0, status="failed", detail=f"{job.pipeline}: {error}"))
+
     def run_job(self, job: JobRecord) -> list[Path]:
-        """Load, run each step, write results, queue one export per (result, destination)."""
+        """Produce the results in a worker process, queue one export per (result, destination)."""
         if job.pipeline.startswith(route.FORWARD_JOB_PREFIX):
             return self._forward(job)
-        from dicom_node.volume import load_series
         pipeline = self.config.pipelines[job.pipeline]
         instances = self.journal.series_instances(job.series_instance_uid, job.generation)
-        t0 = utcnow()
-        loaded = load_series([Path(i.path) for i in instances])
-        t1 = utcnow()
-        masks, probabilities = self._run_steps(pipeline, loaded.volume)
-        t2 = utcnow()
-        sources = [pydicom.dcmread(s.path, stop_before_pixels=True) for s in loaded.slices]
+        series = self.journal.get_series(job.series_instance_uid, job.generation)
         out_dir = self.results_dir / str(job.id)
-        out_dir.mkdir(parents=True, exist_ok=True)
         self.journal.update_job(job.id, output_dir=str(out_dir))
-        written = self._write_results(job, pipeline, masks, probabilities, sources, loaded.volume, out_dir)
-        t3 = utcnow()
-        for stage, start, end in (("load", t0, t1), ("inference", t1, t2), ("encode", t2, t3)):
-            self.metrics.observe_stage(stage, (end - start).total_seconds())
-        for path in written["all"]:
-            uid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+        output = self._job_workers.run(JobRequest(
+            config=self.config, job=job, study_instance_uid=series.study_instance_uid if series else "",
+            instance_paths=tuple(i.path for i in instances), out_dir=str(out_dir)))
+        for stage, seconds in output.seconds.items():
+            self.metrics.observe_stage(stage, seconds)
+        for path, uid in zip(output.exported, output.sop_instance_uids):
             for destination in pipeline.destinations:
-                self.journal.add_export(job.id, destination, uid, str(path))
+                self.journal.add_export(job.id, destination, uid, path)
         log.info("job %d (%s) done: load %.2f s, inference %.2f s, encode %.2f s, %d result files",
-                 job.id, job.pipeline, (t1 - t0).total_seconds(), (t2 - t1).total_seconds(),
-                 (t3 - t2).total_seconds(), len(written["all"]))
-        return written["all"]
+                 job.id, job.pipeline, output.seconds["load"], output.seconds["inference"],
+                 output.seconds["encode"], len(output.exported))
+        return [Path(p) for p in output.exported]
 
     def _forward(self, job: JobRecord) -> list[Path]:
         """Plain auto-routing: queue the spooled originals themselves, which hold the sender's data set
@@ -218,25 +236,9 @@ class Pipeline:
                  ", ".join(rule.destinations))
         return [Path(i.path) for i in instances]
 
-    def _run_steps(self, pipeline: PipelineConfig, volume):
-        """Each step in order; a classifier crops by an earlier step's label map."""
-        masks, probabilities = {}, []
-        for step in pipeline.steps:
-            if step.task == "lung_classical":
-                from inference.lung import segment_lungs_classical
-                masks[step.name] = segment_lungs_classical(volume)
-                continue
-            from inference import tasks
-            repository, backend = self.inference()
-            entry = repository.get(step.model)
-            if step.task == "segmentation":
-                masks[step.name] = tasks.segment(volume, entry, backend)
-            else:
-                probabilities.append(tasks.classify(volume, masks[step.input_mask], entry, backend))
-        return masks, probabilities
-
     def inference(self):
-        """The model repository and backend, opened once on first use (a model load is seconds)."""
+        """The model repository and backend for the readiness checks (/readyz, `dicom-node status`),
+        opened once on first use; jobs use their worker process's own."""
         with self._backend_lock:
             if self._backend is None:
                 from inference.backends import BackendSettings, open_backend
@@ -249,40 +251,6 @@ class Pipeline:
                     cpu_threads=settings.embedded.cpu_threads, providers=list(settings.embedded.providers)),
                     self._repository)
             return self._repository, self._backend
-
-    def _write_results(self, job, pipeline, masks, probabilities, sources, pixels, out_dir) -> dict[str, list[Path]]:
-        """SEG / SR / overlay files of the job; `all` is what gets exported.
-
-        The overlay (secondary capture) series is exported only when the pipeline
-        makes no SEG; otherwise it is the fallback for a destination that refuses
-        SEG's SOP class (`_overlay_fallback`), so a PACS never shows both.
-        """
-        from dicom_node.results.overlay import OverlayOptions, write_overlay
-        from dicom_node.results.seg import SegOptions, write_seg
-        from dicom_node.results.sr import SrOptions, write_classification_sr
-        results = self.config.results
-
-        def series(kind: str, name: str) -> OutputSeries:
-            return OutputSeries.from_config(results, kind=kind, series_instance_uid=job.series_instance_uid,
-                                            generation=job.generation, pipeline=job.pipeline, description=name)
-
-        written: dict[str, list[Path]] = defaultdict(list)
-        label_map = list(masks.values())[-1] if masks else None  # the last mask a step produced
-        if label_map is not None and "seg" in pipeline.outputs:
-            path = write_seg(label_map, sources, out_dir, SegOptions.from_config(results, series("seg", job.pipeline)))
-            if path is not None:
-                written["seg"].append(path)
-        if label_map is not None and "overlay" in pipeline.outputs:
-            written["overlay"] += write_overlay(label_map, sources, pixels, out_dir / "overlay",
-                                                OverlayOptions.from_config(results, series("overlay", job.pipeline)))
-        if "sr" in pipeline.outputs:
-            for result in probabilities:
-                written["sr"].append(write_classification_sr(result, sources, out_dir,
-                                                             SrOptions(series("sr", job.pipeline))))
-        written["all"] = written["seg"] + written["sr"]
-        if "seg" not in pipeline.outputs or not written["seg"]:
-            written["all"] += written["overlay"]
-        return written
 
     # --- dispatch ----------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import shutil
 import time
 from pathlib import Path
 
+import psutil
 import pydicom
 import pytest
 
@@ -236,3 +237,56 @@ def test_a_job_the_node_died_in_three_times_is_failed_not_rerun(node, tmp_path):
     assert job.state == "failed"
     assert f"stopped {MAX_INTERRUPTED_RUNS} times" in job.error and f"jobs retry {job.id}" in job.error
     assert all(Path(i.path).exists() for i in journal.series_instances(record.series_instance_uid, 1))
+
+
+def _job_workers_of(pid: int) -> list[int]:
+    """Live worker processes (multiprocessing spawn children, not its resource tracker) of process `pid`."""
+    workers = []
+    for child in psutil.Process(pid).children():
+        try:
+            if any("spawn_main" in part for part in child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
+                workers.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return workers
+
+
+def test_a_job_whose_worker_process_dies_is_rerun_then_failed_and_the_node_goes_on(node, tmp_path):
+    """SIGKILL is what the kernel's OOM killer sends: the job's worker dies, the node does not."""
+    import os
+    import signal
+
+    from dicom_node.pipeline import MAX_INTERRUPTED_RUNS
+
+    config, journal, pipeline = node(spleen_modality="MR")  # only the lung pipeline matches
+    record = _spool(journal, tmp_path / "spool", write_ct_volume(chest_phantom().volume, tmp_path / "phantom"))
+    pipeline.on_series_complete(record)
+    (job,) = journal.jobs_in_state("queued", "running", "done", "failed")
+    for run in range(1, MAX_INTERRUPTED_RUNS + 1):
+        deadline = time.monotonic() + 60
+        while not (workers := _job_workers_of(os.getpid())) or journal.get_job(job.id).state != "running":
+            assert time.monotonic() < deadline, f"run {run}: no running job in a worker"
+            time.sleep(0.01)
+        os.kill(workers[0], signal.SIGKILL)
+        job = _wait_job(journal, job.id, states=("queued", "failed", "done"))
+        assert job.state != "done", f"run {run} finished before the kill landed"
+        assert "killed by SIGKILL" in job.error and job.attempts == run
+        pipeline.pick_up_queued()  # the dispatch loop does this every second in a running node
+    assert job.state == "failed" and f"jobs retry {job.id}" in job.error
+    assert not (Path(job.output_dir) / "overlay").exists() and not list(Path(job.output_dir).glob("SEG_*.dcm"))
+
+    journal.update_job(job.id, state="queued")  # `dicom-node jobs retry`: a fresh worker runs it
+    pipeline.pick_up_queued()
+    job = _wait_job(journal, job.id)
+    assert job.state == "done" and len(_segs(job.output_dir)) == 1, job.error
+    (idle,) = _job_workers_of(os.getpid())
+    os.kill(idle, signal.SIGKILL)  # a worker that dies between jobs is replaced at the next one
+    deadline = time.monotonic() + 10
+    while idle in _job_workers_of(os.getpid()):
+        assert time.monotonic() < deadline, "the idle worker did not die"
+        time.sleep(0.01)
+    shutil.rmtree(job.output_dir)
+    journal.update_job(job.id, state="queued")
+    pipeline.pick_up_queued()
+    job = _wait_job(journal, job.id)
+    assert job.state == "done" and job.attempts == MAX_INTERRUPTED_RUNS + 2, job.error

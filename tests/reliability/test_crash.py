@@ -131,11 +131,16 @@ def kill_mid_inference(node: Node, pacs: Orthanc, files: list[Path], baseline: T
     send(node, files)
     job = wait_for(lambda: running_job(node), 60, "a running job", interval=0.02)
     time.sleep(baseline.load_s + baseline.inference_s / 2)
+    workers = psutil.Process(node.process.pid).children()  # the job runs in a worker process
     node.process.kill()
     output = node.storage / "results" / str(job.id)
     state = with_journal(node, lambda journal: journal.get_job(job.id).state)
     assert state == "running" and not output.exists(), f"job {state}, output dir exists: {output.exists()}"
-    return f"job {job.id} running {baseline.load_s + baseline.inference_s / 2:.1f} s in, no output yet"
+    assert workers, "no worker process under the node"
+    wait_for(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), 10,
+             "the job's worker process exiting with the node (no orphan writing results)")
+    return (f"job {job.id} running {baseline.load_s + baseline.inference_s / 2:.1f} s in, no output yet; "
+            f"its worker exited with the node")
 
 
 def kill_mid_encode(node: Node, pacs: Orthanc, files: list[Path], baseline: Timings) -> str:

@@ -1,0 +1,137 @@
+"""The work of one pipeline job: load the series, run each step, write the result objects.
+
+This runs in a worker process (dicom_node.workers), so it touches neither
+the journal nor the metrics: it gets everything it needs in a JobRequest and
+hands back a JobOutput, and the node's own process records what happened.
+The model repository and inference backend are opened on the first job a
+worker runs and kept for the next ones (a model load takes seconds).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+
+from dicom_node.config import Config, PipelineConfig
+from dicom_node.journal import JobRecord
+from dicom_node.results import OutputSeries
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    config: Config
+    job: JobRecord
+    study_instance_uid: str
+    instance_paths: tuple[str, ...]
+    out_dir: str
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    exported: tuple[str, ...]  # result files to send, in order
+    sop_instance_uids: tuple[str, ...]  # of `exported`
+    seconds: dict[str, float]  # load, inference, encode
+
+
+_opened: dict[str, object] = {}  # this process's model repository and backend, after the first job
+
+
+def _inference(config: Config):
+    if not _opened:
+        from inference.backends import BackendSettings, open_backend
+        from inference.repository import ModelRepository
+        settings = config.inference
+        repository = ModelRepository(settings.model_repository)
+        _opened["repository"] = repository
+        _opened["backend"] = open_backend(BackendSettings(
+            kind=settings.backend, url=settings.triton.url, protocol=settings.triton.protocol,
+            timeout_s=settings.triton.timeout_s, retries=settings.triton.retries,
+            cpu_threads=settings.embedded.cpu_threads, providers=list(settings.embedded.providers)), repository)
+    return _opened["repository"], _opened["backend"]
+
+
+def close_inference() -> None:
+    backend = _opened.pop("backend", None)
+    _opened.clear()
+    if backend is not None:
+        backend.close()
+
+
+def produce(request: JobRequest) -> JobOutput:
+    """Load, run each step, write the results under `request.out_dir`."""
+    from dicom_node.volume import load_series
+    job, config = request.job, request.config
+    pipeline = config.pipelines[job.pipeline]
+    started = time.monotonic()
+    loaded = load_series([Path(p) for p in request.instance_paths])
+    loaded_at = time.monotonic()
+    masks, probabilities = run_steps(config, pipeline, loaded.volume)
+    inferred_at = time.monotonic()
+    sources = [pydicom.dcmread(s.path, stop_before_pixels=True) for s in loaded.slices]
+    out_dir = Path(request.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    exported = write_results(config, job, pipeline, masks, probabilities, sources, loaded.volume, out_dir)
+    encoded_at = time.monotonic()
+    uids = tuple(str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+                 for path in exported)
+    return JobOutput(tuple(str(p) for p in exported), uids,
+                     {"load": loaded_at - started, "inference": inferred_at - loaded_at,
+                      "encode": encoded_at - inferred_at})
+
+
+def run_steps(config: Config, pipeline: PipelineConfig, volume):
+    """Each step in order; a classifier crops by an earlier step's label map."""
+    masks, probabilities = {}, []
+    for step in pipeline.steps:
+        if step.task == "lung_classical":
+            from inference.lung import segment_lungs_classical
+            masks[step.name] = segment_lungs_classical(volume)
+            continue
+        from inference import tasks
+        repository, backend = _inference(config)
+        entry = repository.get(step.model)
+        if step.task == "segmentation":
+            masks[step.name] = tasks.segment(volume, entry, backend)
+        else:
+            probabilities.append(tasks.classify(volume, masks[step.input_mask], entry, backend))
+    return masks, probabilities
+
+
+def write_results(config: Config, job: JobRecord, pipeline: PipelineConfig, masks, probabilities, sources, pixels,
+                  out_dir: Path) -> list[Path]:
+    """SEG / SR / overlay files of the job; returns what gets exported.
+
+    The overlay (secondary capture) series is exported only when the pipeline
+    makes no SEG; otherwise it is the fallback for a destination that refuses
+    SEG's SOP class (Pipeline._overlay_fallback), so a PACS never shows both.
+    """
+    from dicom_node.results.overlay import OverlayOptions, write_overlay
+    from dicom_node.results.seg import SegOptions, write_seg
+    from dicom_node.results.sr import SrOptions, write_classification_sr
+    results = config.results
+
+    def series(kind: str, name: str) -> OutputSeries:
+        return OutputSeries.from_config(results, kind=kind, series_instance_uid=job.series_instance_uid,
+                                        generation=job.generation, pipeline=job.pipeline, description=name)
+
+    written: dict[str, list[Path]] = defaultdict(list)
+    label_map = list(masks.values())[-1] if masks else None  # the last mask a step produced
+    if label_map is not None and "seg" in pipeline.outputs:
+        path = write_seg(label_map, sources, out_dir, SegOptions.from_config(results, series("seg", job.pipeline)))
+        if path is not None:
+            written["seg"].append(path)
+    if label_map is not None and "overlay" in pipeline.outputs:
+        written["overlay"] += write_overlay(label_map, sources, pixels, out_dir / "overlay",
+                                            OverlayOptions.from_config(results, series("overlay", job.pipeline)))
+    if "sr" in pipeline.outputs:
+        for result in probabilities:
+            written["sr"].append(write_classification_sr(result, sources, out_dir,
+                                                         SrOptions(series("sr", job.pipeline))))
+    exported = written["seg"] + written["sr"]
+    if "seg" not in pipeline.outputs or not written["seg"]:
+        exported += written["overlay"]
+    return exported

@@ -1,0 +1,153 @@
+"""Pipeline jobs run in worker processes, so a job can crash without the node that receives images.
+
+A native crash in a codec or a model runtime, or the kernel's OOM killer
+choosing the process that holds a 600-slice volume, used to take the whole
+node down: receiving, completion and dispatch with it. Each of the
+`inference.workers` slots now owns one child process (started with `spawn`,
+kept between jobs so the models stay loaded) and talks to it over a pipe.
+When the child dies mid-job the pipe breaks, the slot reports WorkerDied with
+the child's exit status and starts a fresh child for the next job; the node
+keeps running. A child watches its parent and exits when the node is gone,
+so a node killed with -9 leaves no orphan writing results behind its
+restarted self.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection
+
+from dicom_node import logs
+from dicom_node.job import JobOutput, JobRequest
+
+log = logging.getLogger(__name__)
+
+PARENT_CHECK_S = 0.2
+_CONTEXT = multiprocessing.get_context("spawn")
+
+
+class WorkerDied(Exception):
+    """The job's worker process ended before answering (native crash, killed, out of memory)."""
+
+
+class JobError(Exception):
+    """The job raised in its worker; `kind` is the exception's class name, the message its text."""
+
+    def __init__(self, kind: str, message: str, details: str):
+        super().__init__(message)
+        self.kind = kind
+        self.details = details
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "it did not exit"
+    if code < 0:
+        name = signal.Signals(-code).name
+        hint = " (the kernel's OOM killer sends SIGKILL)" if -code == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exit status {code}"
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(70)
+        time.sleep(PARENT_CHECK_S)
+
+
+def _child_main(connection: Connection, parent_pid: int, log_format: str) -> None:
+    """A worker's life: answer JobRequests until the node closes the pipe."""
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="watch-node", daemon=True).start()
+    for stop in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and systemd signal the whole group; the node
+        signal.signal(stop, signal.SIG_IGN)        # lets the running job finish, then closes the pipe
+    logs.configure(log_format)
+    from dicom_node import job
+    while True:
+        try:
+            request: JobRequest = connection.recv()
+        except (EOFError, OSError):
+            break
+        with logs.series_context(request.study_instance_uid, request.job.series_instance_uid, request.job.id):
+            try:
+                answer = ("done", job.produce(request))
+            except Exception as error:
+                answer = ("error", type(error).__name__, str(error), traceback.format_exc())
+        connection.send(answer)
+    job.close_inference()
+
+
+class _Slot:
+    """One worker process and its pipe, started on first use and after a death."""
+
+    def __init__(self, number: int):
+        self.number = number
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.connection: Connection | None = None
+
+    def _start(self) -> None:
+        ours, theirs = _CONTEXT.Pipe()
+        self.process = _CONTEXT.Process(target=_child_main, args=(theirs, os.getpid(), logs.current_format()),
+                                        name=f"job-worker-{self.number}", daemon=True)
+        self.process.start()
+        theirs.close()
+        self.connection = ours
+        log.info("job worker %d started (pid %d)", self.number, self.process.pid)
+
+    def run(self, request: JobRequest) -> JobOutput:
+        # An idle worker has nothing to say: anything readable is the EOF of one that died between jobs.
+        if self.process is None or not self.process.is_alive() or self.connection.poll():
+            self.close()
+            self._start()
+        assert self.connection is not None and self.process is not None
+        try:
+            self.connection.send(request)
+            answer = self.connection.recv()
+        except (EOFError, OSError):
+            self.process.join(10)
+            code = self.process.exitcode
+            self.close()
+            raise WorkerDied(f"the job's worker process died: {describe_exit(code)}") from None
+        if answer[0] == "error":
+            _, kind, message, details = answer
+            raise JobError(kind, message, details)
+        return answer[1]
+
+    def close(self, timeout: float = 10) -> None:
+        if self.connection is not None:
+            self.connection.close()  # the child's recv sees EOF and it exits
+            self.connection = None
+        if self.process is not None:
+            self.process.join(timeout)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(timeout)
+            self.process = None
+
+
+class JobWorkers:
+    """`count` worker slots; `run` blocks the calling thread until its job is done in a free slot."""
+
+    def __init__(self, count: int):
+        self._free: queue.Queue[_Slot] = queue.Queue()
+        self._slots = [_Slot(number) for number in range(1, count + 1)]
+        for slot in self._slots:
+            self._free.put(slot)
+
+    def run(self, request: JobRequest) -> JobOutput:
+        slot = self._free.get()
+        try:
+            return slot.run(request)
+        finally:
+            self._free.put(slot)
+
+    def close(self) -> None:
+        for slot in self._slots:
+            slot.close()
