@@ -48,7 +48,16 @@ def _resolve(path: Path, info: ValidationInfo) -> Path:
     return path if path.is_absolute() or base is None else Path(base) / path
 
 
-class NodeTlsConfig(_Model):
+class _TlsFiles(_Model):
+    """TLS settings: every path (certificate, key, CA file) is anchored at the config file's folder."""
+
+    @field_validator("*")
+    @classmethod
+    def _anchor(cls, value: Any, info: ValidationInfo) -> Any:
+        return _resolve(value, info) if isinstance(value, Path) else value
+
+
+class NodeTlsConfig(_TlsFiles):
     """A DICOM TLS listener beside the plain port (dicom_node.tls). Senders must present a certificate
     that chains to `ca_certificates` unless `require_client_certificate` is false."""
 
@@ -57,11 +66,6 @@ class NodeTlsConfig(_Model):
     private_key: Path
     ca_certificates: Path | None = None
     require_client_certificate: bool = True
-
-    @field_validator("certificate", "private_key", "ca_certificates")
-    @classmethod
-    def _anchor(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        return None if value is None else _resolve(value, info)
 
     @model_validator(mode="after")
     def _usable(self) -> NodeTlsConfig:
@@ -284,18 +288,13 @@ class RetryPolicy(_Model):
     max_attempts: int = Field(50, ge=1)
 
 
-class DestinationTlsConfig(_Model):
+class DestinationTlsConfig(_TlsFiles):
     """Associations to this destination over TLS (dicom_node.tls)."""
 
     ca_certificates: Path | None = None  # None: the system's trust store
     certificate: Path | None = None  # ours, for destinations that authenticate their callers
     private_key: Path | None = None
     check_hostname: bool = False
-
-    @field_validator("ca_certificates", "certificate", "private_key")
-    @classmethod
-    def _anchor(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        return None if value is None else _resolve(value, info)
 
     @model_validator(mode="after")
     def _usable(self) -> DestinationTlsConfig:

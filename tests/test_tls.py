@@ -131,6 +131,13 @@ def test_tls_settings_that_cannot_work_are_config_errors(pki, tmp_path):
         return str(raised.value)
 
     files = {"certificate": str(pki.node_certificate), "private_key": str(pki.node_key)}
+    (tmp_path / "tls").mkdir()
+    for source in (pki.node_certificate, pki.node_key, pki.ca):
+        shutil.copy(source, tmp_path / "tls" / source.name)
+    relative = {"certificate": f"tls/{pki.node_certificate.name}", "private_key": f"tls/{pki.node_key.name}",
+                "ca_certificates": f"tls/{pki.ca.name}"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"node": {"tls": relative}}))
+    assert load_config(tmp_path / "config.yaml").node.tls.certificate == tmp_path / "tls" / pki.node_certificate.name
     assert "require_client_certificate needs ca_certificates" in errors({"tls": files})
     assert "node.tls: TLS certificate, key or CA file unusable" in errors(
         {"tls": {**files, "private_key": str(pki.sender_key), "ca_certificates": str(pki.ca)}})
