@@ -7,7 +7,8 @@ node down: receiving, completion and dispatch with it. Each of the
 kept between jobs so the models stay loaded) and talks to it over a pipe.
 When the child dies mid-job the pipe breaks, the slot reports WorkerDied with
 the child's exit status and starts a fresh child for the next job; the node
-keeps running. A child watches its parent and exits when the node is gone,
+keeps running. A child acknowledges each job as it takes it, so one that died
+while idle is replaced without the next job being blamed for it. A child watches its parent and exits when the node is gone,
 so a node killed with -9 leaves no orphan writing results behind its
 restarted self.
 """
@@ -75,6 +76,7 @@ def _child_main(connection: Connection, parent_pid: int, log_format: str) -> Non
             request: JobRequest = connection.recv()
         except (EOFError, OSError):
             break
+        connection.send(("started",))  # so the node can tell a death during this job from one before it
         with logs.series_context(request.study_instance_uid, request.job.series_instance_uid, request.job.id):
             try:
                 answer = ("done", job.produce(request))
@@ -101,14 +103,24 @@ class _Slot:
         self.connection = ours
         log.info("job worker %d started (pid %d)", self.number, self.process.pid)
 
-    def run(self, request: JobRequest) -> JobOutput:
-        # An idle worker has nothing to say: anything readable is the EOF of one that died between jobs.
-        if self.process is None or not self.process.is_alive() or self.connection.poll():
+    def _hand_over(self, request: JobRequest) -> bool:
+        """Give the job to the worker; False when the worker was already gone (it died between jobs)."""
+        if self.process is None or not self.process.is_alive():
             self.close()
             self._start()
-        assert self.connection is not None and self.process is not None
+        assert self.connection is not None
         try:
             self.connection.send(request)
+            return self.connection.recv() == ("started",)
+        except (EOFError, OSError):
+            self.close()
+            return False
+
+    def run(self, request: JobRequest) -> JobOutput:
+        if not self._hand_over(request) and not self._hand_over(request):  # a fresh worker gets a second go
+            raise WorkerDied("two fresh job worker processes died before starting the job")
+        assert self.connection is not None and self.process is not None
+        try:
             answer = self.connection.recv()
         except (EOFError, OSError):
             self.process.join(10)

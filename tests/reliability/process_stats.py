@@ -1,9 +1,11 @@
-"""Threads and open file descriptors of a running process, from /proc (Linux)."""
+"""Threads, open file descriptors and peak memory of a running process, from /proc (Linux)."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+import psutil
 
 
 @dataclass(frozen=True)
@@ -27,3 +29,15 @@ def peak_rss_mb(pid: int) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def peak_rss_with_children_mb(pid: int) -> float:
+    """Peak RSS of the process plus that of each live child (the node's job workers): an upper bound
+    of what they held together, since their peaks need not coincide."""
+    total = peak_rss_mb(pid)
+    for child in psutil.Process(pid).children():
+        try:
+            total += peak_rss_mb(child.pid)
+        except (FileNotFoundError, RuntimeError):  # exited meanwhile, or a zombie without memory
+            continue
+    return total
