@@ -23,7 +23,7 @@ import signal
 import threading
 import time
 import traceback
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 
 from dicom_node import logs
 from dicom_node.job import JobOutput, JobRequest
@@ -31,7 +31,22 @@ from dicom_node.job import JobOutput, JobRequest
 log = logging.getLogger(__name__)
 
 PARENT_CHECK_S = 0.2
+START_TIMEOUT_S = 120  # a fresh worker imports numpy, pydicom, ONNX Runtime... before it takes its first job
 _CONTEXT = multiprocessing.get_context("spawn")
+
+
+class _Gone(Exception):
+    """The worker process ended (or stopped answering)."""
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class WorkerDied(Exception):
@@ -49,7 +64,7 @@ class JobError(Exception):
 
 def describe_exit(code: int | None) -> str:
     if code is None:
-        return "it did not exit"
+        return "exit status unknown (reaped elsewhere)"
     if code < 0:
         name = signal.Signals(-code).name
         hint = " (the kernel's OOM killer sends SIGKILL)" if -code == signal.SIGKILL else ""
@@ -103,6 +118,28 @@ class _Slot:
         self.connection = ours
         log.info("job worker %d started (pid %d)", self.number, self.process.pid)
 
+    def _receive(self, timeout: float | None):
+        """The worker's next message. Raises _Gone when the worker process ended (or did not answer
+        within `timeout`): told by the pipe's EOF, the process sentinel or the pid being gone, since
+        an event loop in this process (libev's, under gevent) may reap children before
+        multiprocessing can, and a descendant may still hold the pipe open."""
+        assert self.connection is not None and self.process is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            ready = wait([self.connection, self.process.sentinel], timeout=1.0)
+            if self.connection in ready:
+                try:
+                    return self.connection.recv()
+                except (EOFError, OSError):
+                    raise _Gone from None
+            if ready or not _exists(self.process.pid):
+                raise _Gone
+            if deadline is not None and time.monotonic() > deadline:
+                log.error("job worker %d (pid %d) did not answer within %.0f s; killing it", self.number,
+                          self.process.pid, timeout)
+                self.process.kill()
+                raise _Gone
+
     def _hand_over(self, request: JobRequest) -> bool:
         """Give the job to the worker; False when the worker was already gone (it died between jobs)."""
         if self.process is None or not self.process.is_alive():
@@ -111,18 +148,18 @@ class _Slot:
         assert self.connection is not None
         try:
             self.connection.send(request)
-            return self.connection.recv() == ("started",)
-        except (EOFError, OSError):
+            return self._receive(timeout=START_TIMEOUT_S) == ("started",)
+        except (_Gone, OSError):
             self.close()
             return False
 
     def run(self, request: JobRequest) -> JobOutput:
         if not self._hand_over(request) and not self._hand_over(request):  # a fresh worker gets a second go
             raise WorkerDied("two fresh job worker processes died before starting the job")
-        assert self.connection is not None and self.process is not None
+        assert self.process is not None
         try:
-            answer = self.connection.recv()
-        except (EOFError, OSError):
+            answer = self._receive(timeout=None)
+        except _Gone:
             self.process.join(10)
             code = self.process.exitcode
             self.close()
