@@ -8,9 +8,9 @@ kept between jobs so the models stay loaded) and talks to it over a pipe.
 When the child dies mid-job the pipe breaks, the slot reports WorkerDied with
 the child's exit status and starts a fresh child for the next job; the node
 keeps running. A child acknowledges each job as it takes it, so one that died
-while idle is replaced without the next job being blamed for it. A child watches its parent and exits when the node is gone,
-so a node killed with -9 leaves no orphan writing results behind its
-restarted self.
+while idle is replaced without the next job being blamed for it. A child
+watches its parent and exits when the node is gone, so a node killed with -9
+leaves no orphan writing results behind its restarted self.
 """
 
 from __future__ import annotations
@@ -41,11 +41,9 @@ class _Gone(Exception):
 
 def _exists(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        os.kill(pid, 0)  # signal 0: only asks whether the process is there
+    except (ProcessLookupError, PermissionError):  # gone, or the pid now belongs to another user's process
         return False
-    except PermissionError:
-        return True
     return True
 
 
