@@ -10,8 +10,10 @@ J2K series (storescu -xv) and a 300-slice series made from its slices
 (tests/series_factory), and prints each stage from the journal's timestamps
 and the job's log line:
 receive (first to last instance acknowledged), wait-for-complete (last
-instance to complete), route+queue (complete to job start), load / inference /
-encode (job log; inference includes opening the model on the first job),
+instance to complete), route+queue (complete to job start), worker (starting
+the job's worker process, the node's first job only, and handing the job over
+and back), load / inference / encode (job log; inference includes opening the
+model on the worker's first job),
 dispatch (job done to Orthanc's C-STORE response for the SEG) and the total
 from the moment storescu started. The SEG is then looked up in Orthanc's REST
 API, so a figure is printed only for a SEG Orthanc really holds.
@@ -77,6 +79,7 @@ def run(root: Path, models: Path, files: list[Path], label: str, j2k: bool) -> N
         "receive": (last - first).total_seconds(),
         "wait-for-complete": (series.completed_at - last).total_seconds(),
         "route+queue": (job.started_at - series.completed_at).total_seconds(),
+        "worker": (job.finished_at - job.started_at).total_seconds() - load - inference - encode,
         "load": load, "inference": inference, "encode": encode,
         "dispatch": (sent[0].sent_at - job.finished_at).total_seconds(),
     }
