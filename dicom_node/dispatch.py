@@ -228,15 +228,17 @@ def send(destination: DestinationConfig, paths: Sequence[Path], calling_ae: str,
             if not assoc.is_established:
                 add(Outcome(inst.sop_instance_uid, None, "transient", "association lost"))
                 continue
-            if (inst.sop_class_uid, inst.transfer_syntax) in accepted:
-                payload = inst.path  # the stored bytes as they are
-            elif _is_compressed(inst.transfer_syntax):
-                payload = _decompressed(inst.path)
-            else:  # accepted in the other uncompressed syntax: pynetdicom re-encodes the data set
-                payload = pydicom.dcmread(inst.path)
             try:
+                if (inst.sop_class_uid, inst.transfer_syntax) in accepted:
+                    payload = inst.path  # the stored bytes as they are
+                elif _is_compressed(inst.transfer_syntax):
+                    payload = _decompressed(inst.path)
+                else:  # accepted in the other uncompressed syntax: pynetdicom re-encodes the data set
+                    payload = pydicom.dcmread(inst.path)
                 rsp = assoc.send_c_store(payload)
-            except (ValueError, RuntimeError, NotImplementedError) as exc:  # incl. no decoder for the syntax
+            except (ValueError, RuntimeError, NotImplementedError) as exc:
+                # The file cannot become what the destination accepts (its pixels do not decode, or
+                # pydicom has no decoder for its syntax): no retry can change that; the others go on.
                 add(Outcome(inst.sop_instance_uid, None, "permanent", f"cannot send: {exc}"))
                 continue
             status = getattr(rsp, "Status", None)

@@ -214,6 +214,28 @@ def test_jpeg2000_ct_forwarded_decompressed_to_an_uncompressed_only_pacs(tmp_pat
         assert np.array_equal(stored.pixel_array, sent.pixel_array)
 
 
+def test_a_file_whose_pixels_do_not_decode_is_dead_lettered_and_the_rest_is_sent(tmp_path):
+    """A JPEG 2000 file with a broken codestream, for a PACS that takes only uncompressed syntaxes:
+    decompressing it fails, so it is a permanent failure with the reason; the association goes on."""
+    from tests.test_receive import sendable_j2k_copies
+
+    good, broken = sendable_j2k_copies(tmp_path / "j2k")[:2]
+    ds = pydicom.dcmread(broken)
+    frame = bytearray(pydicom.encaps.generate_fragmented_frames(ds.PixelData).__next__()[0])
+    frame[16:] = bytes(len(frame) - 16)  # keep the marker, zero the codestream
+    ds.PixelData = pydicom.encaps.encapsulate([bytes(frame)])
+    ds.save_as(broken)
+    port = free_port()
+    with dcmtk.storescp(port, tmp_path / "pacs"):
+        report = dispatch.send(DestinationConfig(ae_title="STORESCP", host="127.0.0.1", port=port), [good, broken],
+                               "NODE")
+    outcomes = {o.sop_instance_uid: o for o in report.outcomes}
+    assert outcomes[str(pydicom.dcmread(good).SOPInstanceUID)].kind == "sent"
+    failed = outcomes[str(ds.SOPInstanceUID)]
+    assert failed.kind == "permanent" and failed.reason.startswith("cannot send: "), failed
+    assert len(list((tmp_path / "pacs").iterdir())) == 1
+
+
 def test_implicit_vr_file_goes_to_a_pacs_that_takes_only_explicit_vr(tmp_path):
     """The file's own uncompressed syntax is proposed first; when the destination only takes the
     other one (here: transfer_syntaxes restricted to Explicit VR Little Endian, as Orthanc may
