@@ -37,20 +37,19 @@ class JobOutput:
     seconds: dict[str, float]  # load, inference, encode
 
 
-_opened: dict[str, object] = {}  # this process's model repository and backend, after the first job
+_opened: dict[str, object] = {}  # this process's model repository and backend, once opened
 
 
-def _inference(config: Config):
+def open_inference(config: Config):
+    """This process's model repository and backend, opened on first use and kept (a model load is
+    seconds): a worker's for its jobs, the node's for its readiness checks. Not thread-safe."""
     if not _opened:
-        from inference.backends import BackendSettings, open_backend
+        from inference.backends import open_backend
         from inference.repository import ModelRepository
-        settings = config.inference
-        repository = ModelRepository(settings.model_repository)
+        from dicom_node.models import backend_settings
+        repository = ModelRepository(config.inference.model_repository)
         _opened["repository"] = repository
-        _opened["backend"] = open_backend(BackendSettings(
-            kind=settings.backend, url=settings.triton.url, protocol=settings.triton.protocol,
-            timeout_s=settings.triton.timeout_s, retries=settings.triton.retries,
-            cpu_threads=settings.embedded.cpu_threads, providers=list(settings.embedded.providers)), repository)
+        _opened["backend"] = open_backend(backend_settings(config), repository)
     return _opened["repository"], _opened["backend"]
 
 
@@ -92,7 +91,7 @@ def run_steps(config: Config, pipeline: PipelineConfig, volume):
             masks[step.name] = segment_lungs_classical(volume)
             continue
         from inference import tasks
-        repository, backend = _inference(config)
+        repository, backend = open_inference(config)
         entry = repository.get(step.model)
         if step.task == "segmentation":
             masks[step.name] = tasks.segment(volume, entry, backend)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from sqlalchemy import (Column, DateTime, Integer, MetaData, String, Table, Text, UniqueConstraint, bindparam,
-                        create_engine,                        event, select)
+                        create_engine, event, select)
 from sqlalchemy.engine import Connection, Engine
 
 SERIES_STATES = ("receiving", "complete", "routed", "unmatched", "quarantined")

@@ -30,7 +30,7 @@ import pydicom
 from dicom_node import route
 from dicom_node.audit import AuditEvent, AuditLog
 from dicom_node.config import Config
-from dicom_node.job import JobRequest
+from dicom_node.job import JobRequest, close_inference, open_inference
 from dicom_node.journal import JobRecord, Journal, SeriesRecord, utcnow
 from dicom_node.logs import series_context
 from dicom_node.metrics import NodeMetrics, failure_reason
@@ -61,9 +61,7 @@ class Pipeline:
         self._stopping = threading.Event()
         self._dispatch_wakeup = threading.Event()
         self._dispatcher: threading.Thread | None = None
-        self._backend = None
-        self._repository = None
-        self._backend_lock = threading.Lock()
+        self._inference_lock = threading.Lock()
         self._rng = random.Random()
         self._submitted: set[int] = set()
         self._submitted_lock = threading.Lock()
@@ -93,8 +91,7 @@ class Pipeline:
         self._job_workers.close()
         if self._dispatcher is not None:
             self._dispatcher.join(timeout)
-        if self._backend is not None:
-            self._backend.close()
+        close_inference()
 
     # --- routing -----------------------------------------------------------------------------
 
@@ -239,18 +236,8 @@ class Pipeline:
     def inference(self):
         """The model repository and backend for the readiness checks (/readyz, `dicom-node status`),
         opened once on first use; jobs use their worker process's own."""
-        with self._backend_lock:
-            if self._backend is None:
-                from inference.backends import BackendSettings, open_backend
-                from inference.repository import ModelRepository
-                settings = self.config.inference
-                self._repository = ModelRepository(settings.model_repository)
-                self._backend = open_backend(BackendSettings(
-                    kind=settings.backend, url=settings.triton.url, protocol=settings.triton.protocol,
-                    timeout_s=settings.triton.timeout_s, retries=settings.triton.retries,
-                    cpu_threads=settings.embedded.cpu_threads, providers=list(settings.embedded.providers)),
-                    self._repository)
-            return self._repository, self._backend
+        with self._inference_lock:
+            return open_inference(self.config)
 
     # --- dispatch ----------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 The wire protocol is upper_layer.Acceptor's; this module is the policy.
 Durability contract: C-STORE success (0x0000) is sent only after the bytes
 as received (never decoded and re-encoded) are in the spool, fsynced and
-renamed, and the instance row is committed in the journal. Failures to
+linked to their final name, and the instance row is committed in the journal. Failures to
 persist answer 0xA700 (PS3.4 B.2.3 "Refused: Out of Resources"); a dataset
 whose UIDs cannot name a spool path answers 0xC000 ("Cannot understand").
 An instance already in the spool (a re-send), or whose SOP Instance UID is
@@ -29,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from pynetdicom import sop_class as sc
+from pynetdicom.presentation import build_context
 from pydicom import uid as tsuid
 
 from dicom_node.audit import AuditEvent, AuditLog
@@ -41,8 +42,7 @@ from dicom_node.spool import InstanceKey, InvalidUID, Spool, part10_header
 from dicom_node.tls import server_context
 from dicom_node.upper_layer import (CALLED_AE_NOT_RECOGNIZED, CALLING_AE_NOT_RECOGNIZED,
                                     IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Acceptor,
-                                    AcceptorSettings, Association, AssociationRequest, Rejection, StoreRequest,
-                                    contexts_for)
+                                    AcceptorSettings, Association, AssociationRequest, Rejection, StoreRequest)
 
 log = logging.getLogger("dicom_node.receive")
 
@@ -93,7 +93,6 @@ def calling_ae_allowed(config: Config, calling_ae: str, host: str) -> bool:
                for entry in security.calling_aes)
 
 
-
 class Receiver:
     """The association handler behind the node's acceptor; `start()` binds the port."""
 
@@ -108,8 +107,8 @@ class Receiver:
         self._stats: dict[int, AssociationStats] = {}
         self._lock = threading.Lock()
         node = config.node
-        contexts = contexts_for([sc.Verification], list(VERIFICATION_SYNTAXES))
-        contexts += contexts_for(list(STORAGE_CLASSES), list(TRANSFER_SYNTAXES))
+        contexts = [build_context(sc.Verification, list(VERIFICATION_SYNTAXES))]
+        contexts += [build_context(sop_class, list(TRANSFER_SYNTAXES)) for sop_class in STORAGE_CLASSES]
         tls_context = None if node.tls is None else server_context(
             node.tls.certificate, node.tls.private_key, node.tls.ca_certificates, node.tls.require_client_certificate)
         self.acceptor = Acceptor(AcceptorSettings(

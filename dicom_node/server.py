@@ -2,7 +2,7 @@
 
 Start-up order matters for "nothing acknowledged is ever lost": the journal
 is reconciled with the spool before the port opens, so a crash at any point
-of a C-STORE (temp file written, renamed, row committed) is repaired first.
+of a C-STORE (temp file written, linked, row committed) is repaired first.
 
 Shutdown on SIGTERM (or SIGINT) runs in the reverse order: the DICOM port
 closes first (no new associations; open ones are ended), then completion stops,
@@ -42,7 +42,7 @@ def reconcile(spool: Spool, journal: Journal) -> None:
     """Make journal and spool agree after a crash (PS-independent; the node's own invariant).
 
     - temp files (a write that never reached its rename) are deleted: never acknowledged;
-    - a file without a row (renamed, crash before commit) is journaled from its header;
+    - a file without a row (linked, crash before commit) is journaled from its header;
     - a row without a file (file removed behind our back) is deleted and logged.
     """
     for path in spool.remove_temp_files():

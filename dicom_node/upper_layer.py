@@ -568,15 +568,3 @@ class Acceptor:
             pdus.append(_HEADER.pack(P_DATA_TF_PDU, 0, len(chunk) + 6) + _PDV_HEADER.pack(len(chunk) + 2, context_id,
                                                                                               control) + chunk)
         connection.send(b"".join(pdus))
-
-
-def contexts_for(abstract_syntaxes: list[str], transfer_syntaxes: list[str]) -> list[PresentationContext]:
-    """Supported contexts: each SOP class with every transfer syntax, in our order of preference."""
-    contexts = []
-    for abstract_syntax in abstract_syntaxes:
-        context = PresentationContext()
-        context.abstract_syntax = UID(abstract_syntax)
-        context.transfer_syntax = [UID(ts) for ts in transfer_syntaxes]
-        contexts.append(context)
-    return contexts
-
