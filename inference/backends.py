@@ -16,6 +16,9 @@ middle of a patient's job.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +38,7 @@ ONNX_DATATYPES = {
     "tensor(int32)": "INT32", "tensor(int64)": "INT64", "tensor(bool)": "BOOL",
 }
 FLOAT_DATATYPES = ("FP32", "FP16", "FP64")
+DESCRIBE_TIMEOUT_S = 300  # a large model on a busy CPU; only the first check of each model file waits
 
 
 class BackendError(Exception):
@@ -107,7 +111,8 @@ def compare_signature(entry: ModelEntry, inputs: list[TensorSignature], outputs:
 
 
 class EmbeddedBackend:
-    """ONNX Runtime sessions in this process, one per model, created on first use."""
+    """ONNX Runtime sessions in this process, one per model, created by its first inference.
+    `check` never creates one: it reads the model in a child process."""
 
     def __init__(self, repository: ModelRepository, settings: BackendSettings) -> None:
         import onnxruntime as ort
@@ -127,16 +132,13 @@ class EmbeddedBackend:
             self.providers = ["CPUExecutionProvider"]
         self._sessions: dict[str, object] = {}
         self._lock = threading.Lock()
+        self._signatures: dict[tuple, tuple[list[TensorSignature], list[TensorSignature]]] = {}
+        self._check_lock = threading.Lock()
 
     def _session(self, entry: ModelEntry):
         with self._lock:
             if entry.name not in self._sessions:
-                if not entry.version_path.name.endswith(".onnx"):
-                    raise BackendError(f"model {entry.name!r} is {entry.platform}: only the triton backend serves "
-                                       "that platform; the embedded backend runs ONNX models")
-                if not entry.version_path.is_file():
-                    raise BackendError(f"model {entry.name!r}: {entry.version_path} is missing "
-                                       "(import the weights with `dicom-node models import`)")
+                _require_onnx_file(entry)
                 options = self._ort.SessionOptions()
                 options.intra_op_num_threads = self.settings.cpu_threads
                 try:
@@ -148,14 +150,17 @@ class EmbeddedBackend:
             return self._sessions[entry.name]
 
     def check(self, entry: ModelEntry) -> None:
-        session = self._session(entry)
-
-        def signature(args) -> list[TensorSignature]:
-            return [TensorSignature(a.name, ONNX_DATATYPES.get(a.type, a.type),
-                                    tuple(d if isinstance(d, int) else -1 for d in a.shape)) for a in args]
-
-        compare_signature(entry, signature(session.get_inputs()), signature(session.get_outputs()),
-                          f"in {entry.version_path.name}")
+        """Loads the model in a child process (inference.describe says why), once per model file:
+        the answer is kept while the file's size, modification time and inode stay the same."""
+        _require_onnx_file(entry)
+        path = entry.version_path
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        with self._check_lock:
+            if key not in self._signatures:
+                self._signatures[key] = _describe_in_child(entry)
+        inputs, outputs = self._signatures[key]
+        compare_signature(entry, inputs, outputs, f"in {path.name}")
 
     def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._sessions.get(model) or self._session(_entry(self.repository, model))
@@ -165,6 +170,37 @@ class EmbeddedBackend:
     def close(self) -> None:
         with self._lock:
             self._sessions.clear()
+
+
+def _require_onnx_file(entry: ModelEntry) -> None:
+    if not entry.version_path.name.endswith(".onnx"):
+        raise BackendError(f"model {entry.name!r} is {entry.platform}: only the triton backend serves "
+                           "that platform; the embedded backend runs ONNX models")
+    if not entry.version_path.is_file():
+        raise BackendError(f"model {entry.name!r}: {entry.version_path} is missing "
+                           "(import the weights with `dicom-node models import`)")
+
+
+def _describe_in_child(entry: ModelEntry) -> tuple[list[TensorSignature], list[TensorSignature]]:
+    """The model's tensors as `python -m inference.describe` reports them."""
+    command = [sys.executable, "-m", "inference.describe", str(entry.version_path)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=DESCRIBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise BackendError(f"model {entry.name!r}: ONNX Runtime did not load {entry.version_path} "
+                           f"within {DESCRIBE_TIMEOUT_S} s") from None
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        reason = (f"the loader was killed by signal {-done.returncode}" if done.returncode < 0
+                  else lines[-1] if lines else f"the loader exited with status {done.returncode}")
+        raise BackendError(f"model {entry.name!r}: ONNX Runtime cannot load {entry.version_path}: {reason}")
+    described = json.loads(done.stdout)
+
+    def signature(tensors: list[dict]) -> list[TensorSignature]:
+        return [TensorSignature(t["name"], ONNX_DATATYPES.get(t["type"], t["type"]),
+                                None if t["shape"] is None else tuple(t["shape"])) for t in tensors]
+
+    return signature(described["inputs"]), signature(described["outputs"])
 
 
 class TritonBackend:

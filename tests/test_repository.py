@@ -168,6 +168,23 @@ def test_embedded_backend_checks_and_runs(repo):
         open_backend(BackendSettings(kind="embedded", providers=["NoSuchProvider"]), repository)
 
 
+
+def test_embedded_check_loads_the_model_outside_this_process(repo):
+    """Readiness runs in the node's process: checking must not leave a model loaded there, a file
+    ONNX Runtime cannot read is named, and a replaced model file is read again."""
+    repository = ModelRepository(repo)
+    backend = open_backend(BackendSettings(kind="embedded"), repository)
+    model_file = repo / "spleen_ct" / "1" / "model.onnx"
+    original = model_file.read_bytes()
+    backend.check(repository.get("spleen_ct"))
+    assert backend._sessions == {}
+    model_file.write_bytes(b"not an onnx model" * 10)
+    with pytest.raises(BackendError, match=r"model 'spleen_ct': ONNX Runtime cannot load .*model\.onnx: .*\S"):
+        backend.check(repository.get("spleen_ct"))
+    model_file.write_bytes(original)
+    backend.check(repository.get("spleen_ct"))
+    assert backend._sessions == {}
+
 def test_classifier_task_feeds_the_recipe(repo):
     """pipeline.yaml's classification section drives crop, resize, window, layout and softmax."""
     import onnx
