@@ -5,7 +5,11 @@ Durability contract: C-STORE success (0x0000) is sent only after the bytes
 as received (never decoded and re-encoded) are in the spool, fsynced and
 linked to their final name, and the instance row is committed in the journal. Failures to
 persist answer 0xA700 (PS3.4 B.2.3 "Refused: Out of Resources"); a dataset
-whose UIDs cannot name a spool path answers 0xC000 ("Cannot understand").
+whose UIDs cannot name a spool path answers 0xC000 ("Cannot understand"); one
+whose SOP Instance UID (or SOP Class UID, when it has one) is not the one the
+C-STORE request names answers 0xA900 ("Data Set does not match SOP Class"),
+as dcmtk's storescp does: the sender's records would otherwise say one
+instance was stored while the node holds another.
 An instance already in the spool (a re-send), or whose SOP Instance UID is
 journaled under other study/series UIDs, is acknowledged with success, logged,
 and neither kept twice nor counted again: the first copy stays (PS3.4 B.4.1
@@ -35,7 +39,7 @@ from pydicom import uid as tsuid
 from dicom_node.audit import AuditEvent, AuditLog
 from dicom_node.complete import CompletionTracker
 from dicom_node.config import Config
-from dicom_node.header import HeaderError, read_header
+from dicom_node.header import HeaderError, InstanceHeader, read_header
 from dicom_node.journal import Journal, NewInstance
 from dicom_node.metrics import NodeMetrics
 from dicom_node.spool import InstanceKey, InvalidUID, Spool, part10_header
@@ -48,6 +52,7 @@ log = logging.getLogger("dicom_node.receive")
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATA_SET_DOES_NOT_MATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
 STORAGE_CLASSES = (
@@ -198,6 +203,10 @@ class Receiver:
         except HeaderError as error:  # a data set whose UIDs cannot be found cannot be placed in the spool
             log.error("C-STORE refused (0xC000) from %s: unreadable dataset (%s)", calling, error)
             return STATUS_CANNOT_UNDERSTAND
+        mismatch = _request_mismatch(request, header)
+        if mismatch:
+            log.error("C-STORE refused (0xA900) from %s: %s", calling, mismatch)
+            return STATUS_DATA_SET_DOES_NOT_MATCH
         meta = part10_header(request.affected_sop_class_uid, key.sop_instance_uid, request.transfer_syntax,
                              IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, self.config.node.ae_title,
                              calling)
@@ -237,3 +246,14 @@ class Receiver:
         self.metrics.bytes_received.labels(calling_ae=calling).inc(size)
         self.tracker.instance_received(request.association.id, record.series_instance_uid, record.generation)
         return STATUS_SUCCESS
+
+
+def _request_mismatch(request: StoreRequest, header: InstanceHeader) -> str | None:
+    """Why the data set is not the instance the C-STORE request names, or None when it is."""
+    if request.affected_sop_instance_uid != header.sop_instance_uid:
+        return (f"the request's Affected SOP Instance UID {request.affected_sop_instance_uid!r} is not the data set's "
+                f"SOP Instance UID {header.sop_instance_uid!r}")
+    if header.sop_class_uid and request.affected_sop_class_uid != header.sop_class_uid:
+        return (f"the request's Affected SOP Class UID {request.affected_sop_class_uid!r} is not the data set's "
+                f"SOP Class UID {header.sop_class_uid!r} (instance {header.sop_instance_uid})")
+    return None

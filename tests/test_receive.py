@@ -9,13 +9,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
-from pydicom.uid import generate_uid
+from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 import pytest
 import yaml
 
 from dicom_node.journal import Journal
 from tests.peers import CT_J2K_SERIES, REPO, ManagedProcess, free_port, wait_for_port
 from tests.peers import dcmtk
+from tests.reliability.senders import raw_store
 from tests.series_factory import write_ct_series
 
 pytestmark = pytest.mark.skipif(not dcmtk.available(), reason="dcmtk not installed (apt-get install dcmtk)")
@@ -218,6 +219,27 @@ def test_invalid_uid_refused_without_a_file(node, tmp_path, attribute, bad_uid):
     assert not list((node.storage / "spool").rglob("*x*"))
     assert f"{attribute} {bad_uid!r} is not a valid UID" in node.log_text()
 
+
+
+def test_data_set_not_the_instance_the_request_names_is_refused(node, tmp_path):
+    """A C-STORE whose command names another SOP Instance (or Class) UID than its data set gets 0xA900, as
+    from dcmtk's storescp, and nothing is stored: the sender would otherwise believe it stored another instance."""
+    files = write_ct_series(tmp_path / "mismatch", 3, rows=64, columns=64)
+    named_instead = {files[0]: ("MediaStorageSOPInstanceUID", generate_uid()),
+                     files[1]: ("MediaStorageSOPClassUID", MRImageStorage)}
+    for path, (element, value) in named_instead.items():  # pynetdicom's request names what the file meta says
+        ds = pydicom.dcmread(path)
+        setattr(ds.file_meta, element, value)
+        ds.save_as(path)
+    deliveries = raw_store(node.port, files)
+    assert [d.status for d in deliveries] == [0xA900, 0xA900, 0x0000], deliveries
+    assert [p.name for p in spool_path(node, files[2]).parent.iterdir()] == [spool_path(node, files[2]).name]
+    log = node.log_text()
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert (f"C-STORE refused (0xA900) from STORESCU: the request's Affected SOP Instance UID "
+            f"{named_instead[files[0]][1]!r} is not the data set's SOP Instance UID {first.SOPInstanceUID!r}") in log
+    assert (f"the request's Affected SOP Class UID {MRImageStorage!r} is not the data set's SOP Class UID "
+            f"{CTImageStorage!r}") in log
 
 def test_duplicate_instance_acknowledged_stored_once(node, tmp_path):
     files = write_ct_series(tmp_path / "dup", 2, rows=64, columns=64)
