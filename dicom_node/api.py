@@ -135,7 +135,7 @@ def create_app(node: NodeHandles) -> FastAPI:
             ExportRecord, select(exports).where(exports.c.job_id == job_id).order_by(exports.c.id)))
 
     @app.post("/v1/jobs/{job_id}/retry", status_code=202, summary="Requeue a failed (or done) job",
-              responses={404: {"description": "no such job"}, 409: {"description": "the job is queued or running"}})
+              responses={404: {"description": "no such job"}, 409: {"description": "the job is queued or running, or its series was purged"}})
     def retry_job(job_id: int, request: Request) -> JobRecord:
         try:
             job = jobs_cli.requeue(node.journal, _job_or_404(node.journal, job_id), "the HTTP API",

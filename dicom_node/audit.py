@@ -9,7 +9,8 @@ audit`. Events:
 - `produced`: a job finished and wrote result instances (or failed, with why);
 - `sent` / `failed`: one dispatch pass to one destination for one job, with the
   instance count and the DIMSE status or association failure;
-- `retry`: an admin requeued a job through `POST /v1/jobs/{id}/retry`.
+- `retry`: an admin requeued a job through `POST /v1/jobs/{id}/retry`;
+- `purged`: retention deleted a series' files (instance count, why).
 
 The table is created here, not in journal.py, so the journal's schema for the
 stages stays what the stages need; it lives on the same engine.
@@ -29,7 +30,7 @@ from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text,
 from dicom_node.tables import print_table
 from dicom_node.journal import Journal, utcnow
 
-AUDIT_EVENTS = ("received", "produced", "sent", "failed", "retry")
+AUDIT_EVENTS = ("received", "produced", "sent", "failed", "retry", "purged")
 
 _metadata = MetaData()
 audit = Table(

@@ -141,6 +141,14 @@ class CompletionConfig(_Model):
     after_release_seconds: float = Field(2, ge=0)
 
 
+class RetentionConfig(_Model):
+    """When the node deletes a series' files; its journal history stays. None keeps it forever."""
+
+    keep_days: float | None = Field(7, ge=0)  # every job done and every result delivered, or matched nothing
+    keep_failed_days: float | None = Field(30, ge=0)  # a failed job, a dead-lettered export, or quarantined
+    sweep_interval_s: float = Field(600, gt=0)
+
+
 class TritonConfig(_Model):
     url: str = "127.0.0.1:8001"
     protocol: Literal["grpc", "http"] = "grpc"
@@ -338,6 +346,7 @@ class Config(_Model):
     http: HttpConfig = HttpConfig()
     security: SecurityConfig = SecurityConfig()
     completion: CompletionConfig = CompletionConfig()
+    retention: RetentionConfig = RetentionConfig()
     inference: InferenceConfig = InferenceConfig()
     pipelines: dict[str, PipelineConfig] = {}
     forward: dict[str, ForwardConfig] = {}

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import TextIO
 
 from dicom_node.config import Config
@@ -75,16 +76,21 @@ def run_show(args, journal: Journal, out: TextIO) -> int:
 
 
 class NotRetryable(ValueError):
-    """Only a failed or done job goes back in the queue; a queued or running one is on its way."""
+    """Only a failed or done job goes back in the queue (a queued or running one is on its way), and only
+    while its series is in the spool."""
 
 
 def requeue(journal: Journal, job: JobRecord, via: str, host: str | None = None) -> JobRecord:
-    """Put a failed or done job back in the queue (its series is still in the spool) and audit it.
+    """Put a failed or done job back in the queue and audit it.
 
     The one retry path for the CLI and the HTTP API; a running node picks the job up.
     """
     if job.state not in ("failed", "done"):
         raise NotRetryable(f"job {job.id} is {job.state}; only failed or done jobs are retried")
+    series = journal.get_series(job.series_instance_uid, job.generation)
+    if series is not None and series.state == "purged":
+        raise NotRetryable(f"job {job.id}: series {job.series_instance_uid} generation {job.generation} is no longer "
+                           f"in the spool ({series.reason}); send it again to process it again")
     job = journal.update_job(job.id, state="queued", error=None, finished_at=None)
     AuditLog(journal).record(AuditEvent("retry", host=host, series_instance_uid=job.series_instance_uid, job_id=job.id,
                                         detail=f"requeued through {via} (pipeline {job.pipeline})"))
@@ -113,6 +119,9 @@ def run_dead_letter(args, journal: Journal, out: TextIO) -> int:
     dead = {e.id: e for e in journal.exports_in_state("dead")}
     if args.id not in dead:
         print(f"no dead-lettered export {args.id}", file=sys.stderr)
+        return 1
+    if not Path(dead[args.id].path).exists():
+        print(f"export {args.id}: {dead[args.id].path} is no longer on disk (deleted by retention?)", file=sys.stderr)
         return 1
     journal.update_export(args.id, state="pending", attempts=0, reason=None, next_attempt_at=utcnow())
     print(f"export {args.id} to {dead[args.id].destination} requeued", file=out)

@@ -20,11 +20,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import (Column, DateTime, Integer, MetaData, String, Table, Text, UniqueConstraint, bindparam,
-                        create_engine, event, select)
+from sqlalchemy import (Column, DateTime, Integer, MetaData, String, Table, Text, UniqueConstraint, and_, bindparam,
+                        case, create_engine, event, func, select)
 from sqlalchemy.engine import Connection, Engine
 
-SERIES_STATES = ("receiving", "complete", "routed", "unmatched", "quarantined")
+SERIES_STATES = ("receiving", "complete", "routed", "unmatched", "quarantined", "purged")
 JOB_STATES = ("queued", "running", "done", "failed")
 EXPORT_STATES = ("pending", "sent", "dead")
 
@@ -177,9 +177,9 @@ class ExportRecord:
 
 
 def as_record(cls, row):
-    """A result row as the record dataclass `cls`, datetimes UTC-aware."""
-    values = {k: (_aware(v) if isinstance(v, datetime) else v) for k, v in row._mapping.items()}
-    return cls(**values)
+    """A result row as the record dataclass `cls` (columns it has no field for left out), datetimes UTC-aware."""
+    fields = cls.__dataclass_fields__
+    return cls(**{k: (_aware(v) if isinstance(v, datetime) else v) for k, v in row._mapping.items() if k in fields})
 
 
 @dataclass(frozen=True)
@@ -197,6 +197,15 @@ class NewInstance:
     size: int
     modality: str
     series_description: str
+
+
+@dataclass(frozen=True)
+class SettledSeries:
+    """A series generation no stage will touch again unless an admin retries something."""
+
+    series: SeriesRecord
+    failed: bool  # quarantined, a failed job or a dead-lettered export
+    last_activity: datetime  # its latest receipt, completion, job end or delivery
 
 
 class Journal:
@@ -266,6 +275,22 @@ class Journal:
             conn.execute(instances.insert(), values)
         return InstanceRecord(**values), True
 
+    def note_duplicate(self, record: InstanceRecord) -> None:
+        """A re-sent instance of a series that is no longer receiving counts as activity of that series
+        (its `last_received_at`), so retention does not delete a series while a sender is re-sending it."""
+        with self._write_lock, self.engine.begin() as conn:
+            conn.execute(series.update().where(
+                (series.c.series_instance_uid == record.series_instance_uid)
+                & (series.c.generation == record.generation) & (series.c.state != "receiving"))
+                .values(last_received_at=utcnow()))
+
+    def forget_instances(self, series_instance_uid: str, generation: int) -> int:
+        """Delete the instance rows of a purged series generation (its files are gone); its count stays as history."""
+        with self._write_lock, self.engine.begin() as conn:
+            return conn.execute(instances.delete().where(
+                (instances.c.series_instance_uid == series_instance_uid)
+                & (instances.c.generation == generation))).rowcount
+
     def delete_instance(self, sop_instance_uid: str) -> InstanceRecord | None:
         """Remove an instance row (its file is gone) and uncount it from its series."""
         with self._write_lock, self.engine.begin() as conn:
@@ -304,6 +329,55 @@ class Journal:
         with self.engine.connect() as conn:
             rows = conn.execute(select(series).where(series.c.state.in_(states)).order_by(series.c.first_received_at))
             return [as_record(SeriesRecord, r) for r in rows]
+
+    def settled_series(self, series_instance_uid: str | None = None, generation: int | None = None
+                       ) -> list[SettledSeries]:
+        """Routed series whose jobs are all done or failed and whose exports are all sent or dead,
+        and unmatched and quarantined ones: what retention may delete once old enough. With a
+        series and generation, only that one (if it is settled)."""
+        open_job = case((jobs.c.state.in_(("queued", "running")), 1), else_=0)
+        job_totals = (select(jobs.c.series_instance_uid, jobs.c.generation,
+                             func.sum(open_job).label("open_jobs"),
+                             func.sum(case((jobs.c.state == "failed", 1), else_=0)).label("failed_jobs"),
+                             func.max(jobs.c.finished_at).label("jobs_finished_at"))
+                      .group_by(jobs.c.series_instance_uid, jobs.c.generation).subquery())
+        export_totals = (select(jobs.c.series_instance_uid, jobs.c.generation,
+                                func.sum(case((exports.c.state == "pending", 1), else_=0)).label("pending_exports"),
+                                func.sum(case((exports.c.state == "dead", 1), else_=0)).label("dead_exports"),
+                                func.max(exports.c.sent_at).label("last_sent_at"))
+                         .select_from(jobs.join(exports, exports.c.job_id == jobs.c.id))
+                         .group_by(jobs.c.series_instance_uid, jobs.c.generation).subquery())
+
+        def same_series(totals):
+            return and_(totals.c.series_instance_uid == series.c.series_instance_uid,
+                        totals.c.generation == series.c.generation)
+
+        query = (select(series, job_totals.c.open_jobs, job_totals.c.failed_jobs, job_totals.c.jobs_finished_at,
+                        export_totals.c.pending_exports, export_totals.c.dead_exports, export_totals.c.last_sent_at)
+                 .select_from(series.outerjoin(job_totals, same_series(job_totals))
+                              .outerjoin(export_totals, same_series(export_totals)))
+                 .where(series.c.state.in_(("routed", "unmatched", "quarantined"))))
+        if series_instance_uid is not None:
+            query = query.where((series.c.series_instance_uid == series_instance_uid)
+                                & (series.c.generation == generation))
+        settled = []
+        with self.engine.connect() as conn:
+            for row in conn.execute(query):
+                if row.open_jobs or row.pending_exports:
+                    continue
+                record = as_record(SeriesRecord, row)
+                times = [_aware(t) for t in (record.last_received_at, record.completed_at, row.jobs_finished_at,
+                                             row.last_sent_at) if t is not None]
+                failed = record.state == "quarantined" or bool(row.failed_jobs) or bool(row.dead_exports)
+                settled.append(SettledSeries(record, failed, max(times)))
+        return settled
+
+    def purged_with_instances(self) -> list[SeriesRecord]:
+        """Purged series that still have instance rows: a purge the node stopped in the middle of."""
+        query = select(series).where((series.c.state == "purged") & select(instances.c.sop_instance_uid).where(
+            (instances.c.series_instance_uid == series.c.series_instance_uid)
+            & (instances.c.generation == series.c.generation)).exists())
+        return self.select(SeriesRecord, query)
 
     def complete_series(self, series_instance_uid: str, generation: int,
                         quiet_since: datetime | None = None) -> SeriesRecord | None:

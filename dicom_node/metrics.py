@@ -47,6 +47,8 @@ class NodeMetrics:
                                          ["destination", "reason"], registry=r)
         self.exports_sent = Counter(f"{PREFIX}_exports_sent", "Instances a destination stored",
                                     ["destination"], registry=r)
+        self.series_purged = Counter(f"{PREFIX}_series_purged", "Series generations retention deleted from the spool",
+                                     ["outcome"], registry=r)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         if stage not in STAGES:

@@ -210,29 +210,42 @@ class Receiver:
         meta = part10_header(request.affected_sop_class_uid, key.sop_instance_uid, request.transfer_syntax,
                              IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, self.config.node.ae_title,
                              calling)
+        with self.spool.series_lock(key.series_instance_uid):
+            return self._persist(request, stats, key, header, meta)
+
+    def _persist(self, request: StoreRequest, stats: AssociationStats | None, key: InstanceKey,
+                 header: InstanceHeader, meta: bytes) -> int:
+        """Spool file, then journal row (or, for a re-send, a note on the series that holds it)."""
+        calling = request.association.calling_ae
         try:
             path = self.spool.write(key, (meta, request.data_set))
         except OSError as error:
             log.error("C-STORE refused (0xA700): writing %s failed: %s", key.sop_instance_uid, error)
             return STATUS_OUT_OF_RESOURCES
-        if path is None:  # the instance's file is already in the spool
-            log.info("duplicate instance %s (series %s) from %s acknowledged, not stored again",
-                     key.sop_instance_uid, key.series_instance_uid, calling)
-            return STATUS_SUCCESS
         size = len(meta) + len(request.data_set)
-        new = NewInstance(
-            sop_instance_uid=key.sop_instance_uid, sop_class_uid=request.affected_sop_class_uid,
-            series_instance_uid=key.series_instance_uid, study_instance_uid=key.study_instance_uid,
-            path=str(path), calling_ae=calling, called_ae=request.association.called_ae,
-            transfer_syntax=request.transfer_syntax, size=size, modality=header.modality,
-            series_description=header.series_description)
         try:
+            if path is None:  # the instance's file is already in the spool
+                existing = self.journal.find_instance(key.sop_instance_uid)
+                if existing is not None:
+                    self.journal.note_duplicate(existing)
+                log.info("duplicate instance %s (series %s) from %s acknowledged, not stored again",
+                         key.sop_instance_uid, key.series_instance_uid, calling)
+                return STATUS_SUCCESS
+            new = NewInstance(
+                sop_instance_uid=key.sop_instance_uid, sop_class_uid=request.affected_sop_class_uid,
+                series_instance_uid=key.series_instance_uid, study_instance_uid=key.study_instance_uid,
+                path=str(path), calling_ae=calling, called_ae=request.association.called_ae,
+                transfer_syntax=request.transfer_syntax, size=size, modality=header.modality,
+                series_description=header.series_description)
             record, is_new = self.journal.record_instance(new)
+            if not is_new:  # the SOP Instance UID is journaled under other study/series UIDs: that copy stays
+                self.journal.note_duplicate(record)
         except Exception as error:
             log.error("C-STORE refused (0xA700): journaling %s failed: %s", key.sop_instance_uid, error)
-            path.unlink(missing_ok=True)
+            if path is not None:
+                path.unlink(missing_ok=True)
             return STATUS_OUT_OF_RESOURCES
-        if not is_new:  # the SOP Instance UID is journaled under other study/series UIDs: that copy stays
+        if not is_new:
             if record.path != str(path):
                 path.unlink(missing_ok=True)
             log.info("duplicate instance %s (first stored in series %s) from %s acknowledged, counted once",

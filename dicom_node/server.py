@@ -1,4 +1,5 @@
-"""`dicom-node serve`: journal, restart reconciliation, completion scheduler, pipeline, Storage SCP, HTTP API.
+"""`dicom-node serve`: journal, restart reconciliation, completion scheduler, pipeline, Storage SCP, HTTP API,
+retention.
 
 Start-up order matters for "nothing acknowledged is ever lost": the journal
 is reconciled with the spool before the port opens, so a crash at any point
@@ -28,6 +29,7 @@ from dicom_node.config import Config
 from dicom_node.journal import Journal, NewInstance, default_url
 from dicom_node.metrics import JournalCollector, NodeMetrics
 from dicom_node.receive import Receiver
+from dicom_node.retention import Retention
 from dicom_node.status import journal_counts
 from dicom_node.spool import InstanceKey, Spool
 
@@ -43,7 +45,8 @@ def reconcile(spool: Spool, journal: Journal) -> None:
 
     - temp files (a write that never reached its rename) are deleted: never acknowledged;
     - a file without a row (linked, crash before commit) is journaled from its header;
-    - a row without a file (file removed behind our back) is deleted and logged.
+    - a row without a file (file removed behind our back) is deleted and logged, unless its series
+      is being purged (retention's next sweep finishes that purge).
     """
     for path in spool.remove_temp_files():
         log.info("reconcile: removed temp file %s", path)
@@ -51,6 +54,9 @@ def reconcile(spool: Spool, journal: Journal) -> None:
     on_disk = {str(path) for path in spool.instance_files()}
     for path, record in journaled.items():
         if path not in on_disk:
+            series = journal.get_series(record.series_instance_uid, record.generation)
+            if series is not None and series.state == "purged":
+                continue
             journal.delete_instance(record.sop_instance_uid)
             log.warning("reconcile: instance %s of series %s has no file %s; row deleted",
                         record.sop_instance_uid, record.series_instance_uid, path)
@@ -108,6 +114,7 @@ def serve(config: Config, log_format: str = "text") -> None:
                  record.series_instance_uid, record.generation)
         tracker.hand_over(record)
     receiver = Receiver(config, spool, journal, tracker, metrics)
+    retention = Retention(config.retention, journal, spool, metrics)
     api = _api_server(config, journal, metrics, receiver, pipeline)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -115,11 +122,13 @@ def serve(config: Config, log_format: str = "text") -> None:
     try:
         api.start()
         receiver.start()
+        retention.start()
         while not stopping.wait(1.0):
             pass
     finally:
         log.info("shutting down: no new associations")
         receiver.stop()
+        retention.stop()
         tracker.stop()
         if pipeline is not None:
             log.info("waiting for running jobs; queued jobs stay queued in the journal")

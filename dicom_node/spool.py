@@ -19,6 +19,7 @@ import re
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: 16 characters, no backslash or control
 TEMP_SUFFIX = ".tmp"
+SERIES_LOCK_STRIPES = 64
 
 
 class InvalidUID(ValueError):
@@ -112,6 +114,14 @@ class Spool:
         self.quarantine_root = self.storage_dir / "quarantine"
         self.root.mkdir(parents=True, exist_ok=True)
         self.quarantine_root.mkdir(parents=True, exist_ok=True)
+        self._series_locks = tuple(threading.Lock() for _ in range(SERIES_LOCK_STRIPES))
+
+    def series_lock(self, series_instance_uid: str) -> threading.Lock:
+        """Held by the receiver from writing an instance until its journal row (or its duplicate note) is
+        committed, and by retention while it deletes a series: a re-sent instance is then either a
+        duplicate of a series that stays, or stored anew after the purge, never acknowledged and then
+        deleted. Striped (one of SERIES_LOCK_STRIPES locks by UID hash), so other series never wait."""
+        return self._series_locks[hash(series_instance_uid) % SERIES_LOCK_STRIPES]
 
     def path_for(self, key: InstanceKey) -> Path:
         return self.root / key.study_instance_uid / key.series_instance_uid / f"{key.sop_instance_uid}.dcm"
@@ -143,6 +153,15 @@ class Spool:
             _fsync_dir(folder.parent)
             _fsync_dir(folder.parent.parent)
         return final
+
+    def remove_empty_folders(self, key: InstanceKey) -> None:
+        """The series folder of `key`, then its study folder, if nothing is left in them."""
+        series_folder = self.path_for(key).parent
+        for folder in (series_folder, series_folder.parent):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (another generation, another series of the study) or already gone
+                return
 
     def instance_files(self) -> Iterator[Path]:
         """Every completed instance file (`*.dcm`, temp files excluded)."""

@@ -1,0 +1,201 @@
+"""Retention: settled series leave the spool after their keep time, nothing unsettled ever does.
+
+The sweeps run on a real journal (SQLite) and spool in a temp folder, with
+`now` moved forward instead of waiting days; the last test runs `dicom-node
+serve` with a short sweep interval and dcmtk storescu.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_node import jobs as jobs_cli
+from dicom_node.audit import AuditLog
+from dicom_node.config import RetentionConfig
+from dicom_node.journal import Journal, NewInstance, exports, jobs, series, utcnow
+from dicom_node.retention import Retention
+from dicom_node.server import reconcile
+from dicom_node.spool import InstanceKey, Spool
+from tests.peers import dcmtk
+from tests.series_factory import write_ct_series
+from tests.test_api import get_json, samples
+from tests.test_receive import running_node
+
+STUDY, SERIES = "1.2.826.0.1.3680043.9.7.1", "1.2.826.0.1.3680043.9.7.1.2"
+
+
+@pytest.fixture()
+def node_state(tmp_path):
+    spool = Spool(tmp_path / "var")
+    journal = Journal(f"sqlite:///{tmp_path / 'var' / 'journal.sqlite'}")
+    yield spool, journal
+    journal.close()
+
+
+def receive(spool: Spool, journal: Journal, count: int = 3) -> list[Path]:
+    """What the receiver does for `count` instances: spool file, then journal row."""
+    paths = []
+    for number in range(1, count + 1):
+        key = InstanceKey(STUDY, SERIES, f"{SERIES}.{number}")
+        path = spool.write(key, (b"DICM-ish bytes of instance %d" % number,))
+        journal.record_instance(NewInstance(
+            sop_instance_uid=key.sop_instance_uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            series_instance_uid=SERIES, study_instance_uid=STUDY, path=str(path), calling_ae="SCANNER",
+            called_ae="DICOMNODE", transfer_syntax="1.2.840.10008.1.2.1", size=30, modality="CT",
+            series_description="Abdomen"))
+        paths.append(path)
+    return paths
+
+
+def processed(journal: Journal, results_dir: Path, job_state: str = "done", export_state: str = "sent") -> int:
+    """Complete, route, run one job that wrote a result file, queue its export; returns the job id."""
+    journal.complete_series(SERIES, 1)
+    journal.set_series_state(SERIES, 1, "routed", reason="spleen_ct")
+    job = journal.add_job(SERIES, 1, "spleen_ct")
+    out_dir = results_dir / str(job.id)
+    out_dir.mkdir(parents=True)
+    (out_dir / "SEG.dcm").write_bytes(b"a result")
+    journal.update_job(job.id, state=job_state, output_dir=str(out_dir), finished_at=utcnow())
+    export = journal.add_export(job.id, "pacs", "2.25.1", str(out_dir / "SEG.dcm"))
+    journal.update_export(export.id, state=export_state, sent_at=utcnow() if export_state == "sent" else None)
+    return job.id
+
+
+def retention(spool: Spool, journal: Journal, **settings) -> Retention:
+    return Retention(RetentionConfig(**settings), journal, spool)
+
+
+def test_delivered_series_deleted_after_keep_days_history_kept(node_state, tmp_path):
+    spool, journal = node_state
+    files = receive(spool, journal)
+    job_id = processed(journal, tmp_path / "var" / "results")
+    sweeper = retention(spool, journal, keep_days=7)
+    assert sweeper.sweep(utcnow() + timedelta(days=6)) == []
+    assert all(path.exists() for path in files)
+    (purged,) = sweeper.sweep(utcnow() + timedelta(days=7, minutes=1))
+    assert (purged.series_instance_uid, purged.generation, purged.instances) == (SERIES, 1, 3)
+    assert purged.bytes == sum(len(b"DICM-ish bytes of instance %d" % n) for n in (1, 2, 3))
+    assert not any(path.exists() for path in files)
+    assert not (spool.root / STUDY).exists()  # empty series and study folders go too
+    assert not (tmp_path / "var" / "results" / str(job_id)).exists()
+    record = journal.get_series(SERIES, 1)
+    assert record.state == "purged" and record.instance_count == 3
+    assert record.reason.startswith("retention: done, last activity ") and "kept 7 days" in record.reason
+    assert journal.series_instances(SERIES, 1) == []
+    assert journal.get_job(job_id).state == "done"  # the history stays
+    (event,) = AuditLog(journal).query(series_instance_uid=SERIES, event="purged")
+    assert event.instance_count == 3 and event.status == "done"
+    assert sweeper.sweep(utcnow() + timedelta(days=30)) == []  # purged once
+
+
+@pytest.mark.parametrize("unsettled", ["receiving", "complete", "queued job", "running job", "pending export"])
+def test_series_with_work_left_is_never_deleted(node_state, tmp_path, unsettled):
+    spool, journal = node_state
+    files = receive(spool, journal)
+    if unsettled == "complete":
+        journal.complete_series(SERIES, 1)
+    elif unsettled.endswith("job"):
+        processed(journal, tmp_path / "results", job_state=unsettled.split()[0])
+    elif unsettled == "pending export":
+        processed(journal, tmp_path / "results", export_state="pending")
+    assert retention(spool, journal, keep_days=0, keep_failed_days=0).sweep(utcnow() + timedelta(days=365)) == []
+    assert all(path.exists() for path in files)
+    assert len(journal.series_instances(SERIES, 1)) == 3
+
+
+@pytest.mark.parametrize("failure", ["failed job", "dead export", "quarantined"])
+def test_failed_series_kept_for_keep_failed_days(node_state, tmp_path, failure):
+    spool, journal = node_state
+    files = receive(spool, journal)
+    if failure == "quarantined":
+        journal.complete_series(SERIES, 1)
+        journal.set_series_state(SERIES, 1, "quarantined", reason="gap between slices")
+    else:
+        processed(journal, tmp_path / "results", job_state="failed" if failure == "failed job" else "done",
+                  export_state="dead" if failure == "dead export" else "sent")
+    sweeper = retention(spool, journal, keep_days=7, keep_failed_days=30)
+    assert sweeper.sweep(utcnow() + timedelta(days=29)) == []
+    assert all(path.exists() for path in files)
+    (purged,) = sweeper.sweep(utcnow() + timedelta(days=30, minutes=1))
+    assert purged.instances == 3 and not any(path.exists() for path in files)
+    assert journal.get_series(SERIES, 1).reason.startswith("retention: failed or quarantined")
+
+
+def test_unmatched_series_deleted_and_off_means_kept(node_state):
+    spool, journal = node_state
+    files = receive(spool, journal)
+    journal.complete_series(SERIES, 1)
+    journal.set_series_state(SERIES, 1, "unmatched", reason="spleen_ct: modality MR is not CT")
+    assert retention(spool, journal, keep_days=None, keep_failed_days=None).sweep(utcnow() + timedelta(days=999)) == []
+    assert all(path.exists() for path in files)
+    assert len(retention(spool, journal, keep_days=1).sweep(utcnow() + timedelta(days=2))) == 1
+    assert not any(path.exists() for path in files)
+
+
+def test_resent_duplicate_counts_as_activity(node_state, tmp_path):
+    spool, journal = node_state
+    files = receive(spool, journal)
+    processed(journal, tmp_path / "results")
+    sweeper = retention(spool, journal, keep_days=7)
+    with journal.engine.begin() as conn:  # the series was delivered 10 days ago
+        old = utcnow() - timedelta(days=10)
+        conn.execute(series.update().values(last_received_at=old, completed_at=old))
+        conn.execute(jobs.update().values(finished_at=old))
+        conn.execute(exports.update().values(sent_at=old))
+    journal.note_duplicate(journal.find_instance(f"{SERIES}.1"))  # a sender re-sends it today
+    assert sweeper.sweep() == []
+    assert all(path.exists() for path in files)
+    assert len(sweeper.sweep(utcnow() + timedelta(days=7, minutes=1))) == 1
+
+
+def test_series_sent_again_after_purge_is_a_new_generation(node_state, tmp_path):
+    spool, journal = node_state
+    receive(spool, journal)
+    job_id = processed(journal, tmp_path / "results")
+    retention(spool, journal, keep_days=0).sweep()
+    again = receive(spool, journal)  # the same instances, the same UIDs
+    assert all(path.exists() for path in again)
+    assert journal.get_series(SERIES).generation == 2
+    assert len(journal.series_instances(SERIES, 2)) == 3
+    with pytest.raises(jobs_cli.NotRetryable, match=r"generation 1 is no longer in the spool \(retention: done"):
+        jobs_cli.requeue(journal, journal.get_job(job_id), "a test")
+
+
+def test_interrupted_purge_is_finished_and_left_alone_by_reconcile(node_state, tmp_path):
+    spool, journal = node_state
+    files = receive(spool, journal)
+    processed(journal, tmp_path / "results")
+    # The node stopped mid-purge: the state was journaled, one file deleted, the rows not yet.
+    journal.set_series_state(SERIES, 1, "purged", reason="retention: done")
+    files[0].unlink()
+    reconcile(spool, journal)  # the restart
+    assert len(journal.series_instances(SERIES, 1)) == 3
+    assert journal.get_series(SERIES, 1).instance_count == 3
+    (finished,) = retention(spool, journal, keep_days=7).sweep()
+    assert finished.instances == 3
+    assert not any(path.exists() for path in files)
+    assert journal.series_instances(SERIES, 1) == []
+
+
+def test_serve_purges_on_schedule_and_takes_the_series_again(tmp_path):
+    """The sweep runs in `dicom-node serve`: an unmatched series (this node has no pipelines) leaves the
+    spool, the journal shows it purged, and the same series sent again is stored as generation 2."""
+    files = write_ct_series(tmp_path / "series", 3, rows=64, columns=64)
+    series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    with running_node(tmp_path / "node", retention={"keep_days": 0, "sweep_interval_s": 0.5}) as node:
+        assert dcmtk.storescu(node.port, files).returncode == 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "series purged" not in node.log_text():
+            time.sleep(0.2)
+        assert node.spool_files() == []
+        (generation,) = get_json(node, f"/v1/series/{series_uid}")["generations"]
+        assert generation["state"] == "purged" and generation["reason"].startswith("retention: done")
+        assert samples(node)[("dicom_node_series_purged_total", (("outcome", "done"),))] == 1
+        assert dcmtk.storescu(node.port, files).returncode == 0
+        assert len(node.spool_files()) == 3
+        assert [g["generation"] for g in get_json(node, f"/v1/series/{series_uid}")["generations"]] == [1, 2]
