@@ -146,6 +146,7 @@ class RetentionConfig(_Model):
 
     keep_days: float | None = Field(7, ge=0)  # every job done and every result delivered, or matched nothing
     keep_failed_days: float | None = Field(30, ge=0)  # a failed job, a dead-lettered export, or quarantined
+    free_disk_target_mb: float | None = Field(None, ge=0)  # below it, done series go early, oldest first
     sweep_interval_s: float = Field(600, gt=0)
 
 

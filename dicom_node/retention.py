@@ -15,6 +15,13 @@ enough:
   or running job or a pending export: a PACS that is down for a month keeps
   its series here for that month.
 
+When free space under the storage dir is below `retention.free_disk_target_mb`
+(checked every few seconds), done series are purged before their keep time,
+oldest last activity first, until it is above again: a node that deletes
+results already in the PACS keeps taking new studies, where one that keeps
+them refuses every C-STORE once at the disk floor. Failed and quarantined
+series are never purged early.
+
 Last activity is the latest of its last received instance (a re-sent
 duplicate counts), completion, job end and delivery. The journal keeps the
 series row (state `purged`, with the reason), its jobs, exports and audit
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -47,6 +55,8 @@ from dicom_node.metrics import NodeMetrics
 from dicom_node.spool import InstanceKey, Spool
 
 log = logging.getLogger("dicom_node.retention")
+
+DISK_CHECK_INTERVAL_S = 10
 
 
 @dataclass(frozen=True)
@@ -69,17 +79,24 @@ class Retention:
         self.scheduler = BackgroundScheduler(timezone=timezone.utc)
 
     def start(self) -> None:
-        if self.config.keep_days is None and self.config.keep_failed_days is None:
+        config = self.config
+        if config.keep_days is None and config.keep_failed_days is None and config.free_disk_target_mb is None:
             log.info("retention off: series are kept until removed by hand")
             return
-        self.scheduler.add_job(self._sweep_logged, "interval", seconds=self.config.sweep_interval_s,
-                               id="retention", max_instances=1, coalesce=True,
-                               next_run_time=datetime.now(timezone.utc))
+        self.scheduler.add_job(self._sweep_logged, "interval", seconds=config.sweep_interval_s, id="retention",
+                               max_instances=1, coalesce=True, next_run_time=datetime.now(timezone.utc))
+        if config.free_disk_target_mb is not None:  # a disk can fill in minutes; statvfs costs microseconds
+            self.scheduler.add_job(self._sweep_if_short_of_space, "interval", seconds=DISK_CHECK_INTERVAL_S,
+                                   id="retention-disk", max_instances=1, coalesce=True)
         self.scheduler.start()
 
     def stop(self) -> None:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
+
+    def _sweep_if_short_of_space(self) -> None:
+        if self.spool.free_bytes() < self._target_bytes():
+            self._sweep_logged()
 
     def _sweep_logged(self) -> None:
         try:
@@ -87,43 +104,61 @@ class Retention:
         except Exception:
             log.exception("retention sweep failed; the next sweep tries again")
 
+    def _target_bytes(self) -> float:
+        target = self.config.free_disk_target_mb
+        return 0 if target is None else target * 1024 * 1024
+
     def sweep(self, now: datetime | None = None) -> list[Purged]:
-        """Finish interrupted purges, then purge every settled series older than its keep time."""
+        """Finish interrupted purges, purge every settled series older than its keep time, then, while
+        free space is below `free_disk_target_mb`, delivered series oldest first."""
         now = now or utcnow()
         purged = [self._delete_files(record) for record in self.journal.purged_with_instances()]
-        for settled in self.journal.settled_series():
-            keep = self.config.keep_failed_days if settled.failed else self.config.keep_days
-            if keep is None or settled.last_activity > now - timedelta(days=keep):
-                continue
-            record = settled.series
-            with self.spool.series_lock(record.series_instance_uid):
-                current = self._still_due(settled, keep, now)
-                if current is None:
-                    continue
-                outcome = "failed or quarantined" if settled.failed else "done"
-                reason = (f"retention: {outcome}, last activity {current.last_activity:%Y-%m-%d %H:%M} UTC, "
-                          f"kept {keep:g} days")
-                self.journal.set_series_state(record.series_instance_uid, record.generation, "purged", reason=reason)
-                result = self._delete_files(record)
-            purged.append(result)
-            self.metrics.series_purged.labels(outcome="failed" if settled.failed else "done").inc()
-            self.audit.record(AuditEvent("purged", study_instance_uid=record.study_instance_uid,
-                                         series_instance_uid=record.series_instance_uid,
-                                         instance_count=result.instances, status=outcome, detail=reason))
-            with series_context(record.study_instance_uid, record.series_instance_uid):
-                log.info("series purged: study=%s series=%s generation=%d instances=%d bytes=%d (%s)",
-                         record.study_instance_uid, record.series_instance_uid, record.generation,
-                         result.instances, result.bytes, reason)
+        settled = self.journal.settled_series()
+        early = []
+        for candidate in settled:
+            keep = self.config.keep_failed_days if candidate.failed else self.config.keep_days
+            if keep is not None and candidate.last_activity <= now - timedelta(days=keep):
+                cutoff = now - timedelta(days=keep)
+                result = self._purge(
+                    candidate, lambda current: current.failed == candidate.failed and current.last_activity <= cutoff,
+                    f"last activity {candidate.last_activity:%Y-%m-%d %H:%M} UTC, kept {keep:g} days")
+                purged += [result] if result else []
+            elif not candidate.failed:
+                early.append(candidate)
+        for candidate in sorted(early, key=lambda c: c.last_activity):
+            free = self.spool.free_bytes()
+            if free >= self._target_bytes():
+                break
+            result = self._purge(candidate, lambda current: not current.failed,
+                                 f"purged early: {free // (1024 * 1024)} MB free under {self.spool.storage_dir}, "
+                                 f"below retention.free_disk_target_mb ({self.config.free_disk_target_mb:g} MB)",
+                                 early=True)
+            purged += [result] if result else []
         return purged
 
-    def _still_due(self, settled: SettledSeries, keep: float, now: datetime) -> SettledSeries | None:
-        """The series as the journal has it now that the receiver cannot add to it: a duplicate that
-        arrived since the sweep's query is new activity, and a retried job unsettles it."""
-        record = settled.series
-        current = self.journal.settled_series(record.series_instance_uid, record.generation)
-        if not current or current[0].failed != settled.failed or current[0].last_activity > now - timedelta(days=keep):
-            return None
-        return current[0]
+    def _purge(self, candidate: SettledSeries, still_due: Callable[[SettledSeries], bool], why: str,
+               early: bool = False) -> Purged | None:
+        """Purge one series, if it is still settled and `still_due` once the receiver cannot add to it:
+        a duplicate that arrived since the sweep's query is new activity, and a retried job unsettles it."""
+        record = candidate.series
+        outcome = "failed or quarantined" if candidate.failed else "done"
+        reason = f"retention: {outcome}, {why}"
+        with self.spool.series_lock(record.series_instance_uid):
+            current = self.journal.settled_series(record.series_instance_uid, record.generation)
+            if not current or not still_due(current[0]):
+                return None
+            self.journal.set_series_state(record.series_instance_uid, record.generation, "purged", reason=reason)
+            result = self._delete_files(record)
+        self.metrics.series_purged.labels(outcome="failed" if candidate.failed else "done").inc()
+        self.audit.record(AuditEvent("purged", study_instance_uid=record.study_instance_uid,
+                                     series_instance_uid=record.series_instance_uid,
+                                     instance_count=result.instances, status=outcome, detail=reason))
+        with series_context(record.study_instance_uid, record.series_instance_uid):
+            log.log(logging.WARNING if early else logging.INFO,
+                    "series purged: study=%s series=%s generation=%d instances=%d bytes=%d (%s)",
+                    record.study_instance_uid, record.series_instance_uid, record.generation, result.instances,
+                    result.bytes, reason)
+        return result
 
     def _delete_files(self, record: SeriesRecord) -> Purged:
         instances = self.journal.series_instances(record.series_instance_uid, record.generation)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from sqlalchemy import select
 
 from dicom_node import jobs as jobs_cli
 from dicom_node.audit import AuditLog
@@ -25,6 +26,7 @@ from tests.peers import dcmtk
 from tests.series_factory import write_ct_series
 from tests.test_api import get_json, samples
 from tests.test_receive import running_node
+from tests.tmpfs import small_tmpfs
 
 STUDY, SERIES = "1.2.826.0.1.3680043.9.7.1", "1.2.826.0.1.3680043.9.7.1.2"
 
@@ -37,33 +39,45 @@ def node_state(tmp_path):
     journal.close()
 
 
-def receive(spool: Spool, journal: Journal, count: int = 3) -> list[Path]:
+def receive(spool: Spool, journal: Journal, count: int = 3, series_uid: str = SERIES, size: int = 0) -> list[Path]:
     """What the receiver does for `count` instances: spool file, then journal row."""
     paths = []
     for number in range(1, count + 1):
-        key = InstanceKey(STUDY, SERIES, f"{SERIES}.{number}")
-        path = spool.write(key, (b"DICM-ish bytes of instance %d" % number,))
+        key = InstanceKey(STUDY, series_uid, f"{series_uid}.{number}")
+        path = spool.write(key, ((b"DICM-ish bytes of instance %d" % number).ljust(size, b"\0"),))
         journal.record_instance(NewInstance(
             sop_instance_uid=key.sop_instance_uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-            series_instance_uid=SERIES, study_instance_uid=STUDY, path=str(path), calling_ae="SCANNER",
-            called_ae="DICOMNODE", transfer_syntax="1.2.840.10008.1.2.1", size=30, modality="CT",
+            series_instance_uid=series_uid, study_instance_uid=STUDY, path=str(path), calling_ae="SCANNER",
+            called_ae="DICOMNODE", transfer_syntax="1.2.840.10008.1.2.1", size=path.stat().st_size, modality="CT",
             series_description="Abdomen"))
         paths.append(path)
     return paths
 
 
-def processed(journal: Journal, results_dir: Path, job_state: str = "done", export_state: str = "sent") -> int:
+def processed(journal: Journal, results_dir: Path, job_state: str = "done", export_state: str = "sent",
+              series_uid: str = SERIES) -> int:
     """Complete, route, run one job that wrote a result file, queue its export; returns the job id."""
-    journal.complete_series(SERIES, 1)
-    journal.set_series_state(SERIES, 1, "routed", reason="spleen_ct")
-    job = journal.add_job(SERIES, 1, "spleen_ct")
+    journal.complete_series(series_uid, 1)
+    journal.set_series_state(series_uid, 1, "routed", reason="spleen_ct")
+    job = journal.add_job(series_uid, 1, "spleen_ct")
     out_dir = results_dir / str(job.id)
     out_dir.mkdir(parents=True)
     (out_dir / "SEG.dcm").write_bytes(b"a result")
     journal.update_job(job.id, state=job_state, output_dir=str(out_dir), finished_at=utcnow())
-    export = journal.add_export(job.id, "pacs", "2.25.1", str(out_dir / "SEG.dcm"))
+    export = journal.add_export(job.id, "pacs", f"2.25.{job.id}", str(out_dir / "SEG.dcm"))
     journal.update_export(export.id, state=export_state, sent_at=utcnow() if export_state == "sent" else None)
     return job.id
+
+
+def age(journal: Journal, series_uid: str, days: float) -> None:
+    """Make everything of the series `days` old."""
+    then = utcnow() - timedelta(days=days)
+    job_ids = select(jobs.c.id).where(jobs.c.series_instance_uid == series_uid)
+    with journal.engine.begin() as conn:
+        conn.execute(series.update().where(series.c.series_instance_uid == series_uid)
+                     .values(last_received_at=then, completed_at=then))
+        conn.execute(jobs.update().where(jobs.c.series_instance_uid == series_uid).values(finished_at=then))
+        conn.execute(exports.update().where(exports.c.job_id.in_(job_ids)).values(sent_at=then))
 
 
 def retention(spool: Spool, journal: Journal, **settings) -> Retention:
@@ -142,16 +156,42 @@ def test_resent_duplicate_counts_as_activity(node_state, tmp_path):
     files = receive(spool, journal)
     processed(journal, tmp_path / "results")
     sweeper = retention(spool, journal, keep_days=7)
-    with journal.engine.begin() as conn:  # the series was delivered 10 days ago
-        old = utcnow() - timedelta(days=10)
-        conn.execute(series.update().values(last_received_at=old, completed_at=old))
-        conn.execute(jobs.update().values(finished_at=old))
-        conn.execute(exports.update().values(sent_at=old))
+    age(journal, SERIES, days=10)  # the series was delivered 10 days ago
     journal.note_duplicate(journal.find_instance(f"{SERIES}.1"))  # a sender re-sends it today
     assert sweeper.sweep() == []
     assert all(path.exists() for path in files)
     assert len(sweeper.sweep(utcnow() + timedelta(days=7, minutes=1))) == 1
 
+
+
+def test_short_of_space_purges_done_series_oldest_first(tmp_path):
+    """Below free_disk_target_mb, done series go before their keep time, oldest first, only until there is
+    space again; a failed series stays (on a real, small tmpfs)."""
+    megabyte = 1024 * 1024
+    with small_tmpfs(tmp_path / "disk", 16) as disk:
+        spool = Spool(disk)
+        journal = Journal(f"sqlite:///{tmp_path / 'journal.sqlite'}")
+        try:
+            uids = {name: f"{SERIES}.{index}" for index, name in enumerate(("failed", "old", "middle", "new"), 1)}
+            for days, (name, uid) in zip((10, 3, 2, 1), uids.items()):
+                receive(spool, journal, count=2, series_uid=uid, size=megabyte)
+                processed(journal, tmp_path / "results", series_uid=uid,
+                          job_state="failed" if name == "failed" else "done")
+                age(journal, uid, days)
+            target_mb = spool.free_bytes() / megabyte + 3  # two series of 2 MB must go
+            sweeper = retention(spool, journal, keep_days=7, keep_failed_days=30, free_disk_target_mb=target_mb)
+            purged = sweeper.sweep()
+            assert [p.series_instance_uid for p in purged] == [uids["old"], uids["middle"]]
+            assert all(p.bytes >= 2 * megabyte for p in purged)
+            assert spool.free_bytes() >= target_mb * megabyte
+            for name in ("failed", "new"):
+                assert len(journal.series_instances(uids[name], 1)) == 2
+                assert all(Path(i.path).exists() for i in journal.series_instances(uids[name], 1))
+            reason = journal.get_series(uids["old"], 1).reason
+            assert reason.startswith("retention: done, purged early: ") and "below retention.free_disk_target_mb" in reason
+            assert sweeper.sweep() == []  # there is space again
+        finally:
+            journal.close()
 
 def test_series_sent_again_after_purge_is_a_new_generation(node_state, tmp_path):
     spool, journal = node_state

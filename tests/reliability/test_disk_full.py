@@ -7,7 +7,6 @@ test in tests/test_receive.py still covers 0xA700.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tests.reliability.senders import storescu_store
 from tests.reliability.summary import CaseResult
 from tests.series_factory import write_ct_series
 from tests.test_receive import Node
+from tests.tmpfs import resize, small_tmpfs
 
 pytestmark = pytest.mark.skipif(not dcmtk.available(), reason="dcmtk not installed (apt-get install dcmtk)")
 
@@ -27,21 +27,10 @@ SMALL_MB = 3  # about 250 instances of 64 x 64 with the journal: a 400-instance 
 INSTANCES = 400
 
 
-def _mount(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["mount", *args], capture_output=True, text=True)
-
-
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Path]:
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = _mount(["-t", "tmpfs", "-o", f"size={SMALL_MB}m", "tmpfs", str(disk)])
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", SMALL_MB) as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def test_disk_full_mid_series_refuses_keeps_and_recovers(small_disk, tmp_path, ledger):
@@ -58,7 +47,7 @@ def test_disk_full_mid_series_refuses_keeps_and_recovers(small_disk, tmp_path, l
         kept = with_journal(node, lambda journal: {r.sop_instance_uid: r for r in journal.series_instances(uid, 1)})
         alive_when_full = node.process.alive()
 
-        assert _mount(["-o", "remount,size=64m", str(small_disk)]).returncode == 0  # space returns
+        resize(small_disk, 64)  # space returns
         second = storescu_store(node.port, [d.path for d in refused])
         record = node.wait_for_completion(uid, timeout=60)
         final = with_journal(node, lambda journal: journal.series_instances(uid, record.generation))
