@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import math
+import subprocess
 
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, RLELossless
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, JPEGLossless, JPEGLosslessSV1,
+                         JPEGLSLossless, RLELossless)
 
 from dicom_node.volume import SeriesGeometryError, SeriesSummary, VolumeOptions, load_series, summarize_series
 from inference.volume import Volume
 from tests import volume_variants as variants
-from tests.peers import CT_J2K_SERIES
+from tests.peers import CT_J2K_SERIES, dcmtk
 
 
 def _uids(datasets) -> list[str]:
@@ -81,6 +83,24 @@ def test_re_encodings_give_the_same_volume(series, tmp_path, transfer_syntax):
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path)))
     np.testing.assert_array_equal(loaded.volume.array, sitk.GetArrayFromImage(reader.Execute()))
 
+
+
+@pytest.mark.skipif(not dcmtk.available(), reason="dcmtk not installed (apt-get install dcmtk)")
+@pytest.mark.parametrize(("command", "transfer_syntax"), [
+    (["dcmcjpeg", "+e1"], JPEGLosslessSV1), (["dcmcjpeg", "+el"], JPEGLossless), (["dcmcjpls", "+el"], JPEGLSLossless),
+], ids=["jpeg-lossless-sv1", "jpeg-lossless", "jpeg-ls-lossless"])
+def test_modality_compressions_by_dcmtk_give_the_same_volume(series, tmp_path, command, transfer_syntax):
+    """The lossless syntaxes modalities send most, encoded by dcmtk's own codecs (not pydicom's), load to
+    the voxels of the uncompressed series."""
+    paths = variants.write(series, tmp_path / "native")
+    compressed = []
+    for path in paths:
+        target = tmp_path / "compressed" / path.name
+        target.parent.mkdir(exist_ok=True)
+        subprocess.run([*command, str(path), str(target)], check=True, capture_output=True)
+        compressed.append(target)
+    assert pydicom.dcmread(compressed[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == transfer_syntax
+    _assert_loads(compressed, series)
 
 def test_identical_duplicate_dropped_with_warning(series, tmp_path):
     datasets = variants.with_duplicate(series, 3, conflicting=False)
