@@ -7,6 +7,8 @@ serve` with a short sweep interval and dcmtk storescu.
 
 from __future__ import annotations
 
+import argparse
+import io
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -123,7 +125,7 @@ def test_series_with_work_left_is_never_deleted(node_state, tmp_path, unsettled)
 
 
 @pytest.mark.parametrize("failure", ["failed job", "dead export", "quarantined"])
-def test_failed_series_kept_for_keep_failed_days(node_state, tmp_path, failure):
+def test_failed_series_kept_for_keep_failed_days(node_state, tmp_path, failure, capsys):
     spool, journal = node_state
     files = receive(spool, journal)
     if failure == "quarantined":
@@ -138,6 +140,13 @@ def test_failed_series_kept_for_keep_failed_days(node_state, tmp_path, failure):
     (purged,) = sweeper.sweep(utcnow() + timedelta(days=30, minutes=1))
     assert purged.instances == 3 and not any(path.exists() for path in files)
     assert journal.get_series(SERIES, 1).reason.startswith("retention: failed or quarantined")
+    if failure == "dead export":  # its result file went with the series: a retry says so instead of failing later
+        (dead,) = journal.exports_in_state("dead")
+        out = io.StringIO()
+        assert jobs_cli.run_dead_letter(argparse.Namespace(action="retry", id=dead.id, json=False), journal, out) == 1
+        assert capsys.readouterr().err.strip() == (
+            f"export {dead.id}: {dead.path} is no longer on disk (deleted by retention?)")
+        assert journal.exports_in_state("dead") == [dead]
 
 
 def test_unmatched_series_deleted_and_off_means_kept(node_state):
