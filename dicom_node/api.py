@@ -27,7 +27,7 @@ from sqlalchemy import select
 
 from dicom_node import jobs as jobs_cli
 from dicom_node.audit import AUDIT_EVENTS, AuditLog, AuditRecord
-from dicom_node.config import Config
+from dicom_node.config import Config, HttpTlsConfig
 from dicom_node.journal import (JOB_STATES, ExportRecord, JobRecord, Journal, SeriesRecord, exports, jobs,
                                 series)
 from dicom_node.metrics import CONTENT_TYPE, NodeMetrics
@@ -216,10 +216,11 @@ class ApiBindError(RuntimeError):
 class ApiServer:
     """uvicorn serving the app on a thread of `serve` (its signal handling stays with `serve`)."""
 
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
-        self.address = f"{host}:{port}"
+    def __init__(self, app: FastAPI, host: str, port: int, tls: HttpTlsConfig | None = None) -> None:
+        self.address = f"{'https' if tls else 'http'}://{host}:{port}"
+        certificate = {} if tls is None else {"ssl_certfile": str(tls.certificate), "ssl_keyfile": str(tls.private_key)}
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                    access_log=False, lifespan="off"))
+                                                    access_log=False, lifespan="off", **certificate))
         self._thread = threading.Thread(target=self.server.run, name="http-api", daemon=True)
 
     def start(self, timeout: float = 30) -> None:
@@ -230,7 +231,7 @@ class ApiServer:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise ApiBindError(f"HTTP API could not listen on {self.address} (address in use or not local?)")
             time.sleep(0.02)
-        log.info("HTTP API on http://%s (/healthz /readyz /metrics /v1/... /docs)", self.address)
+        log.info("HTTP API on %s (/healthz /readyz /metrics /v1/... /docs)", self.address)
 
     def stop(self, timeout: float = 10) -> None:
         self.server.should_exit = True

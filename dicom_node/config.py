@@ -108,6 +108,25 @@ class NodeConfig(_Model):
         return self
 
 
+class HttpTlsConfig(_TlsFiles):
+    """HTTPS for the status API, so the bearer token and the journal's study identifiers are encrypted on
+    the wire. `ca_certificates` is what `dicom-node status` trusts for it (default: `certificate`
+    itself, which suits a self-signed one)."""
+
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None
+
+    @model_validator(mode="after")
+    def _usable(self) -> HttpTlsConfig:
+        try:
+            tls.server_context(self.certificate, self.private_key, None, False)
+            tls.client_context(self.ca_certificates or self.certificate, None, None, False)
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(f"TLS certificate, key or CA file unusable: {error}") from None
+        return self
+
+
 class HttpConfig(_Model):
     """The status API (/healthz, /readyz, /metrics, /v1/...).
 
@@ -118,6 +137,7 @@ class HttpConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     bearer_token: str | None = Field(None, min_length=16)
+    tls: HttpTlsConfig | None = None
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> HttpConfig:

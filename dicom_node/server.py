@@ -155,7 +155,7 @@ def _api_server(config: Config, journal: Journal, metrics: NodeMetrics, receiver
     handles = NodeHandles(config=config, journal=journal, metrics=metrics, audit=AuditLog(journal),
                           open_inference=open_inference, associations=associations,
                           pick_up_queued=pipeline.pick_up_queued if pipeline else lambda: None)
-    return ApiServer(create_app(handles), config.http.host, config.http.port)
+    return ApiServer(create_app(handles), config.http.host, config.http.port, config.http.tls)
 
 
 def _checkpoint(journal: Journal) -> None:

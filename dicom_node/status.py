@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import shutil
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -23,6 +24,7 @@ from typing import TextIO
 
 from sqlalchemy import func, select
 
+from dicom_node import tls
 from dicom_node.config import Config
 from dicom_node.journal import Journal, exports, jobs, series
 
@@ -182,15 +184,21 @@ def api_base(config: Config) -> str:
     """Where the node's API answers this machine (a wildcard bind is reached on loopback)."""
     host = config.http.host
     host = "127.0.0.1" if host in ("0.0.0.0", "", "localhost") else "::1" if host == "::" else host
-    return f"http://{f'[{host}]' if ':' in host else host}:{config.http.port}"
+    scheme = "https" if config.http.tls else "http"
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{config.http.port}"
 
 
 def api_get(config: Config, path: str, timeout: float = 10) -> dict:
-    """GET a JSON document from the running node's API (with the configured bearer token)."""
+    """GET a JSON document from the running node's API (with the configured bearer token). Over HTTPS
+    the node's certificate must chain to `http.tls.ca_certificates` (or be `http.tls.certificate`);
+    the host name is not checked, since the address is this machine's own view of the node."""
     request = urllib.request.Request(api_base(config) + path)
     if config.http.bearer_token:
         request.add_header("Authorization", f"Bearer {config.http.bearer_token}")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    https = config.http.tls
+    context = None if https is None else tls.client_context(https.ca_certificates or https.certificate, None, None,
+                                                            check_hostname=False)
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
         return json.load(response)
 
 
@@ -201,7 +209,14 @@ def run(args: argparse.Namespace, config: Config, out: TextIO = sys.stdout) -> i
         print(f"the node's API at {api_base(config)} answered {error.code}: {error.read().decode(errors='replace')}",
               file=sys.stderr)
         return 1
-    except (urllib.error.URLError, ConnectionError, TimeoutError):  # not running (or not reachable)
+    except urllib.error.URLError as error:
+        if isinstance(error.reason, ssl.SSLError):  # a node answered, but not as the configured certificate
+            print(f"the node's API at {api_base(config)}: TLS failed: {error.reason}", file=sys.stderr)
+            return 1
+        document = None
+    except (ConnectionError, TimeoutError):
+        document = None
+    if document is None:  # not running (or not reachable): what the journal says
         document = dataclasses.asdict(_offline_status(config))
     if args.json:
         print(json.dumps(document), file=out)

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import ssl
 import subprocess
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,10 +125,35 @@ def test_results_reach_a_pacs_that_requires_tls_with_mutual_authentication(pki, 
     assert len(list((tmp_path / "pacs").iterdir())) == 2
 
 
+
+def test_status_api_over_https(pki, tmp_path):
+    """With http.tls the API answers HTTPS only, with the configured certificate, and `dicom-node status`
+    reaches it trusting the configured CA; trusting another CA it says TLS failed, never falls back."""
+    https = {"certificate": str(pki.node_certificate), "private_key": str(pki.node_key), "ca_certificates": str(pki.ca)}
+    with running_node(tmp_path / "node", http={"tls": https}) as node:
+        trusted = ssl.create_default_context(cafile=pki.ca)
+        with urllib.request.urlopen(f"https://localhost:{node.http_port}/healthz", context=trusted,
+                                    timeout=30) as response:
+            assert response.status == 200 and json.load(response) == {"status": "alive"}
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/healthz", timeout=30)
+        dicom_node = str(REPO / ".venv" / "bin" / "dicom-node")
+        status = subprocess.run([dicom_node, "status", "--json", "--config", str(node.config_path)],
+                                capture_output=True, text=True, timeout=120)
+        assert json.loads(status.stdout)["source"] == "node", status.stdout + status.stderr
+        config = yaml.safe_load(node.config_path.read_text())
+        config["http"]["tls"]["ca_certificates"] = str(pki.stranger_certificate)  # not what signed the node
+        wrong = tmp_path / "wrong-ca.yaml"
+        wrong.write_text(yaml.safe_dump(config))
+        refused = subprocess.run([dicom_node, "status", "--config", str(wrong)], capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode == 1 and "TLS failed" in refused.stderr, refused.stdout + refused.stderr
+        assert "HTTP API on https://127.0.0.1:" in node.log_text()
+
 def test_tls_settings_that_cannot_work_are_config_errors(pki, tmp_path):
-    def errors(node: dict) -> str:
+    def errors(node: dict, section: str = "node") -> str:
         path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump({"node": node}))
+        path.write_text(yaml.safe_dump({section: node}))
         with pytest.raises(ConfigError) as raised:
             load_config(path)
         return str(raised.value)
@@ -143,3 +171,5 @@ def test_tls_settings_that_cannot_work_are_config_errors(pki, tmp_path):
         {"tls": {**files, "private_key": str(pki.sender_key), "ca_certificates": str(pki.ca)}})
     assert "unusable" in errors({"tls": {**files, "ca_certificates": "missing-ca.pem"}})
     assert "give TLS its own" in errors({"port": 2762, "tls": {**files, "ca_certificates": str(pki.ca)}})
+    assert "http.tls: TLS certificate, key or CA file unusable" in errors(
+        {"tls": {**files, "private_key": str(pki.sender_key)}}, section="http")
