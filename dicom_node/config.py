@@ -149,6 +149,7 @@ class HttpConfig(_Model):
 class CallingAE(_Model):
     ae_title: str = Field(min_length=1, max_length=16)
     host: str | None = None  # when set, the association must come from this address
+    tls_subject: str | None = Field(None, min_length=1)  # when set, only over DICOM TLS with this certificate CN
 
 
 class SecurityConfig(_Model):

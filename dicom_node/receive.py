@@ -90,12 +90,15 @@ class AssociationStats:
     series: Counter[tuple[str, str]] = field(default_factory=Counter)  # (study, series) UIDs -> instances stored
 
 
-def calling_ae_allowed(config: Config, calling_ae: str, host: str) -> bool:
+def calling_ae_allowed(config: Config, request: AssociationRequest) -> bool:
+    """An allow-list entry with a `host` admits its AE from that address only; one with a `tls_subject`
+    only over DICOM TLS from a certificate of that common name, so a certificate of the hospital's CA
+    cannot call as another device's AE title."""
     security = config.security
     if security.allow_any_calling_ae:
         return True
-    return any(entry.ae_title.strip() == calling_ae and (entry.host is None or entry.host == host)
-               for entry in security.calling_aes)
+    return any(entry.ae_title.strip() == request.calling_ae and entry.host in (None, request.host)
+               and entry.tls_subject in (None, request.certificate_subject) for entry in security.calling_aes)
 
 
 class Receiver:
@@ -139,9 +142,11 @@ class Receiver:
     # --- association level -----------------------------------------------------------------------
 
     def requested(self, request: AssociationRequest) -> Rejection | None:
-        if not calling_ae_allowed(self.config, request.calling_ae, request.host):
-            log.warning("association rejected: calling AE %r from %s not recognized (called %r)",
-                        request.calling_ae, request.host, request.called_ae)
+        if not calling_ae_allowed(self.config, request):
+            certificate = ("" if request.certificate_subject is None
+                           else f" with certificate {request.certificate_subject!r}")
+            log.warning("association rejected: calling AE %r from %s%s not recognized (called %r)",
+                        request.calling_ae, request.host, certificate, request.called_ae)
             self.metrics.associations_rejected.labels(reason="calling AE not recognized").inc()
             return CALLING_AE_NOT_RECOGNIZED
         if request.called_ae != self.config.node.ae_title.strip():

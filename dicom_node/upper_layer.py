@@ -98,6 +98,7 @@ class AssociationRequest:
     called_ae: str
     host: str
     port: int
+    certificate_subject: str | None = None  # the TLS peer certificate's common name; None on a plain connection
 
 
 @dataclass
@@ -436,7 +437,8 @@ class Acceptor:
         except Exception as error:
             raise Abort(INVALID_PDU_PARAMETER_VALUE, f"A-ASSOCIATE-RQ does not decode: {error}") from None
         calling, called = request.calling_ae_title.strip(), request.called_ae_title.strip()
-        rejection = self._rejection(pdu, request, AssociationRequest(calling, called, host, port))
+        subject = peer_subject(connection.sock) if isinstance(connection.sock, ssl.SSLSocket) else None
+        rejection = self._rejection(pdu, request, AssociationRequest(calling, called, host, port, subject))
         if rejection is not None:
             log.info("A-ASSOCIATE-RJ to %s from %s:%d (called %r): %s", calling, host, port, called, rejection.text)
             connection.send(struct.pack(">BBIBBBB", A_ASSOCIATE_RJ_PDU, 0, 4, 0, rejection.result,

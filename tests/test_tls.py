@@ -36,6 +36,8 @@ class Pki:
     node_key: Path
     sender_certificate: Path
     sender_key: Path
+    colleague_certificate: Path  # another device, signed by the same CA
+    colleague_key: Path
     stranger_certificate: Path  # signed by another CA
     stranger_key: Path
 
@@ -69,8 +71,10 @@ def pki(tmp_path_factory) -> Pki:
     other = _ca(folder, "Other-CA")
     node = _issue(folder, "dicom-node", hospital)
     sender = _issue(folder, "CT-SCANNER-1", hospital)
+    colleague = _issue(folder, "CT-SCANNER-2", hospital)
     stranger = _issue(folder, "STRANGER", other)
-    return Pki(hospital[0], node[0], node[1], sender[0], sender[1], stranger[0], stranger[1])
+    return Pki(hospital[0], node[0], node[1], sender[0], sender[1], colleague[0], colleague[1], stranger[0],
+               stranger[1])
 
 
 def _tls_args(certificate: Path, key: Path, ca: Path) -> list[str]:
@@ -98,6 +102,24 @@ def test_a_sender_with_a_certificate_of_the_hospital_ca_is_stored_over_tls(pki, 
     assert log.count("TLS handshake with 127.0.0.1") >= 2, log[-3000:]
     assert len(list((tmp_path / "node" / "var" / "spool").glob("*/*/*.dcm"))) == 3
 
+
+
+def test_an_ae_title_tied_to_a_certificate_is_accepted_from_that_certificate_only(pki, tmp_path):
+    tls_port = free_port()
+    files = write_ct_series(tmp_path / "series", 2, rows=64, columns=64)
+    tls = {"port": tls_port, "certificate": str(pki.node_certificate), "private_key": str(pki.node_key),
+           "ca_certificates": str(pki.ca)}
+    security = {"calling_aes": [{"ae_title": "STORESCU", "tls_subject": "CT-SCANNER-1"}]}
+    with running_node(tmp_path / "node", node={"tls": tls}, security=security) as node:
+        colleague = dcmtk.storescu(tls_port, files, extra=_tls_args(pki.colleague_certificate, pki.colleague_key,
+                                                                    pki.ca))
+        plain = dcmtk.storescu(node.port, files)
+        owner = dcmtk.storescu(tls_port, files, extra=_tls_args(pki.sender_certificate, pki.sender_key, pki.ca))
+        log = node.log_text()
+    for refused in (colleague, plain):
+        assert refused.acknowledged == [] and "Calling AE Title Not Recognized" in refused.output, refused.output
+    assert owner.returncode == 0 and len(owner.acknowledged) == 2, owner.output
+    assert "calling AE 'STORESCU' from 127.0.0.1 with certificate 'CT-SCANNER-2' not recognized" in log
 
 def test_results_reach_a_pacs_that_requires_tls_with_mutual_authentication(pki, tmp_path):
     port = free_port()
