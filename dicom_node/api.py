@@ -217,7 +217,8 @@ class ApiServer:
     """uvicorn serving the app on a thread of `serve` (its signal handling stays with `serve`)."""
 
     def __init__(self, app: FastAPI, host: str, port: int, tls: HttpTlsConfig | None = None) -> None:
-        self.address = f"{'https' if tls else 'http'}://{host}:{port}"
+        self.address = f"{host}:{port}"
+        self.url = f"{'https' if tls else 'http'}://{self.address}"
         certificate = {} if tls is None else {"ssl_certfile": str(tls.certificate), "ssl_keyfile": str(tls.private_key)}
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                     access_log=False, lifespan="off", **certificate))
@@ -231,7 +232,7 @@ class ApiServer:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise ApiBindError(f"HTTP API could not listen on {self.address} (address in use or not local?)")
             time.sleep(0.02)
-        log.info("HTTP API on %s (/healthz /readyz /metrics /v1/... /docs)", self.address)
+        log.info("HTTP API on %s (/healthz /readyz /metrics /v1/... /docs)", self.url)
 
     def stop(self, timeout: float = 10) -> None:
         self.server.should_exit = True
