@@ -1,3 +1,8 @@
 """dicom-node: a DICOM node that brings AI results into the imaging workflow."""
 
 __version__ = "0.1.0"
+
+
+class ListenError(RuntimeError):
+    """An address from config.yaml (DICOM port, TLS port, HTTP API) cannot be listened on: `serve` exits 1
+    with this message instead of running without a front door or unobservable."""

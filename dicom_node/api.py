@@ -25,6 +25,7 @@ from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
+from dicom_node import ListenError
 from dicom_node import jobs as jobs_cli
 from dicom_node.audit import AUDIT_EVENTS, AuditLog, AuditRecord
 from dicom_node.config import Config, HttpTlsConfig
@@ -209,10 +210,6 @@ def _job_or_404(journal: Journal, job_id: int) -> JobRecord:
     return job
 
 
-class ApiBindError(RuntimeError):
-    """The configured HTTP address cannot be listened on; `serve` stops instead of running unobservable."""
-
-
 class ApiServer:
     """uvicorn serving the app on a thread of `serve` (its signal handling stays with `serve`)."""
 
@@ -230,7 +227,7 @@ class ApiServer:
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise ApiBindError(f"HTTP API could not listen on {self.address} (address in use or not local?)")
+                raise ListenError(f"HTTP API could not listen on {self.address} (address in use or not local?)")
             time.sleep(0.02)
         log.info("HTTP API on %s (/healthz /readyz /metrics /v1/... /docs)", self.url)
 

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from dicom_node import ListenError
 from dicom_node.config import Config, ConfigError, load_config
 
 DEFAULT_CONFIG = Path("config.yaml")
@@ -64,11 +65,9 @@ def _serve(args: argparse.Namespace) -> int:
     config = config_from(args.config)
     from dicom_node import server  # imported here: check-config and the admin commands stay light
 
-    from dicom_node.api import ApiBindError
-
     try:
         server.serve(config, log_format=args.log_format)
-    except ApiBindError as error:
+    except ListenError as error:
         print(f"dicom-node serve: {error}", file=sys.stderr)
         return 1
     return 0

@@ -167,11 +167,11 @@ class Pipeline:
         except Exception as error:
             kind = error.kind if isinstance(error, JobError) else type(error).__name__
             text = f"{kind}: {error}"
+            if kind == "SeriesGeometryError":  # before the job fails: whoever sees it failed sees why
+                self.journal.set_series_state(job.series_instance_uid, job.generation, "quarantined", reason=text)
             self.journal.update_job(job_id, state="failed", error=text, finished_at=utcnow())
             self.audit.record(AuditEvent("produced", series_instance_uid=job.series_instance_uid, job_id=job_id,
                                          instance_count=0, status="failed", detail=f"{job.pipeline}: {text}"))
-            if kind == "SeriesGeometryError":
-                self.journal.set_series_state(job.series_instance_uid, job.generation, "quarantined", reason=text)
             if isinstance(error, JobError):
                 log.error("job %d (%s) failed; the series stays in the spool\n%s", job_id, job.pipeline,
                           error.details.rstrip())

@@ -43,7 +43,7 @@ from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotifi
                                        SCP_SCU_RoleSelectionNegotiation)
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
-from dicom_node import __version__
+from dicom_node import ListenError, __version__
 from dicom_node.tls import peer_subject
 
 log = logging.getLogger("dicom_node.upper_layer")
@@ -319,7 +319,12 @@ class Acceptor:
         if settings.tls_port is not None and settings.tls_context is not None:
             ports.append((settings.tls_port, settings.tls_context))
         for port, tls_context in ports:
-            listener = socket.create_server((settings.host, port), backlog=64)
+            try:
+                listener = socket.create_server((settings.host, port), backlog=64)
+            except OSError as error:
+                self.stop()
+                raise ListenError(f"DICOM {'TLS ' if tls_context else ''}port could not listen on "
+                                  f"{settings.host}:{port}: {error.strerror}") from None
             listener.settimeout(0.5)  # the accept loop notices stop() within this
             self._listeners.append((listener, tls_context))
             thread = threading.Thread(target=self._accept_loop, args=(listener, tls_context),

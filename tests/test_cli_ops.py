@@ -103,7 +103,7 @@ def test_status_json_from_the_running_node_then_from_the_journal(tmp_path):
         piped.stderr
 
 
-def test_status_says_when_the_api_refuses_its_token_and_serve_exits_1_when_the_port_is_taken(tmp_path):
+def test_status_says_when_the_api_refuses_its_token_and_serve_exits_1_when_a_port_is_taken(tmp_path):
     import socket
 
     with running_node(tmp_path / "node", http={"bearer_token": "token-of-the-admin-0123"}) as node:
@@ -123,4 +123,10 @@ def test_status_says_when_the_api_refuses_its_token_and_serve_exits_1_when_the_p
         clash.parent.mkdir()
         clash.write_text(yaml.safe_dump(config))
         result = cli("serve", "--config", clash)
-    assert result.returncode == 1 and "HTTP API could not listen on 127.0.0.1:" in result.stderr
+        assert result.returncode == 1 and "HTTP API could not listen on 127.0.0.1:" in result.stderr
+        config["http"]["port"], config["node"]["port"] = free_port(), taken.getsockname()[1]
+        clash.write_text(yaml.safe_dump(config))
+        result = cli("serve", "--config", clash)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert (f"dicom-node serve: DICOM port could not listen on 127.0.0.1:{config['node']['port']}: "
+            "Address already in use") in result.stderr

@@ -21,11 +21,19 @@ SHARED_MODELS = SHARED / "models"
 CT_J2K_SERIES = SHARED_DATA / "ct" / "abdomen_siemens_20slices_j2k"
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 right now, and not one this test process was given before: the
+    kernel may hand the same free port to two calls in a row (a node's DICOM and HTTP ports, say)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def peer_env(**extra: str) -> dict[str, str]:
