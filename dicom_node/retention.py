@@ -112,13 +112,15 @@ class Retention:
         """Finish interrupted purges, purge every settled series older than its keep time, then, while
         free space is below `free_disk_target_mb`, delivered series oldest first."""
         now = now or utcnow()
-        purged = [self._delete_files(record) for record in self.journal.purged_with_instances()]
-        settled = self.journal.settled_series()
+        purged = []
+        for record in self.journal.purged_with_instances():
+            with self.spool.series_lock(record.series_instance_uid):
+                purged.append(self._delete_files(record))
         early = []
-        for candidate in settled:
+        for candidate in self.journal.settled_series():
             keep = self.config.keep_failed_days if candidate.failed else self.config.keep_days
-            if keep is not None and candidate.last_activity <= now - timedelta(days=keep):
-                cutoff = now - timedelta(days=keep)
+            cutoff = None if keep is None else now - timedelta(days=keep)
+            if cutoff is not None and candidate.last_activity <= cutoff:
                 result = self._purge(
                     candidate, lambda current: current.failed == candidate.failed and current.last_activity <= cutoff,
                     f"last activity {candidate.last_activity:%Y-%m-%d %H:%M} UTC, kept {keep:g} days")
@@ -161,6 +163,7 @@ class Retention:
         return result
 
     def _delete_files(self, record: SeriesRecord) -> Purged:
+        """Instance files, result folders, empty spool folders, then the instance rows (under the series lock)."""
         instances = self.journal.series_instances(record.series_instance_uid, record.generation)
         size = 0
         for instance in instances:
