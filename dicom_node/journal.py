@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from sqlalchemy import (Column, DateTime, Integer, MetaData, String, Table, Text, UniqueConstraint, and_, bindparam,
-                        case, create_engine, event, func, select)
+                        case, create_engine, event, func, select, true)
 from sqlalchemy.engine import Connection, Engine
 
 SERIES_STATES = ("receiving", "complete", "routed", "unmatched", "quarantined", "purged")
@@ -335,17 +335,22 @@ class Journal:
         """Routed series whose jobs are all done or failed and whose exports are all sent or dead,
         and unmatched and quarantined ones: what retention may delete once old enough. With a
         series and generation, only that one (if it is settled)."""
+        def of_series(table):  # one series: keep the aggregates to its rows, not the whole history
+            if series_instance_uid is None:
+                return true()
+            return (table.c.series_instance_uid == series_instance_uid) & (table.c.generation == generation)
+
         open_job = case((jobs.c.state.in_(("queued", "running")), 1), else_=0)
         job_totals = (select(jobs.c.series_instance_uid, jobs.c.generation,
                              func.sum(open_job).label("open_jobs"),
                              func.sum(case((jobs.c.state == "failed", 1), else_=0)).label("failed_jobs"),
                              func.max(jobs.c.finished_at).label("jobs_finished_at"))
-                      .group_by(jobs.c.series_instance_uid, jobs.c.generation).subquery())
+                      .where(of_series(jobs)).group_by(jobs.c.series_instance_uid, jobs.c.generation).subquery())
         export_totals = (select(jobs.c.series_instance_uid, jobs.c.generation,
                                 func.sum(case((exports.c.state == "pending", 1), else_=0)).label("pending_exports"),
                                 func.sum(case((exports.c.state == "dead", 1), else_=0)).label("dead_exports"),
                                 func.max(exports.c.sent_at).label("last_sent_at"))
-                         .select_from(jobs.join(exports, exports.c.job_id == jobs.c.id))
+                         .select_from(jobs.join(exports, exports.c.job_id == jobs.c.id)).where(of_series(jobs))
                          .group_by(jobs.c.series_instance_uid, jobs.c.generation).subquery())
 
         def same_series(totals):
@@ -356,10 +361,7 @@ class Journal:
                         export_totals.c.pending_exports, export_totals.c.dead_exports, export_totals.c.last_sent_at)
                  .select_from(series.outerjoin(job_totals, same_series(job_totals))
                               .outerjoin(export_totals, same_series(export_totals)))
-                 .where(series.c.state.in_(("routed", "unmatched", "quarantined"))))
-        if series_instance_uid is not None:
-            query = query.where((series.c.series_instance_uid == series_instance_uid)
-                                & (series.c.generation == generation))
+                 .where(series.c.state.in_(("routed", "unmatched", "quarantined")) & of_series(series)))
         settled = []
         with self.engine.connect() as conn:
             for row in conn.execute(query):
