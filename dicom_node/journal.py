@@ -4,8 +4,9 @@ Every stage hands over through these tables, so each can restart on its own.
 SQLite runs with `journal_mode=WAL` (readers never block the one writer) and
 `synchronous=FULL`: in WAL mode NORMAL may lose the last commits on power
 loss, and the receiver acknowledges a C-STORE only after its row is
-committed, so the commit must be on disk. Any SQLAlchemy URL works
-(PostgreSQL later); one process-wide writer lock keeps SQLite writes serial.
+committed, so the commit must be on disk. PostgreSQL works as well
+(`postgresql+psycopg://...`, its default synchronous commit; the tests run
+on both); one process-wide writer lock keeps writes serial.
 
 Series identity is (Series Instance UID, generation): instances that arrive
 after a series was complete open a new generation, so late data is never lost

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The real DICOM peers the tests run against: dcmtk, Orthanc, dicom3tools (dciodvfy), and openssl
-# for the DICOM TLS tests' certificates.
+# The real peers the tests run against: dcmtk, Orthanc, dicom3tools (dciodvfy), openssl for the DICOM
+# TLS tests' certificates, and PostgreSQL for the journal on PostgreSQL (the tests start their own
+# server; the package's service is not used).
 set -euo pipefail
 need=()
 command -v storescu >/dev/null || need+=(dcmtk)
 command -v Orthanc >/dev/null || need+=(orthanc orthanc-dicomweb orthanc-gdcm)
 command -v dciodvfy >/dev/null || need+=(dicom3tools)
 command -v openssl >/dev/null || need+=(openssl)  # test certificates for DICOM TLS
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)  # the journal on PostgreSQL
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq

@@ -11,8 +11,8 @@ from dicom_node.journal import Journal, NewInstance, utcnow
 
 
 @pytest.fixture()
-def journal(tmp_path):
-    j = Journal(f"sqlite:///{tmp_path / 'journal.sqlite'}")
+def journal(journal_url):
+    j = Journal(journal_url)
     yield j
     j.close()
 
@@ -24,10 +24,14 @@ def instance(sop: str, series: str = "1.2.3", path: str | None = None) -> NewIns
                        series_description="Abdomen")
 
 
-def test_sqlite_runs_in_wal_with_full_sync(journal):
-    with journal.engine.connect() as conn:
-        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-        assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
+def test_sqlite_runs_in_wal_with_full_sync(tmp_path):
+    journal = Journal(f"sqlite:///{tmp_path / 'journal.sqlite'}")
+    try:
+        with journal.engine.connect() as conn:
+            assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+            assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
+    finally:
+        journal.close()
 
 
 def test_duplicate_not_counted_twice(journal):

@@ -41,6 +41,7 @@ class Node:
         }
         for section, values in overrides.items():
             config[section] = {**config.get(section, {}), **values}
+        self.journal_url = config["node"].get("journal_url") or f"sqlite:///{self.storage / 'journal.sqlite'}"
         root.mkdir(parents=True, exist_ok=True)
         self.config_path = root / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
@@ -58,7 +59,7 @@ class Node:
             self.process.stop()
 
     def journal(self) -> Journal:
-        return Journal(f"sqlite:///{self.storage / 'journal.sqlite'}")
+        return Journal(self.journal_url)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -181,6 +182,33 @@ def test_300_uncompressed_instances_stored_byte_for_byte(node, tmp_path):
     assert record.instance_count == 300
     assert "instances=300 bytes=" in node.log_text()
 
+
+
+def test_serve_on_a_postgresql_journal(tmp_path, postgres_server):
+    """node.journal_url names a PostgreSQL database: the same receive, completion and restart reconciliation."""
+    url = postgres_server.new_database()
+    files = write_ct_series(tmp_path / "series", 5, rows=64, columns=64)
+    series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    with running_node(tmp_path / "node", node={"journal_url": url}) as node:
+        assert len(dcmtk.storescu(node.port, files).acknowledged) == 5
+        assert node.wait_for_completion(series_uid).instance_count == 5
+    journal = node.journal()
+    try:
+        stray = journal.series_instances(series_uid, 1)[0]
+        Path(stray.path).unlink()  # a file removed behind the node's back while it was down
+    finally:
+        journal.close()
+    (again,) = [f for f in files if pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID == stray.sop_instance_uid]
+    with running_node(tmp_path / "node", node={"journal_url": url}) as node:
+        assert len(dcmtk.storescu(node.port, [again]).acknowledged) == 1  # the removed one, sent again
+        assert node.wait_for_completion(series_uid, generation=2).instance_count == 1
+        journal = node.journal()
+        try:
+            assert journal.engine.dialect.name == "postgresql"
+            assert len(journal.series_instances(series_uid, 1)) == 4
+        finally:
+            journal.close()
+    assert f"reconcile: instance {stray.sop_instance_uid} of series {series_uid} has no file" in node.log_text()
 
 def test_unknown_calling_ae_rejected_permanently(node):
     result = dcmtk.echoscu(node.port, calling_ae="INTRUDER")

@@ -34,9 +34,9 @@ STUDY, SERIES = "1.2.826.0.1.3680043.9.7.1", "1.2.826.0.1.3680043.9.7.1.2"
 
 
 @pytest.fixture()
-def node_state(tmp_path):
+def node_state(tmp_path, journal_url):
     spool = Spool(tmp_path / "var")
-    journal = Journal(f"sqlite:///{tmp_path / 'var' / 'journal.sqlite'}")
+    journal = Journal(journal_url)
     yield spool, journal
     journal.close()
 

@@ -1,0 +1,84 @@
+"""PostgreSQL 15 (Debian package `postgresql`) as a real journal database: a throwaway cluster per test session.
+
+The cluster lives in a temp folder, listens on a free loopback port and a private socket folder, trusts
+local connections (it is reachable from this machine only, for the life of the tests) and is stopped by
+pid. PostgreSQL refuses to run as root, so as root it runs as the `postgres` user the package creates.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.peers import ManagedProcess, free_port, wait_for_port
+
+
+def _bin(name: str) -> str | None:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found[-1] if found else shutil.which(name)
+
+
+def available() -> bool:
+    if _bin("initdb") is None or _bin("postgres") is None or importlib.util.find_spec("psycopg") is None:
+        return False
+    return os.getuid() != 0 or _postgres_user() is not None
+
+
+def _postgres_user() -> pwd.struct_passwd | None:
+    try:
+        return pwd.getpwnam("postgres")
+    except KeyError:
+        return None
+
+
+class PostgresServer:
+    def __init__(self, root: Path, port: int):
+        self.root = root
+        self.port = port
+        self._databases = 0
+
+    def new_database(self) -> str:
+        """A fresh, empty database; its SQLAlchemy URL."""
+        import psycopg
+
+        self._databases += 1
+        name = f"journal_{self._databases}"
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
+                             autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {name}")
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+
+
+@contextmanager
+def postgres_server() -> Iterator[PostgresServer]:
+    root = Path(tempfile.mkdtemp(prefix="dicom-node-pg-"))
+    as_user: list[str] = []
+    if os.getuid() == 0:
+        user = _postgres_user()
+        os.chown(root, user.pw_uid, user.pw_gid)
+        as_user = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups"]  # execs: the pid
+        # stays the server's, so stopping it by pid stops PostgreSQL itself
+    data, sockets = root / "data", root / "sockets"
+    port = free_port()
+    try:
+        subprocess.run([*as_user, _bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+                       check=True, capture_output=True, timeout=120)
+        subprocess.run([*as_user, "mkdir", str(sockets)], check=True)
+        process = ManagedProcess([*as_user, _bin("postgres"), "-D", data, "-p", str(port), "-h", "127.0.0.1",
+                                  "-k", sockets], log=root / "postgres.log")
+        try:
+            wait_for_port(port, timeout=60, process=process.process)
+            yield PostgresServer(root, port)
+        finally:
+            process.stop(first_signal=signal.SIGINT)  # "fast" shutdown: SIGTERM would wait for pooled clients
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
