@@ -41,7 +41,7 @@ class Node:
         }
         for section, values in overrides.items():
             config[section] = {**config.get(section, {}), **values}
-        self.journal_url = config["node"].get("journal_url") or f"sqlite:///{self.storage / 'journal.sqlite'}"
+        self.configured_journal_url = config["node"].get("journal_url")
         root.mkdir(parents=True, exist_ok=True)
         self.config_path = root / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
@@ -59,7 +59,7 @@ class Node:
             self.process.stop()
 
     def journal(self) -> Journal:
-        return Journal(self.journal_url)
+        return Journal(self.configured_journal_url or f"sqlite:///{self.storage / 'journal.sqlite'}")
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
