@@ -229,17 +229,18 @@ def send(destination: DestinationConfig, paths: Sequence[Path], calling_ae: str,
                 add(Outcome(inst.sop_instance_uid, None, "transient", "association lost"))
                 continue
             try:
-                if (inst.sop_class_uid, inst.transfer_syntax) in accepted:
-                    payload = inst.path  # the stored bytes as they are
-                elif _is_compressed(inst.transfer_syntax):
-                    payload = _decompressed(inst.path)
-                else:  # accepted in the other uncompressed syntax: pynetdicom re-encodes the data set
-                    payload = pydicom.dcmread(inst.path)
-                rsp = assoc.send_c_store(payload)
+                payload = _payload(inst, accepted)
             except (ValueError, RuntimeError, NotImplementedError) as exc:
-                # The file cannot become what the destination accepts (its pixels do not decode, or
-                # pydicom has no decoder for its syntax): no retry can change that; the others go on.
+                # Its pixels do not decode, or pydicom has no decoder for its syntax: no retry changes that.
                 add(Outcome(inst.sop_instance_uid, None, "permanent", f"cannot send: {exc}"))
+                continue
+            try:
+                rsp = assoc.send_c_store(payload)
+            except (ValueError, AttributeError) as exc:  # cannot be encoded in the accepted syntax, or lacks
+                add(Outcome(inst.sop_instance_uid, None, "permanent", f"cannot send: {exc}"))  # request UIDs
+                continue
+            except RuntimeError as exc:  # pynetdicom: the association is no longer established
+                add(Outcome(inst.sop_instance_uid, None, "transient", f"association lost: {exc}"))
                 continue
             status = getattr(rsp, "Status", None)
             if status is None:
@@ -253,6 +254,16 @@ def send(destination: DestinationConfig, paths: Sequence[Path], calling_ae: str,
         if assoc.is_established:
             assoc.release()
     return DispatchReport(name, tuple(outcomes))
+
+
+def _payload(inst: _Instance, accepted: set[tuple[str, str]]):
+    """What to send for `inst`: the stored file when the destination accepted its syntax, else its data
+    set decompressed, or re-encoded by pynetdicom in the other uncompressed syntax."""
+    if (inst.sop_class_uid, inst.transfer_syntax) in accepted:
+        return inst.path  # the stored bytes as they are
+    if _is_compressed(inst.transfer_syntax):
+        return _decompressed(inst.path)
+    return pydicom.dcmread(inst.path)
 
 
 def _report(name: str, outcomes: list[Outcome], on_outcome: Callable[[Outcome], None] | None) -> DispatchReport:
