@@ -49,12 +49,25 @@ def _resolve(path: Path, info: ValidationInfo) -> Path:
 
 
 class _TlsFiles(_Model):
-    """TLS settings: every path (certificate, key, CA file) is anchored at the config file's folder."""
+    """TLS settings: every path (certificate, key, CA file) is anchored at the config file's folder, and
+    the contexts they make are built once at load, so a bad file is a located config error."""
 
     @field_validator("*")
     @classmethod
     def _anchor(cls, value: Any, info: ValidationInfo) -> Any:
         return _resolve(value, info) if isinstance(value, Path) else value
+
+    def contexts(self) -> list[ssl.SSLContext]:
+        """The SSL contexts these settings are for."""
+        raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _usable(self) -> _TlsFiles:
+        try:
+            self.contexts()
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(f"TLS certificate, key or CA file unusable: {error}") from None
+        return self
 
 
 class NodeTlsConfig(_TlsFiles):
@@ -67,17 +80,18 @@ class NodeTlsConfig(_TlsFiles):
     ca_certificates: Path | None = None
     require_client_certificate: bool = True
 
-    @model_validator(mode="after")
-    def _usable(self) -> NodeTlsConfig:
-        if self.require_client_certificate and self.ca_certificates is None:
+    @model_validator(mode="before")
+    @classmethod
+    def _client_certificates_need_a_ca(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("require_client_certificate", True) \
+                and values.get("ca_certificates") is None:
             raise ValueError("require_client_certificate needs ca_certificates (the CA that signs the senders' "
                              "certificates)")
-        try:
-            tls.server_context(self.certificate, self.private_key, self.ca_certificates,
-                               self.require_client_certificate)
-        except (OSError, ssl.SSLError) as error:
-            raise ValueError(f"TLS certificate, key or CA file unusable: {error}") from None
-        return self
+        return values
+
+    def contexts(self) -> list[ssl.SSLContext]:
+        return [tls.server_context(self.certificate, self.private_key, self.ca_certificates,
+                                   self.require_client_certificate)]
 
 
 class NodeConfig(_Model):
@@ -117,14 +131,13 @@ class HttpTlsConfig(_TlsFiles):
     private_key: Path
     ca_certificates: Path | None = None
 
-    @model_validator(mode="after")
-    def _usable(self) -> HttpTlsConfig:
-        try:
-            tls.server_context(self.certificate, self.private_key, None, False)
-            tls.client_context(self.ca_certificates or self.certificate, None, None, False)
-        except (OSError, ssl.SSLError) as error:
-            raise ValueError(f"TLS certificate, key or CA file unusable: {error}") from None
-        return self
+    def contexts(self) -> list[ssl.SSLContext]:
+        return [tls.server_context(self.certificate, self.private_key, None, False), self.client_context()]
+
+    def client_context(self) -> ssl.SSLContext:
+        """What `dicom-node status` connects with: the chain is checked, the host name is not (the
+        address is this machine's own view of the node)."""
+        return tls.client_context(self.ca_certificates or self.certificate, None, None, check_hostname=False)
 
 
 class HttpConfig(_Model):
@@ -326,15 +339,15 @@ class DestinationTlsConfig(_TlsFiles):
     private_key: Path | None = None
     check_hostname: bool = False
 
-    @model_validator(mode="after")
-    def _usable(self) -> DestinationTlsConfig:
-        if (self.certificate is None) != (self.private_key is None):
+    @model_validator(mode="before")
+    @classmethod
+    def _certificate_with_key(cls, values: Any) -> Any:
+        if isinstance(values, dict) and (values.get("certificate") is None) != (values.get("private_key") is None):
             raise ValueError("certificate and private_key go together")
-        try:
-            tls.client_context(self.ca_certificates, self.certificate, self.private_key, self.check_hostname)
-        except (OSError, ssl.SSLError) as error:
-            raise ValueError(f"TLS certificate, key or CA file unusable: {error}") from None
-        return self
+        return values
+
+    def contexts(self) -> list[ssl.SSLContext]:
+        return [tls.client_context(self.ca_certificates, self.certificate, self.private_key, self.check_hostname)]
 
 
 class DestinationConfig(_Model):

@@ -24,7 +24,6 @@ from typing import TextIO
 
 from sqlalchemy import func, select
 
-from dicom_node import tls
 from dicom_node.config import Config
 from dicom_node.journal import Journal, exports, jobs, series
 
@@ -190,14 +189,11 @@ def api_base(config: Config) -> str:
 
 def api_get(config: Config, path: str, timeout: float = 10) -> dict:
     """GET a JSON document from the running node's API (with the configured bearer token). Over HTTPS
-    the node's certificate must chain to `http.tls.ca_certificates` (or be `http.tls.certificate`);
-    the host name is not checked, since the address is this machine's own view of the node."""
+    the node's certificate must chain to `http.tls.ca_certificates` (or be `http.tls.certificate`)."""
     request = urllib.request.Request(api_base(config) + path)
     if config.http.bearer_token:
         request.add_header("Authorization", f"Bearer {config.http.bearer_token}")
-    https = config.http.tls
-    context = None if https is None else tls.client_context(https.ca_certificates or https.certificate, None, None,
-                                                            check_hostname=False)
+    context = None if config.http.tls is None else config.http.tls.client_context()
     with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
         return json.load(response)
 
