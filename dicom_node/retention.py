@@ -29,6 +29,10 @@ trail, so `dicom-node status`, `/v1/series/...` and the audit log still tell
 what happened. A series sent again after its purge is stored and processed
 as a new generation.
 
+Files that restart reconciliation quarantined (`<storage>/quarantine`, no
+series row holds them) are deleted `keep_failed_days` after their
+quarantine.
+
 A purge is journaled (state `purged`) before any file is deleted and its
 instance rows are deleted last, so a purge the node stopped in the middle
 of is finished by the next sweep, and no instance file is ever left without
@@ -136,7 +140,20 @@ class Retention:
                                  f"below retention.free_disk_target_mb ({self.config.free_disk_target_mb:g} MB)",
                                  early=True)
             purged += [result] if result else []
+        self._sweep_quarantine(now)
         return purged
+
+    def _sweep_quarantine(self, now: datetime) -> None:
+        """Files restart reconciliation quarantined (no series row holds them) go after `keep_failed_days`
+        from their quarantine, as a failed series does."""
+        keep = self.config.keep_failed_days
+        if keep is None:
+            return
+        for item in self.spool.quarantined():
+            if item.quarantined_at <= now - timedelta(days=keep):
+                size = self.spool.remove_quarantined(item)
+                log.info("quarantined file deleted: %s (%d bytes, quarantined %s UTC, kept %g days; reason: %s)",
+                         item.path.name, size, f"{item.quarantined_at:%Y-%m-%d %H:%M}", keep, item.reason)
 
     def _purge(self, candidate: SettledSeries, still_due: Callable[[SettledSeries], bool], why: str,
                early: bool = False) -> Purged | None:

@@ -22,11 +22,13 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: 16 characters, no backslash or control
 TEMP_SUFFIX = ".tmp"
+REASON_SUFFIX = ".reason.txt"
 SERIES_LOCK_STRIPES = 64
 
 
@@ -95,6 +97,18 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
         elements.append(_meta_element(0x0017, b"AE", sending_ae.encode("ascii"), b" "))
     body = b"".join(elements)
     return b"\x00" * 128 + b"DICM" + struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+
+
+@dataclass(frozen=True)
+class QuarantinedFile:
+    """A file restart reconciliation moved to `<storage>/quarantine`, with the reason it gave."""
+    path: Path
+    reason: str
+    quarantined_at: datetime
+
+
+def _reason_note(path: Path) -> Path:
+    return path.with_name(path.name + REASON_SUFFIX)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -175,11 +189,40 @@ class Spool:
         return removed
 
     def quarantine(self, path: Path, reason: str) -> Path:
-        """Move a file that cannot be journaled out of the spool, with a note saying why."""
+        """Move a file that cannot be journaled out of the spool, with a note saying why. A file already
+        quarantined under the same name (the same SOP Instance UID found twice) is never replaced: the
+        newcomer gets a numbered name."""
         target = self.quarantine_root / path.name
+        number = 1
+        while target.exists() or _reason_note(target).exists():
+            number += 1
+            target = self.quarantine_root / f"{path.stem}.{number}{path.suffix}"
         shutil.move(str(path), target)
-        target.with_suffix(target.suffix + ".reason.txt").write_text(reason + "\n")
+        _reason_note(target).write_text(reason + "\n")
         return target
+
+    def quarantined(self) -> list[QuarantinedFile]:
+        """The files `quarantine` moved here."""
+        found = []
+        for note in self.quarantine_root.glob(f"*{REASON_SUFFIX}"):
+            try:
+                reason, moved = note.read_text().strip(), note.stat().st_mtime
+            except FileNotFoundError:  # removed meanwhile
+                continue
+            found.append(QuarantinedFile(note.with_name(note.name.removesuffix(REASON_SUFFIX)), reason,
+                                         datetime.fromtimestamp(moved, timezone.utc)))
+        return found
+
+    def remove_quarantined(self, item: QuarantinedFile) -> int:
+        """Delete a quarantined file and its note (the note last, so an interrupted removal is seen
+        again); returns the bytes freed."""
+        try:
+            size = item.path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        item.path.unlink(missing_ok=True)
+        _reason_note(item.path).unlink(missing_ok=True)
+        return size
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free

@@ -7,7 +7,6 @@ count); Orthanc-specific checks live with its peer (tests/peers/orthanc.py).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pydicom
 import pytest

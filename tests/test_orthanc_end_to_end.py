@@ -81,8 +81,8 @@ def study_series(pacs: orthanc.Orthanc, study_instance_uid: str) -> dict[str, li
     """Orthanc's series of the study by Modality (each with MainDicomTags and Instances)."""
     found: dict[str, list[dict]] = {}
     for study in pacs.find_study(study_instance_uid):
-        for series in pacs.get(f"/studies/{study}/series"):
-            found.setdefault(series["MainDicomTags"]["Modality"], []).append(series)
+        for found_series in pacs.get(f"/studies/{study}/series"):
+            found.setdefault(found_series["MainDicomTags"]["Modality"], []).append(found_series)
     return found
 
 

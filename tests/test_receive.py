@@ -168,7 +168,7 @@ def test_real_j2k_series_stored_as_sent_and_completed_on_release(node, tmp_path)
     journal.close()
     assert {row.transfer_syntax for row in rows} == {"1.2.840.10008.1.2.4.90"}
     assert "association released calling_ae=STORESCU" in node.log_text()
-    assert f"series complete (release): study=" in node.log_text()
+    assert "series complete (release): study=" in node.log_text()
 
 
 def test_300_uncompressed_instances_stored_byte_for_byte(node, tmp_path):

@@ -9,6 +9,7 @@ import time
 import pydicom
 import pytest
 
+from dicom_node.spool import Spool
 from tests.peers import dcmtk, peer_env
 from tests.series_factory import write_ct_series
 from tests.test_receive import Node, dataset_bytes, spool_path
@@ -66,6 +67,8 @@ def test_restart_reconciles_spool_and_journal(tmp_path):
     shutil.copyfile(files[3], orphan)  # file without row (crash after rename, before commit)
     temp = removed.parent / f".{removed.stem}.abc123.tmp"
     temp.write_bytes(b"partial")  # a write that never reached its rename
+    unreadable = removed.parent / "1.2.3.dcm"
+    unreadable.write_bytes(b"not DICOM")  # a file no journal row can be made for
     node.start()
     try:
         uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
@@ -82,3 +85,7 @@ def test_restart_reconciles_spool_and_journal(tmp_path):
     assert "reconcile: removed temp file" in log
     assert "has no file" in log and "row deleted" in log
     assert "journaled" in log and orphan.name in log
+    (quarantined,) = Spool(node.storage).quarantined()
+    assert quarantined.path.read_bytes() == b"not DICOM" and not unreadable.exists()
+    assert quarantined.reason.startswith("reconcile could not journal it: ")
+    assert f"reconcile: {unreadable} quarantined to {quarantined.path}" in log

@@ -160,6 +160,28 @@ def test_unmatched_series_deleted_and_off_means_kept(node_state):
     assert not any(path.exists() for path in files)
 
 
+def test_quarantined_files_deleted_after_keep_failed_days_never_overwritten(node_state, tmp_path, caplog):
+    spool, journal = node_state
+    (first, second) = (receive(spool, journal, count=1, series_uid=uid)[0] for uid in (SERIES, SERIES + ".9"))
+    same_name = first.with_name("1.2.3.dcm"), second.with_name("1.2.3.dcm")  # one SOP UID in two series folders
+    for source, path in zip((first, second), same_name):
+        source.rename(path)
+    moved = [spool.quarantine(path, f"reconcile could not journal it: copy {n}") for n, path in enumerate(same_name)]
+    assert [path.name for path in moved] == ["1.2.3.dcm", "1.2.3.2.dcm"]
+    assert [path.read_bytes() for path in moved] == [b"DICM-ish bytes of instance 1"] * 2
+    assert sorted(item.reason for item in spool.quarantined()) == [
+        "reconcile could not journal it: copy 0", "reconcile could not journal it: copy 1"]
+    sweeper = retention(spool, journal, keep_days=7, keep_failed_days=30)
+    sweeper.sweep(utcnow() + timedelta(days=29))
+    assert all(path.exists() for path in moved)
+    assert retention(spool, journal, keep_days=1, keep_failed_days=None).sweep(utcnow() + timedelta(days=999)) == []
+    assert all(path.exists() for path in moved)
+    with caplog.at_level("INFO", logger="dicom_node.retention"):
+        sweeper.sweep(utcnow() + timedelta(days=30, minutes=1))
+    assert list(spool.quarantine_root.iterdir()) == []
+    assert "quarantined file deleted: 1.2.3.2.dcm (28 bytes" in caplog.text and "copy 1" in caplog.text
+
+
 def test_resent_duplicate_counts_as_activity(node_state, tmp_path):
     spool, journal = node_state
     files = receive(spool, journal)

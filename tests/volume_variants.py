@@ -20,7 +20,6 @@ from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     UID,
-    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     RLELossless,
