@@ -10,9 +10,8 @@ J2K series (storescu -xv) and a 300-slice series made from its slices
 (tests/series_factory), and prints each stage from the journal's timestamps
 and the job's log line:
 receive (first to last instance acknowledged), wait-for-complete (last
-instance to complete), route+queue (complete to job start), worker (starting
-the job's worker process, the node's first job only, and handing the job over
-and back), load / inference / encode (job log; inference includes opening the
+instance to complete), route+queue (complete to job start), worker (handing
+the job to its worker process, started with the node, and back), load / inference / encode (job log; inference includes opening the
 model on the worker's first job),
 dispatch (job done to Orthanc's C-STORE response for the SEG) and the total
 from the moment storescu started. The SEG is then looked up in Orthanc's REST

@@ -60,6 +60,17 @@ def close_inference() -> None:
         backend.close()
 
 
+def preload() -> None:
+    """Import what every job uses (numpy, SimpleITK, the pixel codecs, highdicom: about 1 s of CPU), so
+    that a worker started with the node has paid for it before its first job. The node's own process
+    imports this module for JobRequest only, and keeps its memory small by not calling this."""
+    import dicom_node.results.overlay  # noqa: F401
+    import dicom_node.results.seg  # noqa: F401
+    import dicom_node.results.sr  # noqa: F401
+    import dicom_node.volume  # noqa: F401
+    import inference.tasks  # noqa: F401
+
+
 def produce(request: JobRequest) -> JobOutput:
     """Load, run each step, write the results under `request.out_dir`."""
     from dicom_node.volume import load_series

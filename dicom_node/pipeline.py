@@ -69,7 +69,10 @@ class Pipeline:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Requeue jobs a crash left running, run queued ones, resume pending exports."""
+        """Start the job workers (when a pipeline may need them), requeue jobs a crash left running, run
+        queued ones, resume pending exports."""
+        if any(pipeline.enabled for pipeline in self.config.pipelines.values()):
+            self._job_workers.start()
         for job in self.journal.jobs_in_state("running"):
             if job.attempts >= MAX_INTERRUPTED_RUNS:
                 error = (f"the node stopped {job.attempts} times while running this job (a crash in a model or "

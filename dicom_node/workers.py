@@ -3,8 +3,8 @@
 A native crash in a codec or a model runtime, or the kernel's OOM killer
 choosing the process that holds a 600-slice volume, used to take the whole
 node down: receiving, completion and dispatch with it. Each of the
-`inference.workers` slots now owns one child process (started with `spawn`,
-kept between jobs so the models stay loaded) and talks to it over a pipe.
+`inference.workers` slots now owns one child process (started with `spawn`
+when the node starts, kept between jobs so the models stay loaded) and talks to it over a pipe.
 When the child dies mid-job the pipe breaks, the slot reports WorkerDied with
 the child's exit status and starts a fresh child for the next job; the node
 keeps running. A child acknowledges each job as it takes it, so one that died
@@ -84,6 +84,7 @@ def _child_main(connection: Connection, parent_pid: int, log_format: str) -> Non
         signal.signal(stop, signal.SIG_IGN)        # lets the running job finish, then closes the pipe
     logs.configure(log_format)
     from dicom_node import job
+    job.preload()
     while True:
         try:
             request: JobRequest = connection.recv()
@@ -100,14 +101,14 @@ def _child_main(connection: Connection, parent_pid: int, log_format: str) -> Non
 
 
 class _Slot:
-    """One worker process and its pipe, started on first use and after a death."""
+    """One worker process and its pipe, started with the node (or on first use) and after a death."""
 
     def __init__(self, number: int):
         self.number = number
         self.process: multiprocessing.process.BaseProcess | None = None
         self.connection: Connection | None = None
 
-    def _start(self) -> None:
+    def start(self) -> None:
         ours, theirs = _CONTEXT.Pipe()
         self.process = _CONTEXT.Process(target=_child_main, args=(theirs, os.getpid(), logs.current_format()),
                                         name=f"job-worker-{self.number}", daemon=True)
@@ -142,7 +143,7 @@ class _Slot:
         """Give the job to the worker; False when the worker was already gone (it died between jobs)."""
         if self.process is None or not self.process.is_alive():
             self.close()
-            self._start()
+            self.start()
         assert self.connection is not None
         try:
             self.connection.send(request)
@@ -187,6 +188,13 @@ class JobWorkers:
         self._slots = [_Slot(number) for number in range(1, count + 1)]
         for slot in self._slots:
             self._free.put(slot)
+
+    def start(self) -> None:
+        """Start every slot's process now, while the node is idle: a worker imports numpy, pydicom,
+        ONNX Runtime and the codecs (1-2 s of CPU) before it can take a job, and the first study after
+        a restart should not wait for that."""
+        for slot in self._slots:
+            slot.start()
 
     def run(self, request: JobRequest) -> JobOutput:
         slot = self._free.get()

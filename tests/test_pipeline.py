@@ -292,3 +292,30 @@ def test_a_job_whose_worker_process_dies_is_rerun_then_failed_and_the_node_goes_
     pipeline.pick_up_queued()
     job = _wait_job(journal, job.id)
     assert job.state == "done" and job.attempts == MAX_INTERRUPTED_RUNS + 2, job.error
+
+
+def _has_loaded(pid: int, library: str) -> bool:
+    return library in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_job_workers_start_with_the_node_and_import_before_the_first_job(node, tmp_path):
+    """The first study after a restart does not wait for a worker process and its imports (1-2 s)."""
+    import os
+
+    config, journal, pipeline = node(spleen_modality="MR")
+    idle = Pipeline(config.model_copy(update={"pipelines": {}}), journal)  # nothing to run: no worker
+    idle.start()
+    idle.stop()
+    assert _job_workers_of(os.getpid()) == []
+
+    pipeline.start()
+    (worker,) = _job_workers_of(os.getpid())
+    deadline = time.monotonic() + 60
+    while not _has_loaded(worker, "SimpleITK"):  # the volume loader's native library, before any job
+        assert time.monotonic() < deadline, "the idle worker did not import what a job uses"
+        time.sleep(0.05)
+    record = _spool(journal, tmp_path / "spool", write_ct_volume(chest_phantom().volume, tmp_path / "phantom"))
+    pipeline.on_series_complete(record)
+    (job,) = journal.jobs_in_state("queued", "running", "done", "failed")
+    assert _wait_job(journal, job.id).state == "done"
+    assert _job_workers_of(os.getpid()) == [worker]  # the job ran in the worker started with the node
