@@ -255,3 +255,35 @@ def test_implicit_vr_file_goes_to_a_pacs_that_takes_only_explicit_vr(tmp_path):
     (stored,) = [pydicom.dcmread(p) for p in (tmp_path / "pacs").iterdir()]
     assert stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert stored.SOPInstanceUID == ds.SOPInstanceUID and np.array_equal(stored.pixel_array, ds.pixel_array)
+
+
+def test_a_pacs_that_aborts_while_the_node_prepares_the_instance_leaves_it_for_a_retry(tmp_path):
+    """A PACS with a short idle timeout (pynetdicom's `network_timeout`, 0.5 s, then A-ABORT) gives up
+    while the node decompresses a large JPEG 2000 object for it (60 frames, ~2 s). pynetdicom then
+    refuses the C-STORE ("must be established"): a transient failure, retried later, not a dead letter."""
+    from pydicom.encaps import encapsulate, generate_frames
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    from tests.test_receive import sendable_j2k_copies
+
+    copies = sendable_j2k_copies(tmp_path / "j2k")
+    frames = [next(generate_frames(pydicom.dcmread(p).PixelData, number_of_frames=1)) for p in copies] * 3
+    large = pydicom.dcmread(copies[0])
+    large.PixelData, large.NumberOfFrames = encapsulate(frames), len(frames)
+    large.save_as(tmp_path / "large.dcm")
+    pacs = AE("PACS")
+    pacs.network_timeout = 0.5
+    pacs.add_supported_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+    port = free_port()
+    received = []
+    server = pacs.start_server(("127.0.0.1", port), block=False,
+                               evt_handlers=[(evt.EVT_C_STORE, lambda event: received.append(event) or 0x0000)])
+    try:
+        report = dispatch.send(DestinationConfig(ae_title="PACS", host="127.0.0.1", port=port),
+                               [tmp_path / "large.dcm"], "NODE")
+    finally:
+        server.shutdown()
+    (outcome,) = report.outcomes
+    assert outcome.kind == "transient" and outcome.reason.startswith("association lost: "), outcome
+    assert "must be established" in outcome.reason and received == []
