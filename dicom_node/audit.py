@@ -75,7 +75,7 @@ class AuditLog:
 
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
-        _metadata.create_all(journal.engine, checkfirst=True)
+        journal.ensure_tables(_metadata)
 
     def record(self, event: AuditEvent) -> None:
         if event.event not in AUDIT_EVENTS:

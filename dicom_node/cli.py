@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dicom_node import ListenError
+from dicom_node import JournalSchemaError, ListenError
 from dicom_node.config import Config, ConfigError, load_config
 
 DEFAULT_CONFIG = Path("config.yaml")
@@ -159,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in error.errors:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
+    except JournalSchemaError as error:
+        print(f"dicom-node {args.command}: {error}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         # The reader went away (`dicom-node status | head -1`): not a failure of the command. Point stdout
         # at /dev/null so Python's own flush at exit stays quiet, and exit as a shell reports SIGPIPE.

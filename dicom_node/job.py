@@ -9,6 +9,7 @@ worker runs and kept for the next ones (a model load takes seconds).
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -64,11 +65,9 @@ def preload() -> None:
     """Import what every job uses (numpy, SimpleITK, the pixel codecs, highdicom: about 1 s of CPU), so
     that a worker started with the node has paid for it before its first job. The node's own process
     imports this module for JobRequest only, and keeps its memory small by not calling this."""
-    import dicom_node.results.overlay  # noqa: F401
-    import dicom_node.results.seg  # noqa: F401
-    import dicom_node.results.sr  # noqa: F401
-    import dicom_node.volume  # noqa: F401
-    import inference.tasks  # noqa: F401
+    for module in ("dicom_node.volume", "inference.tasks", "dicom_node.results.seg", "dicom_node.results.sr",
+                   "dicom_node.results.overlay"):
+        importlib.import_module(module)
 
 
 def produce(request: JobRequest) -> JobOutput:

@@ -11,10 +11,17 @@ on both); one process-wide writer lock keeps writes serial.
 Series identity is (Series Instance UID, generation): instances that arrive
 after a series was complete open a new generation, so late data is never lost
 and never silently merged into a result already produced.
+
+An upgraded node opens the journal its older self wrote: missing tables are
+created and missing columns added in place (`Journal.ensure_tables`). So a
+column added in a later version must be nullable or have a server default;
+anything else is refused at start with the columns named, rather than failing
+C-STOREs at the first insert.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,8 +29,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from sqlalchemy import (Column, DateTime, Integer, MetaData, String, Table, Text, UniqueConstraint, and_, bindparam,
-                        case, create_engine, event, func, select, true)
+                        case, create_engine, event, func, inspect, select, true)
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.schema import CreateColumn
+
+from dicom_node import JournalSchemaError
+
+log = logging.getLogger(__name__)
 
 SERIES_STATES = ("receiving", "complete", "routed", "unmatched", "quarantined", "purged")
 JOB_STATES = ("queued", "running", "done", "failed")
@@ -217,8 +229,42 @@ class Journal:
         self.engine: Engine = create_engine(url)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        metadata.create_all(self.engine)
         self._write_lock = threading.Lock()
+        self.ensure_tables(metadata)
+
+    def ensure_tables(self, tables: MetaData) -> None:
+        """Create the tables of `tables` the journal lacks and add the columns an older version's tables
+        lack (with their indexes). Raises JournalSchemaError for a missing column that must have a
+        value and has no server default, and for a column this version does not know that must have
+        one (a newer version's journal: every insert here would fail)."""
+        tables.create_all(self.engine)
+        inspector = inspect(self.engine)
+        missing, problems = [], []
+        for table in tables.sorted_tables:
+            present = {column["name"]: column for column in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                if column.nullable or column.server_default is not None:
+                    missing.append(column)
+                else:
+                    problems.append(f"{table.name}.{column.name} is missing and must have a value")
+            problems += [f"{table.name}.{name} is unknown to this version and must have a value (a newer "
+                         "version's journal?)" for name, column in present.items()
+                         if name not in table.columns and not column["nullable"] and column["default"] is None]
+        if problems:
+            where = self.engine.url.render_as_string(hide_password=True)
+            raise JournalSchemaError(f"the journal {where} cannot be used as it is: " + "; ".join(problems))
+        for column in missing:
+            spec = CreateColumn(column).compile(dialect=self.engine.dialect)
+            with self.write() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE {column.table.name} ADD COLUMN {spec}")
+        for index in {index for column in missing for index in column.table.indexes
+                      if index.columns.contains_column(column)}:
+            index.create(self.engine, checkfirst=True)
+        if missing:
+            log.warning("journal upgraded in place: added %s",
+                        ", ".join(f"{column.table.name}.{column.name}" for column in missing))
 
     def close(self) -> None:
         self.engine.dispose()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import REPO
+from tests.peers import REPO, free_port
 
 from dicom_node import cli
 
@@ -78,3 +78,23 @@ def test_check_config_counts_forward_rules(tmp_path):
     result = run("check-config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "2 pipelines (2 enabled), 1 forward rules, 1 destinations" in result.stdout
+
+
+@pytest.mark.parametrize("command", [("serve",), ("status",), ("jobs", "list")])
+def test_a_journal_this_version_cannot_use_stops_the_command_with_exit_1(tmp_path, command):
+    """No C-STORE is acknowledged into a journal whose every insert would fail (tests/test_journal.py)."""
+    import sqlite3
+
+    from dicom_node.journal import Journal
+
+    (tmp_path / "config.yaml").write_text(f"node:\n  host: 127.0.0.1\n  port: {free_port()}\n  storage_dir: var\n"
+                                          f"http:\n  host: 127.0.0.1\n  port: {free_port()}\n")
+    (tmp_path / "var").mkdir()
+    journal_file = tmp_path / "var" / "journal.sqlite"
+    Journal(f"sqlite:///{journal_file}").close()
+    with sqlite3.connect(journal_file) as db:
+        db.execute("ALTER TABLE instances DROP COLUMN size")
+    result = run(command[0], "--config", str(tmp_path / "config.yaml"), *command[1:], cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.endswith(f"dicom-node {command[0]}: the journal sqlite:///{journal_file} cannot be used as "
+                                  "it is: instances.size is missing and must have a value\n"), result.stderr

@@ -5,9 +5,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Column, MetaData, String, Table, create_engine, inspect, text
 
-from dicom_node.journal import Journal, NewInstance, utcnow
+from dicom_node import JournalSchemaError
+from dicom_node.audit import AuditEvent, AuditLog
+from dicom_node.journal import Journal, NewInstance, instances, utcnow
 
 
 @pytest.fixture()
@@ -80,3 +82,70 @@ def test_jobs_and_exports_are_idempotent(journal):
     assert sent.state == "sent" and journal.exports_in_state("pending") == []
     with pytest.raises(ValueError):
         journal.update_job(job.id, state="bogus")
+
+
+def _alter(url: str, *statements: str) -> None:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for statement in statements:
+            conn.execute(text(statement))
+    engine.dispose()
+
+
+def test_an_older_versions_journal_is_upgraded_in_place(journal_url, caplog):
+    """An upgraded node opens the journal its older self wrote; columns added since (nullable) are added."""
+    old = Journal(journal_url)
+    old.record_instance(instance("1.1"))
+    AuditLog(old).record(AuditEvent("received", series_instance_uid="1.2.3", instance_count=1))
+    old.close()
+    _alter(journal_url, "ALTER TABLE series DROP COLUMN reason", "ALTER TABLE jobs DROP COLUMN output_dir",
+           "DROP INDEX ix_audit_series_instance_uid", "ALTER TABLE audit DROP COLUMN series_instance_uid")
+    with caplog.at_level("WARNING", logger="dicom_node.journal"):
+        upgraded = Journal(journal_url)
+        audit = AuditLog(upgraded)
+    try:
+        assert "journal upgraded in place: added " in caplog.text
+        assert "series.reason" in caplog.text and "jobs.output_dir" in caplog.text
+        assert "audit.series_instance_uid" in caplog.text
+        assert "ix_audit_series_instance_uid" in {i["name"] for i in inspect(upgraded.engine).get_indexes("audit")}
+        audit.record(AuditEvent("received", series_instance_uid="1.2.3", instance_count=2))
+        assert [e.instance_count for e in audit.query(series_instance_uid="1.2.3")] == [2]
+        assert upgraded.find_instance("1.1").size == 100  # what the older version stored is kept
+        upgraded.complete_series("1.2.3", 1)
+        upgraded.set_series_state("1.2.3", 1, "unmatched", reason="no pipeline")
+        assert upgraded.get_series("1.2.3", 1).reason == "no pipeline"
+        job = upgraded.add_job("1.2.3", 1, "spleen_ct")
+        assert upgraded.update_job(job.id, output_dir="/results/1").output_dir == "/results/1"
+    finally:
+        upgraded.close()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dicom_node.journal"):
+        again = Journal(journal_url)
+        AuditLog(again)
+        again.close()
+    assert "upgraded" not in caplog.text  # once
+
+
+def test_a_journal_this_version_cannot_use_is_refused_naming_the_columns(journal_url):
+    """A column that must have a value is missing, or a newer version's journal has one this version
+    would leave empty: refused before anything is written, so no C-STORE is acknowledged into it."""
+    Journal(journal_url).close()
+    _alter(journal_url, "ALTER TABLE instances DROP COLUMN size",
+           "ALTER TABLE exports ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",  # newer, has a default: fine
+           "ALTER TABLE exports ADD COLUMN note TEXT")  # newer, may be empty: fine
+    with pytest.raises(JournalSchemaError) as refused:
+        Journal(journal_url)
+    assert str(refused.value).endswith("cannot be used as it is: instances.size is missing and must have a value")
+
+
+def test_a_newer_versions_required_column_is_refused(journal_url):
+    newer = MetaData()
+    Table("instances", newer, *(Column(c.name, c.type, nullable=c.nullable, primary_key=c.primary_key)
+                                for c in instances.columns),
+          Column("checksum", String(64), nullable=False))
+    engine = create_engine(journal_url)
+    newer.create_all(engine)
+    engine.dispose()
+    with pytest.raises(JournalSchemaError, match=r"instances\.checksum is unknown to this version and must have a "
+                                                 r"value \(a newer version's journal\?\)"):
+        Journal(journal_url)
