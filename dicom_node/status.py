@@ -26,6 +26,7 @@ from sqlalchemy import func, select
 
 from dicom_node.config import Config
 from dicom_node.journal import Journal, exports, jobs, series
+from dicom_node.spool import Spool
 
 Counts = dict[str, dict[tuple[str, ...], int]]
 InferenceOpener = Callable[[], tuple[object, object]]  # () -> (ModelRepository, Backend)
@@ -77,6 +78,7 @@ class NodeStatus:
     jobs: dict[str, int]
     jobs_by_pipeline: dict[str, dict[str, int]]
     dead_letters: int
+    quarantined_files: int  # in <storage_dir>/quarantine: files restart reconciliation could not journal
     disk: DiskUse
     ready: bool
     checks: list[Check] = field(default_factory=list)
@@ -168,7 +170,7 @@ def snapshot(config: Config, journal: Journal, ready: Readiness, *, source: str,
         associations=open_list, series={state: count for (state,), count in counts["series"].items()},
         jobs=job_states, jobs_by_pipeline=by_pipeline,
         dead_letters=sum(count for (_, state), count in counts["exports"].items() if state == "dead"),
-        disk=disk_use(config), ready=ready.ready, checks=list(ready.checks))
+        quarantined_files=len(Spool(Path(config.node.storage_dir)).quarantined()), disk=disk_use(config), ready=ready.ready, checks=list(ready.checks))
 
 
 # --- `dicom-node status` -----------------------------------------------------------------------
@@ -262,6 +264,9 @@ def _print_status(status: dict, out: TextIO) -> None:
     for pipeline, counts in sorted(status["jobs_by_pipeline"].items()):
         line(f"  {pipeline}", states(counts))
     line("dead letters", status["dead_letters"])
+    if status["quarantined_files"]:
+        line("quarantined files", f"{status['quarantined_files']} in {status['disk']['storage_dir']}/quarantine "
+                                  "(not journaled at restart; each with a .reason.txt)")
     disk = status["disk"]
     line("disk", f"{disk['used_bytes'] / 2**30:.1f} GiB used, {disk['free_bytes'] / 2**30:.1f} GiB free of "
                  f"{disk['total_bytes'] / 2**30:.1f} GiB ({disk['storage_dir']}; floor {disk['min_free_bytes'] // 2**20} MB)")

@@ -12,6 +12,7 @@ import pydicom
 import pytest
 import yaml
 
+from dicom_node.spool import Spool
 from tests.peers import REPO, dcmtk, free_port
 from tests.series_factory import write_ct_series
 from tests.test_receive import running_node
@@ -80,6 +81,7 @@ def test_status_json_from_the_running_node_then_from_the_journal(tmp_path):
         live = json.loads(result.stdout)
         assert live["source"] == "node" and live["associations_open"] == 0 and live["ready"]
         assert live["series"] == {"unmatched": 1} and live["jobs"] == {} and live["dead_letters"] == 0
+        assert live["quarantined_files"] == 0
         assert live["disk"]["free_bytes"] > 0 and {c["name"] for c in live["checks"]} == {"journal", "disk"}
         text = cli("status", "--config", node.config_path).stdout
         assert "running node (API)" in text and "unmatched 1" in text
@@ -87,9 +89,14 @@ def test_status_json_from_the_running_node_then_from_the_journal(tmp_path):
         audit = json.loads(cli("audit", "--json", "--series", series_uid, "--config", node.config_path).stdout)
         assert [(a["event"], a["calling_ae"], a["instance_count"]) for a in audit] == [("received", "STORESCU", 3)]
 
+    stray = node.storage / "spool" / "stray.dcm"
+    stray.write_bytes(b"not DICOM")
+    Spool(node.storage).quarantine(stray, "reconcile could not journal it: not DICOM")
     offline = json.loads(cli("status", "--json", "--config", node.config_path).stdout)
     assert offline["source"] == "journal" and offline["associations_open"] is None
-    assert offline["series"] == live["series"] and offline["ready"]
+    assert offline["series"] == live["series"] and offline["ready"] and offline["quarantined_files"] == 1
+    text = cli("status", "--config", node.config_path).stdout
+    assert f"quarantined files      1 in {node.storage}/quarantine (not journaled at restart" in text, text
 
     # `dicom-node status | head -1` where head has already gone: no traceback, the shell's SIGPIPE status
     read_end, write_end = os.pipe()
