@@ -15,6 +15,9 @@ jobs in the `serve` process):
 
 Each series that becomes complete is logged and handed to the
 `on_series_complete` callback (the pipeline's router), which must not block.
+A series the router did not take (left `complete`: the journal refused its
+next write, or the node stopped first) is handed over again: at start, and by
+the periodic check once it has been complete for `UNROUTED_AFTER_S`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from dicom_node.metrics import NodeMetrics
 log = logging.getLogger("dicom_node.complete")
 
 SeriesKey = tuple[str, int]  # (Series Instance UID, generation)
+UNROUTED_AFTER_S = 60.0  # routing reads every header: seconds for a large series, never a minute
 
 
 class CompletionTracker:
@@ -48,6 +52,7 @@ class CompletionTracker:
         self.on_series_complete = on_series_complete
         self._lock = threading.Lock()
         self._sending: dict[int, set[SeriesKey]] = defaultdict(set)  # association id -> series it sent
+        self._handing_over: set[SeriesKey] = set()
         self.scheduler = BackgroundScheduler(timezone=timezone.utc)
         self.started_at = datetime.now(timezone.utc)
 
@@ -82,12 +87,27 @@ class CompletionTracker:
         self._complete(key, quiet_since=due - timedelta(seconds=self.after_release_seconds), why="release")
 
     def check_stable(self) -> None:
-        quiet_since = datetime.now(timezone.utc) - timedelta(seconds=self.stable_seconds)
-        if quiet_since < self.started_at:
+        now = datetime.now(timezone.utc)
+        quiet_since = now - timedelta(seconds=self.stable_seconds)
+        if quiet_since >= self.started_at:
+            for record in self.journal.series_in_state("receiving"):
+                if record.last_received_at <= quiet_since:
+                    self._complete((record.series_instance_uid, record.generation), quiet_since, why="stable timeout")
+        self.hand_over_unrouted(complete_before=now - timedelta(seconds=UNROUTED_AFTER_S))
+
+    def hand_over_unrouted(self, complete_before: datetime) -> None:
+        """Hand over again every series complete since before `complete_before` that is still `complete`
+        and not being handed over right now."""
+        if self.on_series_complete is None:
             return
-        for record in self.journal.series_in_state("receiving"):
-            if record.last_received_at <= quiet_since:
-                self._complete((record.series_instance_uid, record.generation), quiet_since, why="stable timeout")
+        for record in self.journal.series_in_state("complete"):
+            with self._lock:
+                busy = (record.series_instance_uid, record.generation) in self._handing_over
+            if busy or record.completed_at is None or record.completed_at > complete_before:
+                continue
+            log.warning("series %s generation %d has been complete since %s UTC and is not routed; handing it over "
+                        "again", record.series_instance_uid, record.generation, f"{record.completed_at:%H:%M:%S}")
+            self.hand_over(record)
 
     def _complete(self, key: SeriesKey, quiet_since: datetime, why: str) -> None:
         record = self.journal.complete_series(key[0], key[1], quiet_since=quiet_since)
@@ -105,9 +125,15 @@ class CompletionTracker:
     def hand_over(self, record: SeriesRecord) -> None:
         if self.on_series_complete is None:
             return
+        key = (record.series_instance_uid, record.generation)
+        with self._lock:
+            self._handing_over.add(key)
         with series_context(record.study_instance_uid, record.series_instance_uid):
             try:
                 self.on_series_complete(record)
             except Exception:
-                log.exception("on_series_complete failed for series %s generation %d",
-                              record.series_instance_uid, record.generation)
+                log.exception("on_series_complete failed for series %s generation %d; handed over again in %.0f s",
+                              record.series_instance_uid, record.generation, UNROUTED_AFTER_S)
+            finally:
+                with self._lock:
+                    self._handing_over.discard(key)

@@ -14,7 +14,6 @@ checkpointed into the database file before it is closed. The exit code is 0.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import signal
 import threading
@@ -26,8 +25,9 @@ import pydicom
 from dicom_node import logs
 from dicom_node.complete import CompletionTracker
 from dicom_node.config import Config
-from dicom_node.journal import Journal, NewInstance, default_url
+from dicom_node.journal import Journal, NewInstance, default_url, utcnow
 from dicom_node.metrics import JournalCollector, NodeMetrics
+from dicom_node.pipeline import Pipeline
 from dicom_node.receive import Receiver
 from dicom_node.retention import Retention
 from dicom_node.status import journal_counts
@@ -85,18 +85,6 @@ def _journal_file(path: Path, journal: Journal) -> None:
         raise ValueError(f"SOP Instance UID {key.sop_instance_uid} is already stored as {record.path}")
 
 
-def _start_pipeline(config: Config, journal: Journal, metrics: NodeMetrics):
-    """The routing/inference stage, when installed (dicom_node.pipeline.Pipeline)."""
-    if importlib.util.find_spec("dicom_node.pipeline") is None:
-        return None
-    from dicom_node import pipeline as module
-    if not hasattr(module, "Pipeline"):
-        return None
-    pipeline = module.Pipeline(config, journal, metrics)
-    pipeline.start()
-    return pipeline
-
-
 def serve(config: Config, log_format: str = "text") -> None:
     """Run the node until SIGTERM or SIGINT; then shut down as the module docstring says."""
     logs.configure(log_format)
@@ -105,14 +93,12 @@ def serve(config: Config, log_format: str = "text") -> None:
     reconcile(spool, journal)
     metrics = NodeMetrics()
     metrics.add_collector(JournalCollector(lambda: journal_counts(journal), spool.free_bytes))
-    pipeline = _start_pipeline(config, journal, metrics)
+    pipeline = Pipeline(config, journal, metrics)
+    pipeline.start()
     tracker = CompletionTracker(journal, config.completion.stable_seconds, config.completion.after_release_seconds,
-                                on_series_complete=pipeline.on_series_complete if pipeline else None, metrics=metrics)
+                                on_series_complete=pipeline.on_series_complete, metrics=metrics)
     tracker.start()
-    for record in journal.series_in_state("complete"):  # complete but never routed before the restart
-        log.info("restart: series %s generation %d is complete and not yet routed; handing over",
-                 record.series_instance_uid, record.generation)
-        tracker.hand_over(record)
+    tracker.hand_over_unrouted(complete_before=utcnow())  # complete, and the node stopped before routing them
     receiver = Receiver(config, spool, journal, tracker, metrics)
     retention = Retention(config.retention, journal, spool, metrics)
     api = _api_server(config, journal, metrics, receiver, pipeline)
@@ -130,31 +116,25 @@ def serve(config: Config, log_format: str = "text") -> None:
         receiver.stop()
         retention.stop()
         tracker.stop()
-        if pipeline is not None:
-            log.info("waiting for running jobs; queued jobs stay queued in the journal")
-            pipeline.stop()
+        log.info("waiting for running jobs; queued jobs stay queued in the journal")
+        pipeline.stop()
         api.stop()
         _checkpoint(journal)
         journal.close()
         log.info("stopped")
 
 
-def _api_server(config: Config, journal: Journal, metrics: NodeMetrics, receiver: Receiver, pipeline):
+def _api_server(config: Config, journal: Journal, metrics: NodeMetrics, receiver: Receiver, pipeline: Pipeline):
     from dicom_node.api import ApiServer, NodeHandles, create_app
     from dicom_node.audit import AuditLog
     from dicom_node.status import OpenAssociation
-
-    def open_inference():
-        if pipeline is None:
-            raise RuntimeError("no pipeline stage in this installation")
-        return pipeline.inference()
 
     def associations() -> list[OpenAssociation]:
         return [OpenAssociation(s.calling_ae, s.peer, s.instances, s.bytes) for s in receiver.open_associations()]
 
     handles = NodeHandles(config=config, journal=journal, metrics=metrics, audit=AuditLog(journal),
-                          open_inference=open_inference, associations=associations,
-                          pick_up_queued=pipeline.pick_up_queued if pipeline else lambda: None)
+                          open_inference=pipeline.inference, associations=associations,
+                          pick_up_queued=pipeline.pick_up_queued)
     return ApiServer(create_app(handles), config.http.host, config.http.port, config.http.tls)
 
 

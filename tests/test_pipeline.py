@@ -319,3 +319,39 @@ def test_job_workers_start_with_the_node_and_import_before_the_first_job(node, t
     (job,) = journal.jobs_in_state("queued", "running", "done", "failed")
     assert _wait_job(journal, job.id).state == "done"
     assert _job_workers_of(os.getpid()) == [worker]  # the job ran in the worker started with the node
+
+
+def test_a_series_the_router_did_not_take_is_handed_over_again(node, tmp_path, caplog):
+    """The router's journal write failing at that one moment (no real part refuses on demand: a router that
+    raises once stands in) leaves the series `complete`; a minute later the periodic check hands it over
+    again, and the node does not wait for a restart to route it."""
+    from datetime import timedelta
+
+    from sqlalchemy.exc import OperationalError
+
+    from dicom_node.complete import UNROUTED_AFTER_S, CompletionTracker
+    from dicom_node.journal import series, utcnow
+
+    config, journal, pipeline = node(spleen_modality="MR")
+    handed = []
+
+    def router(record):
+        handed.append(record)
+        if len(handed) == 1:
+            raise OperationalError("UPDATE series", {}, Exception("database is locked"))
+        pipeline.on_series_complete(record)
+
+    tracker = CompletionTracker(journal, stable_seconds=3600, after_release_seconds=1, on_series_complete=router)
+    record = _spool(journal, tmp_path / "spool", real_series(tmp_path / "real"))
+    tracker.hand_over(record)
+    assert journal.get_series(record.series_instance_uid).state == "complete"
+    assert "database is locked" in caplog.text
+    tracker.check_stable()
+    assert len(handed) == 1  # complete for less than UNROUTED_AFTER_S: its routing may still be running
+    with journal.write() as conn:
+        conn.execute(series.update().values(completed_at=utcnow() - timedelta(seconds=UNROUTED_AFTER_S + 1)))
+    tracker.check_stable()
+    assert len(handed) == 2 and journal.get_series(record.series_instance_uid).state == "unmatched"
+    assert "is not routed; handing it over again" in caplog.text
+    tracker.check_stable()
+    assert len(handed) == 2

@@ -89,3 +89,30 @@ def test_restart_reconciles_spool_and_journal(tmp_path):
     assert quarantined.path.read_bytes() == b"not DICOM" and not unreadable.exists()
     assert quarantined.reason.startswith("reconcile could not journal it: ")
     assert f"reconcile: {unreadable} quarantined to {quarantined.path}" in log
+
+
+def test_a_series_complete_but_not_routed_when_the_node_stopped_is_routed_at_start(tmp_path):
+    """The node stopped between marking a series complete and routing it: the restart routes it."""
+    files = write_ct_series(tmp_path / "ct", 3, rows=64, columns=64)
+    uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    node = Node(tmp_path / "n", completion={"stable_seconds": 600, "after_release_seconds": 600}).start()
+    try:
+        assert dcmtk.storescu(node.port, files).returncode == 0
+    finally:
+        node.stop()
+    journal = node.journal()
+    assert journal.complete_series(uid, 1) is not None  # what the node did just before it stopped
+    journal.close()
+    node.start()
+    try:
+        deadline = time.monotonic() + 15
+        journal = node.journal()
+        while journal.get_series(uid, 1).state == "complete":
+            assert time.monotonic() < deadline, node.log_text()
+            time.sleep(0.1)
+        record = journal.get_series(uid, 1)
+        journal.close()
+    finally:
+        node.stop()
+    assert record.state == "unmatched" and record.reason == "no pipelines configured"
+    assert f"series {uid} generation 1 has been complete since" in node.log_text()
