@@ -40,9 +40,10 @@ log = logging.getLogger(__name__)
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 SOP_CLASS_NOT_SUPPORTED = 0x0122
-# A job found `running` at start-up was interrupted by a node crash, and a job whose worker process
-# died was interrupted too. Requeue it, but not forever: a job that takes its process down (a native
-# crash in a codec or model runtime) would otherwise do so again and again.
+# A job journaled `running` that no thread of this node runs was interrupted: by a node crash (found at
+# start-up), by its worker process dying, or by the journal refusing its outcome. Requeue it, but not
+# forever: a job that takes its process down (a native crash in a codec or model runtime) would otherwise
+# do so again and again.
 MAX_INTERRUPTED_RUNS = 3
 
 
@@ -73,17 +74,7 @@ class Pipeline:
         queued ones, resume pending exports."""
         if any(pipeline.enabled for pipeline in self.config.pipelines.values()):
             self._job_workers.start()
-        for job in self.journal.jobs_in_state("running"):
-            if job.attempts >= MAX_INTERRUPTED_RUNS:
-                error = (f"the node stopped {job.attempts} times while running this job (a crash in a model or "
-                         f"codec?); not started again automatically: `dicom-node jobs retry {job.id}`")
-                log.error("restart: job %d (%s) of series %s failed: %s", job.id, job.pipeline,
-                          job.series_instance_uid, error)
-                self.journal.update_job(job.id, state="failed", error=error, finished_at=utcnow())
-                continue
-            log.warning("restart: job %d (%s) was running; requeued", job.id, job.pipeline)
-            self.journal.update_job(job.id, state="queued")
-        self.pick_up_queued()
+        self.pick_up_queued(interrupted_by="the node stopped while running it")
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatch", daemon=True)
         self._dispatcher.start()
 
@@ -117,10 +108,13 @@ class Pipeline:
             log.info("series %s generation %d matched no pipeline (kept in the spool): %s",
                      series.series_instance_uid, series.generation, reason)
             return
+        # Jobs first (add_job is idempotent), then `routed`: a hand-over the journal cut short leaves the
+        # series `complete`, handed over again, never `routed` with a job missing.
+        added = [(match, self.journal.add_job(series.series_instance_uid, series.generation, match.pipeline))
+                 for match in matches]
         self.journal.set_series_state(series.series_instance_uid, series.generation, "routed",
                                       reason=", ".join(m.pipeline for m in matches))
-        for match in matches:
-            job = self.journal.add_job(series.series_instance_uid, series.generation, match.pipeline)
+        for match, job in added:
             with series_context(series.study_instance_uid, series.series_instance_uid, job.id):
                 log.info("series %s -> pipeline %s (job %d): %s", series.series_instance_uid, match.pipeline,
                          job.id, "; ".join(match.reasons))
@@ -134,8 +128,14 @@ class Pipeline:
             self._submitted.add(job.id)
         self._threads.submit(self._run_guarded, job.id)
 
-    def pick_up_queued(self) -> None:
-        """Queued jobs not yet on the pool: after a restart, or requeued by `dicom-node jobs retry`."""
+    def pick_up_queued(self, interrupted_by: str = "its run ended without its outcome in the journal") -> None:
+        """Requeue jobs journaled `running` that no thread here runs (`interrupted_by` says why), then put
+        queued jobs not yet on the pool there: after a restart, or requeued by `dicom-node jobs retry`."""
+        for job in self.journal.jobs_in_state("running"):
+            with self._submitted_lock:  # a run journals its outcome before it leaves `_submitted`
+                orphan = job.id not in self._submitted and self.journal.get_job(job.id).state == "running"
+            if orphan:
+                self._interrupted(job, interrupted_by)
         for job in self.journal.jobs_in_state("queued"):
             self.submit(job)
 
@@ -152,6 +152,8 @@ class Pipeline:
         try:
             with self._job_context(job_id):
                 self._run(job_id)
+        except Exception:  # the journal refused a write: the dispatch loop's pick_up_queued requeues the job
+            log.exception("job %d: its outcome could not be journaled", job_id)
         finally:
             with self._submitted_lock:
                 self._submitted.discard(job_id)
@@ -165,7 +167,7 @@ class Pipeline:
         try:
             written = self.run_job(job)
         except WorkerDied as died:
-            self._worker_died(job, str(died))
+            self._interrupted(job, str(died))
             return
         except Exception as error:
             kind = error.kind if isinstance(error, JobError) else type(error).__name__
@@ -187,9 +189,10 @@ class Pipeline:
                                      detail=f"{job.pipeline}: {', '.join(sorted({p.parent.name for p in written}))}"))
         self._dispatch_wakeup.set()
 
-    def _worker_died(self, job: JobRecord, reason: str) -> None:
-        """A job whose worker process died is run again, in a fresh worker, up to MAX_INTERRUPTED_RUNS
-        runs (the OOM killer may have picked it for another job's memory); then it is failed."""
+    def _interrupted(self, job: JobRecord, reason: str) -> None:
+        """An interrupted job (see MAX_INTERRUPTED_RUNS) is run again, in a fresh worker if its worker
+        died, up to MAX_INTERRUPTED_RUNS runs (the OOM killer may have picked it for another job's
+        memory); then it is failed."""
         if job.attempts < MAX_INTERRUPTED_RUNS:
             log.error("job %d (%s): %s; run %d of %d, queued again", job.id, job.pipeline, reason, job.attempts,
                       MAX_INTERRUPTED_RUNS)

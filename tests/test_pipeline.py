@@ -235,7 +235,8 @@ def test_a_job_the_node_died_in_three_times_is_failed_not_rerun(node, tmp_path):
     pipeline.start()
     job = journal.get_job(job.id)
     assert job.state == "failed"
-    assert f"stopped {MAX_INTERRUPTED_RUNS} times" in job.error and f"jobs retry {job.id}" in job.error
+    assert job.error.startswith(f"the node stopped while running it, in each of its {MAX_INTERRUPTED_RUNS} runs")
+    assert f"jobs retry {job.id}" in job.error
     assert all(Path(i.path).exists() for i in journal.series_instances(record.series_instance_uid, 1))
 
 
@@ -355,3 +356,33 @@ def test_a_series_the_router_did_not_take_is_handed_over_again(node, tmp_path, c
     assert "is not routed; handing it over again" in caplog.text
     tracker.check_stable()
     assert len(handed) == 2
+
+
+def test_a_job_whose_outcome_the_journal_refused_is_run_again(node, tmp_path, caplog):
+    """SQLite refuses the job's writes while another connection holds the journal's write lock past the
+    busy timeout (an admin's sqlite3 shell left in a transaction): the run ends with the job journaled
+    `running` and no thread on it. Once the lock is gone the dispatch loop requeues it and it runs again,
+    instead of staying `running` until the node restarts."""
+    import sqlite3
+
+    config, journal, pipeline = node(spleen_modality="MR")
+    pipeline.start()
+    record = _spool(journal, tmp_path / "spool", write_ct_volume(chest_phantom().volume, tmp_path / "phantom"))
+    pipeline.on_series_complete(record)
+    (job,) = journal.jobs_in_state("queued", "running", "done", "failed")
+    _wait_job(journal, job.id, states=("running",))
+    admin = sqlite3.connect(Path(config.node.storage_dir) / "journal.sqlite", timeout=0)
+    admin.execute("BEGIN IMMEDIATE")
+    try:
+        deadline = time.monotonic() + 90
+        while "its outcome could not be journaled" not in caplog.text:
+            assert time.monotonic() < deadline, "the job's writes were not refused"
+            time.sleep(0.2)
+        assert journal.get_job(job.id).state == "running"
+    finally:
+        admin.rollback()
+        admin.close()
+    job = _wait_job(journal, job.id)
+    assert job.state == "done" and job.attempts == 2, job.error
+    assert "its run ended without its outcome in the journal; run 1 of 3, queued again" in caplog.text
+    assert len(_segs(job.output_dir)) == 1
