@@ -323,28 +323,28 @@ def test_job_workers_start_with_the_node_and_import_before_the_first_job(node, t
 
 
 def test_a_series_the_router_did_not_take_is_handed_over_again(node, tmp_path, caplog):
-    """The router's journal write failing at that one moment (no real part refuses on demand: a router that
-    raises once stands in) leaves the series `complete`; a minute later the periodic check hands it over
-    again, and the node does not wait for a restart to route it."""
+    """The router's journal write refused (another connection holds SQLite's write lock past the busy
+    timeout) leaves the series `complete`; a minute later the periodic check hands it over again, and
+    the node does not wait for a restart to route it."""
+    import sqlite3
     from datetime import timedelta
-
-    from sqlalchemy.exc import OperationalError
 
     from dicom_node.complete import UNROUTED_AFTER_S, CompletionTracker
     from dicom_node.journal import series, utcnow
 
     config, journal, pipeline = node(spleen_modality="MR")
     handed = []
-
-    def router(record):
-        handed.append(record)
-        if len(handed) == 1:
-            raise OperationalError("UPDATE series", {}, Exception("database is locked"))
-        pipeline.on_series_complete(record)
-
-    tracker = CompletionTracker(journal, stable_seconds=3600, after_release_seconds=1, on_series_complete=router)
+    tracker = CompletionTracker(journal, stable_seconds=3600, after_release_seconds=1,
+                                on_series_complete=lambda record: handed.append(record) or
+                                pipeline.on_series_complete(record))
     record = _spool(journal, tmp_path / "spool", real_series(tmp_path / "real"))
-    tracker.hand_over(record)
+    admin = sqlite3.connect(Path(config.node.storage_dir) / "journal.sqlite", timeout=0)
+    admin.execute("BEGIN IMMEDIATE")
+    try:
+        tracker.hand_over(record)
+    finally:
+        admin.rollback()
+        admin.close()
     assert journal.get_series(record.series_instance_uid).state == "complete"
     assert "database is locked" in caplog.text
     tracker.check_stable()
