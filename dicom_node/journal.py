@@ -226,7 +226,9 @@ class Journal:
 
     def __init__(self, url: str):
         self.url = url
-        self.engine: Engine = create_engine(url)
+        # A database server restarts (maintenance, failover) and leaves the pooled connections dead:
+        # each is checked with a round trip before use, so no C-STORE fails on one.
+        self.engine: Engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._write_lock = threading.Lock()

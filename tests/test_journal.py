@@ -149,3 +149,16 @@ def test_a_newer_versions_required_column_is_refused(journal_url):
     with pytest.raises(JournalSchemaError, match=r"instances\.checksum is unknown to this version and must have a "
                                                  r"value \(a newer version's journal\?\)"):
         Journal(journal_url)
+
+
+def test_a_postgresql_restart_fails_no_write(postgres_server):
+    """After a database restart (maintenance, failover) the pooled connections are dead; the journal
+    checks a connection before use, so the next C-STORE's insert does not fail on one."""
+    journal = Journal(postgres_server.new_database())
+    try:
+        journal.record_instance(instance("1.1"))
+        postgres_server.restart()
+        record, new = journal.record_instance(instance("1.2"))
+        assert new and journal.get_series("1.2.3", 1).instance_count == 2
+    finally:
+        journal.close()

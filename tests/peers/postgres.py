@@ -41,10 +41,26 @@ def _postgres_user() -> pwd.struct_passwd | None:
 
 
 class PostgresServer:
-    def __init__(self, root: Path, port: int):
+    """The running cluster: databases for the tests, and a restart (a database maintenance window)."""
+
+    def __init__(self, root: Path, port: int, command: list):
         self.root = root
         self.port = port
+        self._command = command
         self._databases = 0
+        self._process: ManagedProcess | None = None
+
+    def start(self) -> None:
+        self._process = ManagedProcess(self._command, log=self.root / "postgres.log")
+        wait_for_port(self.port, timeout=60, process=self._process.process)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.stop(first_signal=signal.SIGINT)  # "fast" shutdown: SIGTERM would wait for pooled clients
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
 
     def new_database(self) -> str:
         """A fresh, empty database; its SQLAlchemy URL."""
@@ -73,12 +89,12 @@ def postgres_server() -> Iterator[PostgresServer]:
         subprocess.run([*as_user, _bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
                        check=True, capture_output=True, timeout=120)
         subprocess.run([*as_user, "mkdir", str(sockets)], check=True)
-        process = ManagedProcess([*as_user, _bin("postgres"), "-D", data, "-p", str(port), "-h", "127.0.0.1",
-                                  "-k", sockets], log=root / "postgres.log")
+        server = PostgresServer(root, port, [*as_user, _bin("postgres"), "-D", data, "-p", str(port), "-h",
+                                             "127.0.0.1", "-k", sockets])
         try:
-            wait_for_port(port, timeout=60, process=process.process)
-            yield PostgresServer(root, port)
+            server.start()
+            yield server
         finally:
-            process.stop(first_signal=signal.SIGINT)  # "fast" shutdown: SIGTERM would wait for pooled clients
+            server.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
