@@ -76,7 +76,7 @@ def run_ours(folder: Path, repository: Path, threads: int, url: str | None) -> d
     repo = ModelRepository(repository)
     settings = (BackendSettings(kind="embedded", cpu_threads=threads) if url is None
                 else BackendSettings(kind="triton", url=url, protocol="grpc", timeout_s=600))
-    backend = open_backend(settings, repo)
+    backend = open_backend(settings)
     entry = repo.get("spleen_ct")
     backend.check(entry)
     if url is None:

@@ -50,7 +50,7 @@ def open_inference(config: Config):
         from dicom_node.models import backend_settings
         repository = ModelRepository(config.inference.model_repository)
         _opened["repository"] = repository
-        _opened["backend"] = open_backend(backend_settings(config), repository)
+        _opened["backend"] = open_backend(backend_settings(config))
     return _opened["repository"], _opened["backend"]
 
 

@@ -161,7 +161,7 @@ def run_check(args: argparse.Namespace, config: Config | None, out: TextIO = sys
         return 1
     settings = backend_settings(config)
     try:
-        backend = open_backend(settings, repository)
+        backend = open_backend(settings)
     except BackendError as error:
         print(f"error: {settings.kind} backend: {error}", file=out)
         return 1

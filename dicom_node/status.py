@@ -235,7 +235,7 @@ def _offline_status(config: Config) -> NodeStatus:
         from inference.repository import ModelRepository
         from dicom_node.models import backend_settings
         repository = ModelRepository(config.inference.model_repository)
-        backends.append(open_backend(backend_settings(config), repository))
+        backends.append(open_backend(backend_settings(config)))
         return repository, backends[-1]
 
     try:

@@ -17,6 +17,7 @@ middle of a patient's job.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -27,7 +28,9 @@ from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 
-from inference.repository import ModelEntry, ModelRepository, RepositoryError
+from inference.repository import ModelEntry
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -59,8 +62,9 @@ class BackendSettings:
 
 
 class Backend(Protocol):
-    def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run `model` on named float32 tensors; returns its outputs by name."""
+    def infer(self, entry: ModelEntry, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model `entry` names (its version as the repository has it now: the one a result's
+        algorithm version records) on named float32 tensors; returns its outputs by name."""
 
     def check(self, entry: ModelEntry) -> None:
         """Raise BackendError unless the backend can serve `entry` as its pipeline.yaml feeds it."""
@@ -68,12 +72,12 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def open_backend(settings: BackendSettings, repository: ModelRepository) -> Backend:
+def open_backend(settings: BackendSettings) -> Backend:
     """The backend config.yaml selects; a Triton server is checked live and ready here."""
     if settings.kind == "embedded":
-        return EmbeddedBackend(repository, settings)
+        return EmbeddedBackend(settings)
     if settings.kind == "triton":
-        return TritonBackend(repository, settings)
+        return TritonBackend(settings)
     raise BackendError(f"unknown inference backend {settings.kind!r} (embedded or triton)")
 
 
@@ -111,14 +115,15 @@ def compare_signature(entry: ModelEntry, inputs: list[TensorSignature], outputs:
 
 
 class EmbeddedBackend:
-    """ONNX Runtime sessions in this process, one per model, created by its first inference.
-    `check` never creates one: it reads the model in a child process."""
+    """ONNX Runtime sessions in this process, one per model, created by its first inference and again
+    when its file changes (a new version installed, or the file replaced): a job never runs a model
+    other than the one its results name. `check` never creates one: it reads the model in a child
+    process."""
 
-    def __init__(self, repository: ModelRepository, settings: BackendSettings) -> None:
+    def __init__(self, settings: BackendSettings) -> None:
         import onnxruntime as ort
 
         self._ort = ort
-        self.repository = repository
         self.settings = settings
         available = ort.get_available_providers()
         if settings.providers:
@@ -130,32 +135,37 @@ class EmbeddedBackend:
             self.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         else:
             self.providers = ["CPUExecutionProvider"]
-        self._sessions: dict[str, object] = {}
+        self._sessions: dict[str, tuple[tuple, object]] = {}  # model -> (its file's identity, session)
         self._lock = threading.Lock()
         self._signatures: dict[tuple, tuple[list[TensorSignature], list[TensorSignature]]] = {}
         self._check_lock = threading.Lock()
 
     def _session(self, entry: ModelEntry):
+        _require_onnx_file(entry)
+        identity = _file_identity(entry)
         with self._lock:
-            if entry.name not in self._sessions:
-                _require_onnx_file(entry)
+            cached = self._sessions.get(entry.name)
+            if cached is None or cached[0] != identity:
                 options = self._ort.SessionOptions()
                 options.intra_op_num_threads = self.settings.cpu_threads
                 try:
-                    self._sessions[entry.name] = self._ort.InferenceSession(
-                        str(entry.version_path), sess_options=options, providers=self.providers)
+                    session = self._ort.InferenceSession(str(entry.version_path), sess_options=options,
+                                                         providers=self.providers)
                 except Exception as error:  # ONNX Runtime raises its own exception types
                     raise BackendError(f"model {entry.name!r}: ONNX Runtime cannot load "
                                        f"{entry.version_path}: {error}") from None
-            return self._sessions[entry.name]
+                if cached is not None:
+                    log.info("model %s: %s changed since it was loaded; loaded again", entry.name,
+                             entry.version_path)
+                cached = self._sessions[entry.name] = (identity, session)
+            return cached[1]
 
     def check(self, entry: ModelEntry) -> None:
         """Loads the model in a child process (inference.describe says why), once per model file:
         the answer is kept while the file's size, modification time and inode stay the same."""
         _require_onnx_file(entry)
         path = entry.version_path
-        stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        key = _file_identity(entry)
         with self._check_lock:
             if key not in self._signatures:
                 self._signatures[key] = _describe_in_child(entry)
@@ -166,8 +176,8 @@ class EmbeddedBackend:
         """Create the model's session now rather than in its first inference (benchmarks time inference alone)."""
         self._session(entry)
 
-    def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        session = self._sessions.get(model) or self._session(_entry(self.repository, model))
+    def infer(self, entry: ModelEntry, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self._session(entry)
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, inputs)))
 
@@ -183,6 +193,14 @@ def _require_onnx_file(entry: ModelEntry) -> None:
     if not entry.version_path.is_file():
         raise BackendError(f"model {entry.name!r}: {entry.version_path} is missing "
                            "(import the weights with `dicom-node models import`)")
+
+
+def _file_identity(entry: ModelEntry) -> tuple:
+    """Path, size, modification time and inode of the model file: any of them changes when a new version
+    is installed or the file is replaced."""
+    path = entry.version_path
+    stat = path.stat()
+    return str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
 def _describe_in_child(entry: ModelEntry) -> tuple[list[TensorSignature], list[TensorSignature]]:
@@ -215,7 +233,7 @@ class TritonBackend:
     retried `retries` times with exponential backoff, anything else fails at once.
     """
 
-    def __init__(self, repository: ModelRepository, settings: BackendSettings) -> None:
+    def __init__(self, settings: BackendSettings) -> None:
         if settings.protocol == "grpc":
             import tritonclient.grpc as client_module
         else:
@@ -224,7 +242,6 @@ class TritonBackend:
 
         self._module = client_module
         self._server_error = InferenceServerException
-        self.repository = repository
         self.settings = settings
         self.where = f"on triton at {settings.url}"
         self._local = threading.local()
@@ -310,12 +327,12 @@ class TritonBackend:
         with self._lock:
             self._entries[entry.name] = entry
 
-    def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, entry: ModelEntry, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
-            entry = self._entries.get(model)
-        if entry is None:
-            entry = _entry(self.repository, model)
+            checked = self._entries.get(entry.name) == entry
+        if not checked:
             self.check(entry)
+        model = entry.name
         module = self._module
         http = self.settings.protocol == "http"
 
@@ -337,13 +354,6 @@ class TritonBackend:
             clients, self._clients = self._clients, []
         for client in clients:
             client.close()
-
-
-def _entry(repository: ModelRepository, model: str) -> ModelEntry:
-    try:
-        return repository.get(model)
-    except RepositoryError as error:
-        raise BackendError(str(error)) from None
 
 
 def _message(error: Exception) -> str:

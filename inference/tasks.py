@@ -28,7 +28,7 @@ def segment(volume: Volume, entry: ModelEntry, backend: Backend) -> LabelMap:
 
     def predict(batch: np.ndarray) -> np.ndarray:
         tensor = np.ascontiguousarray(batch.transpose(to_model))
-        outputs = backend.infer(entry.name, {spec.input.name: tensor})
+        outputs = backend.infer(entry, {spec.input.name: tensor})
         return outputs[spec.output.name].transpose(from_model)
 
     values = [label.value for label in spec.labels]
@@ -101,7 +101,7 @@ def classify(volume: Volume, mask: LabelMap, entry: ModelEntry, backend: Backend
         raise ValueError(f"model {entry.name!r} is a {spec.task} model, not a classifier")
     cropped = crop_to_mask(volume, mask, recipe.mask_labels, recipe.crop_margin_mm)
     tensor = classifier_input(cropped, recipe.input_size, recipe.window, spec.input_layout)
-    output = backend.infer(entry.name, {spec.input.name: tensor})[spec.output.name]
+    output = backend.infer(entry, {spec.input.name: tensor})[spec.output.name]
     logits = np.asarray(output).transpose([spec.output_layout.index(axis) for axis in "NC"])[0]
     if logits.shape != (len(recipe.classes),):
         raise ValueError(f"model {entry.name!r} returned {logits.size} scores for {len(recipe.classes)} classes")

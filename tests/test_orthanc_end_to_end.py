@@ -103,7 +103,7 @@ def uid_of(path: Path, keyword: str) -> str:
 def expected_inference(files: list[Path], models: Path):
     """What the node must have computed: the same loader, repository and embedded backend, in this process."""
     repository = ModelRepository(models)
-    return load_series(files), repository, open_backend(BackendSettings(kind="embedded", cpu_threads=2), repository)
+    return load_series(files), repository, open_backend(BackendSettings(kind="embedded", cpu_threads=2))
 
 
 @needs_peers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -147,11 +148,11 @@ def test_repository_level_errors(repo, tmp_path):
 
 def test_embedded_backend_checks_and_runs(repo):
     repository = ModelRepository(repo)
-    backend = open_backend(BackendSettings(kind="embedded", cpu_threads=1), repository)
+    backend = open_backend(BackendSettings(kind="embedded", cpu_threads=1))
     try:
         backend.check(repository.get("spleen_ct"))
         x = np.zeros((2, 1, 32, 32, 32), np.float32)
-        (out,) = backend.infer("spleen_ct", {"INPUT__0": x}).values()
+        (out,) = backend.infer(repository.get("spleen_ct"), {"INPUT__0": x}).values()
         assert out.shape == (2, 2, 32, 32, 32) and out.dtype == np.float32
         # A pipeline.yaml naming an output the model lacks (config.pbtxt silent about tensors).
         edit(repo / "spleen_ct" / "config.pbtxt", "output [", "xoutput [")
@@ -161,11 +162,11 @@ def test_embedded_backend_checks_and_runs(repo):
     finally:
         backend.close()
     (repo / "spleen_ct" / "1" / "model.onnx").unlink()
-    fresh = open_backend(BackendSettings(kind="embedded"), repository)
+    fresh = open_backend(BackendSettings(kind="embedded"))
     with pytest.raises(BackendError, match="model.onnx is missing"):
         fresh.check(repository.get("spleen_ct"))
     with pytest.raises(BackendError, match="has no NoSuchProvider"):
-        open_backend(BackendSettings(kind="embedded", providers=["NoSuchProvider"]), repository)
+        open_backend(BackendSettings(kind="embedded", providers=["NoSuchProvider"]))
 
 
 
@@ -173,7 +174,7 @@ def test_embedded_check_loads_the_model_outside_this_process(repo):
     """Readiness runs in the node's process: checking must not leave a model loaded there, a file
     ONNX Runtime cannot read is named, and a replaced model file is read again."""
     repository = ModelRepository(repo)
-    backend = open_backend(BackendSettings(kind="embedded"), repository)
+    backend = open_backend(BackendSettings(kind="embedded"))
     model_file = repo / "spleen_ct" / "1" / "model.onnx"
     original = model_file.read_bytes()
     backend.check(repository.get("spleen_ct"))
@@ -184,6 +185,55 @@ def test_embedded_check_loads_the_model_outside_this_process(repo):
     model_file.write_bytes(original)
     backend.check(repository.get("spleen_ct"))
     assert backend._sessions == {}
+
+def _scaling_model(path, factor: float) -> None:
+    """An ONNX model whose `scores` are its `volume` (1 x 1 x 1 x 1 x 2) times `factor`, flattened."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["volume", "factor"], ["scaled"]),
+         helper.make_node("Flatten", ["scaled"], ["scores"], axis=1)], "scale",
+        [helper.make_tensor_value_info("volume", TensorProto.FLOAT, [1, 1, 1, 1, 2])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor("factor", TensorProto.FLOAT, [], [factor])])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_a_new_model_version_or_replaced_file_is_what_the_next_inference_runs(tmp_path, caplog):
+    """An admin installs version 2 (Triton's latest-version policy) or overwrites the file while the
+    worker holds version 1's session: the next job's entry names the new file, and that is what runs,
+    so a result never records one model version while another made it."""
+    entry = tmp_path / "scaler"
+    _scaling_model(entry / "1" / "model.onnx", 1.0)
+    (entry / "config.pbtxt").write_text('name: "scaler"\nplatform: "onnxruntime_onnx"\n')
+    (entry / "pipeline.yaml").write_text(textwrap.dedent("""\
+        task: classification
+        input: {name: volume, layout: NCZYX}
+        output: {name: scores}
+        classification:
+          classes: [{name: a}, {name: b}]
+          input_size: [1, 1, 2]
+          window: [0, 1]
+        """))
+    repository = ModelRepository(tmp_path)
+    backend = open_backend(BackendSettings(kind="embedded"))
+    x = np.array([1.0, 2.0], np.float32).reshape(1, 1, 1, 1, 2)
+    try:
+        assert backend.infer(repository.get("scaler"), {"volume": x})["scores"].tolist() == [[1.0, 2.0]]
+        _scaling_model(entry / "2" / "model.onnx", 2.0)
+        latest = repository.get("scaler")
+        assert latest.version == 2
+        with caplog.at_level("INFO", logger="inference.backends"):
+            assert backend.infer(latest, {"volume": x})["scores"].tolist() == [[2.0, 4.0]]
+        assert "model scaler: " in caplog.text and "changed since it was loaded; loaded again" in caplog.text
+        time.sleep(0.05)  # file times advance in clock ticks: a replacement comes later than that
+        _scaling_model(entry / "2" / "model.onnx", 3.0)  # the same version's file replaced in place
+        assert backend.infer(repository.get("scaler"), {"volume": x})["scores"].tolist() == [[3.0, 6.0]]
+    finally:
+        backend.close()
+
 
 def test_classifier_task_feeds_the_recipe(repo):
     """pipeline.yaml's classification section drives crop, resize, window, layout and softmax."""
@@ -235,11 +285,11 @@ def test_classifier_task_feeds_the_recipe(repo):
         def __init__(self, backend):
             self.backend = backend
 
-        def infer(self, name, inputs):
+        def infer(self, entry, inputs):
             seen.append({k: v.copy() for k, v in inputs.items()})
-            return self.backend.infer(name, inputs)
+            return self.backend.infer(entry, inputs)
 
-    backend = open_backend(BackendSettings(kind="embedded"), repository)
+    backend = open_backend(BackendSettings(kind="embedded"))
     backend.check(model)
     result = tasks.classify(volume, mask, model, Recording(backend))
     crop = crop_to_mask(volume, mask, [2], 4.0)

@@ -52,7 +52,7 @@ def ct() -> Volume:
 @pytest.fixture(scope="module")
 def embedded_mask(ct, tmp_path_factory):
     repository = make_repository(tmp_path_factory.mktemp("models"))
-    backend = open_backend(BackendSettings(kind="embedded", cpu_threads=2), repository)
+    backend = open_backend(BackendSettings(kind="embedded", cpu_threads=2))
     entry = repository.get("spleen_ct")
     backend.check(entry)
     return tasks.segment(ct, entry, backend)
@@ -145,7 +145,7 @@ def test_channels_last_zyx_model_gives_the_same_mask(ct, embedded_mask, tmp_path
         .replace("layout: NCXYZ", "layout: NZYXC"))
     entry = repository.get("spleen_ct")
     assert entry.pipeline.input_layout == "NZYXC"
-    backend = open_backend(BackendSettings(kind="embedded", cpu_threads=2), repository)
+    backend = open_backend(BackendSettings(kind="embedded", cpu_threads=2))
     backend.check(entry)
     mask = tasks.segment(ct, entry, backend).volume.array
     assert dice(mask > 0, embedded_mask.volume.array > 0) >= 0.999

@@ -35,7 +35,7 @@ def served(tmp_path_factory):
 def test_spleen_over_the_wire_is_identical_to_embedded(served, ct, embedded_mask, protocol):  # noqa: F811
     repository, server = served
     url = server.grpc_url if protocol == "grpc" else server.http_url
-    backend = open_backend(BackendSettings(kind="triton", url=url, protocol=protocol, timeout_s=120), repository)
+    backend = open_backend(BackendSettings(kind="triton", url=url, protocol=protocol, timeout_s=120))
     try:
         entry = repository.get("spleen_ct")
         backend.check(entry)
@@ -55,7 +55,7 @@ def test_missing_model_is_a_clear_startup_error(served, tmp_path):
     config.write_text(config.read_text().replace('"spleen_ct"', '"liver_ct"'))
     repository = ModelRepository(tmp_path)
     for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
-        backend = open_backend(BackendSettings(kind="triton", url=url, protocol=protocol), repository)
+        backend = open_backend(BackendSettings(kind="triton", url=url, protocol=protocol))
         with pytest.raises(BackendError) as caught:
             backend.check(repository.get("liver_ct"))
         assert str(caught.value) == f"model 'liver_ct' is not ready on triton at {url}"
@@ -69,7 +69,7 @@ def test_wrong_tensor_name_is_a_clear_startup_error(served, tmp_path):
     for name in ("config.pbtxt", "pipeline.yaml"):
         (entry / name).write_text((entry / name).read_text().replace("INPUT__0", "INPUT__1"))
     repository = ModelRepository(tmp_path)
-    backend = open_backend(BackendSettings(kind="triton", url=server.grpc_url), repository)
+    backend = open_backend(BackendSettings(kind="triton", url=server.grpc_url))
     with pytest.raises(BackendError) as caught:
         backend.check(repository.get("spleen_ct"))
     assert str(caught.value) == f"model 'spleen_ct' has no input 'INPUT__1' on triton at {server.grpc_url} (it has INPUT__0)"
@@ -80,7 +80,7 @@ def test_unreachable_server_fails_after_bounded_retries(served):
     repository, _ = served
     url = f"127.0.0.1:{free_port()}"
     with pytest.raises(BackendError, match=rf"triton at {url} is unreachable \(server live, 2 attempts\)"):
-        open_backend(BackendSettings(kind="triton", url=url, retries=1, timeout_s=2), repository)
+        open_backend(BackendSettings(kind="triton", url=url, retries=1, timeout_s=2))
 
 
 def test_server_coming_up_during_retries(served, tmp_path):
@@ -91,7 +91,7 @@ def test_server_coming_up_during_retries(served, tmp_path):
     starter = threading.Timer(0.5, lambda: started.append(KServeServer(repository.path, tmp_path / "late.log", ports=ports)))
     starter.start()
     try:
-        backend = open_backend(BackendSettings(kind="triton", url=f"127.0.0.1:{ports[1]}", retries=6), repository)
+        backend = open_backend(BackendSettings(kind="triton", url=f"127.0.0.1:{ports[1]}", retries=6))
         backend.check(repository.get("spleen_ct"))
         backend.close()
     finally:
