@@ -10,6 +10,7 @@ worker runs and kept for the next ones (a model load takes seconds).
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ class JobOutput:
     seconds: dict[str, float]  # load, inference, encode
 
 
+log = logging.getLogger(__name__)
+
 _opened: dict[str, object] = {}  # this process's model repository and backend, once opened
 
 
@@ -61,13 +64,24 @@ def close_inference() -> None:
         backend.close()
 
 
-def preload() -> None:
-    """Import what every job uses (numpy, SimpleITK, the pixel codecs, highdicom: about 1 s of CPU), so
-    that a worker started with the node has paid for it before its first job. The node's own process
-    imports this module for JobRequest only, and keeps its memory small by not calling this."""
+def preload(config: Config) -> None:
+    """Import what every job uses (numpy, SimpleITK, the pixel codecs, highdicom: about 1 s of CPU) and,
+    with the embedded backend, load the models of the enabled pipelines (0.5 s or more each), so that
+    a worker started with the node has paid for both before its first job. A model that does not load
+    is left to its first job, which fails with the reason. The node's own process imports this module
+    for JobRequest only, and keeps its memory small by not calling this."""
     for module in ("dicom_node.volume", "inference.tasks", "dicom_node.results.seg", "dicom_node.results.sr",
                    "dicom_node.results.overlay"):
         importlib.import_module(module)
+    if config.inference.backend != "embedded":
+        return
+    from dicom_node.status import configured_models
+    for model in configured_models(config):
+        try:
+            repository, backend = open_inference(config)
+            backend.load(repository.get(model))
+        except Exception as error:
+            log.warning("job worker: model %s not loaded ahead (its first job tries again): %s", model, error)
 
 
 def produce(request: JobRequest) -> JobOutput:

@@ -58,7 +58,7 @@ class Pipeline:
         self.results_dir = Path(config.node.storage_dir) / "results"
         # One thread per worker slot waits on its job's worker process (dicom_node.workers).
         self._threads = ThreadPoolExecutor(max_workers=max(1, config.inference.workers), thread_name_prefix="job")
-        self._job_workers = JobWorkers(max(1, config.inference.workers))
+        self._job_workers = JobWorkers(config)
         self._stopping = threading.Event()
         self._dispatch_wakeup = threading.Event()
         self._dispatcher: threading.Thread | None = None

@@ -26,6 +26,7 @@ import traceback
 from multiprocessing.connection import Connection, wait
 
 from dicom_node import logs
+from dicom_node.config import Config
 from dicom_node.job import JobOutput, JobRequest
 
 log = logging.getLogger(__name__)
@@ -77,14 +78,14 @@ def _watch_parent(parent_pid: int) -> None:
         time.sleep(PARENT_CHECK_S)
 
 
-def _child_main(connection: Connection, parent_pid: int, log_format: str) -> None:
+def _child_main(connection: Connection, parent_pid: int, log_format: str, config: Config) -> None:
     """A worker's life: answer JobRequests until the node closes the pipe."""
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="watch-node", daemon=True).start()
     for stop in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and systemd signal the whole group; the node
         signal.signal(stop, signal.SIG_IGN)        # lets the running job finish, then closes the pipe
     logs.configure(log_format)
     from dicom_node import job
-    job.preload()
+    job.preload(config)
     while True:
         try:
             request: JobRequest = connection.recv()
@@ -103,14 +104,15 @@ def _child_main(connection: Connection, parent_pid: int, log_format: str) -> Non
 class _Slot:
     """One worker process and its pipe, started with the node (or on first use) and after a death."""
 
-    def __init__(self, number: int):
+    def __init__(self, number: int, config: Config):
         self.number = number
+        self.config = config
         self.process: multiprocessing.process.BaseProcess | None = None
         self.connection: Connection | None = None
 
     def start(self) -> None:
         ours, theirs = _CONTEXT.Pipe()
-        self.process = _CONTEXT.Process(target=_child_main, args=(theirs, os.getpid(), logs.current_format()),
+        self.process = _CONTEXT.Process(target=_child_main, args=(theirs, os.getpid(), logs.current_format(), self.config),
                                         name=f"job-worker-{self.number}", daemon=True)
         self.process.start()
         theirs.close()
@@ -181,18 +183,18 @@ class _Slot:
 
 
 class JobWorkers:
-    """`count` worker slots; `run` blocks the calling thread until its job is done in a free slot."""
+    """`inference.workers` worker slots; `run` blocks the calling thread until its job is done in a free slot."""
 
-    def __init__(self, count: int):
+    def __init__(self, config: Config):
         self._free: queue.Queue[_Slot] = queue.Queue()
-        self._slots = [_Slot(number) for number in range(1, count + 1)]
+        self._slots = [_Slot(number, config) for number in range(1, max(1, config.inference.workers) + 1)]
         for slot in self._slots:
             self._free.put(slot)
 
     def start(self) -> None:
         """Start every slot's process now, while the node is idle: a worker imports numpy, pydicom,
-        ONNX Runtime and the codecs (1-2 s of CPU) before it can take a job, and the first study after
-        a restart should not wait for that."""
+        ONNX Runtime and the codecs and loads its models (2-3 s of CPU, dicom_node.job.preload) before
+        it can take a job, and the first study after a restart should not wait for that."""
         for slot in self._slots:
             slot.start()
 

@@ -312,9 +312,9 @@ def test_job_workers_start_with_the_node_and_import_before_the_first_job(node, t
     pipeline.start()
     (worker,) = _job_workers_of(os.getpid())
     deadline = time.monotonic() + 60
-    while not _has_loaded(worker, "SimpleITK"):  # the volume loader's native library, before any job
-        assert time.monotonic() < deadline, "the idle worker did not import what a job uses"
-        time.sleep(0.05)
+    while not (_has_loaded(worker, "SimpleITK") and _has_loaded(worker, "onnxruntime")):  # before any job:
+        assert time.monotonic() < deadline, "the idle worker did not import what a job uses"  # the volume
+        time.sleep(0.05)                                                   # loader's and the model's libraries
     record = _spool(journal, tmp_path / "spool", write_ct_volume(chest_phantom().volume, tmp_path / "phantom"))
     pipeline.on_series_complete(record)
     (job,) = journal.jobs_in_state("queued", "running", "done", "failed")
@@ -386,3 +386,26 @@ def test_a_job_whose_outcome_the_journal_refused_is_run_again(node, tmp_path, ca
     assert job.state == "done" and job.attempts == 2, job.error
     assert "its run ended without its outcome in the journal; run 1 of 3, queued again" in caplog.text
     assert len(_segs(job.output_dir)) == 1
+
+
+def test_preload_loads_the_models_of_enabled_pipelines_and_leaves_a_broken_one_to_its_job(node, caplog):
+    """What a worker started with the node does while idle (dicom_node.job.preload)."""
+    from dicom_node import job
+
+    config, _, _ = node()
+    _spleen_repository(Path(config.inference.model_repository))
+    try:
+        job.preload(config)
+        _, backend = job.open_inference(config)
+        assert set(backend._sessions) == {"spleen_ct"}  # the lung step is classical: no model
+    finally:
+        job.close_inference()
+    model_file = Path(config.inference.model_repository) / "spleen_ct" / "1" / "model.onnx"
+    model_file.write_bytes(b"not a model")
+    try:
+        with caplog.at_level("WARNING", logger="dicom_node.job"):
+            job.preload(config)
+    finally:
+        job.close_inference()
+    assert "model spleen_ct not loaded ahead (its first job tries again): model 'spleen_ct': ONNX Runtime " \
+           "cannot load" in caplog.text
