@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,19 +187,32 @@ def test_embedded_check_loads_the_model_outside_this_process(repo):
     backend.check(repository.get("spleen_ct"))
     assert backend._sessions == {}
 
-def _scaling_model(path, factor: float) -> None:
-    """An ONNX model whose `scores` are its `volume` (1 x 1 x 1 x 1 x 2) times `factor`, flattened."""
+def _classifier_model(path: Path, nodes: list, volume_shape: list[int], initializers: tuple = ()) -> None:
+    """An ONNX model of `nodes` from a float `volume` of `volume_shape` to two float `scores`."""
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["volume", "factor"], ["scaled"]),
-         helper.make_node("Flatten", ["scaled"], ["scores"], axis=1)], "scale",
-        [helper.make_tensor_value_info("volume", TensorProto.FLOAT, [1, 1, 1, 1, 2])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 2])],
-        [helper.make_tensor("factor", TensorProto.FLOAT, [], [factor])])
+    graph = helper.make_graph(nodes, "toy", [helper.make_tensor_value_info("volume", TensorProto.FLOAT, volume_shape)],
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 2])], list(initializers))
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def _classifier_entry(entry: Path, layout: str, classification: str) -> None:
+    """config.pbtxt and pipeline.yaml of a classifier from `volume` (in `layout`) to `scores`."""
+    (entry / "config.pbtxt").write_text(f'name: "{entry.name}"\nplatform: "onnxruntime_onnx"\n')
+    (entry / "pipeline.yaml").write_text(f"task: classification\ninput: {{name: volume, layout: {layout}}}\n"
+                                         f"output: {{name: scores}}\nclassification:\n"
+                                         + textwrap.indent(textwrap.dedent(classification), "  "))
+
+
+def _scaling_model(path: Path, factor: float) -> None:
+    """A classifier whose `scores` are its `volume` (1 x 1 x 1 x 1 x 2) times `factor`, flattened."""
+    from onnx import TensorProto, helper
+
+    _classifier_model(path, [helper.make_node("Mul", ["volume", "factor"], ["scaled"]),
+                             helper.make_node("Flatten", ["scaled"], ["scores"], axis=1)],
+                      [1, 1, 1, 1, 2], (helper.make_tensor("factor", TensorProto.FLOAT, [], [factor]),))
 
 
 def test_a_new_model_version_or_replaced_file_is_what_the_next_inference_runs(tmp_path, caplog):
@@ -207,16 +221,11 @@ def test_a_new_model_version_or_replaced_file_is_what_the_next_inference_runs(tm
     so a result never records one model version while another made it."""
     entry = tmp_path / "scaler"
     _scaling_model(entry / "1" / "model.onnx", 1.0)
-    (entry / "config.pbtxt").write_text('name: "scaler"\nplatform: "onnxruntime_onnx"\n')
-    (entry / "pipeline.yaml").write_text(textwrap.dedent("""\
-        task: classification
-        input: {name: volume, layout: NCZYX}
-        output: {name: scores}
-        classification:
-          classes: [{name: a}, {name: b}]
-          input_size: [1, 1, 2]
-          window: [0, 1]
-        """))
+    _classifier_entry(entry, "NCZYX", """\
+        classes: [{name: a}, {name: b}]
+        input_size: [1, 1, 2]
+        window: [0, 1]
+        """)
     repository = ModelRepository(tmp_path)
     backend = open_backend(BackendSettings(kind="embedded"))
     x = np.array([1.0, 2.0], np.float32).reshape(1, 1, 1, 1, 2)
@@ -237,8 +246,7 @@ def test_a_new_model_version_or_replaced_file_is_what_the_next_inference_runs(tm
 
 def test_classifier_task_feeds_the_recipe(repo):
     """pipeline.yaml's classification section drives crop, resize, window, layout and softmax."""
-    import onnx
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     from inference import tasks
     from inference.classify import classifier_input, crop_to_mask
@@ -246,28 +254,19 @@ def test_classifier_task_feeds_the_recipe(repo):
     from inference.volume import Volume
 
     entry = repo / "toy_classifier"
-    (entry / "1").mkdir(parents=True)
     # logits = [mean(volume), max(volume)] over a channels-last Z, Y, X input of 8 x 12 x 16.
-    graph = helper.make_graph(
-        [helper.make_node("Flatten", ["volume"], ["flat"], axis=1),
-         helper.make_node("ReduceMean", ["flat"], ["mean"], keepdims=1, axes=[1]),
-         helper.make_node("ReduceMax", ["flat"], ["max"], keepdims=1, axes=[1]),
-         helper.make_node("Concat", ["mean", "max"], ["scores"], axis=1)],
-        "toy", [helper.make_tensor_value_info("volume", TensorProto.FLOAT, [1, 8, 12, 16, 1])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 2])])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(entry / "1" / "model.onnx"))
-    (entry / "config.pbtxt").write_text('name: "toy_classifier"\nplatform: "onnxruntime_onnx"\n')
-    (entry / "pipeline.yaml").write_text(textwrap.dedent("""\
-        task: classification
-        input: {name: volume, layout: NZYXC}
-        output: {name: scores}
-        classification:
-          classes: [{name: low}, {name: high}]
-          crop_margin_mm: 4
-          input_size: [16, 12, 8]
-          window: [-100, 300]
-          mask_labels: [2]
-        """))
+    _classifier_model(entry / "1" / "model.onnx",
+                      [helper.make_node("Flatten", ["volume"], ["flat"], axis=1),
+                       helper.make_node("ReduceMean", ["flat"], ["mean"], keepdims=1, axes=[1]),
+                       helper.make_node("ReduceMax", ["flat"], ["max"], keepdims=1, axes=[1]),
+                       helper.make_node("Concat", ["mean", "max"], ["scores"], axis=1)], [1, 8, 12, 16, 1])
+    _classifier_entry(entry, "NZYXC", """\
+        classes: [{name: low}, {name: high}]
+        crop_margin_mm: 4
+        input_size: [16, 12, 8]
+        window: [-100, 300]
+        mask_labels: [2]
+        """)
     rng = np.random.default_rng(3)
     array = rng.integers(-200, 400, size=(30, 40, 50)).astype(np.int16)
     labels = np.zeros(array.shape, np.uint8)
