@@ -4,8 +4,8 @@ A native crash in a codec or a model runtime, or the kernel's OOM killer
 choosing the process that holds a 600-slice volume, used to take the whole
 node down: receiving, completion and dispatch with it. Each of the
 `inference.workers` slots now owns one child process (started with `spawn`
-when the node starts, kept between jobs so the models stay loaded) and talks to it over a pipe.
-When the child dies mid-job the pipe breaks, the slot reports WorkerDied with
+when the node starts, kept between jobs so the models stay loaded) and talks
+to it over a pipe. When the child dies mid-job the pipe breaks, the slot reports WorkerDied with
 the child's exit status and starts a fresh child for the next job; the node
 keeps running. A child acknowledges each job as it takes it, so one that died
 while idle is replaced without the next job being blamed for it. A child
