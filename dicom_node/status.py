@@ -170,7 +170,8 @@ def snapshot(config: Config, journal: Journal, ready: Readiness, *, source: str,
         associations=open_list, series={state: count for (state,), count in counts["series"].items()},
         jobs=job_states, jobs_by_pipeline=by_pipeline,
         dead_letters=sum(count for (_, state), count in counts["exports"].items() if state == "dead"),
-        quarantined_files=len(Spool(Path(config.node.storage_dir)).quarantined()), disk=disk_use(config), ready=ready.ready, checks=list(ready.checks))
+        quarantined_files=len(Spool(Path(config.node.storage_dir)).quarantined()), disk=disk_use(config),
+        ready=ready.ready, checks=list(ready.checks))
 
 
 # --- `dicom-node status` -----------------------------------------------------------------------

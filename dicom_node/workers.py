@@ -112,8 +112,8 @@ class _Slot:
 
     def start(self) -> None:
         ours, theirs = _CONTEXT.Pipe()
-        self.process = _CONTEXT.Process(target=_child_main, args=(theirs, os.getpid(), logs.current_format(), self.config),
-                                        name=f"job-worker-{self.number}", daemon=True)
+        self.process = _CONTEXT.Process(target=_child_main, name=f"job-worker-{self.number}", daemon=True,
+                                        args=(theirs, os.getpid(), logs.current_format(), self.config))
         self.process.start()
         theirs.close()
         self.connection = ours
