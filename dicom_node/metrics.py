@@ -72,9 +72,10 @@ class JournalCollector(Collector):
     """State gauges read at scrape time (see the module docstring)."""
 
     def __init__(self, counts: Callable[[], dict[str, dict[tuple[str, ...], int]]],
-                 free_bytes: Callable[[], int]) -> None:
+                 free_bytes: Callable[[], int], quarantined_files: Callable[[], int]) -> None:
         self._counts = counts
         self._free_bytes = free_bytes
+        self._quarantined_files = quarantined_files
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         counts = self._counts()
@@ -96,3 +97,6 @@ class JournalCollector(Collector):
         yield dead
         yield GaugeMetricFamily(f"{PREFIX}_disk_free_bytes", "Free bytes on the storage volume",
                                 value=self._free_bytes())
+        yield GaugeMetricFamily(f"{PREFIX}_quarantined_files",
+                                "Files restart reconciliation could not journal, in <storage_dir>/quarantine",
+                                value=self._quarantined_files())

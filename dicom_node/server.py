@@ -92,7 +92,8 @@ def serve(config: Config, log_format: str = "text") -> None:
     journal = Journal(journal_url(config))
     reconcile(spool, journal)
     metrics = NodeMetrics()
-    metrics.add_collector(JournalCollector(lambda: journal_counts(journal), spool.free_bytes))
+    metrics.add_collector(JournalCollector(lambda: journal_counts(journal), spool.free_bytes,
+                                           lambda: len(spool.quarantined())))
     pipeline = Pipeline(config, journal, metrics)
     pipeline.start()
     tracker = CompletionTracker(journal, config.completion.stable_seconds, config.completion.after_release_seconds,

@@ -101,6 +101,7 @@ def test_health_metrics_audit_and_series_after_a_storescu_send(tmp_path):
         assert after[("dicom_node_series_completed_total", (("trigger", "release"),))] == 1
         assert after[("dicom_node_stage_seconds_count", (("stage", "wait_for_complete"),))] == 1
         assert after[("dicom_node_disk_free_bytes", ())] > 0
+        assert after[("dicom_node_quarantined_files", ())] == 0
 
         (received,) = get_json(node, "/v1/audit?event=received")
         assert (received["calling_ae"], received["host"], received["series_instance_uid"],

@@ -12,6 +12,7 @@ import pytest
 from dicom_node.spool import Spool
 from tests.peers import dcmtk, peer_env
 from tests.series_factory import write_ct_series
+from tests.test_api import samples
 from tests.test_receive import Node, dataset_bytes, spool_path
 
 pytestmark = pytest.mark.skipif(not dcmtk.available(), reason="dcmtk not installed (apt-get install dcmtk)")
@@ -76,6 +77,7 @@ def test_restart_reconciles_spool_and_journal(tmp_path):
         journal = node.journal()
         sops = {row.sop_instance_uid for row in journal.series_instances(uid, 1)}
         journal.close()
+        quarantined_metric = samples(node)[("dicom_node_quarantined_files", ())]
         log = node.log_text()
     finally:
         node.stop()
@@ -86,6 +88,7 @@ def test_restart_reconciles_spool_and_journal(tmp_path):
     assert "has no file" in log and "row deleted" in log
     assert "journaled" in log and orphan.name in log
     (quarantined,) = Spool(node.storage).quarantined()
+    assert quarantined_metric == 1
     assert quarantined.path.read_bytes() == b"not DICOM" and not unreadable.exists()
     assert quarantined.reason.startswith("reconcile could not journal it: ")
     assert f"reconcile: {unreadable} quarantined to {quarantined.path}" in log
