@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import ssl
+from abc import abstractmethod
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -57,9 +58,9 @@ class _TlsFiles(_Model):
     def _anchor(cls, value: Any, info: ValidationInfo) -> Any:
         return _resolve(value, info) if isinstance(value, Path) else value
 
+    @abstractmethod
     def contexts(self) -> list[ssl.SSLContext]:
-        """The SSL contexts these settings are for."""
-        raise NotImplementedError
+        """The SSL contexts these settings are for (each subclass names its own)."""
 
     @model_validator(mode="after")
     def _usable(self) -> _TlsFiles:
