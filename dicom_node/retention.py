@@ -151,9 +151,10 @@ class Retention:
             return
         for item in self.spool.quarantined():
             if item.quarantined_at <= now - timedelta(days=keep):
+                reason = item.reason  # before its note goes with it
                 size = self.spool.remove_quarantined(item)
                 log.info("quarantined file deleted: %s (%d bytes, quarantined %s UTC, kept %g days; reason: %s)",
-                         item.path.name, size, f"{item.quarantined_at:%Y-%m-%d %H:%M}", keep, item.reason)
+                         item.path.name, size, f"{item.quarantined_at:%Y-%m-%d %H:%M}", keep, reason)
 
     def _purge(self, candidate: SettledSeries, still_due: Callable[[SettledSeries], bool], why: str,
                early: bool = False) -> Purged | None:

@@ -101,10 +101,13 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
 
 @dataclass(frozen=True)
 class QuarantinedFile:
-    """A file restart reconciliation moved to `<storage>/quarantine`, with the reason it gave."""
+    """A file restart reconciliation moved to `<storage>/quarantine`; its note says why."""
     path: Path
-    reason: str
     quarantined_at: datetime
+
+    @property
+    def reason(self) -> str:
+        return _reason_note(self.path).read_text().strip()
 
 
 def _reason_note(path: Path) -> Path:
@@ -202,14 +205,14 @@ class Spool:
         return target
 
     def quarantined(self) -> list[QuarantinedFile]:
-        """The files `quarantine` moved here."""
+        """The files `quarantine` moved here (their notes are read only when asked for the reason)."""
         found = []
         for note in self.quarantine_root.glob(f"*{REASON_SUFFIX}"):
             try:
-                reason, moved = note.read_text().strip(), note.stat().st_mtime
+                moved = note.stat().st_mtime
             except FileNotFoundError:  # removed meanwhile
                 continue
-            found.append(QuarantinedFile(note.with_name(note.name.removesuffix(REASON_SUFFIX)), reason,
+            found.append(QuarantinedFile(note.with_name(note.name.removesuffix(REASON_SUFFIX)),
                                          datetime.fromtimestamp(moved, timezone.utc)))
         return found
 
