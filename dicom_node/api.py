@@ -139,7 +139,7 @@ def create_app(node: NodeHandles) -> FastAPI:
               responses={404: {"description": "no such job"}, 409: {"description": "the job is queued or running, or its series was purged"}})
     def retry_job(job_id: int, request: Request) -> JobRecord:
         try:
-            job = jobs_cli.requeue(node.journal, _job_or_404(node.journal, job_id), "the HTTP API",
+            job = jobs_cli.requeue(node.audit, _job_or_404(node.journal, job_id), "the HTTP API",
                                    host=request.client.host if request.client else None)
         except jobs_cli.NotRetryable as error:
             raise HTTPException(409, str(error)) from None

@@ -80,11 +80,12 @@ class NotRetryable(ValueError):
     while its series is in the spool."""
 
 
-def requeue(journal: Journal, job: JobRecord, via: str, host: str | None = None) -> JobRecord:
+def requeue(audit: AuditLog, job: JobRecord, via: str, host: str | None = None) -> JobRecord:
     """Put a failed or done job back in the queue and audit it.
 
     The one retry path for the CLI and the HTTP API; a running node picks the job up.
     """
+    journal = audit.journal
     if job.state not in ("failed", "done"):
         raise NotRetryable(f"job {job.id} is {job.state}; only failed or done jobs are retried")
     series = journal.get_series(job.series_instance_uid, job.generation)
@@ -92,8 +93,8 @@ def requeue(journal: Journal, job: JobRecord, via: str, host: str | None = None)
         raise NotRetryable(f"job {job.id}: series {job.series_instance_uid} generation {job.generation} is no longer "
                            f"in the spool ({series.reason}); send it again to process it again")
     job = journal.update_job(job.id, state="queued", error=None, finished_at=None)
-    AuditLog(journal).record(AuditEvent("retry", host=host, series_instance_uid=job.series_instance_uid, job_id=job.id,
-                                        detail=f"requeued through {via} (pipeline {job.pipeline})"))
+    audit.record(AuditEvent("retry", host=host, series_instance_uid=job.series_instance_uid, job_id=job.id,
+                            detail=f"requeued through {via} (pipeline {job.pipeline})"))
     return job
 
 
@@ -102,9 +103,10 @@ def run_retry(args, journal: Journal, out: TextIO) -> int:
     if not args.failed and not jobs:
         print(f"no job {args.id}", file=sys.stderr)
         return 1
+    audit = AuditLog(journal)
     for job in jobs:
         try:
-            requeue(journal, job, "the CLI")
+            requeue(audit, job, "the CLI")
         except NotRetryable as error:
             print(error, file=sys.stderr)
             return 1

@@ -234,7 +234,7 @@ def test_series_sent_again_after_purge_is_a_new_generation(node_state, tmp_path)
     assert journal.get_series(SERIES).generation == 2
     assert len(journal.series_instances(SERIES, 2)) == 3
     with pytest.raises(jobs_cli.NotRetryable, match=r"generation 1 is no longer in the spool \(retention: done"):
-        jobs_cli.requeue(journal, journal.get_job(job_id), "a test")
+        jobs_cli.requeue(AuditLog(journal), journal.get_job(job_id), "a test")
 
 
 def test_interrupted_purge_is_finished_and_left_alone_by_reconcile(node_state, tmp_path):
