@@ -36,7 +36,8 @@ import yaml  # noqa: E402
 from tests.peers import REPO, dcmtk, orthanc  # noqa: E402
 from tests.series_factory import write_ct_series  # noqa: E402
 from tests.test_orthanc_end_to_end import overrides, study_series  # noqa: E402
-from tests.test_pipeline import _spleen_repository, real_series  # noqa: E402
+from tests.model_repository import install_spleen_model  # noqa: E402
+from tests.test_pipeline import real_series  # noqa: E402
 from tests.test_receive import running_node  # noqa: E402
 
 SHIPPED = yaml.safe_load((REPO / "config.yaml").read_text())
@@ -94,7 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         models = root / "models"
-        _spleen_repository(models)
+        install_spleen_model(models)
         for n in args.slices:
             if n == 20:
                 files = real_series(root / "real20" / "series")

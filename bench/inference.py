@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SERIES = SHARED / "data" / "ct" / "abdomen_siemens_20slices_j2k"
 TOTALSEGMENTATOR = SHARED / "data" / "ct" / "abdomen_siemens_20slices_spleen_ref_lpsgrid.nii.gz"
-ONNX_MODEL = SHARED / "models" / "spleen_ct_demo" / "1" / "model.onnx"
 TORCHSCRIPT_MODEL = SHARED / "models" / "spleen_ct_demo" / "model.torchscript.pt"
 BENCH_VENV = REPO / ".venv-bench"
 
@@ -152,11 +150,10 @@ def prepare(work: Path, slices: int) -> dict[str, Path]:
     order = [n % period if n % period < len(array) else period - 1 - n % period for n in range(slices)]
     big = work / f"big{slices}"
     write_input(big, np.ascontiguousarray(array[order]), *geometry)
+    from tests.model_repository import install_spleen_model  # here: the MONAI child's venv has no test deps
+
     repository = work / "models"
-    (repository / "spleen_ct" / "1").mkdir(parents=True)
-    for name in ("config.pbtxt", "pipeline.yaml"):
-        shutil.copyfile(REPO / "models" / "spleen_ct" / name, repository / "spleen_ct" / name)
-    shutil.copyfile(ONNX_MODEL, repository / "spleen_ct" / "1" / "model.onnx")
+    install_spleen_model(repository)
     return {"real 512x512x20": real, f"made 512x512x{slices}": big, "repository": repository}
 
 

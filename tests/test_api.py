@@ -9,7 +9,6 @@ token, JSON log lines that carry the series and job, and graceful SIGTERM.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import urllib.error
 import urllib.request
@@ -21,7 +20,8 @@ from pydicom.uid import generate_uid
 from prometheus_client.parser import text_string_to_metric_families
 
 from dicom_node.journal import Journal
-from tests.peers import REPO, SHARED_MODELS, ManagedProcess, dcmtk, free_port, wait_for, wait_for_port
+from tests.model_repository import install_spleen_model
+from tests.peers import REPO, ManagedProcess, dcmtk, free_port, wait_for, wait_for_port
 from tests.series_factory import write_ct_series
 from tests.test_pipeline import real_series
 from tests.test_receive import Node, running_node, spool_path
@@ -57,14 +57,6 @@ def samples(node: Node, **kwargs) -> dict[tuple[str, tuple[tuple[str, str], ...]
     assert status == 200, body
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(body.decode()) for s in family.samples}
-
-
-def install_spleen_model(repository: Path) -> None:
-    entry = repository / "spleen_ct"
-    (entry / "1").mkdir(parents=True, exist_ok=True)
-    for name in ("config.pbtxt", "pipeline.yaml"):
-        shutil.copyfile(REPO / "models" / "spleen_ct" / name, entry / name)
-    shutil.copyfile(SHARED_MODELS / "spleen_ct_demo" / "1" / "model.onnx", entry / "1" / "model.onnx")
 
 
 def with_new_sop_uids(files: list[Path]) -> list[Path]:

@@ -12,11 +12,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from tests.model_repository import SPLEEN_ONNX
 from tests.peers import SHARED_MODELS
 
 from dicom_node import models
 
-SPLEEN_ONNX = SHARED_MODELS / "spleen_ct_demo" / "1" / "model.onnx"
 SPLEEN_TORCHSCRIPT = SHARED_MODELS / "spleen_ct_demo" / "model.torchscript.pt"
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_REPOSITORY = importlib.util.find_spec("inference.repository") is not None

@@ -34,7 +34,8 @@ from tests.peers import REPO, dcmtk, free_port, orthanc, wait_for
 from tests.phantoms import chest_phantom, write_ct_volume
 from tests.test_classify import mean_classifier
 from tests.test_end_to_end import LUNGS, _series_state
-from tests.test_pipeline import _spleen_repository, real_series
+from tests.model_repository import install_spleen_model
+from tests.test_pipeline import real_series
 from tests.test_receive import Node, dataset_bytes, running_node
 from tests.test_route import AXIAL_CT, series
 
@@ -110,7 +111,7 @@ def expected_inference(files: list[Path], models: Path):
 def test_real_series_gets_its_spleen_seg_in_orthanc(tmp_path):
     files = real_series(tmp_path / "series")
     study_uid, series_uid = uid_of(files[0], "StudyInstanceUID"), uid_of(files[0], "SeriesInstanceUID")
-    _spleen_repository(tmp_path / "models")
+    install_spleen_model(tmp_path / "models")
     with orthanc.Orthanc(tmp_path / "orthanc") as pacs, running_node(
             tmp_path / "node", **overrides(pacs, tmp_path / "models",
                                            pipelines={"spleen_ct": SHIPPED_PIPELINES["spleen_ct"]})) as node:

@@ -16,7 +16,8 @@ from dicom_node.pipeline import Pipeline
 from dicom_node.server import journal_url
 from pydicom.uid import generate_uid
 
-from tests.peers import CT_J2K_SERIES, REPO, SHARED_MODELS
+from tests.model_repository import install_spleen_model
+from tests.peers import CT_J2K_SERIES
 from tests.phantoms import chest_phantom, write_ct_volume
 
 CONFIG = """
@@ -155,14 +156,6 @@ def test_geometry_error_fails_the_job_and_quarantines_the_series(node, tmp_path)
     assert all(Path(i.path).exists() for i in journal.series_instances(record.series_instance_uid, 1))
 
 
-def _spleen_repository(target: Path) -> None:
-    entry = target / "spleen_ct"
-    (entry / "1").mkdir(parents=True)
-    for name in ("config.pbtxt", "pipeline.yaml"):
-        shutil.copyfile(REPO / "models" / "spleen_ct" / name, entry / name)
-    shutil.copyfile(SHARED_MODELS / "spleen_ct_demo" / "1" / "model.onnx", entry / "1" / "model.onnx")
-
-
 def test_spleen_job_fails_without_its_model_and_retry_runs_it(node, tmp_path):
     config, journal, pipeline = node()
     record = _spool(journal, tmp_path / "spool", real_series(tmp_path / "real"))
@@ -173,7 +166,7 @@ def test_spleen_job_fails_without_its_model_and_retry_runs_it(node, tmp_path):
     assert journal.get_series(record.series_instance_uid).state == "routed"
 
     pipeline.stop()
-    _spleen_repository(tmp_path / "models")
+    install_spleen_model(tmp_path / "models")
     config, journal, pipeline = node()
     journal.update_job(job.id, state="queued", error=None)
     pipeline.start()
@@ -393,7 +386,7 @@ def test_preload_loads_the_models_of_enabled_pipelines_and_leaves_a_broken_one_t
     from dicom_node import job
 
     config, _, _ = node()
-    _spleen_repository(Path(config.inference.model_repository))
+    install_spleen_model(Path(config.inference.model_repository))
     try:
         job.preload(config)
         _, backend = job.open_inference(config)

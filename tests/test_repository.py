@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import textwrap
 import time
 from pathlib import Path
@@ -12,18 +11,14 @@ import pytest
 
 from inference.backends import BackendError, BackendSettings, open_backend
 from inference.repository import ModelRepository, RepositoryError, parse_config_pbtxt
-from tests.peers import REPO, SHARED_MODELS
+from tests.model_repository import install_spleen_model
 
-SPLEEN_ONNX = SHARED_MODELS / "spleen_ct_demo" / "1" / "model.onnx"
 
 
 @pytest.fixture
 def repo(tmp_path):
     """A repository holding the committed spleen_ct entry plus the shared demo weights."""
-    entry = tmp_path / "spleen_ct"
-    shutil.copytree(REPO / "models" / "spleen_ct", entry)
-    (entry / "1").mkdir()
-    shutil.copyfile(SPLEEN_ONNX, entry / "1" / "model.onnx")
+    install_spleen_model(tmp_path)
     return tmp_path
 
 

@@ -9,7 +9,6 @@ recipe; Dice >= 0.75 against TotalSegmentator says the recipe works.
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import onnx
@@ -24,17 +23,14 @@ from inference.repository import ModelRepository, SlidingWindow
 from inference.sliding_window import importance_map, patch_starts, sliding_window_inference
 from inference.transforms import to_model_space, to_source_grid
 from inference.volume import Volume
-from tests.peers import CT_J2K_SERIES, REPO, SHARED_DATA, SHARED_MODELS
+from tests.model_repository import SPLEEN_ONNX, install_spleen_model
+from tests.peers import CT_J2K_SERIES, SHARED_DATA
 
-SPLEEN_ONNX = SHARED_MODELS / "spleen_ct_demo" / "1" / "model.onnx"
 TOTALSEGMENTATOR_SPLEEN = SHARED_DATA / "ct" / "abdomen_siemens_20slices_spleen_ref_lpsgrid.nii.gz"
 
 
 def make_repository(root):
-    entry = root / "spleen_ct"
-    shutil.copytree(REPO / "models" / "spleen_ct", entry)
-    (entry / "1").mkdir()
-    shutil.copyfile(SPLEEN_ONNX, entry / "1" / "model.onnx")
+    install_spleen_model(root)
     return ModelRepository(root)
 
 

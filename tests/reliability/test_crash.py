@@ -28,7 +28,8 @@ from tests.peers import dcmtk, orthanc, wait_for
 from tests.peers.orthanc import Orthanc
 from tests.reliability.node import node_with_pipeline, with_journal
 from tests.reliability.summary import CaseResult
-from tests.test_pipeline import _spleen_repository, real_series
+from tests.model_repository import install_spleen_model
+from tests.test_pipeline import real_series
 from tests.test_receive import NODE_AE, Node
 
 pytestmark = pytest.mark.skipif(not (dcmtk.available() and orthanc.available()), reason="dcmtk and Orthanc needed")
@@ -63,7 +64,7 @@ def pacs_state(pacs: Orthanc) -> PacsState:
 
 
 def make_node(root: Path, pacs: Orthanc) -> Node:
-    _spleen_repository(root / "models") if not (root / "models").exists() else None
+    install_spleen_model(root / "models") if not (root / "models").exists() else None
     return node_with_pipeline(
         root, pacs.dicom_port, pipeline=SPLEEN, pacs_ae=pacs.ae_title,
         completion={"stable_seconds": STABLE_S, "after_release_seconds": AFTER_RELEASE_S},
