@@ -1,6 +1,6 @@
 """dicom-node: a DICOM node that brings AI results into the imaging workflow."""
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only place the version is written: pyproject.toml reads it from here
 
 
 class ListenError(RuntimeError):

@@ -25,7 +25,7 @@ from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from dicom_node import ListenError
+from dicom_node import ListenError, __version__
 from dicom_node import jobs as jobs_cli
 from dicom_node.audit import AUDIT_EVENTS, AuditLog, AuditRecord
 from dicom_node.config import Config, HttpTlsConfig
@@ -82,7 +82,7 @@ class SeriesDetail:
 
 
 def create_app(node: NodeHandles) -> FastAPI:
-    app = FastAPI(title="dicom-node", version="0.1.0",
+    app = FastAPI(title="dicom-node", version=__version__,
                   description="Status, metrics and jobs of a DICOM node that runs AI pipelines on CT series.")
     token = node.config.http.bearer_token
 

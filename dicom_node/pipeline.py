@@ -6,12 +6,13 @@ each destination is an export row (pending -> sent | dead) with its attempt
 count and next_attempt_at, so a restart continues the retry schedule where it
 stopped.
 
-Exactly-once to a PACS: an export marked `sent` is never sent again. A crash
-between the C-STORE response and the journal update resends the same object,
-and since result UIDs are derived from (series, generation, pipeline, kind)
-(`dicom_node.results.uids`), the PACS receives the same SOP Instance UID again,
-which it treats as the same instance (PS3.4 B.4.1: the SCP may overwrite or
-ignore a duplicate), not as a second result.
+At-least-once to a PACS: an export marked `sent` is never sent again, but a
+crash between the C-STORE response and the journal update resends the same
+object. Since result UIDs are derived from (series, generation, pipeline, kind)
+(`dicom_node.results.uids`), the PACS then receives the same SOP Instance UID
+again, which it treats as the same instance (PS3.4 B.4.1: the SCP may overwrite
+or ignore a duplicate), not as a second result: delivery is at least once, the
+result the PACS holds is one.
 """
 
 from __future__ import annotations
