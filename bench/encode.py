@@ -1,6 +1,6 @@
 """SEG (and overlay) encoding speed and size for a 512x512x300 CT.
 
-Issue 5's budget: one organ < 1 s, lungs (2 segments) < 2 s, build + write.
+The budget: one organ < 1 s, lungs (2 segments) < 2 s, build + write.
 The series is the shared real CT walked back and forth to 300 slices
 (tests/series_factory.py); the organ is the real spleen reference mask walked
 the same way; the lungs are two ellipsoids filling most of each hemithorax.
@@ -37,7 +37,7 @@ from dicom_node.results.segread import source_grid
 from dicom_node.results.uids import UidSeed
 from inference.results import Algorithm, Code, LabelMap, SegmentLabel
 from tests.peers import SHARED_DATA
-from tests.series_factory import _walk, ct_datasets, real_slices
+from tests.series_factory import ct_datasets, real_slices, walk
 
 N_SLICES = 300
 ORGAN = Code("123037004", "SCT", "Anatomical Structure")
@@ -62,7 +62,7 @@ def spleen_array() -> np.ndarray:
     reference = sitk.ReadImage(str(SHARED_DATA / "ct" / "abdomen_siemens_20slices_spleen_ref_lpsgrid.nii.gz"))
     slices = (sitk.GetArrayFromImage(reference) == 1).astype(np.uint8)  # the file holds all TotalSegmentator labels
     assert slices.shape[0] == len(real_slices())
-    return np.stack([slices[index] for index in _walk(N_SLICES, len(slices))])
+    return np.stack([slices[index] for index in walk(N_SLICES, len(slices))])
 
 
 def lungs_array() -> np.ndarray:

@@ -1,6 +1,6 @@
 """Peak memory and time of loading a 512x512x600 CT series, ours against SimpleITK.
 
-Issue 2's budget: one int16/float32 copy of the volume at a time, well under
+The budget: one int16/float32 copy of the volume at a time, well under
 2 GB peak RSS for 512x512x600 (the int16 volume itself is 300 MiB).
 The series is the shared real CT walked back and forth to 600 slices
 (tests/series_factory.py), written uncompressed (Explicit VR Little Endian);

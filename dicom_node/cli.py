@@ -3,6 +3,10 @@
 Each subcommand is registered by one function that adds its parser and sets
 `handler` (a function of the parsed arguments returning the exit code), so a
 new subcommand is one more entry in `REGISTRARS`, never another branch here.
+`--config FILE` is accepted before the command and after it, at every level
+(`dicom-node --config FILE jobs list` = `dicom-node jobs list --config FILE`):
+`add_config_options` adds it to every parser after registration, so no
+registrar declares it. Given twice with different files, the command line is refused.
 Exit codes: 0 success, 1 the operation failed, 2 unusable configuration or
 command line (argparse's convention), 141 the reader of stdout went away (as
 a shell reports a command killed by SIGPIPE).
@@ -21,6 +25,7 @@ from dicom_node import JournalSchemaError, ListenError
 from dicom_node.config import Config, ConfigError, load_config
 
 DEFAULT_CONFIG = Path("config.yaml")
+CONFIG_DEST = "config_option_"  # + the parser's depth: the top level 0, a command 1, a subcommand 2
 EXIT_CONFIG = 2
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
@@ -44,11 +49,11 @@ def config_from(path: Path) -> Config:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    config = config_from(args.path)
+    config = config_from(args.config)
     enabled = sum(pipeline.enabled for pipeline in config.pipelines.values())
     forward = f"{len(config.forward)} forward rules, " if config.forward else ""
     print(
-        f"{args.path}: ok (AE {config.node.ae_title} on {config.node.host}:{config.node.port}, "
+        f"{args.config}: ok (AE {config.node.ae_title} on {config.node.host}:{config.node.port}, "
         f"{len(config.pipelines)} pipelines ({enabled} enabled), {forward}{len(config.destinations)} destinations, "
         f"inference {config.inference.backend})"
     )
@@ -57,7 +62,8 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def register_check_config(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("check-config", help="validate a config file and print located errors")
-    parser.add_argument("path", nargs="?", type=Path, default=DEFAULT_CONFIG, help="config file (default config.yaml)")
+    parser.add_argument(f"{CONFIG_DEST}path", nargs="?", type=Path, metavar="path",
+                        help="config file (default config.yaml; --config FILE says the same)")
     parser.set_defaults(handler=_check_config)
 
 
@@ -75,7 +81,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 def register_serve(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="run the DICOM node (C-STORE receiver, pipelines, dispatch)")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file (default config.yaml)")
     parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON")
     parser.set_defaults(handler=_serve)
 
@@ -85,7 +90,7 @@ def register_models(subparsers: argparse._SubParsersAction) -> None:
 
     models.add_parser(subparsers)
     parser = subparsers.choices["models"]
-    parser.add_argument("--config", type=Path, help="config whose inference section to use (before the subcommand)")
+    parser.set_defaults(config_optional=True)  # without --config: the models folder and default backend settings
 
     def handler(args: argparse.Namespace) -> int:
         return models.run(args, config_from(args.config) if args.config else None)
@@ -98,12 +103,10 @@ def register_jobs(subparsers: argparse._SubParsersAction) -> None:
 
     jobs.add_parser(subparsers)
     parser = subparsers.choices["jobs"]
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file (default config.yaml)")
     parser.set_defaults(handler=lambda args: jobs.run(args, config_from(args.config)))
 
 
 def _with_config(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace, Config], int]) -> None:
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file (default config.yaml)")
     parser.set_defaults(handler=lambda args: handler(args, config_from(args.config)))
 
 
@@ -137,8 +140,14 @@ def register_audit(subparsers: argparse._SubParsersAction) -> None:
     _with_config(audit.add_parser(subparsers), handler)
 
 
+def register_demo_series(subparsers: argparse._SubParsersAction) -> None:
+    from dicom_node import demo
+
+    demo.add_parser(subparsers).set_defaults(handler=demo.run)
+
+
 REGISTRARS: tuple[Registrar, ...] = (register_serve, register_check_config, register_status, register_models,
-                                     register_jobs, register_send, register_audit)
+                                     register_jobs, register_send, register_audit, register_demo_series)
 
 
 def build_parser(registrars: Sequence[Registrar] = REGISTRARS) -> argparse.ArgumentParser:
@@ -146,11 +155,38 @@ def build_parser(registrars: Sequence[Registrar] = REGISTRARS) -> argparse.Argum
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in registrars:
         register(subparsers)
+    add_config_options(parser)
     return parser
 
 
+def add_config_options(parser: argparse.ArgumentParser, depth: int = 0) -> None:
+    """`--config FILE` on this parser and every parser below it, each level into its own attribute, so a
+    file given at two levels is seen twice (argparse would let the deeper one win in silence)."""
+    parser.add_argument("--config", type=Path, dest=f"{CONFIG_DEST}{depth}", default=argparse.SUPPRESS,
+                        metavar="FILE", help="config file (default config.yaml); before or after the command")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                add_config_options(child, depth + 1)
+
+
+def parse_args(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The command line with `args.config` resolved from wherever it was given (None: a command that
+    runs without one, `models`, was given none)."""
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    given = {name: value for name, value in vars(args).items() if name.startswith(CONFIG_DEST) and value is not None}
+    for name in given:
+        delattr(args, name)
+    files = set(given.values())
+    if len(files) > 1:
+        parser.error(f"the config file is given twice, differently: {', '.join(sorted(map(str, files)))}")
+    args.config = files.pop() if files else None if getattr(args, "config_optional", False) else DEFAULT_CONFIG
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         code = args.handler(args)
         sys.stdout.flush()  # here, not at interpreter exit, so a closed pipe is handled below

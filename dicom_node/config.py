@@ -411,6 +411,32 @@ def reference_problems(config: Config) -> list[tuple[tuple[str | int, ...], str]
     ]
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader refusing a key written twice in one mapping.
+
+    YAML 1.2 says mapping keys are unique; PyYAML keeps the later value without a word, so a second
+    `port:` under `node` (a merge gone wrong, a pasted block) would silently replace the first.
+    Keys brought in by a merge (`<<: *anchor`) may be overridden, as YAML intends.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = first.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if earlier is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {earlier.line + 1}): "
+                        "YAML keeps one value per key, remove one of them", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path) -> Config:
     """Read, validate and anchor a config file; raise ConfigError with located messages."""
     path = Path(path)
@@ -421,7 +447,7 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError([f"{path}: cannot read: {error.strerror or error}"]) from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{label}:{mark.line + 1}" if mark is not None else label

@@ -1,4 +1,4 @@
-"""DICOM series -> geometry-checked `inference.Volume` (issue: from a completed series to a trustworthy volume).
+"""DICOM series -> geometry-checked `inference.Volume`: from a completed series to a trustworthy volume.
 
 `SeriesSummary` is the routing data: what `route` matches pipeline rules on.
 `load_series` turns the instances of one series into a volume a model can use,
