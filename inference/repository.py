@@ -1,6 +1,6 @@
 """The model repository: NVIDIA Triton's layout plus our `pipeline.yaml` per model.
 
-One folder serves both backends unchanged (DESIGN "Models"):
+One folder serves both backends unchanged:
 
     <repository>/<name>/config.pbtxt       Triton's model configuration
     <repository>/<name>/<version>/model.onnx   (or model.plan, model.pt, ... for Triton-only platforms)
@@ -11,19 +11,25 @@ names and layout, orientation, spacing, intensity window, sliding-window
 settings, post-processing, labels with their codes, and for classifiers the
 class names and the crop recipe. It is validated at the boundary into frozen
 dataclasses; every error names the file, the line and the key, as the node's
-config.yaml errors do.
+config.yaml errors do. config.pbtxt is read with protobuf's text format into
+Triton's ModelConfig message, as Triton reads it. bench/pbtxt.py times it
+against the hand-written reader it replaced: 0.8 ms per spleen_ct config.pbtxt
+against 0.15 ms (2026-12-03, 2-core shared x86_64 VM, protobuf 6.33 upb), five
+times slower and still nothing beside a job that runs for seconds, so the
+library stays.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import yaml
+from google.protobuf import text_format
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass as validated
+from tritonclient.grpc import model_config_pb2
 
 from inference.results import Algorithm, ClassLabel, Code, SegmentLabel
 
@@ -294,79 +300,35 @@ class ModelConfig:
     default_model_filename: str | None
 
 
-_TOKEN = re.compile(r'\s*(?:#[^\n]*|("(?:[^"\\]|\\.)*"|\'[^\']*\')|([{}\[\]:,;])|([^\s{}\[\]:,;#"\']+))')
-
-
 def parse_config_pbtxt(path: Path) -> ModelConfig:
-    """A small text-protobuf reader for the fields above; unknown fields are skipped."""
+    """Read config.pbtxt as Triton does: protobuf's text format into Triton's own ModelConfig message
+    (tritonclient's model_config_pb2), so a field Triton does not know, a field given twice or a
+    wrong enum value is refused here as it would be there, with its line and column.
+
+    An input or output without data_type (TYPE_INVALID, Triton fills it in from an ONNX model) reads
+    TYPE_FP32, the type the node feeds and reads.
+    """
     text = _read(path)
-    tokens = [m.group(1) or m.group(2) or m.group(3) for m in _TOKEN.finditer(text)]
-    tokens = [t for t in tokens if t]
+    message = model_config_pb2.ModelConfig()
     try:
-        message, _ = _message(tokens, 0, closing=None)
-    except (IndexError, ValueError) as error:
-        raise RepositoryError(f"{path}: cannot read the text protobuf: {error or 'unexpected end'}") from None
+        text_format.Parse(text, message)
+    except text_format.ParseError as error:
+        where = f"{path}:{error.GetLine()}:{error.GetColumn()}" if error.GetLine() else str(path)
+        problem = str(error).split(" : ", 1)[-1]
+        raise RepositoryError(f"{where}: cannot read the text protobuf (Triton's ModelConfig): {problem}") from None
 
-    def one(values: list) -> Any:
-        return values[-1]  # a repeated scalar field: protobuf text format keeps the last
+    def tensors(declared) -> tuple[TensorConfig, ...]:
+        return tuple(TensorConfig(t.name, model_config_pb2.DataType.Name(t.data_type or model_config_pb2.TYPE_FP32),
+                                  tuple(t.dims)) for t in declared)
 
-    def tensors(key: str) -> tuple[TensorConfig, ...]:
-        found = []
-        for item in message.get(key, []):
-            if not isinstance(item, dict) or "name" not in item:
-                raise RepositoryError(f"{path}: every {key} needs a name")
-            try:
-                dims = tuple(int(d) for d in item.get("dims", []))
-            except (TypeError, ValueError):
-                raise RepositoryError(f"{path}: {key} {one(item['name'])!r}: dims must be integers") from None
-            found.append(TensorConfig(one(item["name"]), one(item.get("data_type", ["TYPE_FP32"])), dims))
-        return tuple(found)
-
-    platform = one(message.get("platform") or message.get("backend") or [""])
-    try:
-        max_batch = int(one(message.get("max_batch_size", [0])))
-    except ValueError:
-        raise RepositoryError(f"{path}: max_batch_size must be an integer") from None
+    for kind, declared in (("input", message.input), ("output", message.output)):
+        if any(not t.name for t in declared):
+            raise RepositoryError(f"{path}: every {kind} needs a name")
     return ModelConfig(
-        name=one(message.get("name", [""])), platform=platform, max_batch_size=max_batch,
-        inputs=tensors("input"), outputs=tensors("output"),
-        default_model_filename=one(message.get("default_model_filename", [None])),
+        name=message.name, platform=message.platform or message.backend, max_batch_size=message.max_batch_size,
+        inputs=tensors(message.input), outputs=tensors(message.output),
+        default_model_filename=message.default_model_filename or None,
     )
-
-
-def _message(tokens: list[str], i: int, closing: str | None) -> tuple[dict[str, list], int]:
-    """Fields of one message until `closing`; each field maps to the list of its values."""
-    fields: dict[str, list] = {}
-    while i < len(tokens) and tokens[i] != closing:
-        key = tokens[i]
-        i += 1
-        if tokens[i] == ":":
-            i += 1
-        value, i = _value(tokens, i)
-        fields.setdefault(key, []).extend(value if isinstance(value, list) else [value])
-        if i < len(tokens) and tokens[i] in ",;":
-            i += 1
-    if closing is not None and i >= len(tokens):
-        raise ValueError(f"missing {closing!r}")
-    return fields, i
-
-
-def _value(tokens: list[str], i: int) -> tuple[Any, int]:
-    token = tokens[i]
-    if token == "{":
-        fields, i = _message(tokens, i + 1, "}")
-        return fields, i + 1
-    if token == "[":
-        items, i = [], i + 1
-        while tokens[i] != "]":
-            item, i = _value(tokens, i)
-            items.append(item)
-            if tokens[i] == ",":
-                i += 1
-        return items, i + 1
-    if token[0] in "\"'":
-        return token[1:-1], i + 1
-    return token, i + 1
 
 
 # --- the repository --------------------------------------------------------------------------

@@ -128,8 +128,24 @@ def test_config_pbtxt_reader(tmp_path):
                                                                       ("y", "TYPE_FP32", (3, 4))]
     assert [(t.name, t.dims) for t in config.outputs] == [("z", (2, -1))]
     path.write_text('name: "seg" input [ { name: "x" ')
-    with pytest.raises(RepositoryError, match="cannot read the text protobuf"):
+    with pytest.raises(RepositoryError, match=r"config.pbtxt:1:29: cannot read the text protobuf .*Expected \"}\""):
         parse_config_pbtxt(path)
+
+
+@pytest.mark.parametrize("text, where, problem", [
+    ('name: "seg"\nplatfrom: "onnxruntime_onnx"\n', "2:1", 'has no field named "platfrom"'),
+    ('name: "seg"\nmax_batch_size: four\n', "2:17", "Couldn't parse integer: four"),
+    ('input { name: "x"\n  data_type: TYPE_FLOAT32 }\n', "2:14", 'has no value named TYPE_FLOAT32'),
+    ('name: "a"\nname: "b"\n', "2:7", 'should not have multiple "name" fields'),
+])
+def test_config_pbtxt_errors_are_located_as_triton_refuses_them(tmp_path, text, where, problem):
+    """What Triton refuses (it reads config.pbtxt into the same message) is refused here, located."""
+    path = tmp_path / "config.pbtxt"
+    path.write_text(text)
+    with pytest.raises(RepositoryError) as caught:
+        parse_config_pbtxt(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}:{where}: cannot read the text protobuf (Triton's ModelConfig): ") and problem in message
 
 
 def test_repository_level_errors(repo, tmp_path):
@@ -151,7 +167,8 @@ def test_embedded_backend_checks_and_runs(repo):
         (out,) = backend.infer(repository.get("spleen_ct"), {"INPUT__0": x}).values()
         assert out.shape == (2, 2, 32, 32, 32) and out.dtype == np.float32
         # A pipeline.yaml naming an output the model lacks (config.pbtxt silent about tensors).
-        edit(repo / "spleen_ct" / "config.pbtxt", "output [", "xoutput [")
+        config_pbtxt = repo / "spleen_ct" / "config.pbtxt"
+        config_pbtxt.write_text(config_pbtxt.read_text().split("output [")[0])
         edit(repo / "spleen_ct" / "pipeline.yaml", "name: OUTPUT__0", "name: LOGITS")
         with pytest.raises(BackendError, match=r"model 'spleen_ct' has no output 'LOGITS' in model.onnx \(it has OUTPUT__0\)"):
             backend.check(repository.get("spleen_ct"))
