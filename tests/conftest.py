@@ -1,4 +1,5 @@
-"""Fixtures shared across test modules: the journal's databases."""
+"""Fixtures shared across test modules (the journal's databases), and the `needs_peer` mark: a test
+whose peer is missing is skipped with the reason, or fails under CI=true (tests/peers/__init__.py)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,24 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import postgres
+from tests.peers import missing_peer, postgres
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs_peer(available, reason): the test needs a peer program; skipped "
+                                       "when it is missing, a failure under CI=true")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("needs_peer"):
+        if not mark.kwargs["available"]:
+            missing_peer(mark.kwargs["reason"])
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[postgres.PostgresServer]:
     if not postgres.available():
-        pytest.skip("PostgreSQL or psycopg not installed (apt-get install postgresql; pip install psycopg[binary])")
+        missing_peer(postgres.MISSING)
     with postgres.postgres_server() as server:
         yield server
 

@@ -15,7 +15,6 @@ import urllib.request
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom.uid import generate_uid
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,7 +25,7 @@ from tests.series_factory import write_ct_series
 from tests.test_pipeline import real_series
 from tests.test_receive import Node, running_node, spool_path
 
-pytestmark = pytest.mark.skipif(not dcmtk.available(), reason="dcmtk not installed (apt-get install dcmtk)")
+pytestmark = dcmtk.required()
 
 SPLEEN = {"match": {"modality": "CT"}, "steps": [{"name": "spleen", "task": "segmentation", "model": "spleen_ct"}],
           "outputs": ["seg"]}

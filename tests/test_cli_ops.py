@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pydicom
-import pytest
 import yaml
 
 from dicom_node.spool import Spool
@@ -17,7 +16,7 @@ from tests.peers import REPO, dcmtk, free_port
 from tests.series_factory import write_ct_series
 from tests.test_receive import running_node
 
-pytestmark = pytest.mark.skipif(not dcmtk.available(), reason="dcmtk not installed (apt-get install dcmtk)")
+pytestmark = dcmtk.required()
 
 
 def cli(*argv: str | Path) -> subprocess.CompletedProcess:

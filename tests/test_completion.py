@@ -6,13 +6,12 @@ from __future__ import annotations
 import time
 
 import pydicom
-import pytest
 
 from tests.peers import dcmtk
 from tests.series_factory import write_ct_series
 from tests.test_receive import running_node
 
-pytestmark = pytest.mark.skipif(not dcmtk.available(), reason="dcmtk not installed (apt-get install dcmtk)")
+pytestmark = dcmtk.required()
 
 
 def series_uid(path) -> str:

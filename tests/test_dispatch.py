@@ -12,7 +12,7 @@ from tests.peers import SHARED_DATA, ManagedProcess, free_port, wait_for_port
 from tests.peers import dcmtk, dciodvfy
 from tests.series_factory import write_ct_series
 
-pytestmark = pytest.mark.skipif(not dcmtk.available(), reason="dcmtk not installed")
+pytestmark = dcmtk.required()
 SEG_SAMPLE = SHARED_DATA / "seg" / "highdicom" / "seg_image_ct_binary.dcm"
 CT_ONLY_PROFILE = """[[TransferSyntaxes]]
 [Uncompressed]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 
 import pydicom
-import pytest
 
 from dicom_node.journal import Journal
 from tests.peers import free_port, wait_for
@@ -18,7 +17,7 @@ from tests.phantoms import chest_phantom, write_ct_volume
 from tests.test_pipeline import real_series
 from tests.test_receive import running_node
 
-pytestmark = pytest.mark.skipif(not dcmtk.available(), reason="dcmtk not installed (apt-get install dcmtk)")
+pytestmark = dcmtk.required()
 
 LUNGS = {"match": {"modality": "CT", "image_type": {"contains_all": ["ORIGINAL", "PRIMARY", "AXIAL"]},
                    "body_part_examined": ["CHEST"]},

@@ -30,7 +30,7 @@ from inference import tasks
 from inference.backends import BackendSettings, open_backend
 from inference.lung import segment_lungs_classical
 from inference.repository import ModelRepository
-from tests.peers import REPO, dcmtk, free_port, orthanc, wait_for
+from tests.peers import REPO, dcmtk, free_port, needs, orthanc, wait_for
 from tests.phantoms import chest_phantom, write_ct_volume
 from tests.test_classify import mean_classifier
 from tests.test_end_to_end import LUNGS, _series_state
@@ -39,8 +39,7 @@ from tests.test_pipeline import real_series
 from tests.test_receive import Node, dataset_bytes, running_node
 from tests.test_route import AXIAL_CT, series
 
-needs_peers = pytest.mark.skipif(not (dcmtk.available() and orthanc.available()),
-                                 reason="dcmtk and Orthanc needed (apt-get install dcmtk orthanc)")
+needs_peers = needs(dcmtk.available() and orthanc.available(), "dcmtk and Orthanc needed (apt-get install dcmtk orthanc)")
 
 SHIPPED_PIPELINES = yaml.safe_load((REPO / "config.yaml").read_text())["pipelines"]
 COVID_PIPELINE = """\

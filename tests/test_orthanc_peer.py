@@ -4,14 +4,13 @@ from __future__ import annotations
 import io
 
 import pydicom
-import pytest
 
 from dicom_node import dispatch
 from dicom_node.config import DestinationConfig
 from tests.peers import SHARED_DATA, orthanc
 from tests.series_factory import write_ct_series
 
-pytestmark = pytest.mark.skipif(not orthanc.available(), reason="Orthanc not installed")
+pytestmark = orthanc.required()
 SEG_SAMPLE = SHARED_DATA / "seg" / "highdicom" / "seg_image_ct_binary.dcm"
 
 

@@ -17,7 +17,7 @@ from inference.volume import Volume
 from tests.peers import CT_J2K_SERIES, dciodvfy
 from tests.test_seg import lung_map, real_sources
 
-pytestmark = pytest.mark.skipif(not dciodvfy.available(), reason="dciodvfy (dicom3tools) not installed")
+pytestmark = dciodvfy.required()
 
 
 @lru_cache(maxsize=1)

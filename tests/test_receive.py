@@ -19,7 +19,7 @@ from tests.peers import dcmtk
 from tests.reliability.senders import raw_store
 from tests.series_factory import write_ct_series
 
-pytestmark = pytest.mark.skipif(not dcmtk.available(), reason="dcmtk not installed (apt-get install dcmtk)")
+pytestmark = dcmtk.required()
 
 NODE_AE = "DICOMNODE"
 

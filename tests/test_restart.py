@@ -7,7 +7,6 @@ import subprocess
 import time
 
 import pydicom
-import pytest
 
 from dicom_node.spool import Spool
 from tests.peers import dcmtk, peer_env
@@ -15,7 +14,7 @@ from tests.series_factory import write_ct_series
 from tests.test_api import samples
 from tests.test_receive import Node, dataset_bytes, spool_path
 
-pytestmark = pytest.mark.skipif(not dcmtk.available(), reason="dcmtk not installed (apt-get install dcmtk)")
+pytestmark = dcmtk.required()
 
 
 def test_kill_9_mid_send_loses_nothing_acknowledged(tmp_path):

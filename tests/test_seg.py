@@ -19,7 +19,7 @@ from dicom_node.results.uids import UidError, UidSeed, derive_uid, validate_uid
 from inference.results import Algorithm, Code, LabelMap, SegmentLabel
 from tests.peers import CT_J2K_SERIES, dciodvfy
 
-pytestmark = pytest.mark.skipif(not dciodvfy.available(), reason="dciodvfy (dicom3tools) not installed")
+pytestmark = dciodvfy.required()
 
 ORGAN = Code("123037004", "SCT", "Anatomical Structure")
 SPLEEN = SegmentLabel(1, "spleen", ORGAN, Code("78961009", "SCT", "Spleen"))

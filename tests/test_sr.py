@@ -15,7 +15,7 @@ from inference.results import Algorithm, ClassLabel, ClassProbabilities, Code
 from tests.peers import dciodvfy
 from tests.test_seg import real_sources
 
-pytestmark = pytest.mark.skipif(not dciodvfy.available(), reason="dciodvfy (dicom3tools) not installed")
+pytestmark = dciodvfy.required()
 
 RESULT = ClassProbabilities(
     classes=(

@@ -19,13 +19,13 @@ import pytest
 import yaml
 
 from dicom_node.config import ConfigError, load_config
-from tests.peers import REPO, dcmtk, free_port
+from tests.peers import REPO, dcmtk, free_port, needs
 from tests.series_factory import write_ct_series
 from tests.test_receive import running_node
 
 pytestmark = [
-    pytest.mark.skipif(not dcmtk.available(), reason="dcmtk not installed (apt-get install dcmtk)"),
-    pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl command line not installed"),
+    dcmtk.required(),
+    needs(shutil.which("openssl") is not None, "openssl command line not installed (apt-get install openssl)"),
 ]
 
 

@@ -85,7 +85,7 @@ def test_re_encodings_give_the_same_volume(series, tmp_path, transfer_syntax):
 
 
 
-@pytest.mark.skipif(not dcmtk.available(), reason="dcmtk not installed (apt-get install dcmtk)")
+@dcmtk.required()
 @pytest.mark.parametrize(("command", "transfer_syntax"), [
     (["dcmcjpeg", "+e1"], JPEGLosslessSV1), (["dcmcjpeg", "+el"], JPEGLossless), (["dcmcjpls", "+el"], JPEGLSLossless),
 ], ids=["jpeg-lossless-sv1", "jpeg-lossless", "jpeg-ls-lossless"])

@@ -2,6 +2,11 @@
 
 Every peer runs as a child process with `TCP_NODELAY=1` in its environment
 (dcmtk and Orthanc leave Nagle on otherwise and each C-STORE stalls ~40 ms).
+
+A test that needs a peer says so with `needs(available, reason)` (each peer
+module has its `required()`): on a developer's machine without the peer the
+test is skipped with the reason; with `CI=true` in the environment it fails,
+so a CI image that lost a peer cannot go green by skipping what it should test.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
@@ -22,6 +30,23 @@ CT_J2K_SERIES = SHARED_DATA / "ct" / "abdomen_siemens_20slices_j2k"
 
 
 _handed_out: set[int] = set()
+
+
+def in_ci() -> bool:
+    """CI=true (GitHub Actions, GitLab CI and most others set it): every peer must be there."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+def missing_peer(reason: str) -> NoReturn:
+    """Skip the running test for a peer this machine lacks, or fail it under CI=true."""
+    if in_ci():
+        pytest.fail(f"{reason}; CI=true: a missing peer fails the run instead of skipping", pytrace=False)
+    pytest.skip(reason)
+
+
+def needs(available: bool, reason: str) -> pytest.MarkDecorator:
+    """Mark a test (or a module, as `pytestmark`) as needing a peer; tests/conftest.py acts on it at setup."""
+    return pytest.mark.needs_peer(available=available, reason=reason)
 
 
 def free_port() -> int:

@@ -13,6 +13,10 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
+from tests.peers import needs
+
 
 @dataclass(frozen=True)
 class Validation:
@@ -28,6 +32,10 @@ class Validation:
 
 def available() -> bool:
     return shutil.which("dciodvfy") is not None
+
+
+def required() -> pytest.MarkDecorator:
+    return needs(available(), "dciodvfy (dicom3tools) not installed (apt-get install dicom3tools)")
 
 
 def validate(path: Path) -> Validation:

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.peers import ManagedProcess, peer_env, wait_for_port
+import pytest
+
+from tests.peers import ManagedProcess, needs, peer_env, wait_for_port
 
 _SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -27,6 +29,10 @@ def tool(name: str) -> str:
 
 def available() -> bool:
     return shutil.which("storescu", path=_SYSTEM_PATH) is not None
+
+
+def required() -> pytest.MarkDecorator:
+    return needs(available(), "dcmtk not installed (apt-get install dcmtk)")
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,17 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.peers import ManagedProcess, free_port, peer_env, wait_for_port
+import pytest
+
+from tests.peers import ManagedProcess, free_port, needs, peer_env, wait_for_port
 
 
 def available() -> bool:
     return shutil.which("Orthanc") is not None
+
+
+def required() -> pytest.MarkDecorator:
+    return needs(available(), "Orthanc not installed (apt-get install orthanc)")
 
 
 class Orthanc:

@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.peers import ManagedProcess, free_port, wait_for_port
+import pytest
+
+from tests.peers import ManagedProcess, free_port, needs, wait_for_port
 
 
 def _bin(name: str) -> str | None:
@@ -31,6 +33,13 @@ def available() -> bool:
     if _bin("initdb") is None or _bin("postgres") is None or importlib.util.find_spec("psycopg") is None:
         return False
     return os.getuid() != 0 or _postgres_user() is not None
+
+
+MISSING = "PostgreSQL or psycopg not installed (apt-get install postgresql; pip install psycopg[binary])"
+
+
+def required() -> pytest.MarkDecorator:
+    return needs(available(), MISSING)
 
 
 def _postgres_user() -> pwd.struct_passwd | None:

@@ -21,7 +21,7 @@ from tests.reliability.senders import SUCCESS, Delivery, raw_store, storescu_sto
 from tests.reliability.summary import CaseResult
 from tests.series_factory import write_ct_series
 
-pytestmark = pytest.mark.skipif(not dcmtk.available(), reason="dcmtk not installed (apt-get install dcmtk)")
+pytestmark = dcmtk.required()
 
 GOOD_SERIES = 4
 

@@ -32,7 +32,7 @@ from tests.model_repository import install_spleen_model
 from tests.test_pipeline import real_series
 from tests.test_receive import NODE_AE, Node
 
-pytestmark = pytest.mark.skipif(not (dcmtk.available() and orthanc.available()), reason="dcmtk and Orthanc needed")
+pytestmark = [dcmtk.required(), orthanc.required()]
 
 SPLEEN = {"match": {"modality": "CT"}, "steps": [{"name": "spleen", "task": "segmentation", "model": "spleen_ct"}],
           "outputs": ["seg"], "destinations": ["pacs"]}

@@ -21,7 +21,7 @@ from tests.series_factory import write_ct_series
 from tests.test_receive import Node
 from tests.tmpfs import resize, small_tmpfs
 
-pytestmark = pytest.mark.skipif(not dcmtk.available(), reason="dcmtk not installed (apt-get install dcmtk)")
+pytestmark = dcmtk.required()
 
 SMALL_MB = 3  # about 250 instances of 64 x 64 with the journal: a 400-instance series cannot fit
 INSTANCES = 400

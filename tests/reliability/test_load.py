@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
-import pytest
 
 from tests.peers import dcmtk, orthanc, peer_env, wait_for
 from tests.peers.orthanc import Orthanc
@@ -19,7 +18,7 @@ from tests.reliability.process_stats import peak_rss_mb, peak_rss_with_children_
 from tests.reliability.summary import CaseResult
 from tests.series_factory import write_ct_series
 
-pytestmark = pytest.mark.skipif(not (dcmtk.available() and orthanc.available()), reason="dcmtk and Orthanc needed")
+pytestmark = [dcmtk.required(), orthanc.required()]
 
 SERIES = 8
 INSTANCES = 300

@@ -28,7 +28,7 @@ from tests.reliability.summary import CaseResult
 from tests.series_factory import ct_datasets, write_ct_series
 from tests.test_receive import NODE_AE, Node, running_node
 
-pytestmark = pytest.mark.skipif(not dcmtk.available(), reason="dcmtk not installed (apt-get install dcmtk)")
+pytestmark = dcmtk.required()
 
 MAX_ASSOCIATIONS = 4
 TIMEOUT_S = 3  # ACSE, DIMSE and network timeouts of the node under test
