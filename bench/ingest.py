@@ -1,60 +1,129 @@
-"""Ingest throughput: dcmtk storescu -> this node (durability on) vs dcmtk storescp -od, same run.
+"""Ingest throughput: dcmtk storescu -> the node and three other receivers, interleaved in one run.
 
-300 instances of 512x512 int16 (uncompressed, ~0.5 MB each) in one association;
-each receiver gets a fresh storage folder per round; median of 3 rounds.
-Both storescu and storescp run with TCP_NODELAY=1 (PEERS.md: Debian's dcmtk
-leaves Nagle on). Target (issue 2): node >= 1.0x storescp and >= 150 inst/s.
+300 instances of 512x512 int16 (uncompressed, ~0.5 MB each), split over 1, 4
+or 8 concurrent storescu associations (`--senders 1,4,8`); each receiver gets
+a fresh storage folder per measurement; median of the rounds. The receivers:
 
-storescp acknowledges once the file is in the page cache; the node only once
-it is on disk. So the run also measures, on the same disk and without any
-network or DICOM work, what that durability costs per instance (temp file,
-fsync, link to the final name, directory fsync, one journal commit in SQLite WAL with
-synchronous=FULL) and prints storescp's rate with that cost added: the best
-any receiver with the node's guarantee could do here.
+- dicom-node: C-STORE success once the instance is fsynced and journalled;
+- pynetdicom's own AE storing durably (the library the node's upper layer
+  replaces on its receive path): its handler writes the Part 10 file, fsyncs
+  it, links it to its final name, fsyncs the folder, then answers success;
+- Orthanc with its defaults (SyncStorageArea: fsync of each file, SQLite index);
+- dcmtk storescp -od: acknowledges once the file is in the page cache, no fsync.
 
-    .venv/bin/python bench/ingest.py [--instances 300] [--rounds 3]
+Rounds are interleaved (every receiver and sender count in each round) so all
+see the same machine load. Everyone runs with TCP_NODELAY=1 (Debian's dcmtk
+and Orthanc leave Nagle on, and each C-STORE then stalls ~40 ms).
+
+The run also measures, on the same disk and without any network or DICOM
+work, what the node's durability costs per instance (temp file, fsync, link
+to the final name, directory fsync, one journal commit in SQLite WAL with
+synchronous=FULL) and prints storescp's single-association rate with that cost
+added: the best any receiver with the node's guarantee could do here.
+
+    .venv/bin/python bench/ingest.py [--instances 300] [--rounds 3] [--senders 1,4,8]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import platform
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.peers import free_port  # noqa: E402
-from tests.peers import dcmtk  # noqa: E402
+from pynetdicom import AE, AllStoragePresentationContexts, evt  # noqa: E402
+
+from tests.peers import dcmtk, free_port, orthanc, peer_env  # noqa: E402
 from tests.series_factory import write_ct_series  # noqa: E402
 from tests.test_receive import Node  # noqa: E402
 
-
-def timed_send(port: int, files: list[Path], called_ae: str) -> float:
-    start = time.perf_counter()
-    result = dcmtk.storescu(port, files, called_ae=called_ae, timeout=600)
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0 or len(result.acknowledged) != len(files):
-        raise RuntimeError(f"send to {called_ae} failed:\n{result.output[-2000:]}")
-    return elapsed
+Receiver = Callable[[Path], AbstractContextManager[tuple[int, str]]]
 
 
-def node_round(root: Path, files: list[Path]) -> float:
+@contextmanager
+def node_receiver(root: Path) -> Iterator[tuple[int, str]]:
     node = Node(root).start()
     try:
-        return timed_send(node.port, files, "DICOMNODE")
+        yield node.port, "DICOMNODE"
     finally:
         node.stop()
 
 
-def storescp_round(root: Path, files: list[Path]) -> float:
+@contextmanager
+def pynetdicom_receiver(root: Path) -> Iterator[tuple[int, str]]:
+    """pynetdicom's AE with a C-STORE handler that answers success only once the file is durable."""
+    root.mkdir(parents=True)
+    folder = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+
+    def store(event: evt.Event) -> int:
+        uid = event.request.AffectedSOPInstanceUID
+        temp, final = root / f".{uid}.tmp", root / f"{uid}.dcm"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, event.encoded_dataset())  # Part 10: file meta + the data set as received
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(temp, final)
+        os.unlink(temp)
+        os.fsync(folder)
+        return 0x0000
+
+    ae = AE(ae_title="PYNETDICOM")
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    try:
+        yield port, "PYNETDICOM"
+    finally:
+        server.shutdown()
+        os.close(folder)
+
+
+@contextmanager
+def orthanc_receiver(root: Path) -> Iterator[tuple[int, str]]:
+    with orthanc.Orthanc(root) as pacs:
+        yield pacs.dicom_port, pacs.ae_title
+
+
+@contextmanager
+def storescp_receiver(root: Path) -> Iterator[tuple[int, str]]:
     port = free_port()
     with dcmtk.storescp(port, root / "out", log=root / "storescp.log"):
-        return timed_send(port, files, "STORESCP")
+        yield port, "STORESCP"
+
+
+def timed_send(port: int, called_ae: str, files: list[Path], senders: int, logs: Path) -> float:
+    """Seconds for `senders` concurrent storescu associations to store `files` (split round robin)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    shares = [files[n::senders] for n in range(senders)]
+    outputs = [logs / f"storescu{n}.log" for n in range(senders)]
+    start = time.perf_counter()
+    processes = []
+    for share, output in zip(shares, outputs):
+        with open(output, "w") as log:
+            processes.append(subprocess.Popen(dcmtk.storescu_args(port, share, called_ae=called_ae), env=peer_env(),
+                                              stdout=log, stderr=subprocess.STDOUT))
+    codes = [process.wait(timeout=900) for process in processes]
+    elapsed = time.perf_counter() - start
+    for code, share, output in zip(codes, shares, outputs):
+        result = dcmtk.StoreResult(code, output.read_text(errors="replace"))
+        if code != 0 or len(result.acknowledged) != len(share):
+            raise RuntimeError(f"send to {called_ae} failed ({len(result.acknowledged)}/{len(share)} stored):\n"
+                               f"{result.output[-2000:]}")
+    return elapsed
 
 
 def durability_cost(root: Path, files: list[Path]) -> float:
@@ -83,33 +152,54 @@ def durability_cost(root: Path, files: list[Path]) -> float:
     return elapsed / len(files)
 
 
+def receivers() -> dict[str, Receiver]:
+    found: dict[str, Receiver] = {"dicom-node (fsync+journal)": node_receiver,
+                                  "pynetdicom AE (fsync)": pynetdicom_receiver}
+    if orthanc.available():
+        found["Orthanc (defaults, fsync)"] = orthanc_receiver
+    else:
+        print("Orthanc not installed: left out of this run")
+    found["dcmtk storescp -od"] = storescp_receiver
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--senders", default="1", help="comma-separated counts of concurrent associations (1,4,8)")
     args = parser.parse_args()
+    sender_counts = [int(n) for n in args.senders.split(",")]
+    peers = receivers()
+    print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}: {platform.machine()}, "
+          f"{os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
         files = write_ct_series(work / "series", args.instances)
         megabytes = sum(f.stat().st_size for f in files) / 1e6
-        times: dict[str, list[float]] = {"dicom-node (fsync+journal)": [], "dcmtk storescp -od": []}
-        for round_index in range(args.rounds):  # interleaved so both see the same machine load
-            times["dicom-node (fsync+journal)"].append(node_round(work / f"node{round_index}", files))
-            times["dcmtk storescp -od"].append(storescp_round(work / f"scp{round_index}", files))
-        print(f"{args.instances} instances, {megabytes:.1f} MB, one association, median of {args.rounds}")
-        rates = {}
-        for name, samples in times.items():
-            median = statistics.median(samples)
-            rates[name] = args.instances / median
-            print(f"  {name:28s} {rates[name]:7.1f} instances/s  {megabytes / median:7.1f} MB/s  "
-                  f"(runs: {', '.join(f'{t:.2f}s' for t in samples)})")
-        node, scp = rates.values()
-        print(f"  ratio node/storescp: {node / scp:.2f}x")
+        times: dict[tuple[int, str], list[float]] = {(n, name): [] for n in sender_counts for name in peers}
+        for round_index in range(args.rounds):  # interleaved so every receiver sees the same machine load
+            for senders in sender_counts:
+                for number, (name, receiver) in enumerate(peers.items()):
+                    root = work / f"r{round_index}-s{senders}-{number}"
+                    with receiver(root) as (port, called_ae):
+                        times[(senders, name)].append(timed_send(port, called_ae, files, senders, root / "logs"))
+        print(f"{args.instances} instances, {megabytes:.1f} MB, median of {args.rounds} interleaved rounds")
+        scp_rate = None
+        for senders in sender_counts:
+            print(f" {senders} concurrent association{'s' if senders > 1 else ''}:")
+            rates = {name: args.instances / statistics.median(times[(senders, name)]) for name in peers}
+            scp = rates["dcmtk storescp -od"]
+            scp_rate = scp_rate or scp
+            for name, rate in rates.items():
+                samples = times[(senders, name)]
+                print(f"  {name:28s} {rate:7.1f} instances/s  {megabytes * rate / args.instances:7.1f} MB/s  "
+                      f"{rate / scp:5.2f}x storescp  (runs: {', '.join(f'{t:.2f}s' for t in samples)})")
         cost = statistics.median(durability_cost(work / f"floor{i}", files) for i in range(args.rounds))
-        durable_scp = 1 / (1 / scp + cost)
-        print(f"  durability cost on this disk: {cost * 1000:.2f} ms/instance (write, fsync, link, dir fsync, "
+        durable_scp = 1 / (1 / scp_rate + cost)
+        print(f" durability cost on this disk: {cost * 1000:.2f} ms/instance (write, fsync, link, dir fsync, "
               f"journal commit)")
-        print(f"  storescp with that cost added: {durable_scp:.1f} instances/s; node/that: {node / durable_scp:.2f}x")
+        print(f" storescp ({sender_counts[0]} association(s)) with that cost added: {durable_scp:.1f} instances/s")
 
 
 if __name__ == "__main__":
