@@ -35,7 +35,7 @@ from inference.results import Algorithm, ClassLabel, Code, SegmentLabel
 
 STRICT = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
-# Triton platforms / backends and the model file each loads by default (Triton model_repository.md).
+# Triton platforms / backends and the model file each loads by default (Triton's model repository documentation).
 MODEL_FILES = {
     "onnxruntime_onnx": "model.onnx", "onnxruntime": "model.onnx",
     "tensorrt_plan": "model.plan", "tensorrt": "model.plan",

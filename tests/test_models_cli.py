@@ -146,7 +146,7 @@ def test_import_torchscript_without_torch_says_what_to_install(tmp_path):
 
 
 def test_monai_spleen_preset_is_the_recipe():
-    """The preset says what MODEL.md measured: RAS, 1.5x1.5x2.0 mm, HU [-57, 164] -> [0, 1], 96^3, 0.25."""
+    """The preset is the demo model's training recipe: RAS, 1.5x1.5x2.0 mm, HU [-57, 164] -> [0, 1], 96^3, 0.25."""
     import yaml
     from string import Template
 

@@ -1,7 +1,8 @@
 """dcmtk's storescu / echoscu / storescp (Debian package `dcmtk`) as real peers.
 
 Always the system binaries (`/usr/bin`), never pynetdicom's same-named apps
-that the venv puts first on PATH, and always with TCP_NODELAY=1 (PEERS.md).
+that the venv puts first on PATH, and always with TCP_NODELAY=1 (Debian's dcmtk
+leaves Nagle on, and each C-STORE would then stall ~40 ms).
 """
 
 from __future__ import annotations
