@@ -175,10 +175,10 @@ def parse_args(argv: Sequence[str] | None = None, parser: argparse.ArgumentParse
     runs without one, `models`, was given none)."""
     parser = parser or build_parser()
     args = parser.parse_args(argv)
-    given = {name: value for name, value in vars(args).items() if name.startswith(CONFIG_DEST) and value is not None}
-    for name in given:
+    options = [name for name in vars(args) if name.startswith(CONFIG_DEST)]
+    files = {getattr(args, name) for name in options} - {None}  # None: check-config's path left out
+    for name in options:
         delattr(args, name)
-    files = set(given.values())
     if len(files) > 1:
         parser.error(f"the config file is given twice, differently: {', '.join(sorted(map(str, files)))}")
     args.config = files.pop() if files else None if getattr(args, "config_optional", False) else DEFAULT_CONFIG
