@@ -76,7 +76,7 @@ def preload(config: Config) -> None:
         importlib.import_module(module)
     if config.inference.backend != "embedded":
         return
-    from dicom_node.status import configured_models
+    from dicom_node.health import configured_models
     for model in configured_models(config):
         try:
             repository, backend = open_inference(config)
