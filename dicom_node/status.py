@@ -263,6 +263,9 @@ def _print_status(status: dict, out: TextIO) -> None:
     line("ready", "yes" if status["ready"] else "NO")
     for check in status["checks"]:
         line(f"  {check['name']}", f"{'ok' if check['ok'] else 'FAILED'}: {check['detail']}")
-    line("pipelines", "none enabled" if not status["pipelines"] else "")
+    if status["pipelines"]:
+        print("pipelines", file=out)
+    else:
+        line("pipelines", "none enabled")
     for pipeline in status["pipelines"]:
         line(f"  {pipeline['pipeline']}", PipelineHealth(**pipeline).describe())
