@@ -1,6 +1,6 @@
 """The HTTP API of a running `dicom-node serve` over real HTTP, fed by dcmtk storescu (issue 7).
 
-Health, readiness that flips with the disk floor and a pipeline's model,
+Health, readiness that flips with the disk floor, a pipeline degraded by its missing model,
 Prometheus counters that move after a send (parsed with prometheus_client's
 own parser), the audit trail, retry of a failed job through POST, the bearer
 token, JSON log lines that carry the series and job, and graceful SIGTERM.
