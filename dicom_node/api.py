@@ -29,10 +29,11 @@ from dicom_node import ListenError, __version__
 from dicom_node import jobs as jobs_cli
 from dicom_node.audit import AUDIT_EVENTS, AuditLog, AuditRecord
 from dicom_node.config import Config, HttpTlsConfig
-from dicom_node.journal import (JOB_STATES, ExportRecord, JobRecord, Journal, SeriesRecord, exports, jobs,
-                                series)
+from dicom_node.journal import (JOB_STATES, ExportRecord, JobRecord, Journal, SeriesRecord, StepOutcome, exports,
+                                jobs, series)
 from dicom_node.metrics import CONTENT_TYPE, NodeMetrics
-from dicom_node.status import InferenceOpener, NodeStatus, OpenAssociation, configured_models, readiness, snapshot
+from dicom_node.health import InferenceOpener, configured_models, pipeline_health
+from dicom_node.status import NodeStatus, OpenAssociation, readiness, snapshot
 
 log = logging.getLogger("dicom_node.api")
 
@@ -51,6 +52,7 @@ class NodeHandles:
     audit: AuditLog
     open_inference: InferenceOpener
     associations: Callable[[], list[OpenAssociation]]
+    dicom_listening: Callable[[], bool]  # the DICOM port's accept loop runs
     pick_up_queued: Callable[[], None]  # the pipeline runs a requeued job without waiting for its next pass
 
 
@@ -71,6 +73,7 @@ class ModelInfo:
 @dataclass(frozen=True)
 class JobDetail:
     job: JobRecord
+    steps: list[StepOutcome]  # of its last run: ok, failed (reason) or skipped (reason: the step it needs)
     exports: list[ExportRecord]
 
 
@@ -99,10 +102,10 @@ def create_app(node: NodeHandles) -> FastAPI:
     def healthz() -> dict[str, str]:
         return {"status": "alive"}
 
-    @app.get("/readyz", summary="Readiness: journal writable, disk above the floor, backend and models ready",
-             responses={503: {"description": "not ready; `reasons` says why"}})
+    @app.get("/readyz", summary="Readiness to take images: journal writable, disk above the floor, DICOM port "
+             "listening (pipeline health is in /v1/status)", responses={503: {"description": "not ready; `reasons` says why"}})
     def readyz() -> JSONResponse:
-        result = readiness(node.config, node.journal, node.open_inference)
+        result = readiness(node.config, node.journal, node.dicom_listening)
         body = {"ready": result.ready, "reasons": result.reasons,
                 "checks": [dataclasses.asdict(check) for check in result.checks]}
         return JSONResponse(body, status_code=200 if result.ready else 503)
@@ -111,10 +114,11 @@ def create_app(node: NodeHandles) -> FastAPI:
     def metrics() -> Response:
         return Response(node.metrics.exposition(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/status", summary="What `dicom-node status` shows")
+    @app.get("/v1/status", summary="What `dicom-node status` shows, with each pipeline ready or degraded")
     def status() -> NodeStatus:
-        return snapshot(node.config, node.journal, readiness(node.config, node.journal, node.open_inference),
-                        source="node", associations=node.associations())
+        return snapshot(node.config, node.journal, readiness(node.config, node.journal, node.dicom_listening),
+                        pipeline_health(node.config, node.open_inference), source="node",
+                        associations=node.associations())
 
     @app.get("/v1/models", summary="Models of the repository and the pipelines that use them")
     def models() -> list[ModelInfo]:
@@ -132,7 +136,7 @@ def create_app(node: NodeHandles) -> FastAPI:
     @app.get("/v1/jobs/{job_id}", summary="One job with its exports", responses={404: {"description": "no such job"}})
     def get_job(job_id: int) -> JobDetail:
         job = _job_or_404(node.journal, job_id)
-        return JobDetail(job, node.journal.select(
+        return JobDetail(job, node.journal.job_steps(job_id)[job_id], node.journal.select(
             ExportRecord, select(exports).where(exports.c.job_id == job_id).order_by(exports.c.id)))
 
     @app.post("/v1/jobs/{job_id}/retry", status_code=202, summary="Requeue a failed (or done) job",

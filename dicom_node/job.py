@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pydicom
 
-from dicom_node.config import Config, PipelineConfig
-from dicom_node.journal import JobRecord
+from dicom_node.config import Config, PipelineConfig, StepConfig
+from dicom_node.journal import JobRecord, StepOutcome
 from dicom_node.results import OutputSeries
 
 
@@ -37,6 +37,7 @@ class JobOutput:
     exported: tuple[str, ...]  # result files to send, in order
     sop_instance_uids: tuple[str, ...]  # of `exported`
     seconds: dict[str, float]  # load, inference, encode
+    steps: tuple[StepOutcome, ...] = ()  # each step's outcome, in pipeline order
 
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def preload(config: Config) -> None:
         importlib.import_module(module)
     if config.inference.backend != "embedded":
         return
-    from dicom_node.status import configured_models
+    from dicom_node.health import configured_models
     for model in configured_models(config):
         try:
             repository, backend = open_inference(config)
@@ -85,64 +86,112 @@ def preload(config: Config) -> None:
 
 
 def produce(request: JobRequest) -> JobOutput:
-    """Load, run each step, write the results under `request.out_dir`."""
+    """Load, run each step, write the results of the steps that gave some under `request.out_dir`.
+
+    A step that fails takes only itself and the steps that need its mask with it (`run_steps`); with
+    no step left that gave a result there is nothing to write, and the caller fails the job."""
     from dicom_node.volume import load_series
     job, config = request.job, request.config
     pipeline = config.pipelines[job.pipeline]
     started = time.monotonic()
     loaded = load_series([Path(p) for p in request.instance_paths])
     loaded_at = time.monotonic()
-    masks, probabilities = run_steps(config, pipeline, loaded.volume)
+    ran = run_steps(config, pipeline, loaded.volume, job)
     inferred_at = time.monotonic()
-    sources = [pydicom.dcmread(s.path, stop_before_pixels=True) for s in loaded.slices]
-    out_dir = Path(request.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    exported = write_results(config, job, pipeline, masks, probabilities, sources, loaded.volume, out_dir)
+    exported: list[Path] = []
+    if any(outcome.state == "ok" for outcome in ran.outcomes):
+        sources = [pydicom.dcmread(s.path, stop_before_pixels=True) for s in loaded.slices]
+        out_dir = Path(request.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        exported = write_results(config, job, pipeline, ran, sources, loaded.volume, out_dir)
     encoded_at = time.monotonic()
     uids = tuple(str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
                  for path in exported)
     return JobOutput(tuple(str(p) for p in exported), uids,
                      {"load": loaded_at - started, "inference": inferred_at - loaded_at,
-                      "encode": encoded_at - inferred_at})
+                      "encode": encoded_at - inferred_at}, ran.outcomes)
 
 
-def run_steps(config: Config, pipeline: PipelineConfig, volume):
-    """Each step in order; a classifier crops by an earlier step's label map."""
-    masks, probabilities = {}, []
+@dataclass(frozen=True)
+class StepResults:
+    """What the steps of one run gave: label maps by step name, classifier outputs, each step's outcome."""
+
+    masks: dict
+    probabilities: list
+    outcomes: tuple[StepOutcome, ...]
+
+
+def run_steps(config: Config, pipeline: PipelineConfig, volume, job: JobRecord) -> StepResults:
+    """Each step in order; a classifier crops by an earlier step's label map.
+
+    A step that raises fails alone: the steps whose `input_mask` it should have made are skipped, the
+    others run. A model that is not there (no repository entry, an entry that does not parse, no
+    weights file) is a state the site chose, logged as one WARNING line; anything else is a fault and
+    keeps its traceback in the log.
+    """
+    from inference.backends import ModelFileMissing
+    from inference.repository import RepositoryError
+    masks, probabilities, outcomes = {}, [], []
+    not_run: set[str] = set()
     for step in pipeline.steps:
-        if step.task == "lung_classical":
-            from inference.lung import segment_lungs_classical
-            masks[step.name] = segment_lungs_classical(volume)
+        if step.input_mask in not_run:
+            not_run.add(step.name)
+            outcomes.append(StepOutcome(step.name, "skipped", f"needs step {step.input_mask}, which did not run"))
             continue
-        from inference import tasks
-        repository, backend = open_inference(config)
-        entry = repository.get(step.model)
-        if step.task == "segmentation":
-            masks[step.name] = tasks.segment(volume, entry, backend)
+        try:
+            _run_step(config, step, volume, masks, probabilities)
+        except (RepositoryError, ModelFileMissing) as error:
+            reason = f"model {step.model} is not installed or not usable: {error}"
+            log.warning("job %d (%s): step %s not run: %s", job.id, job.pipeline, step.name,
+                        reason.replace("\n", "; "))
+        except Exception as error:
+            reason = f"{type(error).__name__}: {error}"
+            log.exception("job %d (%s): step %s failed", job.id, job.pipeline, step.name)
         else:
-            probabilities.append(tasks.classify(volume, masks[step.input_mask], entry, backend))
-    return masks, probabilities
+            outcomes.append(StepOutcome(step.name, "ok"))
+            continue
+        not_run.add(step.name)
+        outcomes.append(StepOutcome(step.name, "failed", reason))
+    return StepResults(masks, probabilities, tuple(outcomes))
 
 
-def write_results(config: Config, job: JobRecord, pipeline: PipelineConfig, masks, probabilities, sources, pixels,
+def _run_step(config: Config, step: StepConfig, volume, masks: dict, probabilities: list) -> None:
+    if step.task == "lung_classical":
+        from inference.lung import segment_lungs_classical
+        masks[step.name] = segment_lungs_classical(volume)
+        return
+    from inference import tasks
+    repository, backend = open_inference(config)
+    entry = repository.get(step.model)
+    if step.task == "segmentation":
+        masks[step.name] = tasks.segment(volume, entry, backend)
+    else:
+        probabilities.append(tasks.classify(volume, masks[step.input_mask], entry, backend))
+
+
+def write_results(config: Config, job: JobRecord, pipeline: PipelineConfig, ran: StepResults, sources, pixels,
                   out_dir: Path) -> list[Path]:
     """SEG / SR / overlay files of the job; returns what gets exported.
 
     The overlay (secondary capture) series is exported only when the pipeline
     makes no SEG; otherwise it is the fallback for a destination that refuses
     SEG's SOP class (Pipeline._overlay_fallback), so a PACS never shows both.
+    The SR carries each classifier's probabilities and says which steps did
+    not run and why; with neither to say it is not written.
     """
     from dicom_node.results.overlay import OverlayOptions, write_overlay
     from dicom_node.results.seg import SegOptions, write_seg
     from dicom_node.results.sr import SrOptions, write_classification_sr
     results = config.results
+    position = list(config.pipelines).index(job.pipeline)
 
     def series(kind: str, name: str) -> OutputSeries:
         return OutputSeries.from_config(results, kind=kind, series_instance_uid=job.series_instance_uid,
-                                        generation=job.generation, pipeline=job.pipeline, description=name)
+                                        generation=job.generation, pipeline=job.pipeline, position=position,
+                                        description=name)
 
     written: dict[str, list[Path]] = defaultdict(list)
-    label_map = list(masks.values())[-1] if masks else None  # the last mask a step produced
+    label_map = list(ran.masks.values())[-1] if ran.masks else None  # the last mask a step produced
     if label_map is not None and "seg" in pipeline.outputs:
         path = write_seg(label_map, sources, out_dir, SegOptions.from_config(results, series("seg", job.pipeline)))
         if path is not None:
@@ -151,9 +200,10 @@ def write_results(config: Config, job: JobRecord, pipeline: PipelineConfig, mask
         written["overlay"] += write_overlay(label_map, sources, pixels, out_dir / "overlay",
                                             OverlayOptions.from_config(results, series("overlay", job.pipeline)))
     if "sr" in pipeline.outputs:
-        for result in probabilities:
+        not_all_ok = any(outcome.state != "ok" for outcome in ran.outcomes)
+        for result in ran.probabilities or ([None] if not_all_ok else []):
             written["sr"].append(write_classification_sr(result, sources, out_dir,
-                                                         SrOptions(series("sr", job.pipeline))))
+                                                         SrOptions(series("sr", job.pipeline)), ran.outcomes))
     exported = written["seg"] + written["sr"]
     if "seg" not in pipeline.outputs or not written["seg"]:
         exported += written["overlay"]

@@ -16,9 +16,10 @@ from typing import TextIO
 from dicom_node.config import Config
 from dicom_node.tables import cell, print_table, to_json
 from dicom_node.audit import AuditEvent, AuditLog
-from dicom_node.journal import JOB_STATES, JobRecord, Journal, utcnow
+from dicom_node.journal import JOB_STATES, JobRecord, Journal, StepOutcome, utcnow
 
-JOB_COLUMNS = ("id", "state", "pipeline", "series_instance_uid", "generation", "attempts", "created_at", "error")
+JOB_COLUMNS = ("id", "state", "pipeline", "series_instance_uid", "generation", "attempts", "created_at", "steps",
+               "error")
 EXPORT_COLUMNS = ("id", "job_id", "destination", "sop_instance_uid", "attempts", "last_status", "reason")
 
 
@@ -55,8 +56,17 @@ def run(args: argparse.Namespace, config: Config, out: TextIO = sys.stdout) -> i
 
 def run_list(args, journal: Journal, out: TextIO) -> int:
     jobs = journal.jobs_in_state(*([args.state] if args.state else JOB_STATES))
-    print_table([dataclasses.asdict(j) for j in jobs], JOB_COLUMNS, args.json, out)
+    steps = journal.job_steps(*(j.id for j in jobs)) if jobs else {}
+    rows = [{**dataclasses.asdict(j), "steps": steps_cell(steps[j.id])} for j in jobs]
+    if args.json:  # each step's reason in full, as /v1/jobs/{id} has them
+        rows = [{**row, "steps": [dataclasses.asdict(s) for s in steps[row["id"]]]} for row in rows]
+    print_table(rows, JOB_COLUMNS, args.json, out)
     return 0
+
+
+def steps_cell(steps: list[StepOutcome]) -> str:
+    """A job's steps in one table cell: `lungs ok, covid failed` (the reasons are in `jobs show`)."""
+    return ", ".join(f"{s.step} {s.state}" for s in steps)
 
 
 def run_show(args, journal: Journal, out: TextIO) -> int:
@@ -65,11 +75,15 @@ def run_show(args, journal: Journal, out: TextIO) -> int:
         print(f"no job {args.id}", file=sys.stderr)
         return 1
     exports = [dataclasses.asdict(e) for e in journal.exports_in_state("pending", "sent", "dead") if e.job_id == job.id]
+    steps = journal.job_steps(job.id)[job.id]
     if args.json:
-        print(json.dumps({**dataclasses.asdict(job), "exports": exports}, default=to_json), file=out)
+        print(json.dumps({**dataclasses.asdict(job), "steps": [dataclasses.asdict(s) for s in steps],
+                          "exports": exports}, default=to_json), file=out)
         return 0
     for key, value in dataclasses.asdict(job).items():
         print(f"{key:20} {cell(value)}", file=out)
+    for step in steps:
+        print(f"{'step ' + step.step:20} {step.state}{': ' + step.reason if step.reason else ''}", file=out)
     print(file=out)
     print_table(exports, ("id", "destination", "state", "sop_instance_uid", "attempts", "reason"), False, out)
     return 0

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 SERIES_STATES = ("receiving", "complete", "routed", "unmatched", "quarantined", "purged")
 JOB_STATES = ("queued", "running", "done", "failed")
+STEP_STATES = ("ok", "failed", "skipped")
 EXPORT_STATES = ("pending", "sent", "dead")
 
 metadata = MetaData()
@@ -88,6 +89,17 @@ jobs = Table(
     Column("finished_at", DateTime(timezone=True)),
     Column("output_dir", Text),
     UniqueConstraint("series_instance_uid", "generation", "pipeline"),
+)
+
+# What each step of a job's last run came to: a job is `done` when at least one step gave results
+# (the others' failures are listed here and in its SR), `failed` when none did.
+job_steps = Table(
+    "job_steps", metadata,
+    Column("job_id", Integer, primary_key=True),
+    Column("position", Integer, primary_key=True),  # the step's place in the pipeline's `steps`
+    Column("step", String(128), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("reason", Text),
 )
 
 exports = Table(
@@ -172,6 +184,18 @@ class JobRecord:
     started_at: datetime | None
     finished_at: datetime | None
     output_dir: str | None
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """One step of a job's run: `ok`, `failed` (reason: why) or `skipped` (reason: the failed step it needs)."""
+
+    step: str
+    state: str
+    reason: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.step}: {self.state}" + (f" ({self.reason})" if self.reason else "")
 
 
 @dataclass(frozen=True)
@@ -485,6 +509,29 @@ class Journal:
         with self._write_lock, self.engine.begin() as conn:
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
         return self.get_job(job_id)
+
+    def record_steps(self, job_id: int, outcomes) -> None:
+        """Replace what the job's previous run recorded of its steps with `outcomes` (StepOutcome, in order)."""
+        for outcome in outcomes:
+            if outcome.state not in STEP_STATES:
+                raise ValueError(f"unknown step state {outcome.state!r}")
+        with self._write_lock, self.engine.begin() as conn:
+            conn.execute(job_steps.delete().where(job_steps.c.job_id == job_id))
+            if outcomes:
+                conn.execute(job_steps.insert(), [
+                    {"job_id": job_id, "position": position, "step": o.step, "state": o.state, "reason": o.reason}
+                    for position, o in enumerate(outcomes)])
+
+    def job_steps(self, *job_ids: int) -> dict[int, list[StepOutcome]]:
+        """Job id -> its steps' outcomes in pipeline order (jobs not run yet, or failed before their
+        steps ran, have none)."""
+        found: dict[int, list[StepOutcome]] = {job_id: [] for job_id in job_ids}
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(job_steps).where(job_steps.c.job_id.in_(job_ids))
+                                .order_by(job_steps.c.job_id, job_steps.c.position))
+            for row in rows:
+                found[row.job_id].append(StepOutcome(row.step, row.state, row.reason))
+        return found
 
     # --- exports ---------------------------------------------------------------------------------
 

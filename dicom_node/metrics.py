@@ -100,3 +100,18 @@ class JournalCollector(Collector):
         yield GaugeMetricFamily(f"{PREFIX}_quarantined_files",
                                 "Files restart reconciliation could not journal, in <storage_dir>/quarantine",
                                 value=self._quarantined_files())
+
+
+class PipelineHealthCollector(Collector):
+    """`dicom_node_pipeline_ready{pipeline}`: 1 ready, 0 degraded (dicom_node.health), read at scrape time."""
+
+    def __init__(self, health: Callable[[], list]) -> None:
+        self._health = health
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        ready = GaugeMetricFamily(f"{PREFIX}_pipeline_ready",
+                                  "1 when every model of the pipeline is available, 0 when it is degraded "
+                                  "(its other steps still run)", labels=["pipeline"])
+        for pipeline in self._health():
+            ready.add_metric([pipeline.pipeline], 1 if pipeline.ready else 0)
+        yield ready

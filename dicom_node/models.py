@@ -100,8 +100,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     listing.add_argument("--repository", type=Path, help=repository_help)
     listing.set_defaults(models_handler=run_list)
 
-    check = commands.add_parser("check", help="validate each pipeline.yaml and check each model with the backend")
+    check = commands.add_parser("check", help="validate each pipeline.yaml, check each model with the backend, "
+                                              "and say which pipelines are ready or degraded")
     check.add_argument("--repository", type=Path, help=repository_help)
+    check.add_argument("--strict", action="store_true", help="exit 1 when an entry failed or a pipeline is degraded")
     check.set_defaults(models_handler=run_check)
 
     imports = commands.add_parser("import", help="make a repository entry from an ONNX/TorchScript file or a MONAI bundle")
@@ -149,25 +151,31 @@ def run_list(args: argparse.Namespace, config: Config | None, out: TextIO = sys.
 
 
 def run_check(args: argparse.Namespace, config: Config | None, out: TextIO = sys.stdout) -> int:
+    """Each repository entry `ok` or `FAILED`, then each enabled pipeline `ready` or `degraded (why)` as
+    /v1/status says it (dicom_node.health). Exit 0 when the check ran, whatever it found: a pipeline
+    naming a model the site has not installed is a state, not an error; `--strict` exits 1 on any
+    failed entry or degraded pipeline (for an install script or CI)."""
     from inference.backends import BackendError, open_backend
     from inference.repository import ModelRepository, RepositoryError
 
+    from dicom_node.health import pipeline_health
+
     path = _repository_path(args, config)
+    repository = ModelRepository(path)
+    failures = 0
     try:
-        repository = ModelRepository(path)
         entries = repository.models
     except RepositoryError as error:
         print(f"error: {error}", file=out)
-        return 1
+        entries, failures = {}, failures + 1
     settings = backend_settings(config)
     try:
         backend = open_backend(settings)
     except BackendError as error:
         print(f"error: {settings.kind} backend: {error}", file=out)
-        return 1
-    failures = 0
+        backend, failures = None, failures + 1
     try:
-        for name, entry in sorted(entries.items()):
+        for name, entry in sorted(entries.items()) if backend is not None else ():
             try:
                 backend.check(entry)
             except BackendError as error:
@@ -175,9 +183,19 @@ def run_check(args: argparse.Namespace, config: Config | None, out: TextIO = sys
                 print(f"{name}: FAILED: {error}", file=out)
             else:
                 print(f"{name}: ok ({settings.kind})", file=out)
+
+        def open_inference():
+            if backend is None:
+                raise BackendError("did not open (above)")
+            return repository, backend
+
+        health = pipeline_health(config, open_inference) if config is not None else []
+        for pipeline in health:
+            print(f"pipeline {pipeline.pipeline}: {pipeline.describe()}", file=out)
     finally:
-        backend.close()
-    return 1 if failures else 0
+        if backend is not None:
+            backend.close()
+    return 1 if args.strict and (failures or not all(p.ready for p in health)) else 0
 
 
 def backend_settings(config: Config | None):

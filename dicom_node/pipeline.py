@@ -6,6 +6,12 @@ each destination is an export row (pending -> sent | dead) with its attempt
 count and next_attempt_at, so a restart continues the retry schedule where it
 stopped.
 
+Steps fail alone: a job whose steps partly failed (a classifier whose model is
+not installed) is `done` and delivers what the other steps gave; the outcome
+of every step is in the journal (`job_steps`) and in the job's SR. Only a job
+where no step gave a result, or that failed before its steps (an unreadable
+series), is `failed`.
+
 At-least-once to a PACS: an export marked `sent` is never sent again, but a
 crash between the C-STORE response and the journal update resends the same
 object. Since result UIDs are derived from (series, generation, pipeline, kind)
@@ -32,7 +38,7 @@ from dicom_node import route
 from dicom_node.audit import AuditEvent, AuditLog
 from dicom_node.config import Config
 from dicom_node.job import JobRequest, close_inference, open_inference
-from dicom_node.journal import JobRecord, Journal, SeriesRecord, utcnow
+from dicom_node.journal import JobRecord, Journal, SeriesRecord, StepOutcome, utcnow
 from dicom_node.logs import series_context
 from dicom_node.metrics import NodeMetrics, failure_reason
 from dicom_node.workers import JobError, JobWorkers, WorkerDied
@@ -166,13 +172,14 @@ class Pipeline:
         job = self.journal.update_job(job_id, state="running", started_at=utcnow(), attempts=job.attempts + 1,
                                       error=None)
         try:
-            written = self.run_job(job)
+            written, steps = self.run_job(job)
         except WorkerDied as died:
             self._interrupted(job, str(died))
             return
         except Exception as error:
             kind = error.kind if isinstance(error, JobError) else type(error).__name__
             text = f"{kind}: {error}"
+            self.journal.record_steps(job_id, ())  # what an earlier run recorded is not this run's
             if kind == "SeriesGeometryError":  # before the job fails: whoever sees it failed sees why
                 self.journal.set_series_state(job.series_instance_uid, job.generation, "quarantined", reason=text)
             self.journal.update_job(job_id, state="failed", error=text, finished_at=utcnow())
@@ -184,10 +191,20 @@ class Pipeline:
             else:
                 log.exception("job %d (%s) failed; the series stays in the spool", job_id, job.pipeline)
             return
-        self.journal.update_job(job_id, state="done", finished_at=utcnow())
+        self.journal.record_steps(job_id, steps)
+        not_run = "; ".join(str(step) for step in steps if step.state != "ok")
+        if steps and not any(step.state == "ok" for step in steps):
+            text = f"no step gave a result: {not_run}"
+            self.journal.update_job(job_id, state="failed", error=text, finished_at=utcnow())
+            self.audit.record(AuditEvent("produced", series_instance_uid=job.series_instance_uid, job_id=job_id,
+                                         instance_count=0, status="failed", detail=f"{job.pipeline}: {text}"))
+            log.error("job %d (%s) failed: %s; the series stays in the spool", job_id, job.pipeline, text)
+            return
+        self.journal.update_job(job_id, state="done", finished_at=utcnow(), error=None)
+        detail = f"{job.pipeline}: {', '.join(sorted({p.parent.name for p in written}))}"
         self.audit.record(AuditEvent("produced", series_instance_uid=job.series_instance_uid, job_id=job_id,
                                      instance_count=len(written), status="done",
-                                     detail=f"{job.pipeline}: {', '.join(sorted({p.parent.name for p in written}))}"))
+                                     detail=f"{detail}; steps not run: {not_run}" if not_run else detail))
         self._dispatch_wakeup.set()
 
     def _interrupted(self, job: JobRecord, reason: str) -> None:
@@ -206,10 +223,11 @@ class Pipeline:
         self.audit.record(AuditEvent("produced", series_instance_uid=job.series_instance_uid, job_id=job.id,
                                      instance_count=0, status="failed", detail=f"{job.pipeline}: {error}"))
 
-    def run_job(self, job: JobRecord) -> list[Path]:
-        """Produce the results in a worker process, queue one export per (result, destination)."""
+    def run_job(self, job: JobRecord) -> tuple[list[Path], tuple[StepOutcome, ...]]:
+        """Produce the results in a worker process, queue one export per (result, destination); returns
+        the result files and each step's outcome (none for a forward rule, which has no steps)."""
         if job.pipeline.startswith(route.FORWARD_JOB_PREFIX):
-            return self._forward(job)
+            return self._forward(job), ()
         pipeline = self.config.pipelines[job.pipeline]
         instances = self.journal.series_instances(job.series_instance_uid, job.generation)
         series = self.journal.get_series(job.series_instance_uid, job.generation)
@@ -226,7 +244,7 @@ class Pipeline:
         log.info("job %d (%s) done: load %.2f s, inference %.2f s, encode %.2f s, %d result files",
                  job.id, job.pipeline, output.seconds["load"], output.seconds["inference"],
                  output.seconds["encode"], len(output.exported))
-        return [Path(p) for p in output.exported]
+        return [Path(p) for p in output.exported], output.steps
 
     def _forward(self, job: JobRecord) -> list[Path]:
         """Plain auto-routing: queue the spooled originals themselves, which hold the sender's data set

@@ -135,6 +135,9 @@ class Receiver:
     def stop(self) -> None:
         self.acceptor.stop()
 
+    def listening(self) -> bool:
+        return self.acceptor.listening()
+
     def open_associations(self) -> list[AssociationStats]:
         with self._lock:
             return list(self._stats.values())

@@ -25,8 +25,9 @@ import pydicom
 from dicom_node import logs
 from dicom_node.complete import CompletionTracker
 from dicom_node.config import Config
+from dicom_node.health import pipeline_health
 from dicom_node.journal import Journal, NewInstance, default_url, utcnow
-from dicom_node.metrics import JournalCollector, NodeMetrics
+from dicom_node.metrics import JournalCollector, NodeMetrics, PipelineHealthCollector
 from dicom_node.pipeline import Pipeline
 from dicom_node.receive import Receiver
 from dicom_node.retention import Retention
@@ -95,6 +96,7 @@ def serve(config: Config, log_format: str = "text") -> None:
     metrics.add_collector(JournalCollector(lambda: journal_counts(journal), spool.free_bytes,
                                            lambda: len(spool.quarantined())))
     pipeline = Pipeline(config, journal, metrics)
+    metrics.add_collector(PipelineHealthCollector(lambda: pipeline_health(config, pipeline.inference)))
     pipeline.start()
     tracker = CompletionTracker(journal, config.completion.stable_seconds, config.completion.after_release_seconds,
                                 on_series_complete=pipeline.on_series_complete, metrics=metrics)
@@ -135,6 +137,7 @@ def _api_server(config: Config, journal: Journal, metrics: NodeMetrics, receiver
 
     handles = NodeHandles(config=config, journal=journal, metrics=metrics, audit=AuditLog(journal),
                           open_inference=pipeline.inference, associations=associations,
+                          dicom_listening=receiver.listening,
                           pick_up_queued=pipeline.pick_up_queued)
     return ApiServer(create_app(handles), config.http.host, config.http.port, config.http.tls)
 

@@ -1,6 +1,11 @@
 """What state the node is in: readiness checks and the status snapshot behind `/readyz`,
 `/v1/status` and `dicom-node status`.
 
+Ready means the node takes images (journal writable, disk above the floor,
+DICOM port listening); each pipeline's health (ready or degraded) is reported
+beside it (`dicom_node.health`). `dicom-node status` exits 1 when the node is
+not ready, and with `--strict` also when a pipeline is degraded.
+
 `dicom-node status` asks the running node's API first (only the running
 process knows its open associations and its loaded backend); when nothing
 answers on the configured HTTP address it reads the journal and checks the
@@ -25,11 +30,11 @@ from typing import TextIO
 from sqlalchemy import func, select
 
 from dicom_node.config import Config
+from dicom_node.health import PipelineHealth, pipeline_health
 from dicom_node.journal import Journal, exports, jobs, series
 from dicom_node.spool import Spool
 
 Counts = dict[str, dict[tuple[str, ...], int]]
-InferenceOpener = Callable[[], tuple[object, object]]  # () -> (ModelRepository, Backend)
 
 
 @dataclass(frozen=True)
@@ -80,8 +85,9 @@ class NodeStatus:
     dead_letters: int
     quarantined_files: int  # in <storage_dir>/quarantine: files restart reconciliation could not journal
     disk: DiskUse
-    ready: bool
+    ready: bool  # takes images: `checks` (what /readyz answers)
     checks: list[Check] = field(default_factory=list)
+    pipelines: list[PipelineHealth] = field(default_factory=list)  # ready or degraded (dicom_node.health)
 
 
 def journal_counts(journal: Journal) -> Counts:
@@ -120,43 +126,23 @@ def check_disk(config: Config) -> Check:
     return Check("disk", True, f"{mb} MB free")
 
 
-def configured_models(config: Config) -> dict[str, list[str]]:
-    """Repository model name -> the enabled pipelines that use it."""
-    used: dict[str, list[str]] = {}
-    for name, pipeline in config.pipelines.items():
-        if pipeline.enabled:
-            for step in pipeline.steps:
-                if step.model:
-                    used.setdefault(step.model, []).append(name)
-    return used
+def check_dicom_port(config: Config, listening: Callable[[], bool] | None) -> Check:
+    """`listening` is the running node's own answer (its acceptor's loop runs); None: not the node."""
+    if listening is None:
+        return Check("dicom port", False, f"unknown: the node's API at {api_base(config)} does not answer "
+                                          "(is the node running?)")
+    if not listening():
+        return Check("dicom port", False, f"not listening on {config.node.host}:{config.node.port}")
+    return Check("dicom port", True, f"listening on {config.node.host}:{config.node.port}")
 
 
-def check_models(config: Config, open_inference: InferenceOpener) -> list[Check]:
-    """The backend opens, and every model an enabled pipeline uses is in the repository and loads."""
-    models = configured_models(config)
-    if not models:
-        return []
-    try:
-        repository, backend = open_inference()
-    except Exception as error:
-        return [Check("backend", False, f"{config.inference.backend}: {error}")]
-    checks = [Check("backend", True, config.inference.backend)]
-    for model, pipelines in sorted(models.items()):
-        name = f"model {model} ({', '.join(pipelines)})"
-        try:
-            backend.check(repository.get(model))
-        except Exception as error:
-            checks.append(Check(name, False, str(error)))
-        else:
-            checks.append(Check(name, True, "ready"))
-    return checks
+def readiness(config: Config, journal: Journal, listening: Callable[[], bool] | None) -> Readiness:
+    """Can the node take images? Pipelines do not enter into it: a node whose chest classifier is not
+    installed still stores every study, and its spleen pipeline still runs (`dicom_node.health`)."""
+    return Readiness((check_journal_writable(journal), check_disk(config), check_dicom_port(config, listening)))
 
 
-def readiness(config: Config, journal: Journal, open_inference: InferenceOpener) -> Readiness:
-    return Readiness((check_journal_writable(journal), check_disk(config), *check_models(config, open_inference)))
-
-
-def snapshot(config: Config, journal: Journal, ready: Readiness, *, source: str,
+def snapshot(config: Config, journal: Journal, ready: Readiness, pipelines: list[PipelineHealth], *, source: str,
              associations: Iterable[OpenAssociation] | None) -> NodeStatus:
     counts = journal_counts(journal)
     job_states: dict[str, int] = {}
@@ -171,7 +157,7 @@ def snapshot(config: Config, journal: Journal, ready: Readiness, *, source: str,
         jobs=job_states, jobs_by_pipeline=by_pipeline,
         dead_letters=sum(count for (_, state), count in counts["exports"].items() if state == "dead"),
         quarantined_files=len(Spool(Path(config.node.storage_dir)).quarantined()), disk=disk_use(config),
-        ready=ready.ready, checks=list(ready.checks))
+        ready=ready.ready, checks=list(ready.checks), pipelines=pipelines)
 
 
 # --- `dicom-node status` -----------------------------------------------------------------------
@@ -179,6 +165,8 @@ def snapshot(config: Config, journal: Journal, ready: Readiness, *, source: str,
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("status", help="associations, series, jobs, dead letters, disk, model readiness")
     parser.add_argument("--json", action="store_true", help="JSON instead of a table")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 also when a pipeline is degraded (default: only when the node cannot take images)")
     return parser
 
 
@@ -221,7 +209,8 @@ def run(args: argparse.Namespace, config: Config, out: TextIO = sys.stdout) -> i
         print(json.dumps(document), file=out)
     else:
         _print_status(document, out)
-    return 0 if document["ready"] else 1
+    degraded = any(pipeline["state"] != "ready" for pipeline in document["pipelines"])
+    return 0 if document["ready"] and not (args.strict and degraded) else 1
 
 
 def _offline_status(config: Config) -> NodeStatus:
@@ -240,8 +229,8 @@ def _offline_status(config: Config) -> NodeStatus:
         return repository, backends[-1]
 
     try:
-        return snapshot(config, journal, readiness(config, journal, open_inference), source="journal",
-                        associations=None)
+        return snapshot(config, journal, readiness(config, journal, None), pipeline_health(config, open_inference),
+                        source="journal", associations=None)
     finally:
         for backend in backends:
             backend.close()
@@ -274,3 +263,9 @@ def _print_status(status: dict, out: TextIO) -> None:
     line("ready", "yes" if status["ready"] else "NO")
     for check in status["checks"]:
         line(f"  {check['name']}", f"{'ok' if check['ok'] else 'FAILED'}: {check['detail']}")
+    if status["pipelines"]:
+        print("pipelines", file=out)
+    else:
+        line("pipelines", "none enabled")
+    for pipeline in status["pipelines"]:
+        line(f"  {pipeline['pipeline']}", PipelineHealth(**pipeline).describe())

@@ -349,6 +349,11 @@ class Acceptor:
         for _, thread in connections:
             thread.join(timeout)
 
+    def listening(self) -> bool:
+        """Every port started (plain, TLS) still accepts: its loop runs and stop() was not called."""
+        return (bool(self._accept_threads) and not self._stopping.is_set()
+                and all(thread.is_alive() for thread in self._accept_threads))
+
     def _accept_loop(self, listener: socket.socket, tls_context: ssl.SSLContext | None) -> None:
         while not self._stopping.is_set():
             try:

@@ -48,6 +48,11 @@ class BackendError(Exception):
     """The backend cannot serve a model (unreachable server, missing model, wrong signature)."""
 
 
+class ModelFileMissing(BackendError):
+    """The repository entry is there but its weights are not (not installed yet): an expected state of a
+    node whose pipeline names a model the site has not imported, not a fault."""
+
+
 @dataclass(frozen=True)
 class BackendSettings:
     """What config.yaml's `inference` section says about the backend."""
@@ -191,7 +196,7 @@ def _require_onnx_file(entry: ModelEntry) -> None:
         raise BackendError(f"model {entry.name!r} is {entry.platform}: only the triton backend serves "
                            "that platform; the embedded backend runs ONNX models")
     if not entry.version_path.is_file():
-        raise BackendError(f"model {entry.name!r}: {entry.version_path} is missing "
+        raise ModelFileMissing(f"model {entry.name!r}: {entry.version_path} is missing "
                            "(import the weights with `dicom-node models import`)")
 
 

@@ -1,6 +1,6 @@
 """The HTTP API of a running `dicom-node serve` over real HTTP, fed by dcmtk storescu (issue 7).
 
-Health, readiness that flips with the disk floor and a pipeline's model,
+Health, readiness that flips with the disk floor, a pipeline degraded by its missing model,
 Prometheus counters that move after a send (parsed with prometheus_client's
 own parser), the audit trail, retry of a failed job through POST, the bearer
 token, JSON log lines that carry the series and job, and graceful SIGTERM.
@@ -72,7 +72,7 @@ def test_health_metrics_audit_and_series_after_a_storescu_send(tmp_path):
     with running_node(tmp_path / "node") as node:
         assert get_json(node, "/healthz") == {"status": "alive"}
         ready = get_json(node, "/readyz")
-        assert ready["ready"] and {c["name"] for c in ready["checks"]} == {"journal", "disk"}  # no pipelines
+        assert ready["ready"] and {c["name"] for c in ready["checks"]} == {"journal", "disk", "dicom port"}
         before = samples(node)
         assert ("dicom_node_instances_received_total", (("calling_ae", "STORESCU"),)) not in before
 
@@ -120,7 +120,7 @@ def test_readiness_fails_while_free_disk_is_under_the_floor(tmp_path):
         assert reason.startswith("disk: ") and "floor is 1073741824 MB" in reason
 
 
-def test_missing_model_fails_readiness_and_a_post_retries_the_failed_job(tmp_path):
+def test_missing_model_degrades_the_pipeline_not_readiness_and_a_post_retries_the_failed_job(tmp_path):
     models = tmp_path / "models"
     models.mkdir()
     node = Node(tmp_path / "node", inference={"model_repository": str(models)}, pipelines={"spleen_ct": SPLEEN})
@@ -128,20 +128,27 @@ def test_missing_model_fails_readiness_and_a_post_retries_the_failed_job(tmp_pat
                                    "--log-format", "json"], log=node.log)
     try:
         wait_for_port(node.port, timeout=30, process=node.process.process)
-        ready = get_json(node, "/readyz", expect=503)
-        assert [r for r in ready["reasons"] if r.startswith("model spleen_ct (spleen_ct): ")], ready
+        assert get_json(node, "/readyz")["ready"]  # it takes images; its one pipeline is degraded
+        (health,) = get_json(node, "/v1/status")["pipelines"]
+        assert (health["pipeline"], health["state"]) == ("spleen_ct", "degraded")
+        assert health["reasons"][0].startswith("step spleen: model spleen_ct not available: "), health
+        assert samples(node)[("dicom_node_pipeline_ready", (("pipeline", "spleen_ct"),))] == 0
         (model,) = get_json(node, "/v1/models")
         assert (model["name"], model["ready"], model["pipelines"]) == ("spleen_ct", False, ["spleen_ct"])
 
         files = real_series(tmp_path / "series")
         assert dcmtk.storescu(node.port, files, extra=["-xv"]).returncode == 0
         job = wait_for(lambda: [j for j in get_json(node, "/v1/jobs?state=failed")], 60, "the job failing")[0]
-        assert "spleen_ct" in job["error"]
+        assert job["error"].startswith("no step gave a result: spleen: failed (model spleen_ct is not installed")
+        (step,) = get_json(node, f"/v1/jobs/{job['id']}")["steps"]
+        assert (step["step"], step["state"]) == ("spleen", "failed") and "spleen_ct" in step["reason"]
         assert http(node, f"/v1/jobs/{job['id']}/retry", method="POST")[0] == 202  # failed jobs can be retried
 
         job = wait_for(lambda: [j for j in get_json(node, "/v1/jobs?state=failed")], 60, "the retry failing again")[0]
         install_spleen_model(models)
-        assert get_json(node, "/readyz")["ready"]  # flips without a restart
+        (health,) = get_json(node, "/v1/status")["pipelines"]  # flips without a restart
+        assert (health["state"], health["reasons"]) == ("ready", [])
+        assert samples(node)[("dicom_node_pipeline_ready", (("pipeline", "spleen_ct"),))] == 1
         (model,) = get_json(node, "/v1/models")
         assert (model["ready"], model["task"], model["labels"]) == (True, "segmentation", ["Spleen"])
 
@@ -150,6 +157,7 @@ def test_missing_model_fails_readiness_and_a_post_retries_the_failed_job(tmp_pat
         done = wait_for(lambda: (j := get_json(node, f"/v1/jobs/{job['id']}")["job"])["state"] == "done" and j,
                         180, "the retried job")
         assert done["attempts"] == 3 and done["error"] is None
+        assert get_json(node, f"/v1/jobs/{job['id']}")["steps"] == [{"step": "spleen", "state": "ok", "reason": None}]
         assert http(node, f"/v1/jobs/{job['id']}/retry", method="POST")[0] == 202  # done jobs can be rerun too
         assert http(node, "/v1/jobs/9999/retry", method="POST")[0] == 404
 
@@ -167,6 +175,13 @@ def test_missing_model_fails_readiness_and_a_post_retries_the_failed_job(tmp_pat
     for line in about_job:  # the job id, series and study UIDs as their own fields
         assert line["job_id"] == job["id"] and line["series_instance_uid"] == job["series_instance_uid"]
         assert line["study_instance_uid"].startswith("1.")
+    # A model not installed is a state, not a fault: one WARNING per run naming step, model and job, no traceback.
+    missing = [line for line in lines if line["logger"] == "dicom_node.job" and "step spleen not run" in line["message"]]
+    assert len(missing) == 2, node.log_text()[-3000:]  # the first run and the first retry
+    for line in missing:
+        assert line["level"] == "WARNING" and "exception" not in line and line["job_id"] == job["id"]
+        assert f"job {job['id']} (spleen_ct)" in line["message"] and "model spleen_ct" in line["message"]
+    assert not [line for line in lines if "Traceback" in line.get("exception", "") and "spleen_ct" in line["message"]]
 
 
 def test_bearer_token_guards_everything_but_healthz(tmp_path):

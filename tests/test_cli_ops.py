@@ -81,7 +81,7 @@ def test_status_json_from_the_running_node_then_from_the_journal(tmp_path):
         assert live["source"] == "node" and live["associations_open"] == 0 and live["ready"]
         assert live["series"] == {"unmatched": 1} and live["jobs"] == {} and live["dead_letters"] == 0
         assert live["quarantined_files"] == 0
-        assert live["disk"]["free_bytes"] > 0 and {c["name"] for c in live["checks"]} == {"journal", "disk"}
+        assert live["disk"]["free_bytes"] > 0 and {c["name"] for c in live["checks"]} == {"journal", "disk", "dicom port"}
         text = cli("status", "--config", node.config_path).stdout
         assert "running node (API)" in text and "unmatched 1" in text
 
@@ -93,7 +93,9 @@ def test_status_json_from_the_running_node_then_from_the_journal(tmp_path):
     Spool(node.storage).quarantine(stray, "reconcile could not journal it: not DICOM")
     offline = json.loads(cli("status", "--json", "--config", node.config_path).stdout)
     assert offline["source"] == "journal" and offline["associations_open"] is None
-    assert offline["series"] == live["series"] and offline["ready"] and offline["quarantined_files"] == 1
+    assert offline["series"] == live["series"] and offline["quarantined_files"] == 1
+    # nobody answers for the DICOM port: not ready to take images, and the exit status says so
+    assert not offline["ready"] and [c["name"] for c in offline["checks"] if not c["ok"]] == ["dicom port"]
     text = cli("status", "--config", node.config_path).stdout
     assert f"quarantined files      1 in {node.storage}/quarantine (not journaled at restart" in text, text
 

@@ -9,7 +9,7 @@ from sqlalchemy import Column, MetaData, String, Table, create_engine, inspect, 
 
 from dicom_node import JournalSchemaError
 from dicom_node.audit import AuditEvent, AuditLog
-from dicom_node.journal import Journal, NewInstance, instances, utcnow
+from dicom_node.journal import Journal, NewInstance, StepOutcome, instances, utcnow
 
 
 @pytest.fixture()
@@ -84,6 +84,22 @@ def test_jobs_and_exports_are_idempotent(journal):
         journal.update_job(job.id, state="bogus")
 
 
+def test_step_outcomes_of_a_run_replace_the_previous_runs(journal):
+    job = journal.add_job("1.2.3", 1, "chest_ct")
+    other = journal.add_job("1.2.3", 1, "spleen_ct")
+    assert journal.job_steps(job.id, other.id) == {job.id: [], other.id: []}  # not run yet
+    journal.record_steps(job.id, [StepOutcome("lungs", "ok"), StepOutcome("covid", "failed", "not installed"),
+                                  StepOutcome("report", "skipped", "needs step covid, which did not run")])
+    journal.record_steps(other.id, [StepOutcome("spleen", "ok")])
+    assert [str(s) for s in journal.job_steps(job.id)[job.id]] == [
+        "lungs: ok", "covid: failed (not installed)", "report: skipped (needs step covid, which did not run)"]
+    journal.record_steps(job.id, [StepOutcome("lungs", "ok"), StepOutcome("covid", "ok")])  # retried
+    assert journal.job_steps(job.id, other.id) == {
+        job.id: [StepOutcome("lungs", "ok"), StepOutcome("covid", "ok")], other.id: [StepOutcome("spleen", "ok")]}
+    with pytest.raises(ValueError, match="unknown step state"):
+        journal.record_steps(job.id, [StepOutcome("lungs", "partly")])
+
+
 def _alter(url: str, *statements: str) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
@@ -98,7 +114,8 @@ def test_an_older_versions_journal_is_upgraded_in_place(journal_url, caplog):
     old.record_instance(instance("1.1"))
     AuditLog(old).record(AuditEvent("received", series_instance_uid="1.2.3", instance_count=1))
     old.close()
-    _alter(journal_url, "ALTER TABLE series DROP COLUMN reason", "ALTER TABLE jobs DROP COLUMN output_dir",
+    _alter(journal_url, "DROP TABLE job_steps", "ALTER TABLE series DROP COLUMN reason",
+           "ALTER TABLE jobs DROP COLUMN output_dir",
            "DROP INDEX ix_audit_series_instance_uid", "ALTER TABLE audit DROP COLUMN series_instance_uid")
     with caplog.at_level("WARNING", logger="dicom_node.journal"):
         upgraded = Journal(journal_url)
@@ -116,6 +133,8 @@ def test_an_older_versions_journal_is_upgraded_in_place(journal_url, caplog):
         assert upgraded.get_series("1.2.3", 1).reason == "no pipeline"
         job = upgraded.add_job("1.2.3", 1, "spleen_ct")
         assert upgraded.update_job(job.id, output_dir="/results/1").output_dir == "/results/1"
+        upgraded.record_steps(job.id, [StepOutcome("spleen", "ok")])  # the table added since, created
+        assert upgraded.job_steps(job.id) == {job.id: [StepOutcome("spleen", "ok")]}
     finally:
         upgraded.close()
     caplog.clear()

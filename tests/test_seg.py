@@ -233,9 +233,27 @@ def test_options_from_results_config() -> None:
     from dicom_node import config
     results = config.ResultsConfig(org_root="1.2.826.0.1.3680043.10.1234", compress_frames=False,
                                    empty_segmentation="skip", seg_omit_empty_frames=True)
-    series = OutputSeries.from_config(results, kind="seg", series_instance_uid="1.2.3", generation=2,
-                                      pipeline="abdomen", description="spleen")
+    series = OutputSeries.from_config(results, kind="seg", series_instance_uid="1.2.3", generation=1,
+                                      pipeline="abdomen", position=0, description="spleen")
     assert (series.series_number, series.series_description, series.manufacturer) == (9901, "AI spleen", "dicom-node")
     assert series.seed.instance_uid("seg").startswith("1.2.826.0.1.3680043.10.1234.")
     options = SegOptions.from_config(results, series)
     assert (options.compress, options.empty, options.omit_empty_frames) == (False, "skip", True)
+
+
+def test_series_numbers_differ_per_pipeline_output_and_generation() -> None:
+    """Two result series of one study never share a SeriesNumber: not two pipelines' SEGs, not a SEG and
+    an SR, not the results of a series sent again; a job run again keeps its number."""
+    from dicom_node import config
+    from dicom_node.results import series_number
+    results = config.ResultsConfig()
+    numbers = {(kind, position, generation): series_number(results, kind, position, generation)
+               for kind in ("seg", "sr", "overlay") for position in range(12) for generation in (1, 2, 3)}
+    assert len(set(numbers.values())) == len(numbers)
+    assert (numbers["seg", 0, 1], numbers["sr", 0, 1], numbers["seg", 1, 1], numbers["sr", 1, 1]) == (
+        9901, 9902, 9911, 9912)
+    assert series_number(results, "seg", 1, 2) == numbers["seg", 1, 2] == 10911
+    with pytest.raises(ValueError, match="within 10"):
+        config.ResultsConfig(seg_series_number=9901, sr_series_number=9911)
+    with pytest.raises(ValueError, match="must differ"):
+        config.ResultsConfig(seg_series_number=9901, sr_series_number=9901)

@@ -12,7 +12,8 @@ from dicom_node.results import OutputSeries
 from dicom_node.results.sr import LOCAL_SCHEME, SrOptions, write_classification_sr
 from dicom_node.results.uids import UidSeed
 from inference.results import Algorithm, ClassLabel, ClassProbabilities, Code
-from tests.peers import dciodvfy
+from dicom_node.journal import StepOutcome
+from tests.peers import dciodvfy, dcmtk
 from tests.test_seg import real_sources
 
 pytestmark = dciodvfy.required()
@@ -91,3 +92,38 @@ def test_rerun_writes_the_same_sr_uids(tmp_path: Path) -> None:
     other = hd.sr.srread(write_classification_sr(RESULT, real_sources(), tmp_path / "c", sr_options(generation=2)))
     assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (again.SOPInstanceUID, again.SeriesInstanceUID)
     assert first.SOPInstanceUID != other.SOPInstanceUID
+
+
+STEPS = (StepOutcome("lungs", "ok"),
+         StepOutcome("covid", "failed", "model covid19_ct is not installed or not usable: model 'covid19_ct' is not "
+                                        "in the model repository models"),
+         StepOutcome("report", "skipped", "needs step covid, which did not run"))
+
+
+def step_texts(sr) -> list[str]:
+    """The Comments (121106 DCM) of the Qualitative Evaluations container (C0034375 UMLS) at the root."""
+    (container,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    return [item.TextValue for item in container.ContentSequence
+            if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "121106"]
+
+
+@pytest.mark.parametrize("result", [None, RESULT], ids=["no classifier output", "with probabilities"])
+def test_sr_says_how_each_step_went(tmp_path: Path, result) -> None:
+    """A classifier that was not installed leaves an SR that says so (beside the probabilities of one that
+    ran): dciodvfy clean, read by highdicom and by dcmtk's dsrdump."""
+    path = write_classification_sr(result, real_sources(), tmp_path, sr_options(), STEPS)
+    validation = dciodvfy.validate(path)
+    assert validation.errors == [], validation.report()
+    sr = hd.sr.srread(path)
+    assert step_texts(sr) == [
+        "Step lungs: completed",
+        "Step covid: not run: model covid19_ct is not installed or not usable: model 'covid19_ct' is not in the "
+        "model repository models",
+        "Step report: skipped: needs step covid, which did not run"]
+    assert len(sr.content.get_image_measurement_groups()) == (0 if result is None else 3)
+    dump = dcmtk.dsrdump(path)
+    assert dump.returncode == 0, dump.stderr
+    assert "Step covid: not run: model covid19_ct is not installed" in dump.stdout
+    summary = json.loads(path.with_suffix(".json").read_text())
+    assert [s["state"] for s in summary["steps"]] == ["ok", "failed", "skipped"]
+    assert ("classes" in summary) == (result is not None)

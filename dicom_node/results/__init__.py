@@ -56,18 +56,37 @@ class OutputSeries:
     @classmethod
     def from_config(
         cls, results: ResultsConfig, *, kind: str, series_instance_uid: str, generation: int, pipeline: str,
-        description: str,
+        position: int, description: str,
     ) -> OutputSeries:
-        """The output series of `kind` ("seg", "sr", "overlay") of one job, numbered and named per config.
+        """The output series of `kind` ("seg", "sr", "overlay") of one job, numbered and named per config;
+        `position` is the pipeline's place in the config's `pipelines` (see `series_number`).
 
         SeriesDescription is "<series_description_prefix> <description>" (e.g. "AI spleen").
         """
         return cls(
             seed=UidSeed(series_instance_uid, generation, pipeline, results.org_root),
-            series_number=getattr(results, f"{kind}_series_number"),
+            series_number=series_number(results, kind, position, generation),
             series_description=f"{results.series_description_prefix} {description}".strip(),
             manufacturer=results.manufacturer,
         )
+
+
+PIPELINE_SERIES_STEP = 10
+GENERATION_SERIES_STEP = 1000
+
+
+def series_number(results: ResultsConfig, kind: str, position: int, generation: int) -> int:
+    """SeriesNumber (0020,0011) of a job's output series of `kind`.
+
+    A viewer lists a study's series by number, so two result series of one study must not share one:
+    the configured number of the kind (9901 SEG, 9902 SR, 9903 overlay), plus 10 for each pipeline
+    before this one in the config (spleen_ct 9901/9902, chest_ct 9911/9912), plus 1000 for each
+    generation after the first (a series sent again gets new result series beside the earlier ones).
+    A job run again writes the same number, as it writes the same UIDs. Distinct for up to 100
+    pipelines; the config keeps the kinds' numbers within 10 of each other.
+    """
+    base = getattr(results, f"{kind}_series_number")
+    return base + PIPELINE_SERIES_STEP * position + GENERATION_SERIES_STEP * (generation - 1)
 
 
 def source_headers(sources: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:

@@ -86,3 +86,8 @@ def storescp(port: int, out_dir: Path, *, ae_title: str = "STORESCP", log: Path 
     process = ManagedProcess([tool("storescp"), "-aet", ae_title, "-od", str(out_dir), *extra, str(port)], log=log)
     wait_for_port(port, process=process.process)
     return process
+
+
+def dsrdump(path: Path | str) -> subprocess.CompletedProcess:
+    """dcmtk's SR reader: its text rendering of the document tree, long values in full (returncode 0 when it parsed)."""
+    return subprocess.run([tool("dsrdump"), "+Pl", str(path)], capture_output=True, text=True, env=peer_env(), timeout=60)
