@@ -38,6 +38,8 @@ _ORIENTATION_TOLERANCE = 1e-3
 _SAME_POSITION_MM = 0.01
 # A stack whose positions drift in-plane by more than this per mm along the normal is sheared (0.06 degrees).
 _SHEAR_TOLERANCE = 1e-3
+# Photometric Interpretations of grayscale pixels (PS3.3 C.7.6.3.1.2).
+_GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 # A slice normal within 15 degrees of a patient axis names the orientation (else "oblique").
 _AXIS_COSINE = math.cos(math.radians(15))
 
@@ -137,8 +139,6 @@ class _PixelData:
             return f"Bits Allocated {self.bits_allocated} is not 1, 8, 16 or 32"
         if not 1 <= self.bits_stored <= self.bits_allocated:
             return f"Bits Stored {self.bits_stored} is not within 1..Bits Allocated ({self.bits_allocated})"
-        if self.samples_per_pixel != 1:
-            return f"Samples per Pixel {self.samples_per_pixel}: not a grayscale image"
         if not native:
             return None if self.undefined_length else "compressed transfer syntax but Pixel Data is not encapsulated"
         if self.undefined_length:
@@ -168,6 +168,22 @@ class _Frame:
     localizer: bool
     transfer_syntax: str
     pixel_data: _PixelData
+    photometric_interpretation: str
+    frame_of_reference_uid: str
+    functional_groups: bool  # a multi-frame (enhanced) instance: geometry per frame, PS3.3 C.7.6.16
+    # Why results cannot reference this multi-frame instance's frames, or None (see `_multiframe_problem`).
+    multiframe_problem: str | None
+
+    @property
+    def is_image(self) -> bool:
+        """A pixel matrix: this frame is meant to be seen, so a volume needs its plane."""
+        return bool(self.rows and self.columns) and self.pixel_data.length is not None
+
+    @property
+    def where(self) -> str:
+        """The frame as an admin finds it: the instance, and the frame number in a multi-frame one."""
+        frame = self.source.frame_number
+        return f"instance {self.uid}" + (f" frame {frame}" if frame is not None else "")
 
     @property
     def normal(self) -> np.ndarray:
@@ -192,6 +208,25 @@ def _functional(ds: Dataset, frame_item: Dataset | None, sequence: str, attribut
     return ds.get(attribute)
 
 
+def _multiframe_problem(ds: Dataset) -> str | None:
+    """What keeps a SEG from referencing this multi-frame instance's frames, or None.
+
+    highdicom's Segmentation takes Pixel Measures and Plane Orientation of a
+    multi-frame source from its Shared Functional Groups (PS3.3 C.7.6.16.1 also
+    allows them per frame): a source with them only per frame cannot be
+    referenced, so it is refused before inference.
+    """
+    if "NumberOfFrames" not in ds or "PerFrameFunctionalGroupsSequence" not in ds:
+        return None
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    missing = [name for name in ("PixelMeasuresSequence", "PlaneOrientationSequence")
+               if not shared or name not in shared[0]]
+    if not missing:
+        return None
+    return (f"multi-frame instance {ds.get('SOPInstanceUID', '?')} has {' and '.join(missing)} only per frame, "
+            "not in the Shared Functional Groups: a SEG cannot reference its frames")
+
+
 def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
     """One `_Frame` per frame of the instance; Enhanced CT keeps geometry in functional groups."""
     meta = getattr(ds, "file_meta", Dataset())
@@ -210,6 +245,9 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
                                                   or getattr(raw, "length", 0) == 0xFFFFFFFF),
         bits_allocated=int(ds.get("BitsAllocated", 16) or 0), bits_stored=bits,
         samples_per_pixel=int(ds.get("SamplesPerPixel", 1) or 1), frames=number_of_frames)
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
+    frame_of_reference_uid = str(ds.get("FrameOfReferenceUID", "") or "")
+    multiframe_problem = _multiframe_problem(ds)
     frames = []
     for index in range(number_of_frames):
         item = per_frame[index] if per_frame is not None and index < len(per_frame) else None
@@ -233,6 +271,10 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
             localizer="LOCALIZER" in image_type,
             transfer_syntax=str(meta.get("TransferSyntaxUID", "")),
             pixel_data=pixel_data,
+            photometric_interpretation=photometric,
+            frame_of_reference_uid=frame_of_reference_uid,
+            functional_groups=per_frame is not None,
+            multiframe_problem=multiframe_problem,
         ))
     return frames
 
@@ -364,6 +406,13 @@ def summarize_series(paths: Iterable[Path]) -> SeriesSummary:
     return _summary(ds, images)
 
 
+def _at(frame: _Frame) -> str:
+    """A slice's position as an admin reads it: z for an axial slice, else the whole Image Position."""
+    if abs(frame.normal[2]) >= _AXIS_COSINE:
+        return f"z={frame.position[2]:.6g} mm"
+    return "(" + ", ".join(f"{v:.6g}" for v in frame.position) + ") mm"
+
+
 class _Check:
     """The geometry checks, in order; each raises with the series and the instances at fault."""
 
@@ -383,16 +432,33 @@ class _Check:
                             f"instances from {len(uids)} series given as one: {sorted(uids)}")
 
     def stack(self, frames: Sequence[_Frame]) -> list[_Frame]:
-        """Exclude non-images, localizers and stray orientations when the rest is one stack."""
-        images = [f for f in frames if f.position is not None and f.orientation is not None and f.rows]
-        kept = set(images)
-        self._exclude([f for f in frames if f not in kept],
-                      "no Image Position/Orientation (Patient) or no pixel matrix: not part of the volume")
-        localizers = [f for f in images if f.localizer]
+        """Exclude localizers, non-images and stray orientations when the rest is one stack.
+
+        An image of the stack's own SOP Class without Image Position or
+        Orientation (Patient) is a slice whose place is unknown: refused,
+        because leaving it out would look like a missing slice. Another kind
+        of image in the series (a Secondary Capture dose screen) is left out.
+        """
+        localizers = [f for f in frames if f.localizer]
         self._exclude(localizers, "Image Type LOCALIZER")
-        images = [f for f in images if not f.localizer]
+        rest = [f for f in frames if not f.localizer]
+        self._exclude([f for f in rest if not f.is_image], "no pixel matrix: not an image")
+        images = [f for f in rest if f.is_image]
+        placed = [f for f in images if f.position is not None and f.orientation is not None]
+        kinds = Counter(f.source.sop_class_uid for f in placed or images)
+        kind = kinds.most_common(1)[0][0] if kinds else None
+        unplaced = [f for f in images if f.position is None or f.orientation is None]
+        broken = [f for f in unplaced if f.source.sop_class_uid == kind]
+        if broken:
+            first = broken[0]
+            missing = " or ".join(name for name, value in (("Image Position (Patient)", first.position),
+                                                           ("Image Orientation (Patient)", first.orientation))
+                                  if value is None)
+            more = f" (and {len(broken) - 1} more frame(s) named below)" if len(broken) > 1 else ""
+            raise self.fail(broken, f"{first.where} has no {missing}{more}: its place in the volume is unknown")
+        self._exclude(unplaced, "no Image Position/Orientation (Patient) and another SOP Class than the stack's")
         groups: list[list[_Frame]] = []
-        for frame in images:
+        for frame in placed:
             group = next((g for g in groups if np.allclose(g[0].orientation, frame.orientation,
                                                            atol=_ORIENTATION_TOLERANCE)), None)
             if group is None:
@@ -408,6 +474,49 @@ class _Check:
                                     f"(Patient), sizes {[len(g) for g in groups]}")
         self._exclude(strays, "Image Orientation (Patient) differs from the rest of the stack")
         return groups[0]
+
+    def pixel_format(self, frames: Sequence[_Frame]) -> None:
+        """Grayscale, one sample per pixel: what a volume of Rescale Type units is made of.
+
+        CT images are MONOCHROME1 or MONOCHROME2 (PS3.3 C.8.2.1.1.1); an RGB or
+        YBR series is a screenshot or a mislabelled object, whose colour values
+        a CT model would read as Hounsfield units.
+        """
+        for frame in frames:
+            interpretation = frame.photometric_interpretation
+            samples = frame.pixel_data.samples_per_pixel
+            if interpretation in _GRAYSCALE and samples == 1:
+                continue
+            same = [f for f in frames
+                    if (f.photometric_interpretation, f.pixel_data.samples_per_pixel) == (interpretation, samples)]
+            raise self.fail(same, f"Photometric Interpretation {interpretation or '(absent)'} with {samples} "
+                                  f"sample(s) per pixel in {len(same)} of {len(frames)} frames: the volume for a "
+                                  "model needs MONOCHROME1 or MONOCHROME2 with 1 sample per pixel")
+
+    def frame_of_reference(self, frames: Sequence[_Frame]) -> None:
+        """One Frame of Reference: positions in two are in unrelated coordinate systems (PS3.3 C.7.4.1)."""
+        values = Counter(f.frame_of_reference_uid for f in frames)
+        if len(values) > 1:
+            main = values.most_common(1)[0][0]
+            others = ", ".join(f"{uid or '(absent)'} in {count}" for uid, count in sorted(values.items())
+                               if uid != main)
+            raise self.fail([f for f in frames if f.frame_of_reference_uid != main],
+                            f"mixed Frame of Reference UIDs: {main or '(absent)'} in {values[main]} frame(s), "
+                            f"{others} (the instances named); positions in different frames of reference "
+                            "cannot be stacked into one volume")
+
+    def referenceable(self, frames: Sequence[_Frame]) -> None:
+        """Results reference either single-frame instances or the frames of one multi-frame instance
+        (highdicom's Segmentation takes one multi-frame source, PS3.3 C.7.6.16.2.6)."""
+        problem = next((f for f in frames if f.multiframe_problem), None)
+        if problem is not None:
+            raise self.fail([problem], problem.multiframe_problem)
+        multiframe = list(dict.fromkeys(f.uid for f in frames if f.functional_groups))
+        if multiframe and len(set(f.uid for f in frames)) > 1:
+            single = len({f.uid for f in frames if not f.functional_groups})
+            raise self.fail([f for f in frames if f.functional_groups][:1],
+                            f"the stack spans {len(multiframe)} multi-frame and {single} single-frame instance(s): "
+                            "a SEG references one multi-frame instance or single-frame instances only")
 
     def _exclude(self, frames: Sequence[_Frame], why: str) -> None:
         if frames:
@@ -451,7 +560,7 @@ class _Check:
                 groups.append([frame])
         for group in groups:
             if any(np.linalg.norm(f.position - group[0].position) >= _SAME_POSITION_MM for f in group[1:]):
-                raise self.fail(group, "frames at the same distance along the normal but different "
+                raise self.fail(group, f"duplicate slice position {_at(group[0])} along the normal but different "
                                        f"Image Position (Patient): {[list(f.position) for f in group]}")
         if len(groups) < self.options.min_slices:
             raise self.fail([], f"{len(groups)} distinct slice positions, fewer than the minimum "
@@ -459,14 +568,24 @@ class _Check:
         return groups, np.array([float(g[0].position @ normal) for g in groups])
 
     def uniform(self, groups: Sequence[Sequence[_Frame]], distances: np.ndarray) -> float:
-        """The slice spacing; a gap off the median by more than the tolerance is a missing slice."""
+        """The slice spacing; a gap off the median by more than the tolerance is named for what it is:
+        a missing slice (1.5 spacings or more), a duplicate position (half a spacing or less), or else
+        non-uniform spacing."""
         gaps = np.diff(distances)
         median = float(np.median(gaps))
         for k, gap in enumerate(gaps):
-            if abs(gap - median) > self.options.spacing_tolerance * median:
-                raise self.fail([groups[k][0], groups[k + 1][0]],
-                                f"non-uniform slice spacing: {gap:.4g} mm between the instances named where "
-                                f"the series spacing is {median:.4g} mm (missing slice?)")
+            if abs(gap - median) <= self.options.spacing_tolerance * median:
+                continue
+            below, above = groups[k][0], groups[k + 1][0]
+            spacing = f"{gap:.4g} mm apart where the series spacing is {median:.4g} mm"
+            if gap >= 1.5 * median:
+                raise self.fail([below, above], f"missing slice between {_at(below)} and {_at(above)}: {spacing} "
+                                                f"(about {round(gap / median) - 1} slice(s) missing)")
+            if gap <= 0.5 * median:
+                raise self.fail([below, above], f"duplicate slice position {_at(below)}: instances {below.uid} "
+                                                f"and {above.uid} are {spacing}")
+            raise self.fail([below, above], f"non-uniform slice spacing between {_at(below)} and {_at(above)}: "
+                                            f"{spacing}")
         return float(distances[-1] - distances[0]) / (len(distances) - 1)
 
     def shear(self, groups: Sequence[Sequence[_Frame]]) -> np.ndarray:
@@ -547,6 +666,47 @@ def _decoded(files: dict[Path, list[_Frame]]) -> Iterator[tuple[_Frame, np.ndarr
                                       f"{type(error).__name__}: {error}") from error
 
 
+@dataclass(frozen=True, eq=False)
+class _Checked:
+    """What the header checks found: the slices (frames grouped by position), where they are, their spacing."""
+
+    check: _Check
+    stack: list[_Frame]
+    groups: list[list[_Frame]]
+    distances: np.ndarray
+    spacing_k: float
+    offsets: np.ndarray
+
+
+def _check_headers(ds: Dataset, frames: Sequence[_Frame], options: VolumeOptions) -> _Checked:
+    """Every check that needs no decoded pixel, in order."""
+    check = _Check(str(ds.get("SeriesInstanceUID", "")), options)
+    check.one_series(frames)
+    stack = check.stack(frames)
+    check.pixel_format(stack)
+    check.frame_of_reference(stack)
+    check.referenceable(stack)
+    check.same_matrix(stack)
+    groups, distances = check.positions(stack)
+    spacing_k = check.uniform(groups, distances)
+    offsets = check.shear(groups)
+    check.pixel_data(stack, len(groups))
+    return _Checked(check, stack, groups, distances, spacing_k, offsets)
+
+
+def check_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions()) -> tuple[str, ...]:
+    """Raise `SeriesGeometryError` for a series `load_series` would refuse on its headers alone; returns the
+    warnings (what would be excluded).
+
+    Routing calls this before it creates a job, so a series no model can use
+    is quarantined with the reason without a worker, a decoded pixel or a
+    second of inference spent on it. What only pixels show (conflicting
+    duplicates, undecodable frames) is left to `load_series`.
+    """
+    ds, frames = _read_headers(paths)
+    return tuple(_check_headers(ds, frames, options).check.warnings)
+
+
 def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions()) -> LoadedSeries:
     """Read, check and stack one series; raises `SeriesGeometryError` for a series that would give a wrong volume.
 
@@ -555,14 +715,8 @@ def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions())
     product, slices ascending; the origin is the first slice's position.
     """
     ds, frames = _read_headers(paths)
-    check = _Check(str(ds.get("SeriesInstanceUID", "")), options)
-    check.one_series(frames)
-    stack = check.stack(frames)
-    check.same_matrix(stack)
-    groups, distances = check.positions(stack)
-    spacing_k = check.uniform(groups, distances)
-    offsets = check.shear(groups)
-    check.pixel_data(stack, len(groups))
+    checked = _check_headers(ds, frames, options)
+    check, stack, groups, offsets = checked.check, checked.stack, checked.groups, checked.offsets
     resample = bool(np.any(offsets))
 
     first = groups[0][0]
@@ -580,12 +734,12 @@ def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions())
         k = slice_of[frame]
         _fill(scratch, frame, pixels)
         if not np.array_equal(scratch, array[k]):
-            raise check.fail([groups[k][0], frame], f"conflicting duplicates: different pixel values at the "
-                                                    f"same position (slice {k}, {distances[k]:.4g} mm)")
-    for k, group in enumerate(groups):
+            raise check.fail([groups[k][0], frame], f"duplicate slice position {_at(frame)}: {groups[k][0].where} "
+                                                    f"and {frame.where} hold different pixel values")
+    for group in groups:
         if len(group) > 1:
-            check.warnings.append(f"dropped {len(group) - 1} identical duplicate(s) at slice {k}: "
-                                  f"{', '.join(f.uid for f in group[1:])} (kept {group[0].uid})")
+            check.warnings.append(f"duplicate slice position {_at(group[0])}: dropped identical "
+                                  f"{', '.join(f.where for f in group[1:])} (kept {group[0].where})")
     if resample:
         pad = float(array.min())
         for k, offset in enumerate(offsets):
@@ -593,7 +747,7 @@ def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions())
             array[k] = _shift_in_plane(array[k], shift, pad)
 
     kept = [g[0] for g in groups]
-    volume = Volume(array=array, spacing=(column_spacing, row_spacing, spacing_k),
+    volume = Volume(array=array, spacing=(column_spacing, row_spacing, checked.spacing_k),
                     origin=tuple(float(v) for v in first.position), direction=direction)
     return LoadedSeries(volume=volume, slices=tuple(f.source for f in kept),
                         summary=_summary(ds, kept), warnings=tuple(check.warnings))
