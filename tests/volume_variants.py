@@ -166,7 +166,8 @@ def enhanced_ct(datasets: Sequence[Dataset], *, per_frame_rescale: bool, seed: i
     random.Random(seed).shuffle(frames)
     first = frames[0]
     ds = Dataset()
-    for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                    "ReferringPhysicianName", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
                     "Modality", "Manufacturer", "SeriesDescription", "BodyPartExamined", "ContrastBolusAgent",
                     "StudyDate", "StudyTime", "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns",
                     "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation"):
@@ -239,3 +240,18 @@ def with_near_duplicate(datasets: Sequence[Dataset], index: int, offset_mm: floa
     extra = renamed(datasets[index])
     extra.ImagePositionPatient = [*extra.ImagePositionPatient[:2], float(extra.ImagePositionPatient[2]) + offset_mm]
     return [*datasets, extra]
+
+
+def legacy_converted_ct(datasets: Sequence[Dataset]) -> Dataset:
+    """The slices as one Legacy Converted Enhanced CT Image instance (PS3.3 A.70), made by highdicom the way
+    an archive converts a classic series: shared and per-frame functional groups from the slice headers."""
+    import highdicom as hd
+
+    return hd.legacy.LegacyConvertedEnhancedCTImage(
+        list(datasets), series_instance_uid=str(datasets[0].SeriesInstanceUID), series_number=1,
+        sop_instance_uid=generate_uid(), instance_number=1)
+
+
+MULTIFRAME = {"enhanced": lambda datasets: enhanced_ct(datasets, per_frame_rescale=False),
+              "legacy-converted": legacy_converted_ct}
+"""Multi-frame CT builders by name, for tests that run every kind."""

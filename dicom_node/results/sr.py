@@ -11,8 +11,12 @@ Content tree (PS3.16 TID 1500 / TID 1501), one Measurement Group per class:
 
 The source series is referenced twice, as the standard has it: every source
 instance in the Image Library (TID 1600) and in the Current Requested
-Procedure Evidence Sequence (PS3.3 C.17.2). Classes whose model gives no code
-get a local code in the private scheme 99DCMNODE (PS3.16 8.2: "99" prefix).
+Procedure Evidence Sequence (PS3.3 C.17.2); a multi-frame source (Enhanced CT)
+is in the evidence only, because highdicom's Image Library entry describes one
+plane (TID 1604 descriptors from top-level Image Position/Orientation (Patient)
+and Pixel Spacing, which a multi-frame instance keeps per frame). Classes whose
+model gives no code get a local code in the private scheme 99DCMNODE (PS3.16
+8.2: "99" prefix).
 """
 
 from __future__ import annotations
@@ -51,8 +55,11 @@ def class_code(label: ClassLabel) -> Code:
 def write_classification_sr(
     result: ClassProbabilities, sources: Sequence[pydicom.Dataset], out_dir: Path, options: SrOptions
 ) -> Path:
-    """Write the SR and `<same name>.json` in `out_dir`; returns the SR's path."""
-    headers = source_headers(sources)
+    """Write the SR and `<same name>.json` in `out_dir`; returns the SR's path.
+
+    Each source instance is referenced once, a multi-frame one too (its header is the source of every slice).
+    """
+    headers = list({str(h.SOPInstanceUID): h for h in source_headers(sources)}.values())
     series = options.series
     seed = series.seed
     algorithm = hd.sr.AlgorithmIdentification(
@@ -96,7 +103,7 @@ def write_classification_sr(
         ),
         procedure_reported=coded(IMAGING_PROCEDURE),
         imaging_measurements=groups,
-        referenced_images=headers,
+        referenced_images=[h for h in headers if "PerFrameFunctionalGroupsSequence" not in h] or None,
     )
     document = hd.sr.ComprehensiveSR(
         evidence=headers,
