@@ -176,8 +176,8 @@ class _Frame:
 
     @property
     def is_image(self) -> bool:
-        """A pixel matrix: this frame is meant to be seen, so a volume needs its plane."""
-        return bool(self.rows and self.columns) and self.pixel_data.length is not None
+        """Rows and Columns: this frame is meant to be seen (its Pixel Data is checked later, not here)."""
+        return bool(self.rows and self.columns)
 
     @property
     def where(self) -> str:
@@ -454,8 +454,10 @@ class _Check:
             missing = " or ".join(name for name, value in (("Image Position (Patient)", first.position),
                                                            ("Image Orientation (Patient)", first.orientation))
                                   if value is None)
-            more = f" (and {len(broken) - 1} more frame(s) named below)" if len(broken) > 1 else ""
-            raise self.fail(broken, f"{first.where} has no {missing}{more}: its place in the volume is unknown")
+            if len(broken) == 1:
+                raise self.fail(broken, f"{first.where} has no {missing}: its place in the volume is unknown")
+            raise self.fail(broken, f"{first.where} and {len(broken) - 1} other frame(s) of the instances named "
+                                    f"have no {missing}: their place in the volume is unknown")
         self._exclude(unplaced, "no Image Position/Orientation (Patient) and another SOP Class than the stack's")
         groups: list[list[_Frame]] = []
         for frame in placed:

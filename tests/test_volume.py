@@ -366,3 +366,20 @@ def test_two_multiframe_instances_refused(series, tmp_path):
         enhanced.save_as(paths[-1], enforce_file_format=True)
     _refused(paths, re.escape("the stack spans 2 multi-frame and 0 single-frame instance(s): a SEG references one "
                               "multi-frame instance or single-frame instances only"))
+
+
+def test_several_slices_without_position_all_named(series, tmp_path):
+    datasets = variants.without_position(variants.without_position(series, 2), 6)
+    uids = (str(series[2].SOPInstanceUID), str(series[6].SOPInstanceUID))
+    error = _refused(variants.write(datasets, tmp_path),
+                     "and 1 other frame\\(s\\) of the instances named have no Image Position \\(Patient\\): their "
+                     "place in the volume is unknown")
+    assert set(error.sop_instance_uids) == set(uids)
+
+
+def test_slice_without_pixel_data_is_refused_not_left_out(series, tmp_path):
+    """A CT slice with its plane but no Pixel Data is a broken slice, not a non-image to exclude."""
+    datasets = [copy.deepcopy(ds) for ds in series]
+    del datasets[0].PixelData  # the lowest slice: leaving it out would leave no gap to notice
+    error = _refused(variants.write(datasets, tmp_path), "no Pixel Data")
+    assert error.sop_instance_uids == (str(series[0].SOPInstanceUID),)
