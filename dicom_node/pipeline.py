@@ -139,11 +139,11 @@ class Pipeline:
         pipelines = [m.pipeline for m in matches if not m.pipeline.startswith(route.FORWARD_JOB_PREFIX)]
         if not pipelines:
             return None
-        from dicom_node.volume import SeriesGeometryError, check_series
+        from dicom_node.volume import check_series
         try:
             check_series(paths)
-        except SeriesGeometryError as error:
-            reason = f"refused before inference ({', '.join(pipelines)}): SeriesGeometryError: {error}"
+        except Exception as error:  # SeriesGeometryError, or a header no check foresaw: never a job either way
+            reason = f"refused before inference ({', '.join(pipelines)}): {type(error).__name__}: {error}"
             with series_context(series.study_instance_uid, series.series_instance_uid, None):
                 log.error("series %s generation %d quarantined: %s", series.series_instance_uid, series.generation,
                           reason)

@@ -255,12 +255,18 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
         thickness = _functional(ds, item, "PixelMeasuresSequence", "SliceThickness")
         slope = _functional(ds, item, "PixelValueTransformationSequence", "RescaleSlope")
         intercept = _functional(ds, item, "PixelValueTransformationSequence", "RescaleIntercept")
+        position = _floats(_functional(ds, item, "PlanePositionSequence", "ImagePositionPatient"))
+        orientation = _floats(_functional(ds, item, "PlaneOrientationSequence", "ImageOrientationPatient"))
+        for name, value, count in (("Image Position (Patient)", position, 3),
+                                   ("Image Orientation (Patient)", orientation, 6)):
+            if value is not None and len(value) != count:
+                raise ValueError(f"{name} has {len(value)} values, not {count}")
         frames.append(_Frame(
             source=SourceSlice(sop_instance_uid, sop_class_uid, path,
                                index + 1 if "NumberOfFrames" in ds else None),
             series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
-            position=_floats(_functional(ds, item, "PlanePositionSequence", "ImagePositionPatient")),
-            orientation=_floats(_functional(ds, item, "PlaneOrientationSequence", "ImageOrientationPatient")),
+            position=position,
+            orientation=orientation,
             rows=int(ds.get("Rows", 0) or 0),
             columns=int(ds.get("Columns", 0) or 0),
             pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),

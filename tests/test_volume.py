@@ -383,3 +383,9 @@ def test_slice_without_pixel_data_is_refused_not_left_out(series, tmp_path):
     del datasets[0].PixelData  # the lowest slice: leaving it out would leave no gap to notice
     error = _refused(variants.write(datasets, tmp_path), "no Pixel Data")
     assert error.sop_instance_uids == (str(series[0].SOPInstanceUID),)
+
+
+def test_orientation_with_wrong_value_count_named(series, tmp_path):
+    datasets = [copy.deepcopy(ds) for ds in series]
+    datasets[3].ImageOrientationPatient = [1, 0, 0]
+    _refused(variants.write(datasets, tmp_path), re.escape("Image Orientation (Patient) has 3 values, not 6"))
