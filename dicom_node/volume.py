@@ -3,9 +3,10 @@
 `SeriesSummary` is the routing data: what `route` matches pipeline rules on.
 `load_series` turns the instances of one series into a volume a model can use,
 or refuses with a `SeriesGeometryError` that names the series and the
-instances at fault. Slices are ordered by Image Position (Patient) projected
-on the slice normal (PS3.3 C.7.6.2.1.1), never by Instance Number, which
-scanners number in acquisition order, not space.
+instances at fault. `check_series` runs every check that needs no pixel, so
+routing can refuse a series before a job exists. Slices are ordered by Image
+Position (Patient) projected on the slice normal (PS3.3 C.7.6.2.1.1), never by
+Instance Number, which scanners number in acquisition order, not space.
 
 Memory: the output array is allocated once and filled one frame at a time
 (read the file, decode that frame, rescale it into place), so one copy of the
