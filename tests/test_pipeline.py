@@ -186,6 +186,31 @@ def test_header_geometry_error_quarantines_at_routing_without_a_job(node, tmp_pa
     assert event.status == "refused" and event.detail == series.reason
 
 
+def test_forward_rule_still_sends_a_series_refused_at_routing(tmp_path):
+    """The originals of a condemned series still go where a forward rule sends them; only models are spared."""
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG.format(spleen_modality="CT") + """
+forward:
+  archive: {match: {modality: CT}, destinations: [pacs]}
+destinations:
+  pacs: {ae_title: PACS, host: 127.0.0.1, port: 1}
+""")
+    config = load_config(path)
+    Path(config.node.storage_dir).mkdir(exist_ok=True)
+    journal = Journal(journal_url(config))
+    pipeline = Pipeline(config, journal)
+    try:
+        record = _spool(journal, tmp_path / "spool", real_series(tmp_path / "broken", count=12, shift_slice=6))
+        pipeline.on_series_complete(record)
+        (job,) = journal.jobs_in_state("queued", "running", "done", "failed")
+        assert job.pipeline == "forward:archive"
+        series = journal.get_series(record.series_instance_uid)
+        assert series.state == "quarantined" and "missing slice between" in series.reason
+    finally:
+        pipeline.stop()
+        journal.close()
+
+
 def test_spleen_job_fails_without_its_model_and_retry_runs_it(node, tmp_path):
     config, journal, pipeline = node()
     record = _spool(journal, tmp_path / "spool", real_series(tmp_path / "real"))
