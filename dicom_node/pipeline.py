@@ -24,6 +24,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 
@@ -35,6 +36,9 @@ from dicom_node.journal import JobRecord, Journal, SeriesRecord, utcnow
 from dicom_node.logs import series_context
 from dicom_node.metrics import NodeMetrics, failure_reason
 from dicom_node.workers import JobError, JobWorkers, WorkerDied
+
+if TYPE_CHECKING:
+    from dicom_node.volume import SeriesHeaders
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +96,10 @@ class Pipeline:
     def on_series_complete(self, series: SeriesRecord) -> None:
         """Route a complete series to jobs; the work itself runs on the worker pool."""
         paths = [Path(i.path) for i in self.journal.series_instances(series.series_instance_uid, series.generation)]
-        from dicom_node.volume import summarize_series
+        from dicom_node.volume import SeriesHeaders
         try:
-            summary = summarize_series(paths)
+            headers = SeriesHeaders.read(paths)
+            summary = headers.summary()
         except Exception as error:  # unreadable headers: keep the series, say why
             self.journal.set_series_state(series.series_instance_uid, series.generation, "quarantined",
                                           reason=f"summary failed: {error}")
@@ -108,7 +113,7 @@ class Pipeline:
             log.info("series %s generation %d matched no pipeline (kept in the spool): %s",
                      series.series_instance_uid, series.generation, reason)
             return
-        refusal = self._refusal(series, paths, matches)
+        refusal = self._refusal(series, headers, matches)
         if refusal is not None:
             matches = [m for m in matches if m.pipeline.startswith(route.FORWARD_JOB_PREFIX)]
         # Jobs first (add_job is idempotent), then `routed`: a hand-over the journal cut short leaves the
@@ -128,8 +133,8 @@ class Pipeline:
             if job.state == "queued":
                 self.submit(job)
 
-    def _refusal(self, series: SeriesRecord, paths: list[Path], matches: list[route.RouteMatch]) -> str | None:
-        """Why no model may run on this series, from its headers (`volume.check_series`), or None.
+    def _refusal(self, series: SeriesRecord, headers: SeriesHeaders, matches: list[route.RouteMatch]) -> str | None:
+        """Why no model may run on this series, from its headers (`volume.SeriesHeaders.check`), or None.
 
         Checked before a job exists, so a series that could only give a wrong
         volume or an unencodable result (colour pixels, two Frames of Reference,
@@ -139,9 +144,8 @@ class Pipeline:
         pipelines = [m.pipeline for m in matches if not m.pipeline.startswith(route.FORWARD_JOB_PREFIX)]
         if not pipelines:
             return None
-        from dicom_node.volume import check_series
         try:
-            check_series(paths)
+            headers.check()
         except Exception as error:  # SeriesGeometryError, or a header no check foresaw: never a job either way
             reason = f"refused before inference ({', '.join(pipelines)}): {type(error).__name__}: {error}"
             with series_context(series.study_instance_uid, series.series_instance_uid, None):

@@ -3,8 +3,9 @@
 `SeriesSummary` is the routing data: what `route` matches pipeline rules on.
 `load_series` turns the instances of one series into a volume a model can use,
 or refuses with a `SeriesGeometryError` that names the series and the
-instances at fault. `check_series` runs every check that needs no pixel, so
-routing can refuse a series before a job exists. Slices are ordered by Image
+instances at fault. `SeriesHeaders` reads the headers once for routing: its
+summary, and every check that needs no pixel, so routing can refuse a series
+before a job exists. Slices are ordered by Image
 Position (Patient) projected on the slice normal (PS3.3 C.7.6.2.1.1), never by
 Instance Number, which scanners number in acquisition order, not space.
 
@@ -34,8 +35,8 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from dicom_node.frames import Frame, SeriesGeometryError, SourceSlice, read_headers
 from inference.volume import Volume
 
-__all__ = ["LoadedSeries", "SeriesGeometryError", "SeriesSummary", "SourceSlice", "VolumeOptions", "check_series",
-           "load_series", "summarize_series"]
+__all__ = ["LoadedSeries", "SeriesGeometryError", "SeriesHeaders", "SeriesSummary", "SourceSlice", "VolumeOptions",
+           "check_series", "load_series", "summarize_series"]
 
 # Image Orientation (Patient) values equal within this are one orientation (DS rounding is ~1e-6).
 _ORIENTATION_TOLERANCE = 1e-3
@@ -139,11 +140,39 @@ def _summary(ds: Dataset, frames: Sequence[Frame]) -> SeriesSummary:
     )
 
 
+@dataclass(frozen=True, eq=False)
+class SeriesHeaders:
+    """The headers of one series, read once (no pixel): what routing summarizes, then checks."""
+
+    first: Dataset  # carries the series attributes
+    frames: tuple[Frame, ...]
+
+    @classmethod
+    def read(cls, paths: Iterable[Path]) -> SeriesHeaders:
+        first, frames = read_headers(paths)
+        return cls(first, tuple(frames))
+
+    def summary(self) -> SeriesSummary:
+        """Routing data: image frames, localizers excluded, are the slices counted."""
+        images = [f for f in self.frames
+                  if f.position is not None and f.orientation is not None and not f.localizer]
+        return _summary(self.first, images)
+
+    def check(self, options: VolumeOptions = VolumeOptions()) -> tuple[str, ...]:
+        """Raise `SeriesGeometryError` for a series `load_series` would refuse on its headers alone;
+        returns the warnings (what would be excluded).
+
+        Routing calls this before it creates a job, so a series no model can
+        use is quarantined with the reason without a worker, a decoded pixel
+        or a second of inference spent on it. What only pixels show
+        (conflicting duplicates, undecodable frames) is left to `load_series`.
+        """
+        return tuple(_check_headers(self.first, self.frames, options).check.warnings)
+
+
 def summarize_series(paths: Iterable[Path]) -> SeriesSummary:
-    """Routing data from the headers only: image frames, localizers excluded, are the slices counted."""
-    ds, frames = read_headers(paths)
-    images = [f for f in frames if f.position is not None and f.orientation is not None and not f.localizer]
-    return _summary(ds, images)
+    """`SeriesHeaders.summary` of the instances at `paths`."""
+    return SeriesHeaders.read(paths).summary()
 
 
 def _at(frame: Frame) -> str:
@@ -437,16 +466,8 @@ def _check_headers(ds: Dataset, frames: Sequence[Frame], options: VolumeOptions)
 
 
 def check_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions()) -> tuple[str, ...]:
-    """Raise `SeriesGeometryError` for a series `load_series` would refuse on its headers alone; returns the
-    warnings (what would be excluded).
-
-    Routing calls this before it creates a job, so a series no model can use
-    is quarantined with the reason without a worker, a decoded pixel or a
-    second of inference spent on it. What only pixels show (conflicting
-    duplicates, undecodable frames) is left to `load_series`.
-    """
-    ds, frames = read_headers(paths)
-    return tuple(_check_headers(ds, frames, options).check.warnings)
+    """`SeriesHeaders.check` of the instances at `paths`."""
+    return SeriesHeaders.read(paths).check(options)
 
 
 def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions()) -> LoadedSeries:
