@@ -100,10 +100,14 @@ def produce(request: JobRequest) -> JobOutput:
     inferred_at = time.monotonic()
     exported: list[Path] = []
     if any(outcome.state == "ok" for outcome in ran.outcomes):
-        sources = [pydicom.dcmread(s.path, stop_before_pixels=True) for s in loaded.slices]
+        # Each file's header read once: a multi-frame instance is the source of every slice.
+        headers = {path: pydicom.dcmread(path, stop_before_pixels=True)
+                   for path in dict.fromkeys(s.path for s in loaded.slices)}
+        sources = [headers[s.path] for s in loaded.slices]
+        frame_numbers = [s.frame_number for s in loaded.slices]
         out_dir = Path(request.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        exported = write_results(config, job, pipeline, ran, sources, loaded.volume, out_dir)
+        exported = write_results(config, job, pipeline, ran, sources, frame_numbers, loaded.volume, out_dir)
     encoded_at = time.monotonic()
     uids = tuple(str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
                  for path in exported)
@@ -169,9 +173,12 @@ def _run_step(config: Config, step: StepConfig, volume, masks: dict, probabiliti
         probabilities.append(tasks.classify(volume, masks[step.input_mask], entry, backend))
 
 
-def write_results(config: Config, job: JobRecord, pipeline: PipelineConfig, ran: StepResults, sources, pixels,
-                  out_dir: Path) -> list[Path]:
+def write_results(config: Config, job: JobRecord, pipeline: PipelineConfig, ran: StepResults, sources, frame_numbers,
+                  pixels, out_dir: Path) -> list[Path]:
     """SEG / SR / overlay files of the job; returns what gets exported.
+
+    `sources[k]` is the header of the instance volume slice k comes from, `frame_numbers[k]` its frame in a
+    multi-frame instance (None for a single-frame one): results reference the exact frame.
 
     The overlay (secondary capture) series is exported only when the pipeline
     makes no SEG; otherwise it is the fallback for a destination that refuses
@@ -193,12 +200,14 @@ def write_results(config: Config, job: JobRecord, pipeline: PipelineConfig, ran:
     written: dict[str, list[Path]] = defaultdict(list)
     label_map = list(ran.masks.values())[-1] if ran.masks else None  # the last mask a step produced
     if label_map is not None and "seg" in pipeline.outputs:
-        path = write_seg(label_map, sources, out_dir, SegOptions.from_config(results, series("seg", job.pipeline)))
+        path = write_seg(label_map, sources, out_dir, SegOptions.from_config(results, series("seg", job.pipeline)),
+                         frame_numbers)
         if path is not None:
             written["seg"].append(path)
     if label_map is not None and "overlay" in pipeline.outputs:
         written["overlay"] += write_overlay(label_map, sources, pixels, out_dir / "overlay",
-                                            OverlayOptions.from_config(results, series("overlay", job.pipeline)))
+                                            OverlayOptions.from_config(results, series("overlay", job.pipeline)),
+                                            frame_numbers)
     if "sr" in pipeline.outputs:
         not_all_ok = any(outcome.state != "ok" for outcome in ran.outcomes)
         for result in ran.probabilities or ([None] if not_all_ok else []):

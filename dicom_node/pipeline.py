@@ -31,6 +31,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 
@@ -42,6 +43,9 @@ from dicom_node.journal import JobRecord, Journal, SeriesRecord, StepOutcome, ut
 from dicom_node.logs import series_context
 from dicom_node.metrics import NodeMetrics, failure_reason
 from dicom_node.workers import JobError, JobWorkers, WorkerDied
+
+if TYPE_CHECKING:
+    from dicom_node.volume import SeriesHeaders
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +103,10 @@ class Pipeline:
     def on_series_complete(self, series: SeriesRecord) -> None:
         """Route a complete series to jobs; the work itself runs on the worker pool."""
         paths = [Path(i.path) for i in self.journal.series_instances(series.series_instance_uid, series.generation)]
-        from dicom_node.volume import summarize_series
+        from dicom_node.volume import SeriesHeaders
         try:
-            summary = summarize_series(paths)
+            headers = SeriesHeaders.read(paths)
+            summary = headers.summary()
         except Exception as error:  # unreadable headers: keep the series, say why
             self.journal.set_series_state(series.series_instance_uid, series.generation, "quarantined",
                                           reason=f"summary failed: {error}")
@@ -115,18 +120,49 @@ class Pipeline:
             log.info("series %s generation %d matched no pipeline (kept in the spool): %s",
                      series.series_instance_uid, series.generation, reason)
             return
+        refusal = self._refusal(series, headers, matches)
+        if refusal is not None:
+            matches = [m for m in matches if m.pipeline.startswith(route.FORWARD_JOB_PREFIX)]
         # Jobs first (add_job is idempotent), then `routed`: a hand-over the journal cut short leaves the
         # series `complete`, handed over again, never `routed` with a job missing.
         added = [(match, self.journal.add_job(series.series_instance_uid, series.generation, match.pipeline))
                  for match in matches]
-        self.journal.set_series_state(series.series_instance_uid, series.generation, "routed",
-                                      reason=", ".join(m.pipeline for m in matches))
+        if refusal is not None:
+            self.journal.set_series_state(series.series_instance_uid, series.generation, "quarantined",
+                                          reason=refusal)
+        else:
+            self.journal.set_series_state(series.series_instance_uid, series.generation, "routed",
+                                          reason=", ".join(m.pipeline for m in matches))
         for match, job in added:
             with series_context(series.study_instance_uid, series.series_instance_uid, job.id):
                 log.info("series %s -> pipeline %s (job %d): %s", series.series_instance_uid, match.pipeline,
                          job.id, "; ".join(match.reasons))
             if job.state == "queued":
                 self.submit(job)
+
+    def _refusal(self, series: SeriesRecord, headers: SeriesHeaders, matches: list[route.RouteMatch]) -> str | None:
+        """Why no model may run on this series, from its headers (`volume.SeriesHeaders.check`), or None.
+
+        Checked before a job exists, so a series that could only give a wrong
+        volume or an unencodable result (colour pixels, two Frames of Reference,
+        a missing slice, ...) is quarantined with the reason at once, with no
+        worker time spent on it. Forward rules still send the originals on.
+        """
+        pipelines = [m.pipeline for m in matches if not m.pipeline.startswith(route.FORWARD_JOB_PREFIX)]
+        if not pipelines:
+            return None
+        try:
+            headers.check()
+        except Exception as error:  # SeriesGeometryError, or a header no check foresaw: never a job either way
+            reason = f"refused before inference ({', '.join(pipelines)}): {type(error).__name__}: {error}"
+            with series_context(series.study_instance_uid, series.series_instance_uid, None):
+                log.error("series %s generation %d quarantined: %s", series.series_instance_uid, series.generation,
+                          reason)
+            self.audit.record(AuditEvent("produced", study_instance_uid=series.study_instance_uid,
+                                         series_instance_uid=series.series_instance_uid, instance_count=0,
+                                         status="refused", detail=reason))
+            return reason
+        return None
 
     def submit(self, job: JobRecord) -> None:
         with self._submitted_lock:

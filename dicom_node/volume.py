@@ -3,9 +3,11 @@
 `SeriesSummary` is the routing data: what `route` matches pipeline rules on.
 `load_series` turns the instances of one series into a volume a model can use,
 or refuses with a `SeriesGeometryError` that names the series and the
-instances at fault. Slices are ordered by Image Position (Patient) projected
-on the slice normal (PS3.3 C.7.6.2.1.1), never by Instance Number, which
-scanners number in acquisition order, not space.
+instances at fault. `SeriesHeaders` reads the headers once for routing: its
+summary, and every check that needs no pixel, so routing can refuse a series
+before a job exists. Slices are ordered by Image
+Position (Patient) projected on the slice normal (PS3.3 C.7.6.2.1.1), never by
+Instance Number, which scanners number in acquisition order, not space.
 
 Memory: the output array is allocated once and filled one frame at a time
 (read the file, decode that frame, rescale it into place), so one copy of the
@@ -30,7 +32,11 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import iter_pixels
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
+from dicom_node.frames import Frame, SeriesGeometryError, SourceSlice, read_headers
 from inference.volume import Volume
+
+__all__ = ["LoadedSeries", "SeriesGeometryError", "SeriesHeaders", "SeriesSummary", "SourceSlice", "VolumeOptions",
+           "check_series", "load_series", "summarize_series"]
 
 # Image Orientation (Patient) values equal within this are one orientation (DS rounding is ~1e-6).
 _ORIENTATION_TOLERANCE = 1e-3
@@ -38,6 +44,8 @@ _ORIENTATION_TOLERANCE = 1e-3
 _SAME_POSITION_MM = 0.01
 # A stack whose positions drift in-plane by more than this per mm along the normal is sheared (0.06 degrees).
 _SHEAR_TOLERANCE = 1e-3
+# Photometric Interpretations of grayscale pixels (PS3.3 C.7.6.3.1.2).
+_GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 # A slice normal within 15 degrees of a patient axis names the orientation (else "oblique").
 _AXIS_COSINE = math.cos(math.radians(15))
 
@@ -61,16 +69,6 @@ class SeriesSummary:
     manufacturer: str
     contrast_agent: str | None
     orientation: str
-
-
-@dataclass(frozen=True)
-class SourceSlice:
-    """Where one volume slice came from: the SEG references it (PS3.3 C.8.20.2 Derivation Image)."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    path: Path
-    frame_number: int | None  # 1-based Frame Number in a multi-frame instance, None for single-frame
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,221 +105,6 @@ class VolumeOptions:
     max_voxels: int = 1 << 30  # 1024^3: a header claiming more is refused before anything is allocated
 
 
-class SeriesGeometryError(ValueError):
-    """A series that cannot become a trustworthy volume; names the series and the instances at fault."""
-
-    def __init__(self, series_instance_uid: str, sop_instance_uids: Sequence[str], message: str):
-        self.series_instance_uid = series_instance_uid
-        self.sop_instance_uids = tuple(sop_instance_uids)
-        self.message = message
-        instances = f" (instances: {', '.join(self.sop_instance_uids)})" if self.sop_instance_uids else ""
-        super().__init__(f"series {series_instance_uid or '<no Series Instance UID>'}: {message}{instances}")
-
-
-@dataclass(frozen=True)
-class _PixelData:
-    """What an instance's header says about its Pixel Data, read without loading it (PS3.5 8.1.1, A.4)."""
-
-    length: int | None  # None: no Pixel Data element
-    undefined_length: bool  # encapsulated (compressed) Pixel Data has undefined length, native never
-    bits_allocated: int
-    bits_stored: int
-    samples_per_pixel: int
-    frames: int
-
-    def problem(self, rows: int, columns: int, native: bool) -> str | None:
-        """Why these pixels cannot be decoded as the header describes them, or None."""
-        if self.length is None:
-            return "no Pixel Data"
-        if self.bits_allocated != 1 and (self.bits_allocated % 8 or not 8 <= self.bits_allocated <= 32):
-            return f"Bits Allocated {self.bits_allocated} is not 1, 8, 16 or 32"
-        if not 1 <= self.bits_stored <= self.bits_allocated:
-            return f"Bits Stored {self.bits_stored} is not within 1..Bits Allocated ({self.bits_allocated})"
-        if self.samples_per_pixel != 1:
-            return f"Samples per Pixel {self.samples_per_pixel}: not a grayscale image"
-        if not native:
-            return None if self.undefined_length else "compressed transfer syntax but Pixel Data is not encapsulated"
-        if self.undefined_length:
-            return "native transfer syntax but Pixel Data has undefined length"
-        expected = -(-rows * columns * self.frames * self.bits_allocated // 8)
-        if self.length not in (expected, expected + 1):  # + 1: padded to even length
-            return (f"Pixel Data is {self.length} bytes; Rows x Columns x frames x Bits Allocated "
-                    f"({rows} x {columns} x {self.frames} x {self.bits_allocated}) needs {expected}")
-        return None
-
-
-@dataclass(frozen=True, eq=False)
-class _Frame:
-    """The geometry and pixel value transformation of one frame, from the headers only."""
-
-    source: SourceSlice
-    series_instance_uid: str
-    position: np.ndarray | None  # Image Position (Patient), mm
-    orientation: np.ndarray | None  # Image Orientation (Patient), 6 direction cosines
-    rows: int
-    columns: int
-    pixel_spacing: tuple[float, float] | None  # (row spacing, column spacing), PS3.3 10.7.1.3
-    slice_thickness: float | None
-    slope: float
-    intercept: float
-    stored_range: tuple[int, int]  # what Bits Stored / Pixel Representation allow
-    localizer: bool
-    transfer_syntax: str
-    pixel_data: _PixelData
-
-    @property
-    def normal(self) -> np.ndarray:
-        return np.cross(self.orientation[:3], self.orientation[3:])
-
-    @property
-    def uid(self) -> str:
-        return self.source.sop_instance_uid
-
-
-def _floats(value) -> np.ndarray | None:
-    return None if value is None or len(value) == 0 else np.array([float(v) for v in value])
-
-
-def _functional(ds: Dataset, frame_item: Dataset | None, sequence: str, attribute: str):
-    """An attribute of a functional group macro (PS3.3 C.7.6.16): per-frame first, then shared, then top level."""
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    for groups in (frame_item, shared[0] if shared else None):
-        items = groups.get(sequence) if groups is not None else None
-        if items and attribute in items[0]:
-            return items[0][attribute].value
-    return ds.get(attribute)
-
-
-def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
-    """One `_Frame` per frame of the instance; Enhanced CT keeps geometry in functional groups."""
-    meta = getattr(ds, "file_meta", Dataset())
-    sop_instance_uid = str(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID", ""))
-    sop_class_uid = str(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID", ""))
-    bits = int(ds.get("BitsStored", 16) or 16)
-    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-    stored_range = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-    image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or ()))
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    number_of_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    raw = ds.get_item(0x7FE00010, keep_deferred=True)
-    pixel_data = _PixelData(
-        length=None if raw is None else int(getattr(raw, "length", None) or len(raw.value or b"")),
-        undefined_length=raw is not None and bool(getattr(raw, "is_undefined_length", False)
-                                                  or getattr(raw, "length", 0) == 0xFFFFFFFF),
-        bits_allocated=int(ds.get("BitsAllocated", 16) or 0), bits_stored=bits,
-        samples_per_pixel=int(ds.get("SamplesPerPixel", 1) or 1), frames=number_of_frames)
-    frames = []
-    for index in range(number_of_frames):
-        item = per_frame[index] if per_frame is not None and index < len(per_frame) else None
-        spacing = _floats(_functional(ds, item, "PixelMeasuresSequence", "PixelSpacing"))
-        thickness = _functional(ds, item, "PixelMeasuresSequence", "SliceThickness")
-        slope = _functional(ds, item, "PixelValueTransformationSequence", "RescaleSlope")
-        intercept = _functional(ds, item, "PixelValueTransformationSequence", "RescaleIntercept")
-        frames.append(_Frame(
-            source=SourceSlice(sop_instance_uid, sop_class_uid, path,
-                               index + 1 if "NumberOfFrames" in ds else None),
-            series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
-            position=_floats(_functional(ds, item, "PlanePositionSequence", "ImagePositionPatient")),
-            orientation=_floats(_functional(ds, item, "PlaneOrientationSequence", "ImageOrientationPatient")),
-            rows=int(ds.get("Rows", 0) or 0),
-            columns=int(ds.get("Columns", 0) or 0),
-            pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
-            slice_thickness=None if thickness in (None, "") else float(thickness),
-            slope=1.0 if slope in (None, "") else float(slope),
-            intercept=0.0 if intercept in (None, "") else float(intercept),
-            stored_range=stored_range,
-            localizer="LOCALIZER" in image_type,
-            transfer_syntax=str(meta.get("TransferSyntaxUID", "")),
-            pixel_data=pixel_data,
-        ))
-    return frames
-
-
-# Values longer than this stay on disk while headers are read (Pixel Data, huge private elements).
-_DEFER_BYTES = 4096
-# Attributes every instance of one series must share: a series mixing them must never reach a model,
-# whose result would be filed under one patient and study (PS3.3 C.7.3.1: a series is one study's).
-_SERIES_CONSTANTS = ("PatientID", "StudyInstanceUID", "Modality")
-
-
-def _read_header(path: Path) -> Dataset:
-    """The header with every value decoded, so a wrong VR or length fails here, naming the file."""
-    try:
-        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
-        _check_complete(path, ds)
-        _decode_values(ds)
-    except Exception as error:
-        raise SeriesGeometryError("", (path.stem,), f"unreadable header in {path.name}: "
-                                                    f"{type(error).__name__}: {error}") from error
-    return ds
-
-
-def _check_complete(path: Path, ds: Dataset) -> None:
-    """pydicom reads a truncated file without complaint (short last value, or nothing at all); refuse it.
-
-    Offsets are into the file, except in a deflated one (into the inflated stream), which is not checked.
-    """
-    if "SOPInstanceUID" not in ds:
-        raise ValueError("no SOP Instance UID: the data set could not be parsed")
-    if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-        return
-    size = path.stat().st_size
-    ends = {}  # tag -> where its value ends, for elements of defined length
-    for tag in ds.keys():
-        raw = ds.get_item(tag, keep_deferred=True)
-        length, offset = getattr(raw, "length", None), getattr(raw, "value_tell", None)
-        if length is None or offset is None or length == 0xFFFFFFFF:
-            continue
-        if offset + length > size:
-            raise ValueError(f"the file ends inside {raw.tag} ({size - offset} of its {length} bytes present): "
-                             "truncated")
-        ends[tag] = offset + length
-    last = max(ds.keys(), default=None)  # tags ascend in a data set (PS3.5 7.1): the last one ends the file
-    if last in ends and 0 < size - ends[last] < 8:  # less than an element header left: cut inside one
-        raise ValueError(f"{size - ends[last]} stray byte(s) after the last element: truncated inside an "
-                         "element header")
-
-
-def _decode_values(ds: Dataset) -> None:
-    """Decode every public value; private ones (half of a Siemens header, never used, never
-    copied into results) are left raw: decoding them doubled the load time of a real series."""
-    for tag in list(ds.keys()):
-        if tag.is_private:
-            continue
-        raw = ds.get_item(tag, keep_deferred=True)
-        if getattr(raw, "value", b"") is None:  # deferred: a large value, decoded only if it is used
-            continue
-        element = ds[tag]
-        if element.VR == "SQ":
-            for item in element.value:
-                _decode_values(item)
-
-
-def _read_headers(paths: Iterable[Path]) -> tuple[Dataset, list[_Frame]]:
-    """Headers of every instance (pixel data left on disk); the first dataset carries the series attributes."""
-    first: Dataset | None = None
-    frames: list[_Frame] = []
-    seen: dict[str, Counter] = {name: Counter() for name in _SERIES_CONSTANTS}
-    for path in sorted(Path(p) for p in paths):
-        ds = _read_header(path)
-        first = first if first is not None else ds
-        for name in _SERIES_CONSTANTS:
-            seen[name][str(ds.get(name, "") or "")] += 1
-        try:
-            frames.extend(_frames_of(path, ds))
-        except (TypeError, ValueError, IndexError) as error:  # e.g. Rows with two values, Pixel Spacing "x"
-            raise SeriesGeometryError(str(ds.get("SeriesInstanceUID", "")), (path.stem,),
-                                      f"unusable image attribute values in {path.name}: {error}") from error
-    if first is None:
-        raise SeriesGeometryError("", (), "no instances given")
-    for name, values in seen.items():
-        if len(values) > 1:
-            raise SeriesGeometryError(str(first.get("SeriesInstanceUID", "")), (),
-                                      f"one series with {len(values)} different {name} values {sorted(values)}: "
-                                      "instances of different patients, studies or modalities are never combined")
-    return first, frames
-
-
 def _orientation_name(orientations: Sequence[np.ndarray]) -> str:
     if not orientations:
         return "unknown"
@@ -340,7 +123,7 @@ def _contrast_agent(ds: Dataset) -> str | None:
     return agent or None
 
 
-def _summary(ds: Dataset, frames: Sequence[_Frame]) -> SeriesSummary:
+def _summary(ds: Dataset, frames: Sequence[Frame]) -> SeriesSummary:
     thicknesses = [f.slice_thickness for f in frames if f.slice_thickness is not None]
     return SeriesSummary(
         study_instance_uid=str(ds.get("StudyInstanceUID", "")),
@@ -357,11 +140,46 @@ def _summary(ds: Dataset, frames: Sequence[_Frame]) -> SeriesSummary:
     )
 
 
+@dataclass(frozen=True, eq=False)
+class SeriesHeaders:
+    """The headers of one series, read once (no pixel): what routing summarizes, then checks."""
+
+    first: Dataset  # carries the series attributes
+    frames: tuple[Frame, ...]
+
+    @classmethod
+    def read(cls, paths: Iterable[Path]) -> SeriesHeaders:
+        first, frames = read_headers(paths)
+        return cls(first, tuple(frames))
+
+    def summary(self) -> SeriesSummary:
+        """Routing data: image frames, localizers excluded, are the slices counted."""
+        images = [f for f in self.frames
+                  if f.position is not None and f.orientation is not None and not f.localizer]
+        return _summary(self.first, images)
+
+    def check(self, options: VolumeOptions = VolumeOptions()) -> tuple[str, ...]:
+        """Raise `SeriesGeometryError` for a series `load_series` would refuse on its headers alone;
+        returns the warnings (what would be excluded).
+
+        Routing calls this before it creates a job, so a series no model can
+        use is quarantined with the reason without a worker, a decoded pixel
+        or a second of inference spent on it. What only pixels show
+        (conflicting duplicates, undecodable frames) is left to `load_series`.
+        """
+        return tuple(_check_headers(self.first, self.frames, options).check.warnings)
+
+
 def summarize_series(paths: Iterable[Path]) -> SeriesSummary:
-    """Routing data from the headers only: image frames, localizers excluded, are the slices counted."""
-    ds, frames = _read_headers(paths)
-    images = [f for f in frames if f.position is not None and f.orientation is not None and not f.localizer]
-    return _summary(ds, images)
+    """`SeriesHeaders.summary` of the instances at `paths`."""
+    return SeriesHeaders.read(paths).summary()
+
+
+def _at(frame: Frame) -> str:
+    """A slice's position as an admin reads it: z for an axial slice, else the whole Image Position."""
+    if abs(frame.normal[2]) >= _AXIS_COSINE:
+        return f"z={frame.position[2]:.6g} mm"
+    return "(" + ", ".join(f"{v:.6g}" for v in frame.position) + ") mm"
 
 
 class _Check:
@@ -372,27 +190,46 @@ class _Check:
         self.options = options
         self.warnings: list[str] = []
 
-    def fail(self, frames: Iterable[_Frame], message: str) -> SeriesGeometryError:
+    def fail(self, frames: Iterable[Frame], message: str) -> SeriesGeometryError:
         return SeriesGeometryError(self.series, list(dict.fromkeys(f.uid for f in frames)), message)
 
-    def one_series(self, frames: Sequence[_Frame]) -> None:
+    def one_series(self, frames: Sequence[Frame]) -> None:
         uids = Counter(f.series_instance_uid for f in frames)
         if len(uids) > 1:
             main = uids.most_common(1)[0][0]
             raise self.fail([f for f in frames if f.series_instance_uid != main],
                             f"instances from {len(uids)} series given as one: {sorted(uids)}")
 
-    def stack(self, frames: Sequence[_Frame]) -> list[_Frame]:
-        """Exclude non-images, localizers and stray orientations when the rest is one stack."""
-        images = [f for f in frames if f.position is not None and f.orientation is not None and f.rows]
-        kept = set(images)
-        self._exclude([f for f in frames if f not in kept],
-                      "no Image Position/Orientation (Patient) or no pixel matrix: not part of the volume")
-        localizers = [f for f in images if f.localizer]
+    def stack(self, frames: Sequence[Frame]) -> list[Frame]:
+        """Exclude localizers, non-images and stray orientations when the rest is one stack.
+
+        An image of the stack's own SOP Class without Image Position or
+        Orientation (Patient) is a slice whose place is unknown: refused,
+        because leaving it out would look like a missing slice. Another kind
+        of image in the series (a Secondary Capture dose screen) is left out.
+        """
+        localizers = [f for f in frames if f.localizer]
         self._exclude(localizers, "Image Type LOCALIZER")
-        images = [f for f in images if not f.localizer]
-        groups: list[list[_Frame]] = []
-        for frame in images:
+        rest = [f for f in frames if not f.localizer]
+        self._exclude([f for f in rest if not f.is_image], "no pixel matrix: not an image")
+        images = [f for f in rest if f.is_image]
+        placed = [f for f in images if f.position is not None and f.orientation is not None]
+        kinds = Counter(f.source.sop_class_uid for f in placed or images)
+        kind = kinds.most_common(1)[0][0] if kinds else None
+        unplaced = [f for f in images if f.position is None or f.orientation is None]
+        broken = [f for f in unplaced if f.source.sop_class_uid == kind]
+        if broken:
+            first = broken[0]
+            missing = " or ".join(name for name, value in (("Image Position (Patient)", first.position),
+                                                           ("Image Orientation (Patient)", first.orientation))
+                                  if value is None)
+            if len(broken) == 1:
+                raise self.fail(broken, f"{first.where} has no {missing}: its place in the volume is unknown")
+            raise self.fail(broken, f"{first.where} and {len(broken) - 1} other frame(s) of the instances named "
+                                    f"have no {missing}: their place in the volume is unknown")
+        self._exclude(unplaced, "no Image Position/Orientation (Patient) and another SOP Class than the stack's")
+        groups: list[list[Frame]] = []
+        for frame in placed:
             group = next((g for g in groups if np.allclose(g[0].orientation, frame.orientation,
                                                            atol=_ORIENTATION_TOLERANCE)), None)
             if group is None:
@@ -409,12 +246,55 @@ class _Check:
         self._exclude(strays, "Image Orientation (Patient) differs from the rest of the stack")
         return groups[0]
 
-    def _exclude(self, frames: Sequence[_Frame], why: str) -> None:
+    def pixel_format(self, frames: Sequence[Frame]) -> None:
+        """Grayscale, one sample per pixel: what a volume of Rescale Type units is made of.
+
+        CT images are MONOCHROME1 or MONOCHROME2 (PS3.3 C.8.2.1.1.1); an RGB or
+        YBR series is a screenshot or a mislabelled object, whose colour values
+        a CT model would read as Hounsfield units.
+        """
+        for frame in frames:
+            interpretation = frame.photometric_interpretation
+            samples = frame.pixel_data.samples_per_pixel
+            if interpretation in _GRAYSCALE and samples == 1:
+                continue
+            same = [f for f in frames
+                    if (f.photometric_interpretation, f.pixel_data.samples_per_pixel) == (interpretation, samples)]
+            raise self.fail(same, f"Photometric Interpretation {interpretation or '(absent)'} with {samples} "
+                                  f"sample(s) per pixel in {len(same)} of {len(frames)} frames: the volume for a "
+                                  "model needs MONOCHROME1 or MONOCHROME2 with 1 sample per pixel")
+
+    def frame_of_reference(self, frames: Sequence[Frame]) -> None:
+        """One Frame of Reference: positions in two are in unrelated coordinate systems (PS3.3 C.7.4.1)."""
+        values = Counter(f.frame_of_reference_uid for f in frames)
+        if len(values) > 1:
+            main = values.most_common(1)[0][0]
+            others = ", ".join(f"{uid or '(absent)'} in {count}" for uid, count in sorted(values.items())
+                               if uid != main)
+            raise self.fail([f for f in frames if f.frame_of_reference_uid != main],
+                            f"mixed Frame of Reference UIDs: {main or '(absent)'} in {values[main]} frame(s), "
+                            f"{others} (the instances named); positions in different frames of reference "
+                            "cannot be stacked into one volume")
+
+    def referenceable(self, frames: Sequence[Frame]) -> None:
+        """Results reference either single-frame instances or the frames of one multi-frame instance
+        (highdicom's Segmentation takes one multi-frame source, PS3.3 C.7.6.16.2.6)."""
+        problem = next((f for f in frames if f.multiframe_problem), None)
+        if problem is not None:
+            raise self.fail([problem], problem.multiframe_problem)
+        multiframe = list(dict.fromkeys(f.uid for f in frames if f.functional_groups))
+        if multiframe and len(set(f.uid for f in frames)) > 1:
+            single = len({f.uid for f in frames if not f.functional_groups})
+            raise self.fail([f for f in frames if f.functional_groups][:1],
+                            f"the stack spans {len(multiframe)} multi-frame and {single} single-frame instance(s): "
+                            "a SEG references one multi-frame instance or single-frame instances only")
+
+    def _exclude(self, frames: Sequence[Frame], why: str) -> None:
         if frames:
             uids = ", ".join(dict.fromkeys(f.uid for f in frames))
             self.warnings.append(f"excluded {len(frames)} frame(s) ({why}): {uids}")
 
-    def same_matrix(self, frames: Sequence[_Frame]) -> None:
+    def same_matrix(self, frames: Sequence[Frame]) -> None:
         for name, key in (("Rows/Columns", lambda f: (f.rows, f.columns)),
                           ("Pixel Spacing", lambda f: f.pixel_spacing and tuple(round(v, 4) for v in f.pixel_spacing))):
             values = Counter(key(f) for f in frames)
@@ -426,7 +306,7 @@ class _Check:
         if frames[0].pixel_spacing is None:
             raise self.fail(frames[:1], "no Pixel Spacing")
 
-    def pixel_data(self, frames: Sequence[_Frame], slices: int) -> None:
+    def pixel_data(self, frames: Sequence[Frame], slices: int) -> None:
         """Before anything is allocated or decoded: a size the loader may allocate, pixels as the header says."""
         first = frames[0]
         voxels = slices * first.rows * first.columns
@@ -439,11 +319,11 @@ class _Check:
             if problem:
                 raise self.fail([frame], problem)
 
-    def positions(self, frames: Sequence[_Frame]) -> tuple[list[list[_Frame]], np.ndarray]:
+    def positions(self, frames: Sequence[Frame]) -> tuple[list[list[Frame]], np.ndarray]:
         """Frames grouped by position along the normal, ascending; returns (groups, distances)."""
         normal = frames[0].normal
         ordered = sorted(frames, key=lambda f: (float(f.position @ normal), f.uid))
-        groups: list[list[_Frame]] = []
+        groups: list[list[Frame]] = []
         for frame in ordered:
             if groups and abs(float((frame.position - groups[-1][0].position) @ normal)) < _SAME_POSITION_MM:
                 groups[-1].append(frame)
@@ -451,25 +331,35 @@ class _Check:
                 groups.append([frame])
         for group in groups:
             if any(np.linalg.norm(f.position - group[0].position) >= _SAME_POSITION_MM for f in group[1:]):
-                raise self.fail(group, "frames at the same distance along the normal but different "
+                raise self.fail(group, f"duplicate slice position {_at(group[0])} along the normal but different "
                                        f"Image Position (Patient): {[list(f.position) for f in group]}")
         if len(groups) < self.options.min_slices:
             raise self.fail([], f"{len(groups)} distinct slice positions, fewer than the minimum "
                                 f"{self.options.min_slices}")
         return groups, np.array([float(g[0].position @ normal) for g in groups])
 
-    def uniform(self, groups: Sequence[Sequence[_Frame]], distances: np.ndarray) -> float:
-        """The slice spacing; a gap off the median by more than the tolerance is a missing slice."""
+    def uniform(self, groups: Sequence[Sequence[Frame]], distances: np.ndarray) -> float:
+        """The slice spacing; a gap off the median by more than the tolerance is named for what it is:
+        a missing slice (1.5 spacings or more), a duplicate position (half a spacing or less), or else
+        non-uniform spacing."""
         gaps = np.diff(distances)
         median = float(np.median(gaps))
         for k, gap in enumerate(gaps):
-            if abs(gap - median) > self.options.spacing_tolerance * median:
-                raise self.fail([groups[k][0], groups[k + 1][0]],
-                                f"non-uniform slice spacing: {gap:.4g} mm between the instances named where "
-                                f"the series spacing is {median:.4g} mm (missing slice?)")
+            if abs(gap - median) <= self.options.spacing_tolerance * median:
+                continue
+            below, above = groups[k][0], groups[k + 1][0]
+            spacing = f"{gap:.4g} mm apart where the series spacing is {median:.4g} mm"
+            if gap >= 1.5 * median:
+                raise self.fail([below, above], f"missing slice between {_at(below)} and {_at(above)}: {spacing} "
+                                                f"(about {round(gap / median) - 1} slice(s) missing)")
+            if gap <= 0.5 * median:
+                raise self.fail([below, above], f"duplicate slice position {_at(below)}: instances {below.uid} "
+                                                f"and {above.uid} are {spacing}")
+            raise self.fail([below, above], f"non-uniform slice spacing between {_at(below)} and {_at(above)}: "
+                                            f"{spacing}")
         return float(distances[-1] - distances[0]) / (len(distances) - 1)
 
-    def shear(self, groups: Sequence[Sequence[_Frame]]) -> np.ndarray:
+    def shear(self, groups: Sequence[Sequence[Frame]]) -> np.ndarray:
         """In-plane offset (mm, LPS) of each slice from the first; non-zero for a gantry-tilted stack."""
         first = groups[0][0]
         normal = first.normal
@@ -490,7 +380,7 @@ class _Check:
         return offsets
 
 
-def _output_dtype(frames: Sequence[_Frame], resample: bool) -> np.dtype:
+def _output_dtype(frames: Sequence[Frame], resample: bool) -> np.dtype:
     """int16 when integral rescaling maps every storable value into int16 (PS3.3 C.11.1.1.2), else float32."""
     if resample:
         return np.dtype(np.float32)
@@ -504,7 +394,7 @@ def _output_dtype(frames: Sequence[_Frame], resample: bool) -> np.dtype:
     return np.dtype(np.int16)
 
 
-def _fill(out: np.ndarray, frame: _Frame, pixels: np.ndarray) -> None:
+def _fill(out: np.ndarray, frame: Frame, pixels: np.ndarray) -> None:
     """Rescale one decoded frame into its slice of the output, in place."""
     out[...] = pixels
     if frame.slope != 1:
@@ -520,14 +410,14 @@ def _shift_in_plane(image: np.ndarray, shift_ij: tuple[float, float], pad: float
     return sitk.GetArrayFromImage(sitk.Resample(source, source, transform, sitk.sitkLinear, pad))
 
 
-def _by_file(frames: Iterable[_Frame]) -> dict[Path, list[_Frame]]:
-    files: dict[Path, list[_Frame]] = defaultdict(list)
+def _by_file(frames: Iterable[Frame]) -> dict[Path, list[Frame]]:
+    files: dict[Path, list[Frame]] = defaultdict(list)
     for frame in frames:
         files[frame.source.path].append(frame)
     return files
 
 
-def _decoded(files: dict[Path, list[_Frame]]) -> Iterator[tuple[_Frame, np.ndarray]]:
+def _decoded(files: dict[Path, list[Frame]]) -> Iterator[tuple[Frame, np.ndarray]]:
     """Decode only the wanted frames, one file and one frame at a time (pydicom pixel plugins).
 
     Given a path, pydicom reads one frame's bytes at a time, so a multi-frame
@@ -547,6 +437,39 @@ def _decoded(files: dict[Path, list[_Frame]]) -> Iterator[tuple[_Frame, np.ndarr
                                       f"{type(error).__name__}: {error}") from error
 
 
+@dataclass(frozen=True, eq=False)
+class _Checked:
+    """What the header checks found: the slices (frames grouped by position), where they are, their spacing."""
+
+    check: _Check
+    stack: list[Frame]
+    groups: list[list[Frame]]
+    distances: np.ndarray
+    spacing_k: float
+    offsets: np.ndarray
+
+
+def _check_headers(ds: Dataset, frames: Sequence[Frame], options: VolumeOptions) -> _Checked:
+    """Every check that needs no decoded pixel, in order."""
+    check = _Check(str(ds.get("SeriesInstanceUID", "")), options)
+    check.one_series(frames)
+    stack = check.stack(frames)
+    check.pixel_format(stack)
+    check.frame_of_reference(stack)
+    check.referenceable(stack)
+    check.same_matrix(stack)
+    groups, distances = check.positions(stack)
+    spacing_k = check.uniform(groups, distances)
+    offsets = check.shear(groups)
+    check.pixel_data(stack, len(groups))
+    return _Checked(check, stack, groups, distances, spacing_k, offsets)
+
+
+def check_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions()) -> tuple[str, ...]:
+    """`SeriesHeaders.check` of the instances at `paths`."""
+    return SeriesHeaders.read(paths).check(options)
+
+
 def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions()) -> LoadedSeries:
     """Read, check and stack one series; raises `SeriesGeometryError` for a series that would give a wrong volume.
 
@@ -554,15 +477,9 @@ def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions())
     (Patient)[0:3]), j along the column direction ([3:6]), k along their cross
     product, slices ascending; the origin is the first slice's position.
     """
-    ds, frames = _read_headers(paths)
-    check = _Check(str(ds.get("SeriesInstanceUID", "")), options)
-    check.one_series(frames)
-    stack = check.stack(frames)
-    check.same_matrix(stack)
-    groups, distances = check.positions(stack)
-    spacing_k = check.uniform(groups, distances)
-    offsets = check.shear(groups)
-    check.pixel_data(stack, len(groups))
+    ds, frames = read_headers(paths)
+    checked = _check_headers(ds, frames, options)
+    check, stack, groups, offsets = checked.check, checked.stack, checked.groups, checked.offsets
     resample = bool(np.any(offsets))
 
     first = groups[0][0]
@@ -580,12 +497,12 @@ def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions())
         k = slice_of[frame]
         _fill(scratch, frame, pixels)
         if not np.array_equal(scratch, array[k]):
-            raise check.fail([groups[k][0], frame], f"conflicting duplicates: different pixel values at the "
-                                                    f"same position (slice {k}, {distances[k]:.4g} mm)")
-    for k, group in enumerate(groups):
+            raise check.fail([groups[k][0], frame], f"duplicate slice position {_at(frame)}: {groups[k][0].where} "
+                                                    f"and {frame.where} hold different pixel values")
+    for group in groups:
         if len(group) > 1:
-            check.warnings.append(f"dropped {len(group) - 1} identical duplicate(s) at slice {k}: "
-                                  f"{', '.join(f.uid for f in group[1:])} (kept {group[0].uid})")
+            check.warnings.append(f"duplicate slice position {_at(group[0])}: dropped identical "
+                                  f"{', '.join(f.where for f in group[1:])} (kept {group[0].where})")
     if resample:
         pad = float(array.min())
         for k, offset in enumerate(offsets):
@@ -593,7 +510,7 @@ def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions())
             array[k] = _shift_in_plane(array[k], shift, pad)
 
     kept = [g[0] for g in groups]
-    volume = Volume(array=array, spacing=(column_spacing, row_spacing, spacing_k),
+    volume = Volume(array=array, spacing=(column_spacing, row_spacing, checked.spacing_k),
                     origin=tuple(float(v) for v in first.position), direction=direction)
     return LoadedSeries(volume=volume, slices=tuple(f.source for f in kept),
                         summary=_summary(ds, kept), warnings=tuple(check.warnings))

@@ -42,10 +42,13 @@ def _config(tmp_path: Path, spleen_modality: str = "CT"):
     return load_config(path)
 
 
-def real_series(out_dir: Path, count: int = 20, shift_slice: int | None = None) -> list[Path]:
+def real_series(out_dir: Path, count: int = 20, shift_slice: int | None = None,
+                conflicting_duplicate: int | None = None) -> list[Path]:
     """The real J2K series with the UIDs its anonymisation blanked in the dataset restored
     (SOP UIDs from the file meta, new study/series); `shift_slice` moves one slice 3.3 mm
-    along z so the stack has uneven spacing. Pixel data stays the original codestream."""
+    along z so the stack has uneven spacing (refused from the headers, at routing);
+    `conflicting_duplicate` adds a second instance at that slice's position with other pixel
+    values (only the loader sees it). Pixel data stays the original codestream."""
     out_dir.mkdir(parents=True, exist_ok=True)
     study_uid, series_uid = generate_uid(), generate_uid()
     copies = []
@@ -58,6 +61,15 @@ def real_series(out_dir: Path, count: int = 20, shift_slice: int | None = None) 
             ds.ImagePositionPatient[2] = float(ds.ImagePositionPatient[2]) + 3.3
         ds.save_as(out_dir / path.name, enforce_file_format=True)
         copies.append(out_dir / path.name)
+        if index == conflicting_duplicate:
+            duplicate = pydicom.dcmread(path)
+            duplicate.decompress()
+            duplicate.PixelData = (duplicate.pixel_array + 1).tobytes()
+            duplicate.StudyInstanceUID, duplicate.SeriesInstanceUID = study_uid, series_uid
+            duplicate.SOPClassUID = duplicate.file_meta.MediaStorageSOPClassUID
+            duplicate.SOPInstanceUID = duplicate.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            duplicate.save_as(out_dir / "duplicate.dcm", enforce_file_format=True)
+            copies.append(out_dir / "duplicate.dcm")
     return copies
 
 
@@ -143,17 +155,60 @@ def test_lung_job_writes_seg_with_the_same_uids_when_rerun(node, tmp_path):
     assert _segs(job.output_dir) == first
 
 
-def test_geometry_error_fails_the_job_and_quarantines_the_series(node, tmp_path):
+def test_geometry_error_only_pixels_show_fails_the_job_and_quarantines_the_series(node, tmp_path):
     config, journal, pipeline = node()
-    record = _spool(journal, tmp_path / "spool", real_series(tmp_path / "broken", count=12, shift_slice=6))
+    files = real_series(tmp_path / "broken", count=12, conflicting_duplicate=6)
+    record = _spool(journal, tmp_path / "spool", files)
     pipeline.on_series_complete(record)
     (job,) = journal.jobs_in_state("queued", "running", "done", "failed")
     job = _wait_job(journal, job.id)
     assert job.state == "failed"
-    assert "SeriesGeometryError" in job.error
+    assert "SeriesGeometryError" in job.error and "hold different pixel values" in job.error
     series = journal.get_series(record.series_instance_uid)
     assert series.state == "quarantined" and series.reason == job.error
     assert all(Path(i.path).exists() for i in journal.series_instances(record.series_instance_uid, 1))
+
+
+def test_header_geometry_error_quarantines_at_routing_without_a_job(node, tmp_path):
+    """A series the headers already condemn never becomes a job: quarantined with the reason, audited."""
+    from dicom_node.audit import AuditLog
+
+    config, journal, pipeline = node()
+    record = _spool(journal, tmp_path / "spool", real_series(tmp_path / "broken", count=12, shift_slice=6))
+    pipeline.on_series_complete(record)
+    assert journal.jobs_in_state("queued", "running", "done", "failed") == []
+    series = journal.get_series(record.series_instance_uid)
+    assert series.state == "quarantined"
+    assert series.reason.startswith("refused before inference (spleen_ct): SeriesGeometryError: series ")
+    # The slice moved 3.3 mm up leaves a 4 mm hole in the 2 mm grid where it was.
+    assert "missing slice between z=" in series.reason and "about 1 slice(s) missing" in series.reason
+    (event,) = [e for e in AuditLog(journal).query() if e.event == "produced"]
+    assert event.status == "refused" and event.detail == series.reason
+
+
+def test_forward_rule_still_sends_a_series_refused_at_routing(tmp_path):
+    """The originals of a condemned series still go where a forward rule sends them; only models are spared."""
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG.format(spleen_modality="CT") + """
+forward:
+  archive: {match: {modality: CT}, destinations: [pacs]}
+destinations:
+  pacs: {ae_title: PACS, host: 127.0.0.1, port: 1}
+""")
+    config = load_config(path)
+    Path(config.node.storage_dir).mkdir(exist_ok=True)
+    journal = Journal(journal_url(config))
+    pipeline = Pipeline(config, journal)
+    try:
+        record = _spool(journal, tmp_path / "spool", real_series(tmp_path / "broken", count=12, shift_slice=6))
+        pipeline.on_series_complete(record)
+        (job,) = journal.jobs_in_state("queued", "running", "done", "failed")
+        assert job.pipeline == "forward:archive"
+        series = journal.get_series(record.series_instance_uid)
+        assert series.state == "quarantined" and "missing slice between" in series.reason
+    finally:
+        pipeline.stop()
+        journal.close()
 
 
 def test_spleen_job_fails_without_its_model_and_retry_runs_it(node, tmp_path):
@@ -192,7 +247,7 @@ def test_jobs_commands_list_show_and_requeue(node, tmp_path):
     import json
 
     config, journal, pipeline = node()
-    record = _spool(journal, tmp_path / "spool", real_series(tmp_path / "broken", count=12, shift_slice=6))
+    record = _spool(journal, tmp_path / "spool", real_series(tmp_path / "broken", count=12, conflicting_duplicate=6))
     pipeline.on_series_complete(record)
     (job,) = journal.jobs_in_state("queued", "running", "done", "failed")
     _wait_job(journal, job.id)

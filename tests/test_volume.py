@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import re
 import subprocess
 
 import numpy as np
@@ -12,7 +14,8 @@ import SimpleITK as sitk
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, JPEGLossless, JPEGLosslessSV1,
                          JPEGLSLossless, RLELossless)
 
-from dicom_node.volume import SeriesGeometryError, SeriesSummary, VolumeOptions, load_series, summarize_series
+from dicom_node.volume import (SeriesGeometryError, SeriesSummary, VolumeOptions, check_series, load_series,
+                               summarize_series)
 from inference.volume import Volume
 from tests import volume_variants as variants
 from tests.peers import CT_J2K_SERIES, dcmtk
@@ -111,12 +114,16 @@ def test_identical_duplicate_dropped_with_warning(series, tmp_path):
     assert kept in pair
     assert [s.sop_instance_uid for i, s in enumerate(loaded.slices) if i != 3] == _uids(series[:3] + series[4:])
     (dropped,) = pair - {kept}
-    assert loaded.warnings == (f"dropped 1 identical duplicate(s) at slice 3: {dropped} (kept {kept})",)
+    z = float(series[3].ImagePositionPatient[2])
+    assert loaded.warnings == (f"duplicate slice position z={z:.6g} mm: dropped identical instance {dropped} "
+                               f"(kept instance {kept})",)
 
 
 def test_conflicting_duplicate_is_an_error(series, tmp_path):
     datasets = variants.with_duplicate(series, 3, conflicting=True)
-    with pytest.raises(SeriesGeometryError, match="conflicting duplicates") as error:
+    z = float(series[3].ImagePositionPatient[2])
+    with pytest.raises(SeriesGeometryError, match=f"duplicate slice position z={z:.6g} mm: instance .* and "
+                                                  "instance .* hold different pixel values") as error:
         load_series(variants.write(datasets, tmp_path))
     assert set(error.value.sop_instance_uids) == {str(series[3].SOPInstanceUID), str(datasets[-1].SOPInstanceUID)}
     assert error.value.series_instance_uid == str(series[0].SeriesInstanceUID)
@@ -125,7 +132,10 @@ def test_conflicting_duplicate_is_an_error(series, tmp_path):
 
 def test_missing_slice_is_an_error(series, tmp_path):
     datasets = variants.without(series, 4)
-    with pytest.raises(SeriesGeometryError, match="non-uniform slice spacing: 4 mm") as error:
+    below, above = (float(series[i].ImagePositionPatient[2]) for i in (3, 5))
+    message = (f"missing slice between z={below:.6g} mm and z={above:.6g} mm: 4 mm apart where the series "
+               "spacing is 2 mm (about 1 slice(s) missing)")
+    with pytest.raises(SeriesGeometryError, match=re.escape(message)) as error:
         load_series(variants.write(datasets, tmp_path))
     assert error.value.sop_instance_uids == (str(series[3].SOPInstanceUID), str(series[5].SOPInstanceUID))
 
@@ -244,3 +254,138 @@ def test_fractional_rescale_gives_float32(series, tmp_path):
     loaded = _assert_loads(variants.write(datasets, tmp_path), datasets)
     assert loaded.volume.array.dtype == np.float32
     assert np.any(loaded.volume.array % 1 != 0)
+
+
+# --- what routing refuses from the headers alone (check_series), each with the reason an admin needs ----------
+
+def _refused(paths, message: str) -> SeriesGeometryError:
+    """Both the routing check and the loader refuse, with the same reason."""
+    with pytest.raises(SeriesGeometryError, match=message) as at_routing:
+        check_series(paths)
+    with pytest.raises(SeriesGeometryError, match=message) as at_load:
+        load_series(paths)
+    assert str(at_routing.value) == str(at_load.value)
+    return at_routing.value
+
+
+@pytest.mark.parametrize("photometric_interpretation", ["RGB", "YBR_FULL"])
+def test_colour_series_refused_naming_the_value(series, tmp_path, photometric_interpretation):
+    datasets = variants.in_colour(series, photometric_interpretation)
+    error = _refused(variants.write(datasets, tmp_path),
+                     f"Photometric Interpretation {photometric_interpretation} with 3 sample\\(s\\) per pixel in 8 of "
+                     "8 frames: the volume for a model needs MONOCHROME1 or MONOCHROME2 with 1 sample per pixel")
+    assert set(error.sop_instance_uids) == {str(ds.SOPInstanceUID) for ds in series}
+
+
+def test_monochrome1_loads(series, tmp_path):
+    """MONOCHROME1 only inverts the display; Rescale Slope/Intercept give the same HU (PS3.3 C.7.6.3.1.2)."""
+    datasets = [copy.deepcopy(ds) for ds in series]
+    for ds in datasets:
+        ds.PhotometricInterpretation = "MONOCHROME1"
+    _assert_loads(variants.write(datasets, tmp_path), datasets)
+
+
+def test_mixed_frame_of_reference_refused(series, tmp_path):
+    datasets = variants.with_frame_of_reference(series, 3)
+    main, other = str(series[0].FrameOfReferenceUID), str(datasets[-1].FrameOfReferenceUID)
+    error = _refused(variants.write(datasets, tmp_path),
+                     re.escape(f"mixed Frame of Reference UIDs: {main} in 5 frame(s), {other} in 3 (the instances "
+                               "named); positions in different frames of reference cannot be stacked"))
+    assert set(error.sop_instance_uids) == {str(ds.SOPInstanceUID) for ds in datasets[-3:]}
+
+
+def test_missing_image_position_named(series, tmp_path):
+    datasets = variants.without_position(series, 4)
+    uid = str(series[4].SOPInstanceUID)
+    error = _refused(variants.write(datasets, tmp_path),
+                     re.escape(f"instance {uid} has no Image Position (Patient): its place in the volume is unknown"))
+    assert error.sop_instance_uids == (uid,)
+
+
+def test_near_duplicate_position_named(series, tmp_path):
+    datasets = variants.with_near_duplicate(series, 3, 0.4)
+    z = float(series[3].ImagePositionPatient[2])
+    error = _refused(variants.write(datasets, tmp_path),
+                     re.escape(f"duplicate slice position z={z:.6g} mm: instances {series[3].SOPInstanceUID} and "
+                               f"{datasets[-1].SOPInstanceUID} are 0.4 mm apart where the series spacing is 2 mm"))
+    assert error.sop_instance_uids == (str(series[3].SOPInstanceUID), str(datasets[-1].SOPInstanceUID))
+
+
+def test_uneven_gap_is_non_uniform_spacing(series, tmp_path):
+    """Neither a missing slice nor a duplicate: a gap of 1.3 spacings says what it is."""
+    datasets = [copy.deepcopy(ds) for ds in series]
+    for ds in datasets[5:]:
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 0.6]
+    below, above = float(series[4].ImagePositionPatient[2]), float(datasets[5].ImagePositionPatient[2])
+    _refused(variants.write(datasets, tmp_path),
+             re.escape(f"non-uniform slice spacing between z={below:.6g} mm and z={above:.6g} mm: 2.6 mm apart"))
+
+
+def test_missing_slice_refused_at_routing(series, tmp_path):
+    _refused(variants.write(variants.without(series, 4), tmp_path), "missing slice between")
+
+
+def test_routing_check_passes_a_good_series_and_leaves_pixels_to_the_loader(series, tmp_path):
+    """check_series reads headers only: a conflicting duplicate (only pixels show it) passes it."""
+    assert check_series(variants.write(series, tmp_path / "good")) == ()
+    conflicting = variants.write(variants.with_duplicate(series, 3, conflicting=True), tmp_path / "conflicting")
+    assert check_series(conflicting) == ()
+    with pytest.raises(SeriesGeometryError, match="hold different pixel values"):
+        load_series(conflicting)
+
+
+def test_enhanced_ct_with_per_frame_orientation_only_refused(series, tmp_path):
+    """A SEG (highdicom) needs Plane Orientation and Pixel Measures shared: refused before inference."""
+    enhanced = variants.enhanced_ct(series, per_frame_rescale=False)
+    shared = enhanced.SharedFunctionalGroupsSequence[0]
+    for item in enhanced.PerFrameFunctionalGroupsSequence:
+        item.PlaneOrientationSequence = copy.deepcopy(shared.PlaneOrientationSequence)
+    del shared.PlaneOrientationSequence
+    path = tmp_path / "enhanced.dcm"
+    enhanced.save_as(path, enforce_file_format=True)
+    _refused([path], re.escape(f"multi-frame instance {enhanced.SOPInstanceUID} has PlaneOrientationSequence only "
+                               "per frame, not in the Shared Functional Groups: a SEG cannot reference its frames"))
+
+
+def test_enhanced_ct_with_frames_of_mixed_orientations_refused(series, tmp_path):
+    enhanced = variants.enhanced_ct(series, per_frame_rescale=False)
+    for index, item in enumerate(enhanced.PerFrameFunctionalGroupsSequence):
+        orientation = [1, 0, 0, 0, 1, 0] if index % 2 else [1, 0, 0, 0, 0, -1]
+        item.PlaneOrientationSequence = variants._item(ImageOrientationPatient=orientation)
+    path = tmp_path / "enhanced.dcm"
+    enhanced.save_as(path, enforce_file_format=True)
+    _refused([path], "mixed orientations: 2 stacks with different Image Orientation")
+
+
+def test_two_multiframe_instances_refused(series, tmp_path):
+    halves = [variants.enhanced_ct(series[:4], per_frame_rescale=False),
+              variants.enhanced_ct(series[4:], per_frame_rescale=False)]
+    paths = []
+    for index, enhanced in enumerate(halves):
+        paths.append(tmp_path / f"{index}.dcm")
+        enhanced.save_as(paths[-1], enforce_file_format=True)
+    _refused(paths, re.escape("the stack spans 2 multi-frame and 0 single-frame instance(s): a SEG references one "
+                              "multi-frame instance or single-frame instances only"))
+
+
+def test_several_slices_without_position_all_named(series, tmp_path):
+    datasets = variants.without_position(variants.without_position(series, 2), 6)
+    uids = (str(series[2].SOPInstanceUID), str(series[6].SOPInstanceUID))
+    error = _refused(variants.write(datasets, tmp_path),
+                     "and 1 other frame\\(s\\) of the instances named have no Image Position \\(Patient\\): their "
+                     "place in the volume is unknown")
+    assert set(error.sop_instance_uids) == set(uids)
+
+
+def test_slice_without_pixel_data_is_refused_not_left_out(series, tmp_path):
+    """A CT slice with its plane but no Pixel Data is a broken slice, not a non-image to exclude."""
+    datasets = [copy.deepcopy(ds) for ds in series]
+    del datasets[0].PixelData  # the lowest slice: leaving it out would leave no gap to notice
+    error = _refused(variants.write(datasets, tmp_path), "no Pixel Data")
+    assert error.sop_instance_uids == (str(series[0].SOPInstanceUID),)
+
+
+def test_orientation_with_wrong_value_count_named(series, tmp_path):
+    datasets = [copy.deepcopy(ds) for ds in series]
+    datasets[3].ImageOrientationPatient = [1, 0, 0]
+    _refused(variants.write(datasets, tmp_path), re.escape("Image Orientation (Patient) has 3 values, not 6"))

@@ -166,7 +166,8 @@ def enhanced_ct(datasets: Sequence[Dataset], *, per_frame_rescale: bool, seed: i
     random.Random(seed).shuffle(frames)
     first = frames[0]
     ds = Dataset()
-    for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                    "ReferringPhysicianName", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
                     "Modality", "Manufacturer", "SeriesDescription", "BodyPartExamined", "ContrastBolusAgent",
                     "StudyDate", "StudyTime", "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns",
                     "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation"):
@@ -205,3 +206,52 @@ def enhanced_ct(datasets: Sequence[Dataset], *, per_frame_rescale: bool, seed: i
     ds.file_meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.8.498.1")
     ds["PixelData"].VR = "OW"
     return ds
+
+
+def in_colour(datasets: Sequence[Dataset], photometric_interpretation: str) -> list[Dataset]:
+    """The slices as 8-bit three-sample images (a screenshot series filed as CT), `RGB` or `YBR_FULL`."""
+    out = [copy.deepcopy(ds) for ds in datasets]
+    for ds in out:
+        grey = np.clip(ds.pixel_array // 16, 0, 255).astype(np.uint8)
+        ds.PixelData = np.repeat(grey[:, :, None], 3, axis=2).tobytes()
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, photometric_interpretation, 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    return out
+
+
+def with_frame_of_reference(datasets: Sequence[Dataset], count: int) -> list[Dataset]:
+    """The last `count` slices in another Frame of Reference (two acquisitions merged into one series)."""
+    out = [copy.deepcopy(ds) for ds in datasets]
+    other = generate_uid()
+    for ds in out[-count:]:
+        ds.FrameOfReferenceUID = other
+    return out
+
+
+def without_position(datasets: Sequence[Dataset], index: int) -> list[Dataset]:
+    """`datasets[index]` without Image Position (Patient)."""
+    out = [copy.deepcopy(ds) for ds in datasets]
+    del out[index].ImagePositionPatient
+    return out
+
+
+def with_near_duplicate(datasets: Sequence[Dataset], index: int, offset_mm: float) -> list[Dataset]:
+    """A second instance `offset_mm` above `datasets[index]` (a re-reconstructed slice filed in the series)."""
+    extra = renamed(datasets[index])
+    extra.ImagePositionPatient = [*extra.ImagePositionPatient[:2], float(extra.ImagePositionPatient[2]) + offset_mm]
+    return [*datasets, extra]
+
+
+def legacy_converted_ct(datasets: Sequence[Dataset]) -> Dataset:
+    """The slices as one Legacy Converted Enhanced CT Image instance (PS3.3 A.70), made by highdicom the way
+    an archive converts a classic series: shared and per-frame functional groups from the slice headers."""
+    import highdicom as hd
+
+    return hd.legacy.LegacyConvertedEnhancedCTImage(
+        list(datasets), series_instance_uid=str(datasets[0].SeriesInstanceUID), series_number=1,
+        sop_instance_uid=generate_uid(), instance_number=1)
+
+
+MULTIFRAME = {"enhanced": lambda datasets: enhanced_ct(datasets, per_frame_rescale=False),
+              "legacy-converted": legacy_converted_ct}
+"""Multi-frame CT builders by name, for tests that run every kind."""

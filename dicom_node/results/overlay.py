@@ -57,13 +57,16 @@ def write_overlay(
     source_pixels: Volume,
     out_dir: Path,
     options: OverlayOptions,
+    frame_numbers: Sequence[int | None] | None = None,
 ) -> list[Path]:
     """Write one RGB instance per source slice; returns the paths in slice order.
 
     `source_pixels` is the CT in Hounsfield units on the label map's grid
-    (LoadedSeries.volume).
+    (LoadedSeries.volume); `frame_numbers[k]` is the frame of `sources[k]` that
+    slice k is, for a multi-frame source (referenced as Referenced Frame Number).
     """
-    check_source_grid(label_map, sources)
+    frame_numbers = list(frame_numbers) if frame_numbers is not None else [None] * len(sources)
+    check_source_grid(label_map, sources, frame_numbers)
     if not source_pixels.same_grid(label_map.volume):
         raise ValueError("source_pixels and the label map are not on the same grid")
     headers = source_headers(sources)
@@ -97,6 +100,8 @@ def write_overlay(
         reference = Dataset()
         reference.ReferencedSOPClassUID = header.SOPClassUID
         reference.ReferencedSOPInstanceUID = header.SOPInstanceUID
+        if frame_numbers[k] is not None:
+            reference.ReferencedFrameNumber = frame_numbers[k]
         image.SourceImageSequence = [reference]
         # SC Equipment (PS3.3 C.8.6.1): the node is the capture device.
         image.SecondaryCaptureDeviceManufacturer = series.manufacturer[:64]

@@ -7,7 +7,9 @@ is the default: it is what every PACS and viewer we met stores and shows
 and Study modules from the source, keeps the StudyInstanceUID and
 FrameOfReferenceUID, and writes one Derivation Image / Source Image reference
 per frame to the exact source instance (PS3.3 C.7.6.16.2.6), so a viewer puts
-each frame on its CT slice.
+each frame on its CT slice. A multi-frame source (Enhanced CT, Legacy Converted
+Enhanced CT) is referenced frame by frame: each SEG frame's Source Image names
+the source instance and its Referenced Frame Number.
 """
 
 from __future__ import annotations
@@ -66,14 +68,18 @@ class SourceGridError(ValueError):
 
 
 def write_seg(
-    label_map: LabelMap, sources: Sequence[pydicom.Dataset], out_dir: Path, options: SegOptions
+    label_map: LabelMap, sources: Sequence[pydicom.Dataset], out_dir: Path, options: SegOptions,
+    frame_numbers: Sequence[int | None] | None = None,
 ) -> Path | None:
     """Write `label_map` as a SEG in `out_dir`; returns its path, or None for a skipped empty mask.
 
     `sources[k]` is the header of the instance slice `k` of the label map was
-    computed on (LoadedSeries.slices order); pixel data need not be loaded.
+    computed on (LoadedSeries.slices order), `frame_numbers[k]` the frame of it
+    in a multi-frame instance (None, or no list, for single-frame instances);
+    pixel data need not be loaded.
     """
-    check_source_grid(label_map, sources)
+    frame_numbers = list(frame_numbers) if frame_numbers is not None else [None] * len(sources)
+    check_source_grid(label_map, sources, frame_numbers)
     array = np.asarray(label_map.volume.array)
     numbers = _segment_numbers(label_map, array)
     empty = not array.any()
@@ -86,10 +92,18 @@ def write_seg(
             lookup[value] = number
         array = lookup[array]
 
+    headers = source_headers(sources)
+    placement = {}
+    if any(n is not None for n in frame_numbers):
+        # One multi-frame source: highdicom matches each SEG frame to the source frame at its position.
+        headers = headers[:1]
+        placement["plane_positions"] = [
+            hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, source_position(source, number))
+            for source, number in zip(sources, frame_numbers)]
     series = options.series
     description = series.series_description + (" (empty)" if empty else "")
     segmentation = hd.seg.Segmentation(
-        source_images=source_headers(sources),
+        source_images=headers,
         pixel_array=array,
         segmentation_type=options.segmentation_type,
         segment_descriptions=segment_descriptions(label_map),
@@ -110,42 +124,65 @@ def write_seg(
         # Serial frame encoding: openjpeg crashed the process (SIGSEGV) when highdicom
         # encoded frames on a thread pool, seen with 40 frames of a real series.
         workers=0,
+        **placement,
     )
     return save_dataset(segmentation, out_dir / f"SEG_{segmentation.SOPInstanceUID}.dcm")
 
 
-def check_source_grid(label_map: LabelMap, sources: Sequence[pydicom.Dataset]) -> None:
+def check_source_grid(label_map: LabelMap, sources: Sequence[pydicom.Dataset],
+                      frame_numbers: Sequence[int | None] | None = None) -> None:
     """Refuse to write a SEG whose frames would not lie on their source slices.
 
-    The SEG places frame k by the position of `sources[k]`; a label map in
-    another slice order or on a resampled grid would then be displayed shifted.
-    The tolerance is half a slice: the volume loader accepts slightly uneven
+    The SEG places frame k by the position of `sources[k]` (of its frame
+    `frame_numbers[k]` in a multi-frame source); a label map in another slice
+    order or on a resampled grid would then be displayed shifted. The
+    tolerance is half a slice: the volume loader accepts slightly uneven
     spacing (and then models the series as evenly spaced), but any frame
-    matched to the wrong slice is off by at least one spacing.
+    matched to the wrong slice is off by at least one spacing. Results
+    reference one multi-frame instance or single-frame instances
+    (`volume.check_series` refuses other series before inference).
     """
     volume = label_map.volume
     tolerance_mm = volume.spacing[2] / 2
     k_count, rows, columns = volume.shape
-    if len(sources) != k_count:
+    frame_numbers = list(frame_numbers) if frame_numbers is not None else [None] * len(sources)
+    if len(sources) != k_count or len(frame_numbers) != k_count:
         raise SourceGridError(f"label map has {k_count} slices but {len(sources)} source instances were given")
+    if any(n is not None for n in frame_numbers) and len({str(s.get("SOPInstanceUID")) for s in sources}) > 1:
+        raise SourceGridError("the label map's slices come from more than one instance, one of them multi-frame: "
+                              "a SEG references one multi-frame instance or single-frame instances")
     first_axis = volume.index_to_lps(np.array([[0, 0, k] for k in range(k_count)]))
-    for k, source in enumerate(sources):
-        uid = source.get("SOPInstanceUID", "?")
-        if "ImagePositionPatient" not in source:
-            raise SourceGridError(
-                f"source instance {uid} has no Image Position (Patient): only single-frame sources "
-                "(CT Image Storage and the like) are supported"
-            )
+    for k, (source, number) in enumerate(zip(sources, frame_numbers)):
+        uid = source.get("SOPInstanceUID", "?") + (f" frame {number}" if number is not None else "")
+        position = source_position(source, number)
+        if position is None:
+            raise SourceGridError(f"source instance {uid} has no Image Position (Patient)")
         if (int(source.Rows), int(source.Columns)) != (rows, columns):
             raise SourceGridError(
                 f"source instance {uid} is {source.Rows}x{source.Columns}, the label map slice is {rows}x{columns}"
             )
-        position = np.array([float(v) for v in source.ImagePositionPatient])
+        position = np.array(position)
         if np.abs(position - first_axis[k]).max() > tolerance_mm:
             raise SourceGridError(
                 f"source instance {uid} is at {position.round(3).tolist()} mm but label map slice {k} "
                 f"is at {first_axis[k].round(3).tolist()} mm"
             )
+
+
+def source_position(source: pydicom.Dataset, frame_number: int | None) -> list[float] | None:
+    """Image Position (Patient) of a single-frame source, or of frame `frame_number` of a multi-frame one
+    (Plane Position functional group, per frame or shared: PS3.3 C.7.6.16.2.3)."""
+    value = source.get("ImagePositionPatient")
+    if frame_number is not None:
+        per_frame = source.get("PerFrameFunctionalGroupsSequence") or []
+        shared = source.get("SharedFunctionalGroupsSequence") or []
+        groups = [per_frame[frame_number - 1]] if frame_number <= len(per_frame) else []
+        for group in [*groups, *shared[:1]]:
+            items = group.get("PlanePositionSequence")
+            if items and "ImagePositionPatient" in items[0]:
+                value = items[0].ImagePositionPatient
+                break
+    return None if value is None or len(value) != 3 else [float(v) for v in value]
 
 
 def _segment_numbers(label_map: LabelMap, array: np.ndarray) -> list[int]:

@@ -11,8 +11,12 @@ Content tree (PS3.16 TID 1500 / TID 1501), one Measurement Group per class:
 
 The source series is referenced twice, as the standard has it: every source
 instance in the Image Library (TID 1600) and in the Current Requested
-Procedure Evidence Sequence (PS3.3 C.17.2). Classes whose model gives no code
-get a local code in the private scheme 99DCMNODE (PS3.16 8.2: "99" prefix).
+Procedure Evidence Sequence (PS3.3 C.17.2); a multi-frame source (Enhanced CT)
+is in the evidence only, because highdicom's Image Library entry describes one
+plane (TID 1604 descriptors from top-level Image Position/Orientation (Patient)
+and Pixel Spacing, which a multi-frame instance keeps per frame). Classes whose
+model gives no code get a local code in the private scheme 99DCMNODE (PS3.16
+8.2: "99" prefix).
 
 How each step of the job went is one TEXT item per step (Comment, 121106 DCM)
 in TID 1500's Qualitative Evaluations container (C0034375, UMLS): a reader
@@ -83,8 +87,11 @@ def write_classification_sr(
     steps: Sequence[StepOutcome] = (),
 ) -> Path:
     """Write the SR and `<same name>.json` in `out_dir`; returns the SR's path. `result` is None when
-    the job has no classifier output (its classifier did not run): the SR then reports the steps."""
-    headers = source_headers(sources)
+    the job has no classifier output (its classifier did not run): the SR then reports the steps.
+
+    Each source instance is referenced once, a multi-frame one too (its header is the source of every slice).
+    """
+    headers = list({str(h.SOPInstanceUID): h for h in source_headers(sources)}.values())
     series = options.series
     seed = series.seed
     report = hd.sr.MeasurementReport(
@@ -102,7 +109,7 @@ def write_classification_sr(
         ),
         procedure_reported=coded(IMAGING_PROCEDURE),
         imaging_measurements=_probability_groups(result or PLACEHOLDER, seed),
-        referenced_images=headers,
+        referenced_images=[h for h in headers if "PerFrameFunctionalGroupsSequence" not in h] or None,
     )
     if result is None:  # TID 1500 row 6 is MC: Imaging Measurements or Qualitative Evaluations, one of them
         report[0].ContentSequence = hd.sr.ContentSequence(
