@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pydicom
 
 from dicom_node.config import Config, PipelineConfig
 from dicom_node.journal import JobRecord
-from dicom_node.results import OutputSeries
+from dicom_node.results.outputs import Produced, write_outputs
 
 
 @dataclass(frozen=True)
@@ -126,35 +125,8 @@ def run_steps(config: Config, pipeline: PipelineConfig, volume):
 
 def write_results(config: Config, job: JobRecord, pipeline: PipelineConfig, masks, probabilities, sources, pixels,
                   out_dir: Path) -> list[Path]:
-    """SEG / SR / overlay files of the job; returns what gets exported.
-
-    The overlay (secondary capture) series is exported only when the pipeline
-    makes no SEG; otherwise it is the fallback for a destination that refuses
-    SEG's SOP class (Pipeline._overlay_fallback), so a PACS never shows both.
-    """
-    from dicom_node.results.overlay import OverlayOptions, write_overlay
-    from dicom_node.results.seg import SegOptions, write_seg
-    from dicom_node.results.sr import SrOptions, write_classification_sr
-    results = config.results
-
-    def series(kind: str, name: str) -> OutputSeries:
-        return OutputSeries.from_config(results, kind=kind, series_instance_uid=job.series_instance_uid,
-                                        generation=job.generation, pipeline=job.pipeline, description=name)
-
-    written: dict[str, list[Path]] = defaultdict(list)
-    label_map = list(masks.values())[-1] if masks else None  # the last mask a step produced
-    if label_map is not None and "seg" in pipeline.outputs:
-        path = write_seg(label_map, sources, out_dir, SegOptions.from_config(results, series("seg", job.pipeline)))
-        if path is not None:
-            written["seg"].append(path)
-    if label_map is not None and "overlay" in pipeline.outputs:
-        written["overlay"] += write_overlay(label_map, sources, pixels, out_dir / "overlay",
-                                            OverlayOptions.from_config(results, series("overlay", job.pipeline)))
-    if "sr" in pipeline.outputs:
-        for result in probabilities:
-            written["sr"].append(write_classification_sr(result, sources, out_dir,
-                                                         SrOptions(series("sr", job.pipeline))))
-    exported = written["seg"] + written["sr"]
-    if "seg" not in pipeline.outputs or not written["seg"]:
-        exported += written["overlay"]
-    return exported
+    """The pipeline's outputs (SEG / SR / overlay, `results.outputs.OUTPUTS`) of the job; returns what gets
+    exported. The label map written is the last mask a step produced."""
+    produced = Produced(config.results, job.series_instance_uid, job.generation, job.pipeline,
+                        list(masks.values())[-1] if masks else None, probabilities, sources, pixels, out_dir)
+    return write_outputs(pipeline.outputs, produced)
