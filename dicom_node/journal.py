@@ -286,8 +286,8 @@ class Journal:
     def _type_forward_jobs(self) -> None:
         """A journal written before jobs had a kind names a forward rule's job `forward:<rule>`: such a job
         becomes kind FORWARD with the rule's own name, so it reads (and is retried) like a new one. Runs at
-        every start (one indexed-free pass over `jobs`, nothing to do after the first), so an upgrade the
-        node stopped in the middle of is finished. A job whose plain name is taken by a pipeline job of the
+        every start (a read of `jobs`, which finds nothing after the first), so an upgrade the node stopped
+        in the middle of is finished. A job whose plain name is taken by a pipeline job of the
         same series generation (an old config had a pipeline and a forward rule of one name) keeps its
         prefixed name, with its kind."""
         prefixed = jobs.c.pipeline.startswith(_OLD_FORWARD_PREFIX, autoescape=True) & (jobs.c.kind == JobKind.PIPELINE)
@@ -296,14 +296,16 @@ class Journal:
         taken = select(other.c.id).where((other.c.series_instance_uid == jobs.c.series_instance_uid)
                                           & (other.c.generation == jobs.c.generation)
                                           & (other.c.pipeline == rule)).exists()
+        with self.engine.connect() as conn:  # a read first: every CLI command opens the journal too
+            if conn.execute(select(jobs.c.id).where(prefixed).limit(1)).first() is None:
+                return
         with self.write() as conn:
             renamed = conn.execute(jobs.update().where(prefixed & ~taken)
                                    .values(kind=JobKind.FORWARD.value, pipeline=rule)).rowcount
             kept = conn.execute(jobs.update().where(prefixed).values(kind=JobKind.FORWARD.value)).rowcount
-        if renamed or kept:
-            log.warning("journal upgraded in place: %d forward jobs named by their rule with kind forward%s",
-                        renamed + kept, f" ({kept} keep their 'forward:' name: a pipeline job has the rule's name)"
-                        if kept else "")
+        log.warning("journal upgraded in place: %d forward jobs given kind forward, %d of them renamed to their "
+                    "rule%s", renamed + kept, renamed,
+                    f" ({kept} keep their 'forward:' name: a pipeline job has the rule's name)" if kept else "")
 
     def close(self) -> None:
         self.engine.dispose()

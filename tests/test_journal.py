@@ -147,7 +147,7 @@ def test_an_older_versions_forward_jobs_get_their_kind_and_rule_name(journal_url
         assert jobs == {(1, "archive"): "forward", (1, "spleen_ct"): "pipeline",
                         (2, "forward:spleen_ct"): "forward", (2, "spleen_ct"): "pipeline"}
         assert all(type(kind) is JobKind for kind in jobs.values())
-        assert "jobs.kind" in caplog.text and "2 forward jobs named by their rule" in caplog.text
+        assert "jobs.kind" in caplog.text and "2 forward jobs given kind forward, 1 of them renamed to their rule" in caplog.text
         assert "1 keep their 'forward:' name" in caplog.text
         again = upgraded.add_job("1.2.3", 1, "archive", JobKind.FORWARD)
         assert (again.kind, again.state) == (JobKind.FORWARD, JobState.DONE)  # the migrated job, not a new one
