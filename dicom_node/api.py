@@ -29,16 +29,15 @@ from dicom_node import ListenError, __version__
 from dicom_node import jobs as jobs_cli
 from dicom_node.audit import AUDIT_EVENTS, AuditLog, AuditRecord
 from dicom_node.config import Config, HttpTlsConfig
-from dicom_node.journal import (JOB_STATES, ExportRecord, JobRecord, Journal, SeriesRecord, StepOutcome, exports,
-                                jobs, series)
+from dicom_node.journal import ExportRecord, JobRecord, Journal, SeriesRecord, StepOutcome, exports, jobs, series
 from dicom_node.metrics import CONTENT_TYPE, NodeMetrics
 from dicom_node.health import InferenceOpener, configured_models, pipeline_health
+from dicom_node.states import JobKind, JobState
 from dicom_node.status import NodeStatus, OpenAssociation, readiness, snapshot
 
 log = logging.getLogger("dicom_node.api")
 
 OPEN_PATHS = frozenset({"/healthz"})
-JobState = Literal[JOB_STATES]
 AuditEventKind = Literal[AUDIT_EVENTS]
 
 
@@ -125,10 +124,11 @@ def create_app(node: NodeHandles) -> FastAPI:
         return list_models(node.config, node.open_inference)
 
     @app.get("/v1/jobs", summary="Jobs, newest first")
-    def list_jobs(state: JobState | None = None, pipeline: str | None = None,
+    def list_jobs(state: JobState | None = None, kind: JobKind | None = None, pipeline: str | None = None,
                   series_instance_uid: str | None = None, limit: int = Query(100, ge=1, le=10000)) -> list[JobRecord]:
         query = select(jobs)
-        for column, value in (("state", state), ("pipeline", pipeline), ("series_instance_uid", series_instance_uid)):
+        for column, value in (("state", state), ("kind", kind), ("pipeline", pipeline),
+                              ("series_instance_uid", series_instance_uid)):
             if value is not None:
                 query = query.where(jobs.c[column] == value)
         return node.journal.select(JobRecord, query.order_by(jobs.c.id.desc()).limit(limit))

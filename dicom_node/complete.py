@@ -33,6 +33,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from dicom_node.journal import Journal, SeriesRecord
 from dicom_node.logs import series_context
 from dicom_node.metrics import NodeMetrics
+from dicom_node.states import SeriesState
 
 log = logging.getLogger("dicom_node.complete")
 
@@ -90,7 +91,7 @@ class CompletionTracker:
         now = datetime.now(timezone.utc)
         quiet_since = now - timedelta(seconds=self.stable_seconds)
         if quiet_since >= self.started_at:
-            for record in self.journal.series_in_state("receiving"):
+            for record in self.journal.series_in_state(SeriesState.RECEIVING):
                 if record.last_received_at <= quiet_since:
                     self._complete((record.series_instance_uid, record.generation), quiet_since, why="stable timeout")
         self.hand_over_unrouted(complete_before=now - timedelta(seconds=UNROUTED_AFTER_S))
@@ -100,7 +101,7 @@ class CompletionTracker:
         and not being handed over right now."""
         if self.on_series_complete is None:
             return
-        for record in self.journal.series_in_state("complete"):
+        for record in self.journal.series_in_state(SeriesState.COMPLETE):
             with self._lock:
                 busy = (record.series_instance_uid, record.generation) in self._handing_over
             if busy or record.completed_at is None or record.completed_at > complete_before:

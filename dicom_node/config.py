@@ -10,6 +10,7 @@ config file's folder, so the node behaves the same from any working directory.
 
 from __future__ import annotations
 
+import random
 import re
 import ssl
 from abc import abstractmethod
@@ -325,11 +326,28 @@ class ForwardConfig(_RoutedConfig):
 
 
 class RetryPolicy(_Model):
+    """When a destination's transient failure is tried again, and when it is given up: the one policy every
+    destination kind's exports follow (dicom_node.pipeline asks it; a kind only says transient or permanent).
+
+    Exponential backoff with jitter, so that the exports a PACS outage left pending do not all come back at
+    the same second when it returns; capped, so a long outage is still noticed within `max_delay_s`.
+    """
+
     initial_delay_s: float = Field(5, gt=0)
     max_delay_s: float = Field(600, gt=0)
     multiplier: float = Field(2.0, ge=1)
     jitter: float = Field(0.2, ge=0, le=1)
     max_attempts: int = Field(50, ge=1)
+
+    def is_exhausted(self, attempts: int) -> bool:
+        """After `attempts` tries, none is left: the export is dead-lettered."""
+        return attempts >= self.max_attempts
+
+    def next_delay_s(self, attempts: int, rng: random.Random) -> float:
+        """Seconds to wait after the `attempts`-th try failed: initial_delay_s after the first, times
+        multiplier after each further one, +-jitter, never over max_delay_s."""
+        base = min(self.initial_delay_s * self.multiplier ** max(attempts - 1, 0), self.max_delay_s)
+        return min(base * (1 + self.jitter * (2 * rng.random() - 1)), self.max_delay_s)
 
 
 class DestinationTlsConfig(_TlsFiles):
@@ -352,6 +370,8 @@ class DestinationTlsConfig(_TlsFiles):
 
 
 class DestinationConfig(_Model):
+    # The kinds registered in dicom_node.dispatch.KINDS (a test keeps the two lists the same).
+    kind: Literal["dimse"] = "dimse"
     ae_title: str = Field(min_length=1, max_length=16)
     host: str
     port: int = Field(ge=1, le=65535)
@@ -411,14 +431,16 @@ class Config(_Model):
 
 
 def reference_problems(config: Config) -> list[tuple[tuple[str | int, ...], str]]:
-    """Names used in one section that another must define (pipeline and forward destinations)."""
+    """Names used in one section that another must define (pipeline and forward destinations), and forward
+    rules named like a pipeline: a job is named by its pipeline or rule, one name per series generation."""
     return [
         ((section, name, "destinations", index), f"unknown destination {destination!r} (not under destinations)")
         for section, rules in (("pipelines", config.pipelines), ("forward", config.forward))
         for name, rule in rules.items()
         for index, destination in enumerate(rule.destinations)
         if destination not in config.destinations
-    ]
+    ] + [(("forward", name), f"a pipeline is named {name!r} too; jobs are named by their pipeline or forward "
+                             "rule, so the names must differ") for name in config.forward if name in config.pipelines]
 
 
 class UniqueKeyLoader(yaml.SafeLoader):

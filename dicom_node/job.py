@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import pydicom
 
 from dicom_node.config import Config, PipelineConfig, StepConfig
 from dicom_node.journal import JobRecord, StepOutcome
-from dicom_node.results import OutputSeries
+from dicom_node.states import StepState
+from dicom_node.results.outputs import Produced, write_outputs
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def produce(request: JobRequest) -> JobOutput:
     ran = run_steps(config, pipeline, loaded.volume, job)
     inferred_at = time.monotonic()
     exported: list[Path] = []
-    if any(outcome.state == "ok" for outcome in ran.outcomes):
+    if any(outcome.state == StepState.OK for outcome in ran.outcomes):
         # Each file's header read once: a multi-frame instance is the source of every slice.
         headers = {path: pydicom.dcmread(path, stop_before_pixels=True)
                    for path in dict.fromkeys(s.path for s in loaded.slices)}
@@ -140,7 +140,8 @@ def run_steps(config: Config, pipeline: PipelineConfig, volume, job: JobRecord) 
     for step in pipeline.steps:
         if step.input_mask in not_run:
             not_run.add(step.name)
-            outcomes.append(StepOutcome(step.name, "skipped", f"needs step {step.input_mask}, which did not run"))
+            outcomes.append(StepOutcome(step.name, StepState.SKIPPED,
+                                        f"needs step {step.input_mask}, which did not run"))
             continue
         try:
             _run_step(config, step, volume, masks, probabilities)
@@ -152,10 +153,10 @@ def run_steps(config: Config, pipeline: PipelineConfig, volume, job: JobRecord) 
             reason = f"{type(error).__name__}: {error}"
             log.exception("job %d (%s): step %s failed", job.id, job.pipeline, step.name)
         else:
-            outcomes.append(StepOutcome(step.name, "ok"))
+            outcomes.append(StepOutcome(step.name, StepState.OK))
             continue
         not_run.add(step.name)
-        outcomes.append(StepOutcome(step.name, "failed", reason))
+        outcomes.append(StepOutcome(step.name, StepState.FAILED, reason))
     return StepResults(masks, probabilities, tuple(outcomes))
 
 
@@ -175,45 +176,14 @@ def _run_step(config: Config, step: StepConfig, volume, masks: dict, probabiliti
 
 def write_results(config: Config, job: JobRecord, pipeline: PipelineConfig, ran: StepResults, sources, frame_numbers,
                   pixels, out_dir: Path) -> list[Path]:
-    """SEG / SR / overlay files of the job; returns what gets exported.
+    """The pipeline's outputs (SEG / SR / overlay, `results.outputs.OUTPUTS`) of the job; returns what gets
+    exported. The label map written is the last mask a step produced.
 
     `sources[k]` is the header of the instance volume slice k comes from, `frame_numbers[k]` its frame in a
     multi-frame instance (None for a single-frame one): results reference the exact frame.
-
-    The overlay (secondary capture) series is exported only when the pipeline
-    makes no SEG; otherwise it is the fallback for a destination that refuses
-    SEG's SOP class (Pipeline._overlay_fallback), so a PACS never shows both.
-    The SR carries each classifier's probabilities and says which steps did
-    not run and why; with neither to say it is not written.
     """
-    from dicom_node.results.overlay import OverlayOptions, write_overlay
-    from dicom_node.results.seg import SegOptions, write_seg
-    from dicom_node.results.sr import SrOptions, write_classification_sr
-    results = config.results
-    position = list(config.pipelines).index(job.pipeline)
-
-    def series(kind: str, name: str) -> OutputSeries:
-        return OutputSeries.from_config(results, kind=kind, series_instance_uid=job.series_instance_uid,
-                                        generation=job.generation, pipeline=job.pipeline, position=position,
-                                        description=name)
-
-    written: dict[str, list[Path]] = defaultdict(list)
-    label_map = list(ran.masks.values())[-1] if ran.masks else None  # the last mask a step produced
-    if label_map is not None and "seg" in pipeline.outputs:
-        path = write_seg(label_map, sources, out_dir, SegOptions.from_config(results, series("seg", job.pipeline)),
-                         frame_numbers)
-        if path is not None:
-            written["seg"].append(path)
-    if label_map is not None and "overlay" in pipeline.outputs:
-        written["overlay"] += write_overlay(label_map, sources, pixels, out_dir / "overlay",
-                                            OverlayOptions.from_config(results, series("overlay", job.pipeline)),
-                                            frame_numbers)
-    if "sr" in pipeline.outputs:
-        not_all_ok = any(outcome.state != "ok" for outcome in ran.outcomes)
-        for result in ran.probabilities or ([None] if not_all_ok else []):
-            written["sr"].append(write_classification_sr(result, sources, out_dir,
-                                                         SrOptions(series("sr", job.pipeline)), ran.outcomes))
-    exported = written["seg"] + written["sr"]
-    if "seg" not in pipeline.outputs or not written["seg"]:
-        exported += written["overlay"]
-    return exported
+    produced = Produced(config.results, job.series_instance_uid, job.generation, job.pipeline,
+                        list(config.pipelines).index(job.pipeline),
+                        list(ran.masks.values())[-1] if ran.masks else None, ran.probabilities, ran.outcomes,
+                        sources, frame_numbers, pixels, out_dir)
+    return write_outputs(pipeline.outputs, produced)

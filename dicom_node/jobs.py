@@ -16,10 +16,11 @@ from typing import TextIO
 from dicom_node.config import Config
 from dicom_node.tables import cell, print_table, to_json
 from dicom_node.audit import AuditEvent, AuditLog
-from dicom_node.journal import JOB_STATES, JobRecord, Journal, StepOutcome, utcnow
+from dicom_node.journal import JobRecord, Journal, StepOutcome, utcnow
+from dicom_node.states import ExportState, JobState, SeriesState
 
-JOB_COLUMNS = ("id", "state", "pipeline", "series_instance_uid", "generation", "attempts", "created_at", "steps",
-               "error")
+JOB_COLUMNS = ("id", "state", "kind", "pipeline", "series_instance_uid", "generation", "attempts", "created_at",
+               "steps", "error")
 EXPORT_COLUMNS = ("id", "job_id", "destination", "sop_instance_uid", "attempts", "last_status", "reason")
 
 
@@ -28,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     jobs.add_argument("--json", action="store_true", help="JSON instead of a table")
     commands = jobs.add_subparsers(dest="jobs_command", required=True)
     listing = commands.add_parser("list", help="jobs, newest last")
-    listing.add_argument("--state", choices=JOB_STATES, help="only jobs in this state")
+    listing.add_argument("--state", choices=list(JobState), help="only jobs in this state")
     listing.set_defaults(jobs_handler=run_list)
     show = commands.add_parser("show", help="one job with its exports")
     show.add_argument("id", type=int)
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace, config: Config, out: TextIO = sys.stdout) -> i
 
 
 def run_list(args, journal: Journal, out: TextIO) -> int:
-    jobs = journal.jobs_in_state(*([args.state] if args.state else JOB_STATES))
+    jobs = journal.jobs_in_state(*([args.state] if args.state else JobState))
     steps = journal.job_steps(*(j.id for j in jobs)) if jobs else {}
     rows = [{**dataclasses.asdict(j), "steps": steps_cell(steps[j.id])} for j in jobs]
     if args.json:  # each step's reason in full, as /v1/jobs/{id} has them
@@ -74,7 +75,7 @@ def run_show(args, journal: Journal, out: TextIO) -> int:
     if job is None:
         print(f"no job {args.id}", file=sys.stderr)
         return 1
-    exports = [dataclasses.asdict(e) for e in journal.exports_in_state("pending", "sent", "dead") if e.job_id == job.id]
+    exports = [dataclasses.asdict(e) for e in journal.exports_in_state(*ExportState) if e.job_id == job.id]
     steps = journal.job_steps(job.id)[job.id]
     if args.json:
         print(json.dumps({**dataclasses.asdict(job), "steps": [dataclasses.asdict(s) for s in steps],
@@ -100,20 +101,20 @@ def requeue(audit: AuditLog, job: JobRecord, via: str, host: str | None = None) 
     The one retry path for the CLI and the HTTP API; a running node picks the job up.
     """
     journal = audit.journal
-    if job.state not in ("failed", "done"):
+    if job.state not in (JobState.FAILED, JobState.DONE):
         raise NotRetryable(f"job {job.id} is {job.state}; only failed or done jobs are retried")
     series = journal.get_series(job.series_instance_uid, job.generation)
-    if series is not None and series.state == "purged":
+    if series is not None and series.state == SeriesState.PURGED:
         raise NotRetryable(f"job {job.id}: series {job.series_instance_uid} generation {job.generation} is no longer "
                            f"in the spool ({series.reason}); send it again to process it again")
-    job = journal.update_job(job.id, state="queued", error=None, finished_at=None)
+    job = journal.update_job(job.id, state=JobState.QUEUED, error=None, finished_at=None)
     audit.record(AuditEvent("retry", host=host, series_instance_uid=job.series_instance_uid, job_id=job.id,
-                            detail=f"requeued through {via} (pipeline {job.pipeline})"))
+                            detail=f"requeued through {via} ({job.kind} {job.pipeline})"))
     return job
 
 
 def run_retry(args, journal: Journal, out: TextIO) -> int:
-    jobs = journal.jobs_in_state("failed") if args.failed else [j for j in [journal.get_job(args.id)] if j]
+    jobs = journal.jobs_in_state(JobState.FAILED) if args.failed else [j for j in [journal.get_job(args.id)] if j]
     if not args.failed and not jobs:
         print(f"no job {args.id}", file=sys.stderr)
         return 1
@@ -130,15 +131,15 @@ def run_retry(args, journal: Journal, out: TextIO) -> int:
 
 def run_dead_letter(args, journal: Journal, out: TextIO) -> int:
     if args.action == "list":
-        print_table([dataclasses.asdict(e) for e in journal.exports_in_state("dead")], EXPORT_COLUMNS, args.json, out)
+        print_table([dataclasses.asdict(e) for e in journal.exports_in_state(ExportState.DEAD)], EXPORT_COLUMNS, args.json, out)
         return 0
-    dead = {e.id: e for e in journal.exports_in_state("dead")}
+    dead = {e.id: e for e in journal.exports_in_state(ExportState.DEAD)}
     if args.id not in dead:
         print(f"no dead-lettered export {args.id}", file=sys.stderr)
         return 1
     if not Path(dead[args.id].path).exists():
         print(f"export {args.id}: {dead[args.id].path} is no longer on disk (deleted by retention?)", file=sys.stderr)
         return 1
-    journal.update_export(args.id, state="pending", attempts=0, reason=None, next_attempt_at=utcnow())
+    journal.update_export(args.id, state=ExportState.PENDING, attempts=0, reason=None, next_attempt_at=utcnow())
     print(f"export {args.id} to {dead[args.id].destination} requeued", file=out)
     return 0

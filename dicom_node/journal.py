@@ -21,8 +21,11 @@ C-STOREs at the first insert.
 
 from __future__ import annotations
 
+import enum
+import functools
 import logging
 import threading
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,13 +37,12 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.schema import CreateColumn
 
 from dicom_node import JournalSchemaError
+from dicom_node.states import ExportState, JobKind, JobState, SeriesState, StepState
 
 log = logging.getLogger(__name__)
 
-SERIES_STATES = ("receiving", "complete", "routed", "unmatched", "quarantined", "purged")
-JOB_STATES = ("queued", "running", "done", "failed")
-STEP_STATES = ("ok", "failed", "skipped")
-EXPORT_STATES = ("pending", "sent", "dead")
+# Before jobs had a `kind`, a forward rule's job was named "forward:<rule>" (Journal._type_forward_jobs).
+_OLD_FORWARD_PREFIX = "forward:"
 
 metadata = MetaData()
 
@@ -80,7 +82,7 @@ jobs = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("series_instance_uid", String(64), nullable=False),
     Column("generation", Integer, nullable=False),
-    Column("pipeline", String(128), nullable=False),
+    Column("pipeline", String(128), nullable=False),  # the pipeline's or the forward rule's name
     Column("state", String(16), nullable=False, index=True),
     Column("attempts", Integer, nullable=False, default=0),
     Column("error", Text),
@@ -88,6 +90,7 @@ jobs = Table(
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
     Column("output_dir", Text),
+    Column("kind", String(16), nullable=False, server_default=JobKind.PIPELINE.value),
     UniqueConstraint("series_instance_uid", "generation", "pipeline"),
 )
 
@@ -159,7 +162,7 @@ class SeriesRecord:
     series_instance_uid: str
     generation: int
     study_instance_uid: str
-    state: str
+    state: SeriesState
     instance_count: int
     first_received_at: datetime
     last_received_at: datetime
@@ -176,14 +179,15 @@ class JobRecord:
     id: int
     series_instance_uid: str
     generation: int
-    pipeline: str
-    state: str
+    pipeline: str  # the pipeline's name, or the forward rule's for kind FORWARD
+    state: JobState
     attempts: int
     error: str | None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
     output_dir: str | None
+    kind: JobKind
 
 
 @dataclass(frozen=True)
@@ -191,7 +195,7 @@ class StepOutcome:
     """One step of a job's run: `ok`, `failed` (reason: why) or `skipped` (reason: the failed step it needs)."""
 
     step: str
-    state: str
+    state: StepState
     reason: str | None = None
 
     def __str__(self) -> str:
@@ -205,7 +209,7 @@ class ExportRecord:
     destination: str
     sop_instance_uid: str
     path: str
-    state: str
+    state: ExportState
     attempts: int
     next_attempt_at: datetime | None
     last_status: int | None
@@ -214,9 +218,18 @@ class ExportRecord:
 
 
 def as_record(cls, row):
-    """A result row as the record dataclass `cls` (columns it has no field for left out), datetimes UTC-aware."""
-    fields = cls.__dataclass_fields__
-    return cls(**{k: (_aware(v) if isinstance(v, datetime) else v) for k, v in row._mapping.items() if k in fields})
+    """A result row as the record dataclass `cls` (columns it has no field for left out), datetimes UTC-aware,
+    states and kinds as their enum members."""
+    fields, enums = cls.__dataclass_fields__, _enum_fields(cls)
+    return cls(**{k: (_aware(v) if isinstance(v, datetime) else enums[k](v) if k in enums and v is not None else v)
+                  for k, v in row._mapping.items() if k in fields})
+
+
+@functools.cache
+def _enum_fields(cls) -> dict[str, type[enum.Enum]]:
+    """The fields of record class `cls` typed as an enum, with their enum."""
+    return {name: hint for name, hint in typing.get_type_hints(cls).items()
+            if isinstance(hint, type) and issubclass(hint, enum.Enum)}
 
 
 @dataclass(frozen=True)
@@ -257,6 +270,7 @@ class Journal:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._write_lock = threading.Lock()
         self.ensure_tables(metadata)
+        self._type_forward_jobs()
 
     def ensure_tables(self, tables: MetaData) -> None:
         """Create the tables of `tables` the journal lacks and add the columns an older version's tables
@@ -291,6 +305,30 @@ class Journal:
         if missing:
             log.warning("journal upgraded in place: added %s",
                         ", ".join(f"{column.table.name}.{column.name}" for column in missing))
+
+    def _type_forward_jobs(self) -> None:
+        """A journal written before jobs had a kind names a forward rule's job `forward:<rule>`: such a job
+        becomes kind FORWARD with the rule's own name, so it reads (and is retried) like a new one. Runs at
+        every start (a read of `jobs`, which finds nothing after the first), so an upgrade the node stopped
+        in the middle of is finished. A job whose plain name is taken by a pipeline job of the
+        same series generation (an old config had a pipeline and a forward rule of one name) keeps its
+        prefixed name, with its kind."""
+        prefixed = jobs.c.pipeline.startswith(_OLD_FORWARD_PREFIX, autoescape=True) & (jobs.c.kind == JobKind.PIPELINE)
+        rule = func.substr(jobs.c.pipeline, len(_OLD_FORWARD_PREFIX) + 1)
+        other = jobs.alias("other")
+        taken = select(other.c.id).where((other.c.series_instance_uid == jobs.c.series_instance_uid)
+                                          & (other.c.generation == jobs.c.generation)
+                                          & (other.c.pipeline == rule)).exists()
+        with self.engine.connect() as conn:  # a read first: every CLI command opens the journal too
+            if conn.execute(select(jobs.c.id).where(prefixed).limit(1)).first() is None:
+                return
+        with self.write() as conn:
+            renamed = conn.execute(jobs.update().where(prefixed & ~taken)
+                                   .values(kind=JobKind.FORWARD.value, pipeline=rule)).rowcount
+            kept = conn.execute(jobs.update().where(prefixed).values(kind=JobKind.FORWARD.value)).rowcount
+        log.warning("journal upgraded in place: %d forward jobs given kind forward, %d of them renamed to their "
+                    "rule%s", renamed + kept, renamed,
+                    f" ({kept} keep their 'forward:' name: a pipeline job has the rule's name)" if kept else "")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -330,7 +368,7 @@ class Journal:
             if existing:
                 return as_record(InstanceRecord, existing), False
             latest = conn.execute(_LATEST_GENERATION, {"series": new.series_instance_uid}).first()
-            if latest is not None and latest.state == "receiving":
+            if latest is not None and latest.state == SeriesState.RECEIVING:
                 generation = latest.generation
                 conn.execute(_COUNT_IN_GENERATION, {"series": new.series_instance_uid, "open_generation": generation,
                                                     "now": now})
@@ -338,7 +376,7 @@ class Journal:
                 generation = 1 if latest is None else latest.generation + 1
                 conn.execute(series.insert(), dict(
                     series_instance_uid=new.series_instance_uid, generation=generation,
-                    study_instance_uid=new.study_instance_uid, state="receiving", instance_count=1,
+                    study_instance_uid=new.study_instance_uid, state=SeriesState.RECEIVING.value, instance_count=1,
                     first_received_at=now, last_received_at=now, calling_ae=new.calling_ae,
                     called_ae=new.called_ae, modality=new.modality, series_description=new.series_description))
             values = dict(sop_instance_uid=new.sop_instance_uid, sop_class_uid=new.sop_class_uid,
@@ -354,7 +392,7 @@ class Journal:
         with self._write_lock, self.engine.begin() as conn:
             conn.execute(series.update().where(
                 (series.c.series_instance_uid == record.series_instance_uid)
-                & (series.c.generation == record.generation) & (series.c.state != "receiving"))
+                & (series.c.generation == record.generation) & (series.c.state != SeriesState.RECEIVING))
                 .values(last_received_at=utcnow()))
 
     def forget_instances(self, series_instance_uid: str, generation: int) -> int:
@@ -398,7 +436,7 @@ class Journal:
             row = conn.execute(query.order_by(series.c.generation.desc()).limit(1)).first()
         return as_record(SeriesRecord, row) if row else None
 
-    def series_in_state(self, *states: str) -> list[SeriesRecord]:
+    def series_in_state(self, *states: SeriesState) -> list[SeriesRecord]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(series).where(series.c.state.in_(states)).order_by(series.c.first_received_at))
             return [as_record(SeriesRecord, r) for r in rows]
@@ -413,15 +451,15 @@ class Journal:
                 return true()
             return (table.c.series_instance_uid == series_instance_uid) & (table.c.generation == generation)
 
-        open_job = case((jobs.c.state.in_(("queued", "running")), 1), else_=0)
+        open_job = case((jobs.c.state.in_((JobState.QUEUED, JobState.RUNNING)), 1), else_=0)
         job_totals = (select(jobs.c.series_instance_uid, jobs.c.generation,
                              func.sum(open_job).label("open_jobs"),
-                             func.sum(case((jobs.c.state == "failed", 1), else_=0)).label("failed_jobs"),
+                             func.sum(case((jobs.c.state == JobState.FAILED, 1), else_=0)).label("failed_jobs"),
                              func.max(jobs.c.finished_at).label("jobs_finished_at"))
                       .where(of_series(jobs)).group_by(jobs.c.series_instance_uid, jobs.c.generation).subquery())
         export_totals = (select(jobs.c.series_instance_uid, jobs.c.generation,
-                                func.sum(case((exports.c.state == "pending", 1), else_=0)).label("pending_exports"),
-                                func.sum(case((exports.c.state == "dead", 1), else_=0)).label("dead_exports"),
+                                func.sum(case((exports.c.state == ExportState.PENDING, 1), else_=0)).label("pending_exports"),
+                                func.sum(case((exports.c.state == ExportState.DEAD, 1), else_=0)).label("dead_exports"),
                                 func.max(exports.c.sent_at).label("last_sent_at"))
                          .select_from(jobs.join(exports, exports.c.job_id == jobs.c.id)).where(of_series(jobs))
                          .group_by(jobs.c.series_instance_uid, jobs.c.generation).subquery())
@@ -434,7 +472,8 @@ class Journal:
                         export_totals.c.pending_exports, export_totals.c.dead_exports, export_totals.c.last_sent_at)
                  .select_from(series.outerjoin(job_totals, same_series(job_totals))
                               .outerjoin(export_totals, same_series(export_totals)))
-                 .where(series.c.state.in_(("routed", "unmatched", "quarantined")) & of_series(series)))
+                 .where(series.c.state.in_((SeriesState.ROUTED, SeriesState.UNMATCHED, SeriesState.QUARANTINED))
+                        & of_series(series)))
         settled = []
         with self.engine.connect() as conn:
             for row in conn.execute(query):
@@ -443,13 +482,13 @@ class Journal:
                 record = as_record(SeriesRecord, row)
                 times = [_aware(t) for t in (record.last_received_at, record.completed_at, row.jobs_finished_at,
                                              row.last_sent_at) if t is not None]
-                failed = record.state == "quarantined" or bool(row.failed_jobs) or bool(row.dead_exports)
+                failed = record.state == SeriesState.QUARANTINED or bool(row.failed_jobs) or bool(row.dead_exports)
                 settled.append(SettledSeries(record, failed, max(times)))
         return settled
 
     def purged_with_instances(self) -> list[SeriesRecord]:
         """Purged series that still have instance rows: a purge the node stopped in the middle of."""
-        query = select(series).where((series.c.state == "purged") & select(instances.c.sop_instance_uid).where(
+        query = select(series).where((series.c.state == SeriesState.PURGED) & select(instances.c.sop_instance_uid).where(
             (instances.c.series_instance_uid == series.c.series_instance_uid)
             & (instances.c.generation == series.c.generation)).exists())
         return self.select(SeriesRecord, query)
@@ -459,36 +498,37 @@ class Journal:
         """Mark a receiving series complete; returns it, or None if it was not receiving
         (already complete) or received an instance after `quiet_since` (still arriving)."""
         condition = ((series.c.series_instance_uid == series_instance_uid) & (series.c.generation == generation)
-                     & (series.c.state == "receiving"))
+                     & (series.c.state == SeriesState.RECEIVING))
         if quiet_since is not None:
             condition = condition & (series.c.last_received_at <= quiet_since)
         with self._write_lock, self.engine.begin() as conn:
-            result = conn.execute(series.update().where(condition).values(state="complete", completed_at=utcnow()))
+            result = conn.execute(series.update().where(condition).values(state=SeriesState.COMPLETE.value, completed_at=utcnow()))
             if result.rowcount == 0:
                 return None
         return self.get_series(series_instance_uid, generation)
 
-    def set_series_state(self, series_instance_uid: str, generation: int, state: str,
+    def set_series_state(self, series_instance_uid: str, generation: int, state: SeriesState,
                          reason: str | None = None) -> None:
-        if state not in SERIES_STATES:
-            raise ValueError(f"unknown series state {state!r}")
+        state = SeriesState(state)  # ValueError for a state that is not one
         with self._write_lock, self.engine.begin() as conn:
             conn.execute(series.update().where(
                 (series.c.series_instance_uid == series_instance_uid) & (series.c.generation == generation))
-                .values(state=state, reason=reason))
+                .values(state=state.value, reason=reason))
 
     # --- jobs ------------------------------------------------------------------------------------
 
-    def add_job(self, series_instance_uid: str, generation: int, pipeline: str) -> JobRecord:
-        """Queue a job; idempotent per (series, generation, pipeline)."""
+    def add_job(self, series_instance_uid: str, generation: int, pipeline: str,
+                kind: JobKind = JobKind.PIPELINE) -> JobRecord:
+        """Queue a job of `kind` for the pipeline or forward rule named `pipeline`; idempotent per (series,
+        generation, name): config.py keeps pipeline and forward rule names apart."""
         with self._write_lock, self.engine.begin() as conn:
             key = ((jobs.c.series_instance_uid == series_instance_uid) & (jobs.c.generation == generation)
                    & (jobs.c.pipeline == pipeline))
             row = conn.execute(select(jobs).where(key)).first()
             if row is None:
                 conn.execute(jobs.insert().values(series_instance_uid=series_instance_uid, generation=generation,
-                                                  pipeline=pipeline, state="queued", attempts=0,
-                                                  created_at=utcnow()))
+                                                  pipeline=pipeline, kind=JobKind(kind).value,
+                                                  state=JobState.QUEUED.value, attempts=0, created_at=utcnow()))
                 row = conn.execute(select(jobs).where(key)).first()
         return as_record(JobRecord, row)
 
@@ -497,15 +537,15 @@ class Journal:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
         return as_record(JobRecord, row) if row else None
 
-    def jobs_in_state(self, *states: str) -> list[JobRecord]:
+    def jobs_in_state(self, *states: JobState) -> list[JobRecord]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(jobs).where(jobs.c.state.in_(states)).order_by(jobs.c.id))
             return [as_record(JobRecord, r) for r in rows]
 
     def update_job(self, job_id: int, **values) -> JobRecord:
         """Set job columns (state, attempts, error, started_at, finished_at, output_dir)."""
-        if "state" in values and values["state"] not in JOB_STATES:
-            raise ValueError(f"unknown job state {values['state']!r}")
+        if "state" in values:
+            values["state"] = JobState(values["state"]).value  # ValueError for a state that is not one
         with self._write_lock, self.engine.begin() as conn:
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
         return self.get_job(job_id)
@@ -513,7 +553,7 @@ class Journal:
     def record_steps(self, job_id: int, outcomes) -> None:
         """Replace what the job's previous run recorded of its steps with `outcomes` (StepOutcome, in order)."""
         for outcome in outcomes:
-            if outcome.state not in STEP_STATES:
+            if outcome.state not in set(StepState):
                 raise ValueError(f"unknown step state {outcome.state!r}")
         with self._write_lock, self.engine.begin() as conn:
             conn.execute(job_steps.delete().where(job_steps.c.job_id == job_id))
@@ -530,7 +570,7 @@ class Journal:
             rows = conn.execute(select(job_steps).where(job_steps.c.job_id.in_(job_ids))
                                 .order_by(job_steps.c.job_id, job_steps.c.position))
             for row in rows:
-                found[row.job_id].append(StepOutcome(row.step, row.state, row.reason))
+                found[row.job_id].append(StepOutcome(row.step, StepState(row.state), row.reason))
         return found
 
     # --- exports ---------------------------------------------------------------------------------
@@ -543,12 +583,13 @@ class Journal:
             row = conn.execute(select(exports).where(key)).first()
             if row is None:
                 conn.execute(exports.insert().values(job_id=job_id, destination=destination,
-                                                     sop_instance_uid=sop_instance_uid, path=path, state="pending",
+                                                     sop_instance_uid=sop_instance_uid, path=path,
+                                                     state=ExportState.PENDING.value,
                                                      attempts=0, next_attempt_at=utcnow()))
                 row = conn.execute(select(exports).where(key)).first()
         return as_record(ExportRecord, row)
 
-    def exports_in_state(self, *states: str, due_before: datetime | None = None) -> list[ExportRecord]:
+    def exports_in_state(self, *states: ExportState, due_before: datetime | None = None) -> list[ExportRecord]:
         query = select(exports).where(exports.c.state.in_(states))
         if due_before is not None:
             query = query.where(exports.c.next_attempt_at <= due_before)
@@ -557,8 +598,8 @@ class Journal:
 
     def update_export(self, export_id: int, **values) -> ExportRecord:
         """Set export columns (state, attempts, next_attempt_at, last_status, reason, sent_at)."""
-        if "state" in values and values["state"] not in EXPORT_STATES:
-            raise ValueError(f"unknown export state {values['state']!r}")
+        if "state" in values:
+            values["state"] = ExportState(values["state"]).value  # ValueError for a state that is not one
         with self._write_lock, self.engine.begin() as conn:
             conn.execute(exports.update().where(exports.c.id == export_id).values(**values))
             row = conn.execute(select(exports).where(exports.c.id == export_id)).first()

@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from dicom_node.states import ExportState
+
 PREFIX = "dicom_node"
 STAGES = ("wait_for_complete", "load", "inference", "encode", "dispatch")
 # From tens of milliseconds (one C-STORE batch) to many minutes (a big volume on CPU).
@@ -92,7 +94,7 @@ class JournalCollector(Collector):
         dead = GaugeMetricFamily(f"{PREFIX}_dead_letters", "Exports dead-lettered, by destination",
                                  labels=["destination"])
         for (destination, state), count in sorted(counts["exports"].items()):
-            if state == "dead":
+            if state == ExportState.DEAD:
                 dead.add_metric([destination], count)
         yield dead
         yield GaugeMetricFamily(f"{PREFIX}_disk_free_bytes", "Free bytes on the storage volume",

@@ -35,13 +35,15 @@ from typing import TYPE_CHECKING
 
 import pydicom
 
-from dicom_node import route
+from dicom_node import dispatch, route
 from dicom_node.audit import AuditEvent, AuditLog
-from dicom_node.config import Config
+from dicom_node.config import Config, DestinationConfig
+from dicom_node.destinations import Outcome, OutcomeKind, Refusal
 from dicom_node.job import JobRequest, close_inference, open_inference
-from dicom_node.journal import JobRecord, Journal, SeriesRecord, StepOutcome, utcnow
+from dicom_node.journal import ExportRecord, JobRecord, Journal, SeriesRecord, StepOutcome, utcnow
 from dicom_node.logs import series_context
 from dicom_node.metrics import NodeMetrics, failure_reason
+from dicom_node.states import ExportState, JobKind, JobState, SeriesState, StepState
 from dicom_node.workers import JobError, JobWorkers, WorkerDied
 
 if TYPE_CHECKING:
@@ -50,7 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-SOP_CLASS_NOT_SUPPORTED = 0x0122
 # A job journaled `running` that no thread of this node runs was interrupted: by a node crash (found at
 # start-up), by its worker process dying, or by the journal refusing its outcome. Requeue it, but not
 # forever: a job that takes its process down (a native crash in a codec or model runtime) would otherwise
@@ -108,7 +109,7 @@ class Pipeline:
             headers = SeriesHeaders.read(paths)
             summary = headers.summary()
         except Exception as error:  # unreadable headers: keep the series, say why
-            self.journal.set_series_state(series.series_instance_uid, series.generation, "quarantined",
+            self.journal.set_series_state(series.series_instance_uid, series.generation, SeriesState.QUARANTINED,
                                           reason=f"summary failed: {error}")
             log.error("series %s quarantined: %s", series.series_instance_uid, error)
             return
@@ -116,28 +117,29 @@ class Pipeline:
         if not matches:
             why = route.unmatched_reasons(self.config, summary, series.calling_ae, series.called_ae)
             reason = "; ".join(f"{name}: {text}" for name, text in why.items()) or "no pipelines configured"
-            self.journal.set_series_state(series.series_instance_uid, series.generation, "unmatched", reason=reason)
+            self.journal.set_series_state(series.series_instance_uid, series.generation, SeriesState.UNMATCHED,
+                                          reason=reason)
             log.info("series %s generation %d matched no pipeline (kept in the spool): %s",
                      series.series_instance_uid, series.generation, reason)
             return
         refusal = self._refusal(series, headers, matches)
         if refusal is not None:
-            matches = [m for m in matches if m.pipeline.startswith(route.FORWARD_JOB_PREFIX)]
+            matches = [m for m in matches if m.kind == JobKind.FORWARD]
         # Jobs first (add_job is idempotent), then `routed`: a hand-over the journal cut short leaves the
         # series `complete`, handed over again, never `routed` with a job missing.
-        added = [(match, self.journal.add_job(series.series_instance_uid, series.generation, match.pipeline))
-                 for match in matches]
+        added = [(match, self.journal.add_job(series.series_instance_uid, series.generation, match.pipeline,
+                                              match.kind)) for match in matches]
         if refusal is not None:
-            self.journal.set_series_state(series.series_instance_uid, series.generation, "quarantined",
+            self.journal.set_series_state(series.series_instance_uid, series.generation, SeriesState.QUARANTINED,
                                           reason=refusal)
         else:
-            self.journal.set_series_state(series.series_instance_uid, series.generation, "routed",
+            self.journal.set_series_state(series.series_instance_uid, series.generation, SeriesState.ROUTED,
                                           reason=", ".join(m.pipeline for m in matches))
         for match, job in added:
             with series_context(series.study_instance_uid, series.series_instance_uid, job.id):
-                log.info("series %s -> pipeline %s (job %d): %s", series.series_instance_uid, match.pipeline,
+                log.info("series %s -> %s %s (job %d): %s", series.series_instance_uid, match.kind, match.pipeline,
                          job.id, "; ".join(match.reasons))
-            if job.state == "queued":
+            if job.state == JobState.QUEUED:
                 self.submit(job)
 
     def _refusal(self, series: SeriesRecord, headers: SeriesHeaders, matches: list[route.RouteMatch]) -> str | None:
@@ -148,7 +150,7 @@ class Pipeline:
         a missing slice, ...) is quarantined with the reason at once, with no
         worker time spent on it. Forward rules still send the originals on.
         """
-        pipelines = [m.pipeline for m in matches if not m.pipeline.startswith(route.FORWARD_JOB_PREFIX)]
+        pipelines = [m.pipeline for m in matches if m.kind != JobKind.FORWARD]
         if not pipelines:
             return None
         try:
@@ -174,12 +176,12 @@ class Pipeline:
     def pick_up_queued(self, interrupted_by: str = "its run ended without its outcome in the journal") -> None:
         """Requeue jobs journaled `running` that no thread here runs (`interrupted_by` says why), then put
         queued jobs not yet on the pool there: after a restart, or requeued by `dicom-node jobs retry`."""
-        for job in self.journal.jobs_in_state("running"):
+        for job in self.journal.jobs_in_state(JobState.RUNNING):
             with self._submitted_lock:  # a run journals its outcome before it leaves `_submitted`
-                orphan = job.id not in self._submitted and self.journal.get_job(job.id).state == "running"
+                orphan = job.id not in self._submitted and self.journal.get_job(job.id).state == JobState.RUNNING
             if orphan:
                 self._interrupted(job, interrupted_by)
-        for job in self.journal.jobs_in_state("queued"):
+        for job in self.journal.jobs_in_state(JobState.QUEUED):
             self.submit(job)
 
     # --- jobs --------------------------------------------------------------------------------
@@ -203,9 +205,9 @@ class Pipeline:
 
     def _run(self, job_id: int) -> None:
         job = self.journal.get_job(job_id)
-        if job is None or job.state != "queued" or self._stopping.is_set():
+        if job is None or job.state != JobState.QUEUED or self._stopping.is_set():
             return
-        job = self.journal.update_job(job_id, state="running", started_at=utcnow(), attempts=job.attempts + 1,
+        job = self.journal.update_job(job_id, state=JobState.RUNNING, started_at=utcnow(), attempts=job.attempts + 1,
                                       error=None)
         try:
             written, steps = self.run_job(job)
@@ -216,11 +218,12 @@ class Pipeline:
             kind = error.kind if isinstance(error, JobError) else type(error).__name__
             text = f"{kind}: {error}"
             self.journal.record_steps(job_id, ())  # what an earlier run recorded is not this run's
-            if kind == "SeriesGeometryError":  # before the job fails: whoever sees it failed sees why
-                self.journal.set_series_state(job.series_instance_uid, job.generation, "quarantined", reason=text)
-            self.journal.update_job(job_id, state="failed", error=text, finished_at=utcnow())
+            if isinstance(error, JobError) and error.series_unusable:  # before the job fails: whoever sees it
+                self.journal.set_series_state(job.series_instance_uid, job.generation,  # failed sees why
+                                              SeriesState.QUARANTINED, reason=text)
+            self.journal.update_job(job_id, state=JobState.FAILED, error=text, finished_at=utcnow())
             self.audit.record(AuditEvent("produced", series_instance_uid=job.series_instance_uid, job_id=job_id,
-                                         instance_count=0, status="failed", detail=f"{job.pipeline}: {text}"))
+                                         instance_count=0, status=JobState.FAILED, detail=f"{job.pipeline}: {text}"))
             if isinstance(error, JobError):
                 log.error("job %d (%s) failed; the series stays in the spool\n%s", job_id, job.pipeline,
                           error.details.rstrip())
@@ -228,18 +231,18 @@ class Pipeline:
                 log.exception("job %d (%s) failed; the series stays in the spool", job_id, job.pipeline)
             return
         self.journal.record_steps(job_id, steps)
-        not_run = "; ".join(str(step) for step in steps if step.state != "ok")
-        if steps and not any(step.state == "ok" for step in steps):
+        not_run = "; ".join(str(step) for step in steps if step.state != StepState.OK)
+        if steps and not any(step.state == StepState.OK for step in steps):
             text = f"no step gave a result: {not_run}"
-            self.journal.update_job(job_id, state="failed", error=text, finished_at=utcnow())
+            self.journal.update_job(job_id, state=JobState.FAILED, error=text, finished_at=utcnow())
             self.audit.record(AuditEvent("produced", series_instance_uid=job.series_instance_uid, job_id=job_id,
-                                         instance_count=0, status="failed", detail=f"{job.pipeline}: {text}"))
+                                         instance_count=0, status=JobState.FAILED, detail=f"{job.pipeline}: {text}"))
             log.error("job %d (%s) failed: %s; the series stays in the spool", job_id, job.pipeline, text)
             return
-        self.journal.update_job(job_id, state="done", finished_at=utcnow(), error=None)
+        self.journal.update_job(job_id, state=JobState.DONE, finished_at=utcnow(), error=None)
         detail = f"{job.pipeline}: {', '.join(sorted({p.parent.name for p in written}))}"
         self.audit.record(AuditEvent("produced", series_instance_uid=job.series_instance_uid, job_id=job_id,
-                                     instance_count=len(written), status="done",
+                                     instance_count=len(written), status=JobState.DONE,
                                      detail=f"{detail}; steps not run: {not_run}" if not_run else detail))
         self._dispatch_wakeup.set()
 
@@ -250,19 +253,19 @@ class Pipeline:
         if job.attempts < MAX_INTERRUPTED_RUNS:
             log.error("job %d (%s): %s; run %d of %d, queued again", job.id, job.pipeline, reason, job.attempts,
                       MAX_INTERRUPTED_RUNS)
-            self.journal.update_job(job.id, state="queued", error=reason)
+            self.journal.update_job(job.id, state=JobState.QUEUED, error=reason)
             return  # the dispatch loop's pick_up_queued submits it again within a second
         error = (f"{reason}, in each of its {job.attempts} runs; not started again automatically: "
                  f"`dicom-node jobs retry {job.id}`")
         log.error("job %d (%s) failed: %s", job.id, job.pipeline, error)
-        self.journal.update_job(job.id, state="failed", error=error, finished_at=utcnow())
+        self.journal.update_job(job.id, state=JobState.FAILED, error=error, finished_at=utcnow())
         self.audit.record(AuditEvent("produced", series_instance_uid=job.series_instance_uid, job_id=job.id,
-                                     instance_count=0, status="failed", detail=f"{job.pipeline}: {error}"))
+                                     instance_count=0, status=JobState.FAILED, detail=f"{job.pipeline}: {error}"))
 
     def run_job(self, job: JobRecord) -> tuple[list[Path], tuple[StepOutcome, ...]]:
         """Produce the results in a worker process, queue one export per (result, destination); returns
         the result files and each step's outcome (none for a forward rule, which has no steps)."""
-        if job.pipeline.startswith(route.FORWARD_JOB_PREFIX):
+        if job.kind == JobKind.FORWARD:
             return self._forward(job), ()
         pipeline = self.config.pipelines[job.pipeline]
         instances = self.journal.series_instances(job.series_instance_uid, job.generation)
@@ -285,7 +288,7 @@ class Pipeline:
     def _forward(self, job: JobRecord) -> list[Path]:
         """Plain auto-routing: queue the spooled originals themselves, which hold the sender's data set
         bytes, so the destination gets them byte-identical through the same retry and dead letter."""
-        rule = self.config.forward[job.pipeline.removeprefix(route.FORWARD_JOB_PREFIX)]
+        rule = self.config.forward[job.pipeline]
         instances = self.journal.series_instances(job.series_instance_uid, job.generation)
         for instance in instances:
             for destination in rule.destinations:
@@ -314,8 +317,7 @@ class Pipeline:
 
     def dispatch_due(self) -> None:
         """Send every pending export whose time has come, one association per destination."""
-        from dicom_node import dispatch
-        due = self.journal.exports_in_state("pending", due_before=utcnow())
+        due = self.journal.exports_in_state(ExportState.PENDING, due_before=utcnow())
         by_destination = defaultdict(list)
         for export in due:
             by_destination[export.destination].append(export)
@@ -333,32 +335,31 @@ class Pipeline:
                 with self._job_context(job_id):
                     self._settle(job_id, destination, job_exports, outcomes)
 
-    def _settle(self, job_id: int, destination, exports, outcomes) -> None:
+    def _settle(self, job_id: int, destination: DestinationConfig, exports: list[ExportRecord],
+                outcomes: dict[str, Outcome]) -> None:
         """Journal each export's outcome, count failures, audit one line per (job, destination) pass."""
         name = exports[0].destination
         statuses: dict[str, int] = defaultdict(int)
         sent = 0
         for export in exports:
-            outcome = outcomes.get(export.sop_instance_uid)
-            statuses[outcome.reason if outcome else "no outcome reported"] += 1
-            if outcome is None:
-                self.metrics.dispatch_failures.labels(destination=name, reason=failure_reason("transient", None)).inc()
-                self._transient(export, destination, None, "no outcome reported")
-            elif outcome.kind in ("sent", "warning"):
-                if outcome.kind == "warning":
+            outcome = outcomes.get(export.sop_instance_uid) or Outcome(
+                export.sop_instance_uid, None, OutcomeKind.TRANSIENT, "no outcome reported")
+            statuses[outcome.reason] += 1
+            if outcome.kind.stored:
+                if outcome.kind == OutcomeKind.WARNING:
                     log.warning("export %d to %s stored with warning 0x%04X: %s", export.id, name,
                                 outcome.status or 0, outcome.reason)
                 sent += 1
                 self.metrics.exports_sent.labels(destination=name).inc()
-                self.journal.update_export(export.id, state="sent", sent_at=utcnow(), reason=outcome.reason,
+                self.journal.update_export(export.id, state=ExportState.SENT, sent_at=utcnow(), reason=outcome.reason,
                                            last_status=outcome.status, attempts=export.attempts + 1)
+                continue
+            self.metrics.dispatch_failures.labels(destination=name,
+                                                  reason=failure_reason(outcome.kind, outcome.status)).inc()
+            if outcome.kind == OutcomeKind.TRANSIENT:
+                self._transient(export, destination, outcome)
             else:
-                self.metrics.dispatch_failures.labels(destination=name,
-                                                      reason=failure_reason(outcome.kind, outcome.status)).inc()
-                if outcome.kind == "transient":
-                    self._transient(export, destination, outcome.status, outcome.reason)
-                else:
-                    self._dead(export, outcome.status, outcome.reason)
+                self._dead(export, outcome, outcome.reason)
         job = self.journal.get_job(job_id)
         self.audit.record(AuditEvent(
             "sent" if sent == len(exports) else "failed", series_instance_uid=job.series_instance_uid if job else None,
@@ -366,31 +367,31 @@ class Pipeline:
             status=f"{sent}/{len(exports)} stored",
             detail="; ".join(f"{reason} x{count}" for reason, count in sorted(statuses.items()))))
 
-    def _transient(self, export, destination, status, reason) -> None:
-        from dicom_node import dispatch
+    def _transient(self, export: ExportRecord, destination: DestinationConfig, outcome: Outcome) -> None:
+        """Try again when the destination's retry policy says, or dead-letter once it is exhausted."""
         attempts = export.attempts + 1
-        if attempts >= destination.retry.max_attempts:
-            self._dead(export, status, f"{reason} (gave up after {attempts} attempts)", attempts)
+        if destination.retry.is_exhausted(attempts):
+            self._dead(export, outcome, f"{outcome.reason} (gave up after {attempts} attempts)")
             return
-        delay = dispatch.next_attempt_delay(destination.retry, attempts, self._rng)
-        self.journal.update_export(export.id, attempts=attempts, last_status=status, reason=reason,
+        delay = destination.retry.next_delay_s(attempts, self._rng)
+        self.journal.update_export(export.id, attempts=attempts, last_status=outcome.status, reason=outcome.reason,
                                    next_attempt_at=utcnow() + timedelta(seconds=delay))
         log.warning("export %d to %s: transient failure (%s); attempt %d, next in %.1f s", export.id,
-                    export.destination, reason, attempts, delay)
+                    export.destination, outcome.reason, attempts, delay)
 
-    def _dead(self, export, status, reason, attempts: int | None = None) -> None:
-        self.journal.update_export(export.id, state="dead", last_status=status, reason=reason,
-                                   attempts=export.attempts + 1 if attempts is None else attempts)
+    def _dead(self, export: ExportRecord, outcome: Outcome, reason: str) -> None:
+        self.journal.update_export(export.id, state=ExportState.DEAD, last_status=outcome.status, reason=reason,
+                                   attempts=export.attempts + 1)
         log.error("export %d to %s dead-lettered: %s", export.id, export.destination, reason)
-        self._overlay_fallback(export, status, reason or "")
+        if outcome.refusal == Refusal.SOP_CLASS_NOT_SUPPORTED:
+            self._overlay_fallback(export)
 
-    def _overlay_fallback(self, export, status: int | None, reason: str) -> None:
+    def _overlay_fallback(self, export: ExportRecord) -> None:
         """A destination that refuses SEG's SOP class (0x0122, PS3.4 Table B.2-1, or no accepted
         presentation context) gets the overlay series, if the pipeline makes one."""
         job = self.journal.get_job(export.job_id)
-        pipeline = self.config.pipelines.get(job.pipeline) if job else None
-        refused_class = status == SOP_CLASS_NOT_SUPPORTED or "sop class" in reason.lower()
-        if pipeline is None or "overlay" not in pipeline.outputs or not refused_class:
+        pipeline = self.config.pipelines.get(job.pipeline) if job and job.kind == JobKind.PIPELINE else None
+        if pipeline is None or "overlay" not in pipeline.outputs:
             return
         if pydicom.dcmread(export.path, stop_before_pixels=True).SOPClassUID != SEG_STORAGE:
             return

@@ -57,6 +57,7 @@ from dicom_node.journal import JobRecord, Journal, SeriesRecord, SettledSeries, 
 from dicom_node.logs import series_context
 from dicom_node.metrics import NodeMetrics
 from dicom_node.spool import InstanceKey, Spool
+from dicom_node.states import SeriesState
 
 log = logging.getLogger("dicom_node.retention")
 
@@ -167,7 +168,7 @@ class Retention:
             current = self.journal.settled_series(record.series_instance_uid, record.generation)
             if not current or not still_due(current[0]):
                 return None
-            self.journal.set_series_state(record.series_instance_uid, record.generation, "purged", reason=reason)
+            self.journal.set_series_state(record.series_instance_uid, record.generation, SeriesState.PURGED, reason=reason)
             result = self._delete_files(record)
         self.metrics.series_purged.labels(outcome="failed" if candidate.failed else "done").inc()
         self.audit.record(AuditEvent("purged", study_instance_uid=record.study_instance_uid,

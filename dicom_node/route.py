@@ -11,7 +11,8 @@ Multi-valued attributes (Image Type, PS3.3 C.7.6.1.1.2) match a value or a
 regex when any of their values does.
 
 Forward rules (`forward:` in config.yaml, plain auto-routing of the original
-series) use the same conditions; their jobs are named `forward:<rule>`.
+series) use the same conditions; their jobs are of kind `forward`, named by the
+rule (config.py keeps pipeline and forward rule names apart).
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ from typing import Any
 
 from dicom_node.config import (Config, ContainsAllCondition, ForwardConfig, PipelineConfig, RangeCondition,
                                RegexCondition)
+from dicom_node.states import JobKind
 from dicom_node.volume import SeriesSummary
-
-FORWARD_JOB_PREFIX = "forward:"
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,9 @@ class RouteMatch:
     """A pipeline (or forward rule) the series goes to, with each condition that let it in (for the log and
     the audit)."""
 
-    pipeline: str
+    pipeline: str  # the pipeline's or the forward rule's name
     reasons: tuple[str, ...]
+    kind: JobKind = JobKind.PIPELINE
 
 
 @dataclass(frozen=True)
@@ -49,25 +50,21 @@ def series_attributes(summary: SeriesSummary, calling_ae: str, called_ae: str) -
     return {**dataclasses.asdict(summary), "calling_ae": calling_ae, "called_ae": called_ae}
 
 
-def forward_job_name(rule: str) -> str:
-    """The job name of a forward rule: its own namespace, so it never collides with a pipeline's."""
-    return FORWARD_JOB_PREFIX + rule
-
-
-def _rules(config: Config) -> dict[str, PipelineConfig | ForwardConfig]:
-    """Forward rules, then pipelines, each in config order, by job name: the worker pool runs jobs in
-    order, so the originals leave before any model runs (a forward job only queues exports)."""
-    return {**{forward_job_name(name): rule for name, rule in config.forward.items()}, **config.pipelines}
+def _rules(config: Config) -> list[tuple[str, JobKind, PipelineConfig | ForwardConfig]]:
+    """Forward rules, then pipelines, each in config order: the worker pool runs jobs in order, so the
+    originals leave before any model runs (a forward job only queues exports)."""
+    return ([(name, JobKind.FORWARD, rule) for name, rule in config.forward.items()]
+            + [(name, JobKind.PIPELINE, pipeline) for name, pipeline in config.pipelines.items()])
 
 
 def match_pipelines(config: Config, summary: SeriesSummary, calling_ae: str, called_ae: str) -> list[RouteMatch]:
     """Every enabled pipeline and forward rule whose conditions all hold, in config order; each becomes a job."""
     attributes = series_attributes(summary, calling_ae, called_ae)
     matches = []
-    for name, rule in _rules(config).items():
+    for name, kind, rule in _rules(config):
         verdict = evaluate(rule, attributes)
         if verdict.matched:
-            matches.append(RouteMatch(name, verdict.reasons))
+            matches.append(RouteMatch(name, verdict.reasons, kind))
     return matches
 
 
@@ -76,7 +73,7 @@ def unmatched_reasons(config: Config, summary: SeriesSummary, calling_ae: str, c
     unmatched series)."""
     attributes = series_attributes(summary, calling_ae, called_ae)
     reasons = {}
-    for name, rule in _rules(config).items():
+    for name, _, rule in _rules(config):
         verdict = evaluate(rule, attributes)
         if not verdict.matched:
             reasons[name] = verdict.reasons[-1]

@@ -26,14 +26,17 @@ from pydicom.errors import InvalidDicomError
 
 from dicom_node import dispatch
 from dicom_node.config import Config, DestinationConfig
+from dicom_node.destinations import OutcomeKind
 from dicom_node.tables import print_table
+
+SKIPPED = "skipped"  # not a DICOM file: never offered to the destination
 
 
 @dataclass(frozen=True)
 class FileOutcome:
     path: str
     sop_instance_uid: str | None
-    outcome: str  # sent | warning | transient | permanent | skipped
+    outcome: str  # an OutcomeKind, or SKIPPED
     status: int | None
     reason: str
 
@@ -78,31 +81,31 @@ def run_send(args: argparse.Namespace, config: Config, out: TextIO = sys.stdout,
         try:
             uid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
         except (InvalidDicomError, OSError, AttributeError) as error:
-            outcomes.append(FileOutcome(str(path), None, "skipped", None, f"not a DICOM file: {error}"))
+            outcomes.append(FileOutcome(str(path), None, SKIPPED, None, f"not a DICOM file: {error}"))
             continue
         sendable.append((path, uid))
     bar = Progress(len(sendable), progress)
     report = dispatch.send(destination, [path for path, _ in sendable], calling_ae(config, destination),
-                           on_outcome=lambda o: bar.advance(failed=o.kind not in ("sent", "warning")))
+                           on_outcome=lambda o: bar.advance(failed=not o.kind.stored))
     by_uid = {o.sop_instance_uid: o for o in report.outcomes}
     for path, uid in sendable:
         outcome = by_uid.get(uid)
         outcomes.append(FileOutcome(str(path), uid, outcome.kind, outcome.status, outcome.reason) if outcome
-                        else FileOutcome(str(path), uid, "transient", None, "no outcome reported"))
+                        else FileOutcome(str(path), uid, OutcomeKind.TRANSIENT, None, "no outcome reported"))
     bar.finish()
     _report(args.to, destination, outcomes, args.json, out)
-    return 0 if sendable and all(o.outcome in ("sent", "warning") for o in outcomes if o.outcome != "skipped") else 1
+    return 0 if sendable and all(o.outcome in (OutcomeKind.SENT, OutcomeKind.WARNING) for o in outcomes
+                                 if o.outcome != SKIPPED) else 1
 
 
 def _report(name: str, destination: DestinationConfig, outcomes: Sequence[FileOutcome], as_json: bool,
             out: TextIO) -> None:
-    totals = {kind: sum(1 for o in outcomes if o.outcome == kind)
-              for kind in ("sent", "warning", "transient", "permanent", "skipped")}
+    totals = {kind: sum(1 for o in outcomes if o.outcome == kind) for kind in (*OutcomeKind, SKIPPED)}
     if as_json:
         print(json.dumps({"destination": name, "files": [dataclasses.asdict(o) for o in outcomes], **totals}), file=out)
         return
     print_table([dataclasses.asdict(o) for o in outcomes], ("outcome", "path", "reason"), False, out)
-    print(f"{name} ({destination.ae_title}@{destination.host}:{destination.port}): "
+    print(f"{name} ({dispatch.kind_of(destination).describe(destination)}): "
           + ", ".join(f"{count} {kind}" for kind, count in totals.items() if count), file=out)
 
 
@@ -147,6 +150,6 @@ def run_echo(args: argparse.Namespace, config: Config, out: TextIO = sys.stdout)
               file=out)
     else:
         status = "" if result.status is None else f", status 0x{result.status:04X}"
-        print(f"{args.destination} ({destination.ae_title}@{destination.host}:{destination.port}): "
+        print(f"{args.destination} ({dispatch.kind_of(destination).describe(destination)}): "
               f"{'C-ECHO ok' if result.ok else 'C-ECHO FAILED: ' + result.reason}{status}, {seconds:.2f} s", file=out)
     return 0 if result.ok else 1

@@ -33,6 +33,7 @@ from dicom_node.receive import Receiver
 from dicom_node.retention import Retention
 from dicom_node.status import journal_counts
 from dicom_node.spool import InstanceKey, Spool
+from dicom_node.states import SeriesState
 
 log = logging.getLogger("dicom_node.server")
 
@@ -56,7 +57,7 @@ def reconcile(spool: Spool, journal: Journal) -> None:
     for path, record in journaled.items():
         if path not in on_disk:
             series = journal.get_series(record.series_instance_uid, record.generation)
-            if series is not None and series.state == "purged":
+            if series is not None and series.state == SeriesState.PURGED:
                 continue
             journal.delete_instance(record.sop_instance_uid)
             log.warning("reconcile: instance %s of series %s has no file %s; row deleted",

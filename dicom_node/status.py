@@ -33,6 +33,7 @@ from dicom_node.config import Config
 from dicom_node.health import PipelineHealth, pipeline_health
 from dicom_node.journal import Journal, exports, jobs, series
 from dicom_node.spool import Spool
+from dicom_node.states import ExportState
 
 Counts = dict[str, dict[tuple[str, ...], int]]
 
@@ -155,7 +156,7 @@ def snapshot(config: Config, journal: Journal, ready: Readiness, pipelines: list
         source=source, associations_open=len(open_list) if associations is not None else None,
         associations=open_list, series={state: count for (state,), count in counts["series"].items()},
         jobs=job_states, jobs_by_pipeline=by_pipeline,
-        dead_letters=sum(count for (_, state), count in counts["exports"].items() if state == "dead"),
+        dead_letters=sum(count for (_, state), count in counts["exports"].items() if state == ExportState.DEAD),
         quarantined_files=len(Spool(Path(config.node.storage_dir)).quarantined()), disk=disk_use(config),
         ready=ready.ready, checks=list(ready.checks), pipelines=pipelines)
 

@@ -28,6 +28,7 @@ from multiprocessing.connection import Connection, wait
 from dicom_node import logs
 from dicom_node.config import Config
 from dicom_node.job import JobOutput, JobRequest
+from dicom_node.volume import SeriesGeometryError
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,15 @@ class WorkerDied(Exception):
 
 
 class JobError(Exception):
-    """The job raised in its worker; `kind` is the exception's class name, the message its text."""
+    """The job raised in its worker; `kind` is the exception's class name, the message its text, and
+    `series_unusable` says the series itself cannot give a volume (a SeriesGeometryError: the series is
+    quarantined, no retry of the job would help)."""
 
-    def __init__(self, kind: str, message: str, details: str):
+    def __init__(self, kind: str, message: str, details: str, series_unusable: bool = False):
         super().__init__(message)
         self.kind = kind
         self.details = details
+        self.series_unusable = series_unusable
 
 
 def describe_exit(code: int | None) -> str:
@@ -96,7 +100,8 @@ def _child_main(connection: Connection, parent_pid: int, log_format: str, config
             try:
                 answer = ("done", job.produce(request))
             except Exception as error:
-                answer = ("error", type(error).__name__, str(error), traceback.format_exc())
+                answer = ("error", type(error).__name__, str(error), traceback.format_exc(),
+                          isinstance(error, SeriesGeometryError))
         connection.send(answer)
     job.close_inference()
 
@@ -166,8 +171,8 @@ class _Slot:
             self.close()
             raise WorkerDied(f"the job's worker process died: {describe_exit(code)}") from None
         if answer[0] == "error":
-            _, kind, message, details = answer
-            raise JobError(kind, message, details)
+            _, kind, message, details, series_unusable = answer
+            raise JobError(kind, message, details, series_unusable)
         return answer[1]
 
     def close(self, timeout: float = 10) -> None:

@@ -156,7 +156,9 @@ def test_missing_model_degrades_the_pipeline_not_readiness_and_a_post_retries_th
         assert status == 202 and json.loads(body)["state"] == "queued"
         done = wait_for(lambda: (j := get_json(node, f"/v1/jobs/{job['id']}")["job"])["state"] == "done" and j,
                         180, "the retried job")
-        assert done["attempts"] == 3 and done["error"] is None
+        assert done["attempts"] == 3 and done["error"] is None and done["kind"] == "pipeline"
+        assert [j["id"] for j in get_json(node, "/v1/jobs?kind=pipeline")] == [job["id"]]
+        assert get_json(node, "/v1/jobs?kind=forward") == []
         assert get_json(node, f"/v1/jobs/{job['id']}")["steps"] == [{"step": "spleen", "state": "ok", "reason": None}]
         assert http(node, f"/v1/jobs/{job['id']}/retry", method="POST")[0] == 202  # done jobs can be rerun too
         assert http(node, "/v1/jobs/9999/retry", method="POST")[0] == 404

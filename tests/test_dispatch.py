@@ -1,4 +1,5 @@
-"""dispatch.send against a real dcmtk storescp; status classifier and backoff."""
+"""dispatch.send (the DIMSE kind) against a real dcmtk storescp; status classifier, refusals, the retry policy
+and the registry of destination kinds."""
 from __future__ import annotations
 
 import random
@@ -6,8 +7,11 @@ import random
 import pydicom
 import pytest
 
-from dicom_node import dispatch
+import typing
+
+from dicom_node import dimse, dispatch
 from dicom_node.config import DestinationConfig, RetryPolicy
+from dicom_node.destinations import Refusal
 from tests.peers import SHARED_DATA, ManagedProcess, free_port, wait_for_port
 from tests.peers import dcmtk, dciodvfy
 from tests.series_factory import write_ct_series
@@ -63,20 +67,30 @@ def test_transfer_syntax_restriction_without_match_is_permanent(tmp_path):
                                          (0xC000, "permanent"), (0x0122, "permanent"), (0x0124, "permanent")])
 def test_status_classification(status, kind):
     # No real peer here answers these statuses on demand: the classifier is tested directly.
-    assert dispatch.classify_status(status)[0] == kind
+    assert dimse.classify_status(status)[0] == kind
+
+
+def test_every_configurable_destination_kind_is_registered():
+    """config.py names the kinds a destination may have; dispatch.KINDS has an implementation for each."""
+    assert set(typing.get_args(DestinationConfig.model_fields["kind"].annotation)) == set(dispatch.KINDS)
+    assert DestinationConfig(ae_title="A", host="h", port=104).kind == "dimse"
+    assert dispatch.kind_of(DestinationConfig(ae_title="A", host="h", port=104)).describe(
+        DestinationConfig(ae_title="A", host="h", port=104)) == "A@h:104"
+    with pytest.raises(ValueError, match="kind"):
+        DestinationConfig(kind="stow-rs", ae_title="A", host="h", port=104)
 
 
 def test_backoff_monotone_bounded_capped():
     policy = RetryPolicy(initial_delay_s=5, max_delay_s=600, multiplier=2.0, jitter=0.2, max_attempts=50)
     rng = random.Random(1)
     for attempt in range(1, 12):
-        delay = dispatch.next_attempt_delay(policy, attempt, rng)
+        delay = policy.next_delay_s(attempt, rng)
         base = min(5 * 2 ** (attempt - 1), 600)
         assert base * 0.8 <= delay <= min(base * 1.2, 600)
     no_jitter = RetryPolicy(jitter=0)
-    delays = [dispatch.next_attempt_delay(no_jitter, a, rng) for a in range(1, 15)]
+    delays = [no_jitter.next_delay_s(a, rng) for a in range(1, 15)]
     assert delays == sorted(delays) and delays[-1] == no_jitter.max_delay_s
-    assert dispatch.is_exhausted(policy, 50) and not dispatch.is_exhausted(policy, 49)
+    assert policy.is_exhausted(50) and not policy.is_exhausted(49)
 
 
 def test_sop_class_not_accepted_is_permanent_and_others_sent(tmp_path):
@@ -93,18 +107,19 @@ def test_sop_class_not_accepted_is_permanent_and_others_sent(tmp_path):
         report = dispatch.send(DestinationConfig(ae_title="CTONLY", host="127.0.0.1", port=port), paths, "NODE")
     assert [o.kind for o in report.outcomes] == ["sent", "sent", "permanent"]
     assert "SOP class not supported" in report.outcomes[2].reason
+    assert [o.refusal for o in report.outcomes] == [None, None, Refusal.SOP_CLASS_NOT_SUPPORTED]
     assert len(list((tmp_path / "pacs").iterdir())) == 2
 
 
 def test_scu_socket_has_nagle_off(tmp_path, monkeypatch):
     import socket
     seen = []
-    original = dispatch._nodelay
+    original = dimse._nodelay
 
     def spy(event):
         original(event)
         seen.append(event.assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-    monkeypatch.setattr(dispatch, "_nodelay", spy)
+    monkeypatch.setattr(dimse, "_nodelay", spy)
     port = free_port()
     with dcmtk.storescp(port, tmp_path / "pacs"):
         assert dispatch.echo(DestinationConfig(ae_title="STORESCP", host="127.0.0.1", port=port), "NODE").ok
@@ -148,7 +163,7 @@ def test_association_rejected_permanent(tmp_path):
         report = dispatch.send(DestinationConfig(ae_title="S", host="127.0.0.1", port=port, timeout_s=5), paths, "N")
     finally:
         server.shutdown()
-    assert [(o.kind, o.status) for o in report.outcomes] == [("permanent", None)] * 2
+    assert [(o.kind, o.status, o.refusal) for o in report.outcomes] == [("permanent", None, None)] * 2
     assert "association rejected (permanent" in report.outcomes[0].reason
 
 
@@ -163,7 +178,7 @@ def test_no_context_accepted_at_all_is_permanent(tmp_path):
     with ManagedProcess(args) as peer:
         wait_for_port(port, process=peer.process)
         report = dispatch.send(DestinationConfig(ae_title="CTONLY", host="127.0.0.1", port=port), [SEG_SAMPLE], "N")
-    assert report.outcomes[0].kind == "permanent"
+    assert (report.outcomes[0].kind, report.outcomes[0].refusal) == ("permanent", Refusal.SOP_CLASS_NOT_SUPPORTED)
     assert "SOP class not supported" in report.outcomes[0].reason
 
 

@@ -10,6 +10,7 @@ from sqlalchemy import Column, MetaData, String, Table, create_engine, inspect, 
 from dicom_node import JournalSchemaError
 from dicom_node.audit import AuditEvent, AuditLog
 from dicom_node.journal import Journal, NewInstance, StepOutcome, instances, utcnow
+from dicom_node.states import ExportState, JobKind, JobState
 
 
 @pytest.fixture()
@@ -80,8 +81,11 @@ def test_jobs_and_exports_are_idempotent(journal):
     assert [e.id for e in journal.exports_in_state("pending", due_before=utcnow())] == [export.id]
     sent = journal.update_export(export.id, state="sent", last_status=0, sent_at=utcnow())
     assert sent.state == "sent" and journal.exports_in_state("pending") == []
+    assert type(sent.state) is ExportState and type(running.state) is JobState and running.kind == JobKind.PIPELINE
     with pytest.raises(ValueError):
         journal.update_job(job.id, state="bogus")
+    with pytest.raises(ValueError):
+        journal.update_export(export.id, state="bogus")
 
 
 def test_step_outcomes_of_a_run_replace_the_previous_runs(journal):
@@ -143,6 +147,31 @@ def test_an_older_versions_journal_is_upgraded_in_place(journal_url, caplog):
         AuditLog(again)
         again.close()
     assert "upgraded" not in caplog.text  # once
+
+
+def test_an_older_versions_forward_jobs_get_their_kind_and_rule_name(journal_url, caplog):
+    """Before jobs had a kind, a forward rule's job was named `forward:<rule>`: after the upgrade it is kind
+    forward with the rule's name; a pipeline job keeps its kind and name, and a prefixed job whose rule
+    name a pipeline job of the same series generation already has keeps its prefixed name."""
+    Journal(journal_url).close()
+    _alter(journal_url, "ALTER TABLE jobs DROP COLUMN kind",
+           *(f"INSERT INTO jobs (series_instance_uid, generation, pipeline, state, attempts, created_at) "
+             f"VALUES ('1.2.3', {generation}, '{name}', 'done', 1, '2026-01-01 00:00:00')"
+             for generation, name in ((1, "forward:archive"), (1, "spleen_ct"), (2, "forward:spleen_ct"),
+                                      (2, "spleen_ct"))))
+    with caplog.at_level("WARNING", logger="dicom_node.journal"):
+        upgraded = Journal(journal_url)
+    try:
+        jobs = {(j.generation, j.pipeline): j.kind for j in upgraded.jobs_in_state("done")}
+        assert jobs == {(1, "archive"): "forward", (1, "spleen_ct"): "pipeline",
+                        (2, "forward:spleen_ct"): "forward", (2, "spleen_ct"): "pipeline"}
+        assert all(type(kind) is JobKind for kind in jobs.values())
+        assert "jobs.kind" in caplog.text and "2 forward jobs given kind forward, 1 of them renamed to their rule" in caplog.text
+        assert "1 keep their 'forward:' name" in caplog.text
+        again = upgraded.add_job("1.2.3", 1, "archive", JobKind.FORWARD)
+        assert (again.kind, again.state) == (JobKind.FORWARD, JobState.DONE)  # the migrated job, not a new one
+    finally:
+        upgraded.close()
 
 
 def test_a_journal_this_version_cannot_use_is_refused_naming_the_columns(journal_url):

@@ -272,7 +272,7 @@ def test_forward_rule_sends_the_original_series_byte_identical(tmp_path):
         finally:
             journal.close()
         assert _series_state(node, series_uid) == "routed"
-    assert (job.pipeline, job.state) == ("forward:archive", "done")
+    assert (job.kind, job.pipeline, job.state) == ("forward", "archive", "done")
     assert len(sent) == len(files)
     for path in files:
         stored = tmp_path / "stored.dcm"
@@ -282,17 +282,22 @@ def test_forward_rule_sends_the_original_series_byte_identical(tmp_path):
 
 
 def test_forward_rules_route_like_pipelines_and_name_known_destinations(tmp_path):
-    """Forward rules share the match rules; their jobs are `forward:<rule>`, run before any pipeline's."""
+    """Forward rules share the match rules; their jobs are of kind forward, named by the rule, run before any
+    pipeline's; a forward rule may not share a pipeline's name (jobs are named by either)."""
     rules = {"destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}},
              "forward": {"archive": {"match": {"modality": ["CT", "MR"]}, "destinations": ["pacs"]}},
              "pipelines": {"spleen_ct": SHIPPED_PIPELINES["spleen_ct"]}}
     config = Config.model_validate(rules)
-    assert [m.pipeline for m in match_pipelines(config, AXIAL_CT, "STORESCU", "DICOMNODE")] == [
-        "forward:archive", "spleen_ct"]
+    assert [(m.kind, m.pipeline) for m in match_pipelines(config, AXIAL_CT, "STORESCU", "DICOMNODE")] == [
+        ("forward", "archive"), ("pipeline", "spleen_ct")]
     why = unmatched_reasons(config, series(modality="PT"), "STORESCU", "DICOMNODE")
-    assert why["forward:archive"] == "not modality 'PT' in ['CT', 'MR']"
+    assert why["archive"] == "not modality 'PT' in ['CT', 'MR']"
     rules["forward"]["archive"]["destinations"] = ["archive_pacs"]
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(rules, sort_keys=False))
     with pytest.raises(ConfigError, match=r"config.yaml:\d+ forward.archive.destinations.0: unknown destination"):
+        load_config(path)
+    rules["forward"] = {"spleen_ct": {"match": {"modality": "CT"}, "destinations": ["pacs"]}}
+    path.write_text(yaml.safe_dump(rules, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"config.yaml:(\d+) forward.spleen_ct: a pipeline is named 'spleen_ct' too"):
         load_config(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from functools import lru_cache
 from pathlib import Path
 
@@ -69,3 +70,20 @@ def test_overlay_is_valid_and_outlines_the_mask(tmp_path: Path, compress: bool) 
         np.testing.assert_array_equal(rgb[plain][:, 0], grey[plain])
         assert (rgb[plain][:, 0] == rgb[plain][:, 2]).all()
     assert len(series_uids) == 1 and series_uids.isdisjoint({sources[0].SeriesInstanceUID})
+
+
+@pytest.mark.parametrize("outputs,exported", [(["seg", "overlay"], ["seg"]), (["overlay"], ["overlay"])],
+                         ids=["seg-and-overlay", "overlay-only"])
+def test_the_overlay_is_exported_only_instead_of_a_seg(tmp_path: Path, outputs, exported) -> None:
+    """The outputs registry writes every listed output; the overlay series goes out only where no SEG does,
+    and otherwise stays in the job folder for a destination that refuses SEG's SOP class."""
+    from dicom_node.config import PipelineConfig, ResultsConfig
+    from dicom_node.results.outputs import OUTPUTS, Produced, write_outputs
+    assert set(typing.get_args(PipelineConfig.model_fields["outputs"].annotation.__args__[0])) == set(OUTPUTS)
+    sources, labels, hu = real_sources(), lung_map(), real_hu()
+    produced = Produced(ResultsConfig(), str(sources[0].SeriesInstanceUID), 1, "chest", labels, [], sources, hu,
+                        tmp_path)
+    paths = write_outputs(outputs, produced)
+    kinds = {"1.2.840.10008.5.1.4.1.1.66.4": "seg", "1.2.840.10008.5.1.4.1.1.7": "overlay"}
+    assert sorted({kinds[pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID] for p in paths}) == exported
+    assert len(list((tmp_path / "overlay").glob("*.dcm"))) == len(sources)  # written either way

@@ -255,9 +255,10 @@ def test_jobs_commands_list_show_and_requeue(node, tmp_path):
     code, text = _jobs_cli(config, "--json", "list", "--state", "failed")
     assert code == 0
     (row,) = json.loads(text)
-    assert row["id"] == job.id and "SeriesGeometryError" in row["error"]
+    assert row["id"] == job.id and "SeriesGeometryError" in row["error"] and row["kind"] == "pipeline"
+    assert journal.get_series(record.series_instance_uid, record.generation).state == "quarantined"
     code, text = _jobs_cli(config, "list")
-    assert text.splitlines()[0].split()[:3] == ["id", "state", "pipeline"] and "failed" in text
+    assert text.splitlines()[0].split()[:4] == ["id", "state", "kind", "pipeline"] and "failed" in text
     code, text = _jobs_cli(config, "show", str(job.id))
     assert code == 0 and "spleen_ct" in text
     assert _jobs_cli(config, "show", "999")[0] == 1

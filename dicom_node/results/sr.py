@@ -39,6 +39,7 @@ from dicom_node.results import OutputSeries, save_dataset, source_headers, write
 from dicom_node.results.uids import UidSeed
 from dicom_node.results.seg import coded
 from dicom_node.journal import StepOutcome
+from dicom_node.states import StepState
 from inference.results import Algorithm, ClassLabel, ClassProbabilities, Code
 
 SR_KIND = "sr"
@@ -52,7 +53,7 @@ COMMENT = Code("121106", "DCM", "Comment")
 # highdicom builds TID 1500 only with an Imaging Measurements container; a report with no classifier
 # output is built with this one and the container removed.
 PLACEHOLDER = ClassProbabilities((ClassLabel("none"),), (1.0,), Algorithm("none", "0"))
-STEP_STATE_TEXT = {"ok": "completed", "failed": "not run", "skipped": "skipped"}
+STEP_STATE_TEXT = {StepState.OK: "completed", StepState.FAILED: "not run", StepState.SKIPPED: "skipped"}
 
 
 @dataclass(frozen=True)
