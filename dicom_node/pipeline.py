@@ -47,6 +47,10 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 MAX_INTERRUPTED_RUNS = 3
 
 
+class Superseded(Exception):
+    """The job's series generation was superseded by a newer one (`Journal.add_exports`)."""
+
+
 class Pipeline:
     """Routing, the bounded inference worker pool and the dispatch loop of one node."""
 
@@ -166,10 +170,16 @@ class Pipeline:
                                       error=None)
         try:
             written = self.run_job(job)
+        except Superseded:
+            self._superseded(job)
+            return
         except WorkerDied as died:
             self._interrupted(job, str(died))
             return
         except Exception as error:
+            if self._series_superseded(job):  # its instances moved to the newer generation mid-run
+                self._superseded(job)
+                return
             kind = error.kind if isinstance(error, JobError) else type(error).__name__
             text = f"{kind}: {error}"
             if kind == "SeriesGeometryError":  # before the job fails: whoever sees it failed sees why
@@ -188,6 +198,21 @@ class Pipeline:
                                      instance_count=len(written), status="done",
                                      detail=f"{job.pipeline}: {', '.join(sorted({p.parent.name for p in written}))}"))
         self._dispatch_wakeup.set()
+
+    def _series_superseded(self, job: JobRecord) -> bool:
+        series = self.journal.get_series(job.series_instance_uid, job.generation)
+        return series is not None and series.state == "superseded"
+
+    def _superseded(self, job: JobRecord) -> None:
+        """The series was sent again with new instances while this job ran: the newer generation's job
+        makes the one result for the whole series, so this one delivers nothing."""
+        series = self.journal.get_series(job.series_instance_uid, job.generation)
+        reason = series.reason if series is not None else "superseded"
+        self.journal.update_job(job.id, state="superseded", error=reason, finished_at=utcnow())
+        self.audit.record(AuditEvent("produced", series_instance_uid=job.series_instance_uid, job_id=job.id,
+                                     instance_count=0, status="superseded", detail=f"{job.pipeline}: {reason}"))
+        log.info("job %d (%s) delivers nothing: series %s generation %d %s", job.id, job.pipeline,
+                 job.series_instance_uid, job.generation, reason)
 
     def _interrupted(self, job: JobRecord, reason: str) -> None:
         """An interrupted job (see MAX_INTERRUPTED_RUNS) is run again, in a fresh worker if its worker
@@ -212,6 +237,8 @@ class Pipeline:
         pipeline = self.config.pipelines[job.pipeline]
         instances = self.journal.series_instances(job.series_instance_uid, job.generation)
         series = self.journal.get_series(job.series_instance_uid, job.generation)
+        if series is not None and series.state == "superseded":
+            raise Superseded()
         out_dir = self.results_dir / str(job.id)
         self.journal.update_job(job.id, output_dir=str(out_dir))
         output = self._job_workers.run(JobRequest(
@@ -219,9 +246,9 @@ class Pipeline:
             instance_paths=tuple(i.path for i in instances), out_dir=str(out_dir)))
         for stage, seconds in output.seconds.items():
             self.metrics.observe_stage(stage, seconds)
-        for path, uid in zip(output.exported, output.sop_instance_uids):
-            for destination in pipeline.destinations:
-                self.journal.add_export(job.id, destination, uid, path)
+        if not self.journal.add_exports(job, [(destination, uid, path) for path, uid in zip(
+                output.exported, output.sop_instance_uids) for destination in pipeline.destinations]):
+            raise Superseded()
         log.info("job %d (%s) done: load %.2f s, inference %.2f s, encode %.2f s, %d result files",
                  job.id, job.pipeline, output.seconds["load"], output.seconds["inference"],
                  output.seconds["encode"], len(output.exported))
@@ -232,9 +259,9 @@ class Pipeline:
         bytes, so the destination gets them byte-identical through the same retry and dead letter."""
         rule = self.config.forward[job.pipeline.removeprefix(route.FORWARD_JOB_PREFIX)]
         instances = self.journal.series_instances(job.series_instance_uid, job.generation)
-        for instance in instances:
-            for destination in rule.destinations:
-                self.journal.add_export(job.id, destination, instance.sop_instance_uid, instance.path)
+        if not self.journal.add_exports(job, [(destination, instance.sop_instance_uid, instance.path)
+                                              for instance in instances for destination in rule.destinations]):
+            raise Superseded()
         log.info("job %d (%s): %d original instances queued for %s", job.id, job.pipeline, len(instances),
                  ", ".join(rule.destinations))
         return [Path(i.path) for i in instances]
