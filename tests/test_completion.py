@@ -13,7 +13,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicom_node.audit import AuditLog
 from dicom_node.complete import CompletionTracker
+from dicom_node.jobs import NotRetryable, requeue
 from dicom_node.journal import Journal, NewInstance, utcnow
 from tests.peers import dcmtk, wait_for
 from tests.series_factory import write_ct_series
@@ -198,6 +200,8 @@ def test_a_new_generation_supersedes_the_queued_job_and_undelivered_exports_of_t
     assert journal.exports_in_state("sent")[0].id == sent.id  # already at the PACS: stays as it was
     journal.set_series_state("1.2.3", 1, "routed")  # a router that finishes late does not bring it back
     assert journal.get_series("1.2.3", 1).state == "superseded"
+    with pytest.raises(NotRetryable, match="superseded by generation 2.*retry that generation's job"):
+        requeue(AuditLog(journal), journal.get_job(delivered.id), "a test")
     journal.update_job(running.id, state="superseded")
     assert [s.series.generation for s in journal.settled_series()] == [1]  # retention may clean it up
     assert journal.add_exports(journal.add_job("1.2.3", 2, "spleen"), [("pacs", "9.4", "/r/9.4.dcm")])
