@@ -4,7 +4,9 @@ Everything that matters survives a crash because it is in the journal first:
 a job is a row (queued -> running -> done | failed), each result instance for
 each destination is an export row (pending -> sent | dead) with its attempt
 count and next_attempt_at, so a restart continues the retry schedule where it
-stopped.
+stopped. A series sent again with new instances supersedes its earlier
+generations (`dicom_node.journal`): their jobs and exports not yet done end
+`superseded`, so one result covers the whole series.
 
 Exactly-once to a PACS: an export marked `sent` is never sent again. A crash
 between the C-STORE response and the journal update resends the same object,
