@@ -238,9 +238,9 @@ class Pipeline:
             return self._forward(job)
         pipeline = self.config.pipelines[job.pipeline]
         instances = self.journal.series_instances(job.series_instance_uid, job.generation)
-        series = self.journal.get_series(job.series_instance_uid, job.generation)
-        if series is not None and series.state == "superseded":
+        if self._series_superseded(job):  # queued by a router that finished after the series was taken over
             raise Superseded()
+        series = self.journal.get_series(job.series_instance_uid, job.generation)
         out_dir = self.results_dir / str(job.id)
         self.journal.update_job(job.id, output_dir=str(out_dir))
         output = self._job_workers.run(JobRequest(
