@@ -3,15 +3,22 @@
 DICOM has no "end of series" message, so two signals are used (apscheduler
 jobs in the `serve` process):
 
-- stable timeout: no instance arrived for `completion.stable_seconds`, and
-  the node has been up that long: a series still arriving when the node
-  died gets a full stable period after the restart, because its sender saw
-  the association abort and resends; completing it at once would process
-  the partial series and file the resent rest as a second generation;
-- release fast path: the association that delivered the series was released
-  normally (A-RELEASE, PS3.8 7.2) and no other open association is still
-  sending that series; after `completion.after_release_seconds` of grace the
-  series is complete. An aborted association never takes the fast path.
+- stable timeout: nothing of the series arrived for `completion.stable_seconds`
+  (a re-sent copy of an instance already stored counts as arrival), counted
+  from no earlier than the moment the DICOM port opened: a series still
+  arriving when the node died gets a full stable period once its sender can
+  reach the node again, because the sender saw the association abort and
+  re-sends; completing it earlier would process the partial series and file
+  the re-sent rest as a second generation. So an open association keeps a
+  series from completing while it has delivered an instance of it, new or
+  re-sent, within `stable_seconds`; one that stays open without sending any
+  more of it does not hold it (a sender may keep an association open for
+  hours);
+- release fast path: the association that delivered the series (new or
+  re-sent instances) was released normally (A-RELEASE, PS3.8 7.2) and no
+  other open association is still sending that series; after
+  `completion.after_release_seconds` of grace the series is complete. An
+  aborted association never takes the fast path.
 
 Each series that becomes complete is logged and handed to the
 `on_series_complete` callback (the pipeline's router), which must not block.
@@ -55,7 +62,11 @@ class CompletionTracker:
         self._sending: dict[int, set[SeriesKey]] = defaultdict(set)  # association id -> series it sent
         self._handing_over: set[SeriesKey] = set()
         self.scheduler = BackgroundScheduler(timezone=timezone.utc)
-        self.started_at = datetime.now(timezone.utc)
+        self.listening_since: datetime | None = None  # no stable timeout before senders can reach the node
+
+    def port_opened(self) -> None:
+        """The DICOM port accepts associations from now: the stable wait of every series counts from here."""
+        self.listening_since = datetime.now(timezone.utc)
 
     def start(self) -> None:
         interval = max(0.5, min(self.stable_seconds / 4, 5.0))
@@ -67,6 +78,7 @@ class CompletionTracker:
         self.scheduler.shutdown(wait=True)
 
     def instance_received(self, association: int, series_instance_uid: str, generation: int) -> None:
+        """`association` delivered an instance of the series generation, new or a re-sent copy."""
         with self._lock:
             self._sending[association].add((series_instance_uid, generation))
 
@@ -90,7 +102,7 @@ class CompletionTracker:
     def check_stable(self) -> None:
         now = datetime.now(timezone.utc)
         quiet_since = now - timedelta(seconds=self.stable_seconds)
-        if quiet_since >= self.started_at:
+        if self.listening_since is not None and quiet_since >= self.listening_since:
             for record in self.journal.series_in_state(SeriesState.RECEIVING):
                 if record.last_received_at <= quiet_since:
                     self._complete((record.series_instance_uid, record.generation), quiet_since, why="stable timeout")

@@ -107,6 +107,9 @@ def requeue(audit: AuditLog, job: JobRecord, via: str, host: str | None = None) 
     if series is not None and series.state == SeriesState.PURGED:
         raise NotRetryable(f"job {job.id}: series {job.series_instance_uid} generation {job.generation} is no longer "
                            f"in the spool ({series.reason}); send it again to process it again")
+    if series is not None and series.state == SeriesState.SUPERSEDED:
+        raise NotRetryable(f"job {job.id}: series {job.series_instance_uid} generation {job.generation} was "
+                           f"{series.reason}; retry that generation's job instead")
     job = journal.update_job(job.id, state=JobState.QUEUED, error=None, finished_at=None)
     audit.record(AuditEvent("retry", host=host, series_instance_uid=job.series_instance_uid, job_id=job.id,
                             detail=f"requeued through {via} ({job.kind} {job.pipeline})"))

@@ -8,9 +8,13 @@ committed, so the commit must be on disk. PostgreSQL works as well
 (`postgresql+psycopg://...`, its default synchronous commit; the tests run
 on both); one process-wide writer lock keeps writes serial.
 
-Series identity is (Series Instance UID, generation): instances that arrive
-after a series was complete open a new generation, so late data is never lost
-and never silently merged into a result already produced.
+Series identity is (Series Instance UID, generation): a new instance that
+arrives after a series was complete opens a new generation, so late data is
+never lost and never silently merged into a result already produced. The new
+generation supersedes the earlier ones: their instances move into it (its jobs
+see the whole series), their queued jobs and undelivered exports are
+`superseded`, and so is the generation itself. A re-sent copy of an instance
+the journal holds opens nothing.
 
 An upgraded node opens the journal its older self wrote: missing tables are
 created and missing columns added in place (`Journal.ensure_tables`). So a
@@ -43,6 +47,8 @@ log = logging.getLogger(__name__)
 
 # Before jobs had a `kind`, a forward rule's job was named "forward:<rule>" (Journal._type_forward_jobs).
 _OLD_FORWARD_PREFIX = "forward:"
+# The states of a generation whose instances are still its own: a new generation takes them over.
+HOLDS_INSTANCES = (SeriesState.COMPLETE, SeriesState.ROUTED, SeriesState.UNMATCHED, SeriesState.QUARANTINED)
 
 metadata = MetaData()
 
@@ -358,7 +364,8 @@ class Journal:
         Returns (record, True) for a new instance. A SOP Instance UID already in
         the journal returns (existing record, False) and changes nothing: a
         duplicate is never stored or counted twice. When the series' latest
-        generation is no longer `receiving`, a new generation is opened.
+        generation is no longer `receiving`, a new generation is opened that
+        supersedes the earlier ones (`_supersede`).
         This runs once per received instance while the sender waits, so its
         statements are built once (module level) and only bound here.
         """
@@ -368,15 +375,18 @@ class Journal:
             if existing:
                 return as_record(InstanceRecord, existing), False
             latest = conn.execute(_LATEST_GENERATION, {"series": new.series_instance_uid}).first()
+            superseded, taken_over = [], 0
             if latest is not None and latest.state == SeriesState.RECEIVING:
                 generation = latest.generation
                 conn.execute(_COUNT_IN_GENERATION, {"series": new.series_instance_uid, "open_generation": generation,
                                                     "now": now})
             else:
                 generation = 1 if latest is None else latest.generation + 1
+                if latest is not None:
+                    superseded, taken_over = _supersede(conn, new.series_instance_uid, generation)
                 conn.execute(series.insert(), dict(
                     series_instance_uid=new.series_instance_uid, generation=generation,
-                    study_instance_uid=new.study_instance_uid, state=SeriesState.RECEIVING.value, instance_count=1,
+                    study_instance_uid=new.study_instance_uid, state=SeriesState.RECEIVING.value, instance_count=taken_over + 1,
                     first_received_at=now, last_received_at=now, calling_ae=new.calling_ae,
                     called_ae=new.called_ae, modality=new.modality, series_description=new.series_description))
             values = dict(sop_instance_uid=new.sop_instance_uid, sop_class_uid=new.sop_class_uid,
@@ -384,16 +394,22 @@ class Journal:
                           generation=generation, path=new.path, calling_ae=new.calling_ae,
                           transfer_syntax=new.transfer_syntax, size=new.size, received_at=now)
             conn.execute(instances.insert(), values)
+        if superseded:
+            log.warning("series %s sent again with new instance %s: generation %d takes over the %d instances of "
+                        "generation(s) %s, which it supersedes", new.series_instance_uid, new.sop_instance_uid,
+                        generation, taken_over, ", ".join(map(str, superseded)))
         return InstanceRecord(**values), True
 
-    def note_duplicate(self, record: InstanceRecord) -> None:
-        """A re-sent instance of a series that is no longer receiving counts as activity of that series
-        (its `last_received_at`), so retention does not delete a series while a sender is re-sending it."""
+    def note_duplicate(self, record: InstanceRecord, received_at: datetime | None = None) -> None:
+        """A re-sent instance counts as activity of the generation that holds it (its `last_received_at`):
+        while that generation is receiving, a sender re-sending the series after an abort or a node
+        restart keeps it open until the re-send is over, so the first copies and the new instances
+        make one generation; once it is done, retention does not delete it while it is being re-sent."""
         with self._write_lock, self.engine.begin() as conn:
             conn.execute(series.update().where(
                 (series.c.series_instance_uid == record.series_instance_uid)
-                & (series.c.generation == record.generation) & (series.c.state != SeriesState.RECEIVING))
-                .values(last_received_at=utcnow()))
+                & (series.c.generation == record.generation) & series.c.state.not_in((SeriesState.SUPERSEDED, SeriesState.PURGED)))
+                .values(last_received_at=received_at or utcnow()))
 
     def forget_instances(self, series_instance_uid: str, generation: int) -> int:
         """Delete the instance rows of a purged series generation (its files are gone); its count stays as history."""
@@ -443,8 +459,8 @@ class Journal:
 
     def settled_series(self, series_instance_uid: str | None = None, generation: int | None = None
                        ) -> list[SettledSeries]:
-        """Routed series whose jobs are all done or failed and whose exports are all sent or dead,
-        and unmatched and quarantined ones: what retention may delete once old enough. With a
+        """Routed and superseded series whose jobs are all finished and whose exports are all sent, dead or
+        superseded, and unmatched and quarantined ones: what retention may delete once old enough. With a
         series and generation, only that one (if it is settled)."""
         def of_series(table):  # one series: keep the aggregates to its rows, not the whole history
             if series_instance_uid is None:
@@ -472,8 +488,8 @@ class Journal:
                         export_totals.c.pending_exports, export_totals.c.dead_exports, export_totals.c.last_sent_at)
                  .select_from(series.outerjoin(job_totals, same_series(job_totals))
                               .outerjoin(export_totals, same_series(export_totals)))
-                 .where(series.c.state.in_((SeriesState.ROUTED, SeriesState.UNMATCHED, SeriesState.QUARANTINED))
-                        & of_series(series)))
+                 .where(series.c.state.in_((SeriesState.ROUTED, SeriesState.UNMATCHED, SeriesState.QUARANTINED,
+                                             SeriesState.SUPERSEDED)) & of_series(series)))
         settled = []
         with self.engine.connect() as conn:
             for row in conn.execute(query):
@@ -509,10 +525,13 @@ class Journal:
 
     def set_series_state(self, series_instance_uid: str, generation: int, state: SeriesState,
                          reason: str | None = None) -> None:
+        """A superseded generation only ever becomes `purged`: a router or job that finishes after a newer
+        generation took the series over does not bring it back."""
         state = SeriesState(state)  # ValueError for a state that is not one
         with self._write_lock, self.engine.begin() as conn:
             conn.execute(series.update().where(
-                (series.c.series_instance_uid == series_instance_uid) & (series.c.generation == generation))
+                (series.c.series_instance_uid == series_instance_uid) & (series.c.generation == generation)
+                & ((series.c.state != SeriesState.SUPERSEDED.value) | (state == SeriesState.PURGED)))
                 .values(state=state.value, reason=reason))
 
     # --- jobs ------------------------------------------------------------------------------------
@@ -575,6 +594,27 @@ class Journal:
 
     # --- exports ---------------------------------------------------------------------------------
 
+    def add_exports(self, job: JobRecord, items: list[tuple[str, str, str]]) -> bool:
+        """Queue (destination, SOP Instance UID, path) exports of a job in one transaction, unless a newer
+        generation superseded the job's series generation (then nothing is queued and False returned):
+        checked under the same lock that supersedes, so a result is either queued before its series was
+        taken over (and superseded with it) or never."""
+        with self._write_lock, self.engine.begin() as conn:
+            state = conn.execute(select(series.c.state).where(
+                (series.c.series_instance_uid == job.series_instance_uid)
+                & (series.c.generation == job.generation))).scalar()
+            if state == SeriesState.SUPERSEDED:
+                return False
+            for destination, sop_instance_uid, path in items:
+                key = ((exports.c.job_id == job.id) & (exports.c.destination == destination)
+                       & (exports.c.sop_instance_uid == sop_instance_uid))
+                if conn.execute(select(exports.c.id).where(key)).first() is None:
+                    conn.execute(exports.insert().values(job_id=job.id, destination=destination,
+                                                         sop_instance_uid=sop_instance_uid, path=path,
+                                                         state=ExportState.PENDING.value, attempts=0,
+                                                         next_attempt_at=utcnow()))
+        return True
+
     def add_export(self, job_id: int, destination: str, sop_instance_uid: str, path: str) -> ExportRecord:
         """Queue one instance for one destination; idempotent per (job, destination, instance)."""
         with self._write_lock, self.engine.begin() as conn:
@@ -604,6 +644,37 @@ class Journal:
             conn.execute(exports.update().where(exports.c.id == export_id).values(**values))
             row = conn.execute(select(exports).where(exports.c.id == export_id)).first()
         return as_record(ExportRecord, row)
+
+
+def _supersede(conn: Connection, series_instance_uid: str, generation: int) -> tuple[list[int], int]:
+    """Hand every earlier generation of the series that still holds its instances over to `generation`,
+    in the caller's transaction; returns those generations and how many instances moved.
+
+    The series was sent again with something new after the node had closed it: the new generation is
+    the series as the sender now has it, so its jobs read every instance (earlier copies included) and
+    its result references them all. The earlier generations' queued jobs will not run, their exports
+    not yet delivered will not be sent, and a job still running delivers nothing (`add_exports`): one
+    result per series, not one per part. Results already delivered stay at their destination (C-STORE
+    cannot take an object back); the new result, with its own SOP Instance UIDs, follows them.
+    """
+    earlier = [row.generation for row in conn.execute(select(series.c.generation).where(
+        (series.c.series_instance_uid == series_instance_uid) & (series.c.generation < generation)
+        & series.c.state.in_(HOLDS_INSTANCES)))]
+    if not earlier:
+        return earlier, 0
+    of_earlier = (jobs.c.series_instance_uid == series_instance_uid) & jobs.c.generation.in_(earlier)
+    earlier_jobs = select(jobs.c.id).where(of_earlier).scalar_subquery()
+    conn.execute(exports.update().where(exports.c.job_id.in_(earlier_jobs) & (exports.c.state == ExportState.PENDING.value))
+                 .values(state=ExportState.SUPERSEDED.value, reason=f"superseded by generation {generation}"))
+    conn.execute(jobs.update().where(of_earlier & (jobs.c.state == JobState.QUEUED.value))
+                 .values(state=JobState.SUPERSEDED.value, error=f"superseded by generation {generation}", finished_at=utcnow()))
+    conn.execute(series.update().where((series.c.series_instance_uid == series_instance_uid)
+                                       & series.c.generation.in_(earlier))
+                 .values(state=SeriesState.SUPERSEDED.value, reason=f"sent again with new instances: superseded by generation "
+                                                    f"{generation}, which holds its instances"))
+    return earlier, conn.execute(instances.update().where(
+        (instances.c.series_instance_uid == series_instance_uid) & instances.c.generation.in_(earlier))
+        .values(generation=generation)).rowcount
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -4,7 +4,9 @@ Everything that matters survives a crash because it is in the journal first:
 a job is a row (queued -> running -> done | failed), each result instance for
 each destination is an export row (pending -> sent | dead) with its attempt
 count and next_attempt_at, so a restart continues the retry schedule where it
-stopped.
+stopped. A series sent again with new instances supersedes its earlier
+generations (`dicom_node.journal`): their jobs and exports not yet done end
+`superseded`, so one result covers the whole series.
 
 Steps fail alone: a job whose steps partly failed (a classifier whose model is
 not installed) is `done` and delivers what the other steps gave; the outcome
@@ -57,6 +59,10 @@ SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 # forever: a job that takes its process down (a native crash in a codec or model runtime) would otherwise
 # do so again and again.
 MAX_INTERRUPTED_RUNS = 3
+
+
+class Superseded(Exception):
+    """The job's series generation was superseded by a newer one (`Journal.add_exports`)."""
 
 
 class Pipeline:
@@ -211,10 +217,16 @@ class Pipeline:
                                       error=None)
         try:
             written, steps = self.run_job(job)
+        except Superseded:
+            self._superseded(job)
+            return
         except WorkerDied as died:
             self._interrupted(job, str(died))
             return
         except Exception as error:
+            if self._series_superseded(job):  # its instances moved to the newer generation mid-run
+                self._superseded(job)
+                return
             kind = error.kind if isinstance(error, JobError) else type(error).__name__
             text = f"{kind}: {error}"
             self.journal.record_steps(job_id, ())  # what an earlier run recorded is not this run's
@@ -246,6 +258,21 @@ class Pipeline:
                                      detail=f"{detail}; steps not run: {not_run}" if not_run else detail))
         self._dispatch_wakeup.set()
 
+    def _series_superseded(self, job: JobRecord) -> bool:
+        series = self.journal.get_series(job.series_instance_uid, job.generation)
+        return series is not None and series.state == SeriesState.SUPERSEDED
+
+    def _superseded(self, job: JobRecord) -> None:
+        """The series was sent again with new instances while this job ran: the newer generation's job
+        makes the one result for the whole series, so this one delivers nothing."""
+        series = self.journal.get_series(job.series_instance_uid, job.generation)
+        reason = series.reason if series is not None else "superseded"
+        self.journal.update_job(job.id, state=JobState.SUPERSEDED, error=reason, finished_at=utcnow())
+        self.audit.record(AuditEvent("produced", series_instance_uid=job.series_instance_uid, job_id=job.id,
+                                     instance_count=0, status=JobState.SUPERSEDED, detail=f"{job.pipeline}: {reason}"))
+        log.info("job %d (%s) delivers nothing: series %s generation %d %s", job.id, job.pipeline,
+                 job.series_instance_uid, job.generation, reason)
+
     def _interrupted(self, job: JobRecord, reason: str) -> None:
         """An interrupted job (see MAX_INTERRUPTED_RUNS) is run again, in a fresh worker if its worker
         died, up to MAX_INTERRUPTED_RUNS runs (the OOM killer may have picked it for another job's
@@ -269,6 +296,8 @@ class Pipeline:
             return self._forward(job), ()
         pipeline = self.config.pipelines[job.pipeline]
         instances = self.journal.series_instances(job.series_instance_uid, job.generation)
+        if self._series_superseded(job):  # queued by a router that finished after the series was taken over
+            raise Superseded()
         series = self.journal.get_series(job.series_instance_uid, job.generation)
         out_dir = self.results_dir / str(job.id)
         self.journal.update_job(job.id, output_dir=str(out_dir))
@@ -277,9 +306,9 @@ class Pipeline:
             instance_paths=tuple(i.path for i in instances), out_dir=str(out_dir)))
         for stage, seconds in output.seconds.items():
             self.metrics.observe_stage(stage, seconds)
-        for path, uid in zip(output.exported, output.sop_instance_uids):
-            for destination in pipeline.destinations:
-                self.journal.add_export(job.id, destination, uid, path)
+        if not self.journal.add_exports(job, [(destination, uid, path) for path, uid in zip(
+                output.exported, output.sop_instance_uids) for destination in pipeline.destinations]):
+            raise Superseded()
         log.info("job %d (%s) done: load %.2f s, inference %.2f s, encode %.2f s, %d result files",
                  job.id, job.pipeline, output.seconds["load"], output.seconds["inference"],
                  output.seconds["encode"], len(output.exported))
@@ -290,9 +319,9 @@ class Pipeline:
         bytes, so the destination gets them byte-identical through the same retry and dead letter."""
         rule = self.config.forward[job.pipeline]
         instances = self.journal.series_instances(job.series_instance_uid, job.generation)
-        for instance in instances:
-            for destination in rule.destinations:
-                self.journal.add_export(job.id, destination, instance.sop_instance_uid, instance.path)
+        if not self.journal.add_exports(job, [(destination, instance.sop_instance_uid, instance.path)
+                                              for instance in instances for destination in rule.destinations]):
+            raise Superseded()
         log.info("job %d (%s): %d original instances queued for %s", job.id, job.pipeline, len(instances),
                  ", ".join(rule.destinations))
         return [Path(i.path) for i in instances]

@@ -14,7 +14,8 @@ An instance already in the spool (a re-send), or whose SOP Instance UID is
 journaled under other study/series UIDs, is acknowledged with success, logged,
 and neither kept twice nor counted again: the first copy stays (PS3.4 B.4.1
 leaves duplicate handling to the SCP; success lets the sender's retry finish
-instead of looping).
+instead of looping). It still counts as activity of its series
+(`dicom_node.complete`), so a re-send is one sending episode.
 
 Association policy (PS3.8 7.1.1.9): an unknown calling AE title (or one
 calling from a host it is not allowed from) gets A-ASSOCIATE-RJ rejected
@@ -40,7 +41,7 @@ from dicom_node.audit import AuditEvent, AuditLog
 from dicom_node.complete import CompletionTracker
 from dicom_node.config import Config
 from dicom_node.header import HeaderError, InstanceHeader, read_header
-from dicom_node.journal import Journal, NewInstance
+from dicom_node.journal import InstanceRecord, Journal, NewInstance
 from dicom_node.metrics import NodeMetrics
 from dicom_node.spool import InstanceKey, InvalidUID, Spool, part10_header
 from dicom_node.tls import server_context
@@ -235,7 +236,7 @@ class Receiver:
             if path is None:  # the instance's file is already in the spool
                 existing = self.journal.find_instance(key.sop_instance_uid)
                 if existing is not None:
-                    self.journal.note_duplicate(existing)
+                    self._resent(request, existing)
                 log.info("duplicate instance %s (series %s) from %s acknowledged, not stored again",
                          key.sop_instance_uid, key.series_instance_uid, calling)
                 return STATUS_SUCCESS
@@ -247,7 +248,7 @@ class Receiver:
                 series_description=header.series_description)
             record, is_new = self.journal.record_instance(new)
             if not is_new:  # the SOP Instance UID is journaled under other study/series UIDs: that copy stays
-                self.journal.note_duplicate(record)
+                self._resent(request, record)
         except Exception as error:
             log.error("C-STORE refused (0xA700): journaling %s failed: %s", key.sop_instance_uid, error)
             if path is not None:
@@ -267,6 +268,12 @@ class Receiver:
         self.metrics.bytes_received.labels(calling_ae=calling).inc(size)
         self.tracker.instance_received(request.association.id, record.series_instance_uid, record.generation)
         return STATUS_SUCCESS
+
+    def _resent(self, request: StoreRequest, existing: InstanceRecord) -> None:
+        """A re-sent copy is activity of the series generation that holds the instance, both for the
+        stable timeout and for the release fast path of the association re-sending it."""
+        self.journal.note_duplicate(existing)
+        self.tracker.instance_received(request.association.id, existing.series_instance_uid, existing.generation)
 
 
 def _request_mismatch(request: StoreRequest, header: InstanceHeader) -> str | None:

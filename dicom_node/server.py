@@ -112,6 +112,7 @@ def serve(config: Config, log_format: str = "text") -> None:
     try:
         api.start()
         receiver.start()
+        tracker.port_opened()
         retention.start()
         while not stopping.wait(1.0):
             pass

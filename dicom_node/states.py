@@ -19,6 +19,7 @@ class SeriesState(StrEnum):
     ROUTED = "routed"
     UNMATCHED = "unmatched"
     QUARANTINED = "quarantined"
+    SUPERSEDED = "superseded"  # a re-send with new instances opened a newer generation, which took them over
     PURGED = "purged"
 
 
@@ -29,6 +30,7 @@ class JobState(StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    SUPERSEDED = "superseded"  # its series generation was superseded: it delivers nothing
 
 
 class JobKind(StrEnum):
@@ -45,6 +47,7 @@ class ExportState(StrEnum):
     PENDING = "pending"
     SENT = "sent"
     DEAD = "dead"
+    SUPERSEDED = "superseded"  # not sent: a newer generation's result replaces it
 
 
 class StepState(StrEnum):

@@ -155,6 +155,28 @@ def test_lung_job_writes_seg_with_the_same_uids_when_rerun(node, tmp_path):
     assert _segs(job.output_dir) == first
 
 
+def test_a_job_whose_series_is_sent_again_with_new_instances_while_it_runs_delivers_nothing(node, tmp_path):
+    """A new instance of the series arrives while its job runs: the new generation takes the series over,
+    and the running job ends `superseded` with no result queued for any destination."""
+    config, journal, pipeline = node(spleen_modality="MR")
+    files = write_ct_volume(chest_phantom().volume, tmp_path / "phantom")
+    record = _spool(journal, tmp_path / "spool", files)
+    pipeline.on_series_complete(record)
+    (job,) = journal.jobs_in_state("queued", "running")
+    _wait_job(journal, job.id, states=("running",), timeout=30)
+    late = pydicom.dcmread(files[0], stop_before_pixels=True)
+    journal.record_instance(NewInstance(
+        sop_instance_uid=generate_uid(), sop_class_uid=late.SOPClassUID, series_instance_uid=late.SeriesInstanceUID,
+        study_instance_uid=late.StudyInstanceUID, path=str(tmp_path / "late.dcm"), calling_ae="STORESCU",
+        called_ae="DICOMNODE", transfer_syntax=late.file_meta.TransferSyntaxUID, size=1, modality="CT",
+        series_description=""))
+    job = _wait_job(journal, job.id, states=("done", "failed", "superseded"))
+    assert job.state == "superseded" and "superseded by generation 2" in job.error
+    assert journal.exports_in_state("pending", "sent", "dead", "superseded") == []
+    assert journal.get_series(record.series_instance_uid, 1).state == "superseded"
+    assert journal.get_series(record.series_instance_uid, 2).instance_count == len(files) + 1
+
+
 def test_geometry_error_only_pixels_show_fails_the_job_and_quarantines_the_series(node, tmp_path):
     config, journal, pipeline = node()
     files = real_series(tmp_path / "broken", count=12, conflicting_duplicate=6)

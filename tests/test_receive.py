@@ -201,11 +201,12 @@ def test_serve_on_a_postgresql_journal(tmp_path, postgres_server):
     (again,) = [f for f in files if pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID == stray.sop_instance_uid]
     with running_node(tmp_path / "node", node={"journal_url": url}) as node:
         assert len(dcmtk.storescu(node.port, [again]).acknowledged) == 1  # the removed one, sent again
-        assert node.wait_for_completion(series_uid, generation=2).instance_count == 1
+        assert node.wait_for_completion(series_uid, generation=2).instance_count == 5  # takes over generation 1
         journal = node.journal()
         try:
             assert journal.engine.dialect.name == "postgresql"
-            assert len(journal.series_instances(series_uid, 1)) == 4
+            assert len(journal.series_instances(series_uid, 2)) == 5
+            assert journal.get_series(series_uid, 1).state == "superseded"
         finally:
             journal.close()
     assert f"reconcile: instance {stray.sop_instance_uid} of series {series_uid} has no file" in node.log_text()
