@@ -1,0 +1,123 @@
+"""Lung involvement on chest phantoms of known truth: bands within 1 point, zone scores exact."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from inference.involvement import (BANDS, CONSOLIDATION, DISCLAIMER, GROUND_GLASS, ZONES, category,
+                                   quantify_involvement, zone_score)
+from inference.lung import segment_lungs_classical
+from inference.parameters import InvolvementParameters
+from tests.chest_phantoms import (CONSOLIDATION as CONSOLIDATION_HU, EMPHYSEMA, GROUND_GLASS as GROUND_GLASS_HU,
+                                  Lesion, chest_case, true_percent, true_zone)
+
+LESIONS = (
+    Lesion("right", "upper", GROUND_GLASS_HU),                       # a 12 mm sphere: a few percent
+    Lesion("right", "lower", EMPHYSEMA, radius_mm=10.0),
+    Lesion("left", "middle", CONSOLIDATION_HU, radius_mm=14.0),
+    Lesion("left", "lower", GROUND_GLASS_HU, posterior_y_mm=20.0),  # the posterior ~35 % of the zone
+    Lesion("left", "upper", GROUND_GLASS_HU, posterior_y_mm=0.0),   # ~55 %
+    Lesion("right", "middle", GROUND_GLASS_HU, posterior_y_mm=-40.0),  # ~85 %
+)
+
+
+@pytest.fixture(scope="module")
+def case():
+    return chest_case(LESIONS)
+
+
+@pytest.fixture(scope="module")
+def result(case):
+    return quantify_involvement(case.volume, segment_lungs_classical(case.volume))
+
+
+def bands_truth(case, region) -> dict[str, float]:
+    p = InvolvementParameters()
+    edges = (p.emphysema_hu, p.normal_hu, p.ground_glass_hu, p.consolidation_hu)
+    return {name: true_percent(case, region, *edge) for name, edge in zip(BANDS, edges)}
+
+
+def truth_score(case, region) -> int:
+    truth = bands_truth(case, region)
+    return zone_score(truth["ground_glass"] + truth["consolidation"])
+
+
+def test_every_band_within_one_point_per_lung_and_zone(case, result):
+    assert [r.name for r in result.lungs] == ["right lung", "left lung"]
+    assert [r.name for r in result.zones] == [f"{s} {z} zone" for s in ("right", "left") for z in ZONES]
+    for side, lung, zones in (("right", result.lungs[0], result.zones[:3]), ("left", result.lungs[1], result.zones[3:])):
+        truth_lung = case.right_lung if side == "right" else case.left_lung
+        for region, truth in ((lung, truth_lung), *zip(zones, true_zone(case, side))):
+            expected = bands_truth(case, truth)
+            measured = {b.band: b.percent for b in region.bands}
+            for band in BANDS:
+                assert measured[band] == pytest.approx(expected[band], abs=1.0), (region.name, band)
+            assert region.opacity_percent == pytest.approx(expected["ground_glass"] + expected["consolidation"], abs=1.0)
+            assert region.high_opacity_percent == pytest.approx(expected["consolidation"], abs=1.0)
+        assert lung.volume_ml == pytest.approx(np.count_nonzero(truth_lung) * 0.025, rel=0.05)
+
+
+def test_zone_scores_and_total_are_exact(case, result):
+    expected = [truth_score(case, zone) for side in ("right", "left") for zone in true_zone(case, side)]
+    assert sorted(expected) == [0, 1, 1, 2, 3, 4]  # every step of the scale
+    assert [z.score for z in result.zones] == expected
+    assert result.total_score == sum(expected)
+    assert result.category == category(sum(expected), InvolvementParameters())
+    assert result.complete
+
+
+def test_opacity_label_map_marks_the_lesions(case, result):
+    labels = result.opacities.volume.array
+    assert result.opacities.volume.same_grid(case.volume)
+    assert [s.name for s in result.opacities.segments] == [GROUND_GLASS.name, CONSOLIDATION.name]
+    for value, hu in ((GROUND_GLASS.value, GROUND_GLASS_HU), (CONSOLIDATION.value, CONSOLIDATION_HU)):
+        truth = (case.material == hu) & (case.right_lung | case.left_lung)
+        found = labels == value
+        assert 2 * np.count_nonzero(found & truth) / (np.count_nonzero(found) + np.count_nonzero(truth)) > 0.95
+    assert not labels[case.vessels].any()  # vessels are not disease
+
+
+def test_mean_density_and_json_say_quantification_not_diagnosis(case, result):
+    right = result.lungs[0]
+    parenchyma = case.right_lung & ~case.vessels
+    assert right.mean_hu == pytest.approx(float(case.volume.array[parenchyma].mean()), abs=5.0)
+    document = json.loads(json.dumps(result.as_json()))
+    assert document["disclaimer"] == DISCLAIMER and "not a diagnosis" in DISCLAIMER
+    assert document["total_score"] == result.total_score and document["max_score"] == 24
+    assert document["zones"][0]["bands"]["ground_glass"]["low_hu"] == -700.0
+
+
+def test_vessels_counted_when_asked_add_to_consolidation(case):
+    lungs = segment_lungs_classical(case.volume)
+    counted = quantify_involvement(case.volume, lungs, InvolvementParameters(vessels="count"))
+    excluded = quantify_involvement(case.volume, lungs)
+    assert counted.lungs[0].vessel_ml == 0 and excluded.lungs[0].vessel_ml > 1.0
+    assert counted.lungs[0].high_opacity_percent > excluded.lungs[0].high_opacity_percent
+
+
+def test_one_lung_only_scores_its_three_zones():
+    case = chest_case((Lesion("left", "lower", GROUND_GLASS_HU, posterior_y_mm=0.0),), lungs=("left",))
+    result = quantify_involvement(case.volume, segment_lungs_classical(case.volume))
+    assert [r.name for r in result.lungs] == ["left lung"] and not result.complete
+    assert [z.score for z in result.zones] == [truth_score(case, z) for z in true_zone(case, "left")]
+    assert result.as_json()["max_score"] == 12
+
+
+@pytest.mark.parametrize(("percent", "score"), [(0.0, 0), (0.01, 1), (24.9, 1), (25.0, 2), (50.0, 3), (74.9, 3),
+                                                (75.0, 4), (100.0, 4)])
+def test_zone_score_steps(percent, score):
+    assert zone_score(percent) == score
+
+
+def test_options_are_validated():
+    assert InvolvementParameters.from_options({"ground_glass_hu": [-700, -250], "consolidation_hu": [-250, 50]}
+                                              ).ground_glass_hu == (-700.0, -250.0)
+    with pytest.raises(ValueError, match="overlap"):
+        InvolvementParameters.from_options({"ground_glass_hu": [-700, -200]})
+    with pytest.raises(ValueError, match="unknown option"):
+        InvolvementParameters.from_options({"ggo": [-700, -300]})
+    with pytest.raises(ValueError, match="exclude or count"):
+        InvolvementParameters.from_options({"vessels": "drop"})
