@@ -269,19 +269,35 @@ MatchCondition = Annotated[
 ]
 
 
+BUILT_IN_TASKS = ("lung_classical", "lung_involvement")  # run in the node, no model (inference.parameters)
+
+
 class StepConfig(_Model):
     name: str = Field(min_length=1)
-    task: Literal["segmentation", "classification", "lung_classical"]
-    model: str | None = None  # repository model name; required unless lung_classical
-    input_mask: str | None = None  # an earlier step whose mask a classifier crops by
+    task: Literal["segmentation", "classification", "lung_classical", "lung_involvement"]
+    model: str | None = None  # repository model name; required unless the task is built in
+    input_mask: str | None = None  # an earlier step whose mask a classifier or lung_involvement reads
+    options: dict[str, Any] = {}  # a built-in task's parameters (inference.parameters), validated here
 
     @model_validator(mode="after")
     def _model_named(self) -> StepConfig:
-        if self.task != "lung_classical" and not self.model:
+        if self.task not in BUILT_IN_TASKS and not self.model:
             raise ValueError(f"task {self.task} needs a model")
-        if self.task == "lung_classical" and self.model:
-            raise ValueError("lung_classical is built in and takes no model")
+        if self.task in BUILT_IN_TASKS and self.model:
+            raise ValueError(f"{self.task} is built in and takes no model")
+        if self.task == "lung_involvement" and not self.input_mask:
+            raise ValueError("lung_involvement needs input_mask: the lung_classical step whose lungs it measures")
+        if self.options:
+            if self.task not in BUILT_IN_TASKS:
+                raise ValueError(f"options are for the built-in tasks ({', '.join(BUILT_IN_TASKS)}), "
+                                 f"not {self.task}: a model's settings live in its pipeline.yaml")
+            self.parameters()  # raises ValueError naming the wrong option
         return self
+
+    def parameters(self):
+        """The typed parameters of a built-in step (defaults where `options` says nothing)."""
+        from inference.parameters import PARAMETERS
+        return PARAMETERS[self.task].from_options(self.options)
 
 
 class _RoutedConfig(_Model):
@@ -307,13 +323,15 @@ class PipelineConfig(_RoutedConfig):
     @field_validator("steps")
     @classmethod
     def _chained(cls, steps: list[StepConfig]) -> list[StepConfig]:
-        seen: set[str] = set()
+        seen: dict[str, str] = {}  # step name -> task
         for step in steps:
             if step.name in seen:
                 raise ValueError(f"step name {step.name!r} used twice")
             if step.input_mask is not None and step.input_mask not in seen:
                 raise ValueError(f"step {step.name!r}: input_mask {step.input_mask!r} is not an earlier step")
-            seen.add(step.name)
+            if step.task == "lung_involvement" and seen[step.input_mask] != "lung_classical":
+                raise ValueError(f"step {step.name!r}: input_mask {step.input_mask!r} is not a lung_classical step")
+            seen[step.name] = step.task
         return steps
 
 

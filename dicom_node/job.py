@@ -92,12 +92,13 @@ def produce(request: JobRequest) -> JobOutput:
     started = time.monotonic()
     loaded = load_series([Path(p) for p in request.instance_paths])
     loaded_at = time.monotonic()
-    masks, probabilities = run_steps(config, pipeline, loaded.volume)
+    masks, probabilities, involvements = run_steps(config, pipeline, loaded.volume)
     inferred_at = time.monotonic()
     sources = [pydicom.dcmread(s.path, stop_before_pixels=True) for s in loaded.slices]
     out_dir = Path(request.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    exported = write_results(config, job, pipeline, masks, probabilities, sources, loaded.volume, out_dir)
+    exported = write_results(config, job, pipeline, masks, probabilities, sources, loaded.volume, out_dir,
+                             involvements)
     encoded_at = time.monotonic()
     uids = tuple(str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
                  for path in exported)
@@ -107,12 +108,17 @@ def produce(request: JobRequest) -> JobOutput:
 
 
 def run_steps(config: Config, pipeline: PipelineConfig, volume):
-    """Each step in order; a classifier crops by an earlier step's label map."""
-    masks, probabilities = {}, []
+    """Each step in order; a classifier crops by an earlier step's label map, lung_involvement measures
+    inside one."""
+    masks, probabilities, involvements = {}, [], []
     for step in pipeline.steps:
         if step.task == "lung_classical":
             from inference.lung import segment_lungs_classical
-            masks[step.name] = segment_lungs_classical(volume)
+            masks[step.name] = segment_lungs_classical(volume, step.parameters())
+            continue
+        if step.task == "lung_involvement":
+            from inference.involvement import quantify_involvement
+            involvements.append(quantify_involvement(volume, masks[step.input_mask], step.parameters()))
             continue
         from inference import tasks
         repository, backend = open_inference(config)
@@ -121,12 +127,15 @@ def run_steps(config: Config, pipeline: PipelineConfig, volume):
             masks[step.name] = tasks.segment(volume, entry, backend)
         else:
             probabilities.append(tasks.classify(volume, masks[step.input_mask], entry, backend))
-    return masks, probabilities
+    return masks, probabilities, involvements
 
 
 def write_results(config: Config, job: JobRecord, pipeline: PipelineConfig, masks, probabilities, sources, pixels,
-                  out_dir: Path) -> list[Path]:
+                  out_dir: Path, involvements=()) -> list[Path]:
     """SEG / SR / overlay files of the job; returns what gets exported.
+
+    A lung involvement result adds its opacity segments to the SEG (after the
+    lungs) and, with `sr`, a measurement SR that references the SEG's segments.
 
     The overlay (secondary capture) series is exported only when the pipeline
     makes no SEG; otherwise it is the fallback for a destination that refuses
@@ -134,6 +143,7 @@ def write_results(config: Config, job: JobRecord, pipeline: PipelineConfig, mask
     """
     from dicom_node.results.overlay import OverlayOptions, write_overlay
     from dicom_node.results.seg import SegOptions, write_seg
+    from dicom_node.results.measurements import write_involvement_sr
     from dicom_node.results.sr import SrOptions, write_classification_sr
     results = config.results
 
@@ -143,8 +153,9 @@ def write_results(config: Config, job: JobRecord, pipeline: PipelineConfig, mask
 
     written: dict[str, list[Path]] = defaultdict(list)
     label_map = list(masks.values())[-1] if masks else None  # the last mask a step produced
-    if label_map is not None and "seg" in pipeline.outputs:
-        path = write_seg(label_map, sources, out_dir, SegOptions.from_config(results, series("seg", job.pipeline)))
+    segmentations = [label_map, *(i.opacities for i in involvements)] if label_map is not None else []
+    if segmentations and "seg" in pipeline.outputs:
+        path = write_seg(segmentations, sources, out_dir, SegOptions.from_config(results, series("seg", job.pipeline)))
         if path is not None:
             written["seg"].append(path)
     if label_map is not None and "overlay" in pipeline.outputs:
@@ -154,6 +165,9 @@ def write_results(config: Config, job: JobRecord, pipeline: PipelineConfig, mask
         for result in probabilities:
             written["sr"].append(write_classification_sr(result, sources, out_dir,
                                                          SrOptions(series("sr", job.pipeline))))
+        for result in involvements:
+            written["sr"].append(write_involvement_sr(result, sources, written["seg"][:1], out_dir,
+                                                      SrOptions(series("sr", job.pipeline))))
     exported = written["seg"] + written["sr"]
     if "seg" not in pipeline.outputs or not written["seg"]:
         exported += written["overlay"]

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
+import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
+
+from dicom_node.results import OutputSeries
+from dicom_node.results.measurements import write_involvement_sr
+from dicom_node.results.seg import SegOptions, write_seg
+from dicom_node.results.sr import SrOptions
+from dicom_node.results.uids import UidSeed
+from dicom_node.volume import load_series
 
 from inference.involvement import (BANDS, CONSOLIDATION, DISCLAIMER, GROUND_GLASS, ZONES, category,
                                    quantify_involvement, zone_score)
@@ -13,6 +23,8 @@ from inference.lung import segment_lungs_classical
 from inference.parameters import InvolvementParameters
 from tests.chest_phantoms import (CONSOLIDATION as CONSOLIDATION_HU, EMPHYSEMA, GROUND_GLASS as GROUND_GLASS_HU,
                                   Lesion, chest_case, true_percent, true_zone)
+from tests.peers import dciodvfy, dcmtk
+from tests.phantoms import write_ct_volume
 
 LESIONS = (
     Lesion("right", "upper", GROUND_GLASS_HU),                       # a 12 mm sphere: a few percent
@@ -121,3 +133,52 @@ def test_options_are_validated():
         InvolvementParameters.from_options({"ggo": [-700, -300]})
     with pytest.raises(ValueError, match="exclude or count"):
         InvolvementParameters.from_options({"vessels": "drop"})
+
+
+@pytest.mark.skipif(not (dciodvfy.available() and dcmtk.available()), reason="dciodvfy and dcmtk needed")
+def test_seg_and_measurement_sr_are_valid_and_read_back(tmp_path, case, result):
+    """SEG with right lung, left lung, ground-glass, consolidation; TID 1500 SR referencing its segments."""
+    lungs = segment_lungs_classical(case.volume)
+    loaded = load_series(write_ct_volume(case.volume, tmp_path / "ct"))
+    assert loaded.volume.same_grid(case.volume)
+    sources = [pydicom.dcmread(s.path, stop_before_pixels=True) for s in loaded.slices]
+    seed = UidSeed(str(sources[0].SeriesInstanceUID), 1, "chest_ct")
+    seg_path = write_seg([lungs, result.opacities], sources, tmp_path / "out",
+                         SegOptions(OutputSeries(seed, 9901, "AI chest_ct"), compress=False))
+    sr_path = write_involvement_sr(result, sources, [seg_path], tmp_path / "out",
+                                   SrOptions(OutputSeries(seed, 9902, "AI chest_ct")))
+    for path in (seg_path, sr_path):
+        validation = dciodvfy.validate(path)
+        assert validation.errors == [], validation.report()
+
+    seg = hd.seg.segread(seg_path)
+    described = {int(s.SegmentNumber): (s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeValue)
+                 for s in seg.SegmentSequence}
+    assert described == {1: ("Right lung", "3341006"), 2: ("Left lung", "44029006"),
+                         3: ("Ground-glass opacity", "112120"), 4: ("Consolidation", "95436008")}
+    pixels = seg.get_volume(combine_segments=False).array  # (k, j, i, segment), in the sources' slice order
+    ggo_voxels = np.count_nonzero(result.opacities.volume.array == GROUND_GLASS.value)
+    assert np.count_nonzero(pixels[..., 2]) == ggo_voxels
+    assert np.count_nonzero(pixels[..., 0] & pixels[..., 2]) > 0  # opacities lie inside the lung segments
+
+    sr = hd.sr.srread(sr_path)
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == [r.name for r in (*result.lungs, *result.zones)]
+    for group, region in zip(groups, (*result.lungs, *result.zones)):
+        reference = group.referenced_segment
+        assert reference.referenced_sop_instance_uid == seg.SOPInstanceUID
+        assert reference.referenced_segment_numbers == [region.lung.value]
+        values = {m.name.value: m.value for m in group.get_measurements()}
+        assert values["118565006"] == pytest.approx(region.volume_ml, abs=1e-3)
+        assert values["ggo-pct"] == pytest.approx(region.bands[2].percent, abs=1e-3)
+        assert values["opacity-pct"] == pytest.approx(region.opacity_percent, abs=1e-3)
+        if region.score is not None:
+            assert values["zone-score"] == region.score
+    dump = subprocess.run([dcmtk.tool("dsrdump"), "+Pl", str(sr_path)], capture_output=True, text=True,
+                          check=True).stdout
+    assert "Imaging Measurement Report" in dump and "not a diagnosis" in dump
+    assert f'"Lung severity score, 6 zones")="{result.total_score}.0"' in dump
+    assert dump.count("Referenced Segment") >= len(groups)
+    summary = json.loads((sr_path.parent / "involvement.json").read_text())
+    assert summary["total_score"] == result.total_score and "not a diagnosis" in summary["disclaimer"]
