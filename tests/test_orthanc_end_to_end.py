@@ -37,6 +37,7 @@ from tests.phantoms import chest_phantom, write_ct_volume
 from tests.test_classify import mean_classifier
 from tests.test_end_to_end import LUNGS, _series_state
 from tests.model_repository import install_spleen_model
+from tests.test_api import get_json
 from tests.test_pipeline import real_series
 from tests.test_receive import Node, dataset_bytes, running_node
 from tests.test_route import AXIAL_CT, series
@@ -157,6 +158,7 @@ def test_chest_pipeline_seg_and_srs_arrive_in_orthanc(tmp_path):
         assert set(held) == {"SEG", "SR"}
         (seg_path,) = download(pacs, held["SEG"][0], tmp_path / "seg")
         sr_paths = [path for series in held["SR"] for path in download(pacs, series, tmp_path / "sr")]
+        job = get_json(node, "/v1/jobs/1")  # the same figures in the job's API resource
         assert node.process.alive()
 
     loaded, repository, backend = expected_inference(files, tmp_path / "models")
@@ -192,6 +194,10 @@ def test_chest_pipeline_seg_and_srs_arrive_in_orthanc(tmp_path):
     dump = subprocess.run([dcmtk.tool("dsrdump"), "+Pl", str(measurements)], capture_output=True, text=True,
                           check=True).stdout
     assert "not a diagnosis" in dump and f'"Lung severity score, 6 zones")="{involvement.total_score}.0"' in dump
+    assert job["job"]["pipeline"] == "chest_ct"
+    figures = job["lung_involvement"]
+    assert (figures["total_score"], figures["category"]) == (involvement.total_score, involvement.category)
+    assert [z["score"] for z in figures["zones"]] == scores and "not a diagnosis" in figures["disclaimer"]
 
 
 @needs_peers
