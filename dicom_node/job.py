@@ -71,6 +71,7 @@ def preload(config: Config) -> None:
     is left to its first job, which fails with the reason. The node's own process imports this module
     for JobRequest only, and keeps its memory small by not calling this."""
     for module in ("dicom_node.volume", "inference.tasks", "dicom_node.results.seg", "dicom_node.results.sr",
+                   "dicom_node.results.measurements", "inference.involvement",
                    "dicom_node.results.overlay"):
         importlib.import_module(module)
     if config.inference.backend != "embedded":

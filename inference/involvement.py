@@ -169,14 +169,47 @@ def _band_index(values: np.ndarray, p: InvolvementParameters) -> np.ndarray:
 
 
 def _vessels(mask: np.ndarray, values: np.ndarray, volume: Volume, p: InvolvementParameters) -> np.ndarray:
-    """Thin opacity (vessels, bronchial walls): opacity an opening with a ball of the vessel diameter removes."""
+    """Thin opacity (vessels, bronchial walls): opacity that no ball of the vessel diameter fits in.
+
+    A binary opening with a Euclidean ball of radius d/2 in mm (anisotropic
+    voxels handled), made of two distance maps instead of a structuring
+    element (a 15x15x11 voxel ball took 80 s on a lung's box of a 0.7 mm CT).
+    The maps are computed on a grid coarsened to about d/5 per voxel (block
+    majority), which moves the edge of what is kept by at most one coarse
+    voxel; a finer CT costs no more than that grid.
+    """
     if p.vessels == "count" or p.vessel_max_diameter_mm <= 0:
         return np.zeros(mask.shape, dtype=bool)
     dense = mask & (values >= p.ground_glass_hu[0])
-    radius = np.maximum(1, np.round(p.vessel_max_diameter_mm / 2 / np.asarray(volume.spacing))).astype(int)
-    opened = sitk.BinaryMorphologicalOpening(sitk.GetImageFromArray(dense.astype(np.uint8)),
-                                             radius.tolist(), sitk.sitkBall)
-    return dense & ~sitk.GetArrayFromImage(opened).astype(bool)
+    if not dense.any():
+        return dense
+    radius = p.vessel_max_diameter_mm / 2
+    spacing_kji = np.asarray(volume.spacing, dtype=np.float64)[::-1]
+    factors = np.maximum(1, np.floor(radius / 2.5 / spacing_kji)).astype(int)
+    coarse = _block_majority(dense, factors)
+    coarse_spacing = tuple(float(s) for s in (spacing_kji * factors)[::-1])
+    core = -_distance_mm(~coarse, coarse_spacing) > radius  # farther than the radius from any background voxel
+    kept = _distance_mm(core, coarse_spacing) >= -radius if core.any() else core  # within the radius of the core
+    for axis, factor in enumerate(factors):
+        kept = np.repeat(kept, factor, axis=axis)
+    return dense & ~kept[: dense.shape[0], : dense.shape[1], : dense.shape[2]]
+
+
+def _block_majority(mask: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """`mask` on a grid `factors` times coarser: a block is set when half its voxels are (edges padded)."""
+    if (factors == 1).all():
+        return mask
+    padded = np.pad(mask, [(0, -n % f) for n, f in zip(mask.shape, factors)])
+    k, j, i = (n // f for n, f in zip(padded.shape, factors))
+    blocks = padded.reshape(k, factors[0], j, factors[1], i, factors[2])
+    return blocks.mean(axis=(1, 3, 5), dtype=np.float32) >= 0.5
+
+
+def _distance_mm(mask: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """Signed Euclidean distance in mm to the nearest voxel of `mask`: negative outside it, >= 0 inside."""
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    image.SetSpacing(spacing)
+    return sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(image, True, False, True))
 
 
 def _zone_slices(mask: np.ndarray, volume: Volume, box: tuple[slice, ...]) -> list[np.ndarray]:
