@@ -318,7 +318,7 @@ class _RoutedConfig(_Model):
 
 class PipelineConfig(_RoutedConfig):
     steps: list[StepConfig] = Field(min_length=1)
-    outputs: list[Literal["seg", "sr", "overlay"]] = ["seg"]
+    outputs: list[Literal["seg", "sr", "overlay", "keyimage"]] = ["seg"]  # keyimage: lung involvement only
 
     @field_validator("steps")
     @classmethod

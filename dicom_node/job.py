@@ -169,7 +169,12 @@ def write_results(config: Config, job: JobRecord, pipeline: PipelineConfig, mask
         for result in involvements:
             written["sr"].append(write_involvement_sr(result, sources, written["seg"][:1], out_dir,
                                                       SrOptions(series("sr", job.pipeline))))
-    exported = written["seg"] + written["sr"]
+    if "keyimage" in pipeline.outputs and label_map is not None:
+        from dicom_node.results.keyimage import KeyImageOptions, write_key_images
+        for result in involvements:  # numbered like the overlay series, which a SEG-making job does not export
+            written["keyimage"] += write_key_images(result, label_map, pixels, sources, out_dir,
+                                                    KeyImageOptions(series("overlay", job.pipeline)))
+    exported = written["seg"] + written["sr"] + written["keyimage"]
     if "seg" not in pipeline.outputs or not written["seg"]:
         exported += written["overlay"]
     return exported

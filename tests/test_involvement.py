@@ -11,6 +11,7 @@ import pydicom
 import pytest
 
 from dicom_node.results import OutputSeries
+from dicom_node.results.keyimage import KeyImageOptions, write_key_images
 from dicom_node.results.measurements import write_involvement_sr
 from dicom_node.results.seg import SegOptions, write_seg
 from dicom_node.results.sr import SrOptions
@@ -182,3 +183,32 @@ def test_seg_and_measurement_sr_are_valid_and_read_back(tmp_path, case, result):
     assert dump.count("Referenced Segment") >= len(groups)
     summary = json.loads((sr_path.parent / "involvement.json").read_text())
     assert summary["total_score"] == result.total_score and "not a diagnosis" in summary["disclaimer"]
+
+
+@pytest.mark.skipif(not dciodvfy.available(), reason="dciodvfy needed")
+def test_key_images_axial_and_coronal_are_valid_and_coloured(tmp_path, case, result):
+    lungs = segment_lungs_classical(case.volume)
+    loaded = load_series(write_ct_volume(case.volume, tmp_path / "ct"))
+    sources = [pydicom.dcmread(s.path, stop_before_pixels=True) for s in loaded.slices]
+    seed = UidSeed(str(sources[0].SeriesInstanceUID), 1, "chest_ct")
+    paths = write_key_images(result, lungs, loaded.volume, sources, tmp_path / "key",
+                             KeyImageOptions(OutputSeries(seed, 9903, "AI chest_ct")))
+    assert [p.name.split("_")[1] for p in paths] == ["axial", "coronal"]
+    for path in paths:
+        validation = dciodvfy.validate(path)
+        assert validation.errors == [], validation.report()
+    axial, coronal = (pydicom.dcmread(p) for p in paths)
+    k, j, i = case.volume.shape
+    assert axial.pixel_array.shape == (j, i, 3) and coronal.pixel_array.shape == (k, i, 3)
+    assert axial.SourceImageSequence[0].ReferencedSOPInstanceUID in {s.SOPInstanceUID for s in sources}
+    assert [float(v) for v in coronal.PixelSpacing] == [case.volume.spacing[2], case.volume.spacing[0]]
+    assert list(coronal.PatientOrientation) == ["L", "F"] and axial.BurnedInAnnotation == "YES"
+    for image in (axial, coronal):
+        rgb = image.pixel_array.astype(int)
+        yellowish = (rgb[..., 0] > rgb[..., 2] + 60) & (rgb[..., 1] > rgb[..., 2] + 60)
+        assert np.count_nonzero(yellowish) > 50  # the ground-glass slab is tinted
+        assert np.count_nonzero(np.all(rgb == (60, 140, 255), axis=-1)) > 50  # lung outlines
+    # Head at the top: this scan reaches 50 mm above the lungs and 30 mm below them.
+    rows = np.flatnonzero(np.all(coronal.pixel_array == (60, 140, 255), axis=-1).any(axis=1))
+    assert rows[0] == pytest.approx(50 / case.volume.spacing[2], abs=1.5)
+    assert k - 1 - rows[-1] == pytest.approx(30 / case.volume.spacing[2], abs=1.5)
