@@ -166,7 +166,7 @@ def write_results(config: Config, job: JobRecord, pipeline: PipelineConfig, mask
         for result in probabilities:
             written["sr"].append(write_classification_sr(result, sources, out_dir,
                                                          SrOptions(series("sr", job.pipeline))))
-        for result in involvements:
+        for result in (r for r in involvements if r.lungs):  # no lung found: nothing measured, no report
             written["sr"].append(write_involvement_sr(result, sources, written["seg"][:1], out_dir,
                                                       SrOptions(series("sr", job.pipeline))))
     if "keyimage" in pipeline.outputs and label_map is not None:

@@ -50,7 +50,7 @@ ALGORITHM = Algorithm(
 )
 BANDS = ("emphysema", "normal", "ground_glass", "consolidation")
 ZONES = ("upper", "middle", "lower")
-CATEGORIES = ("none", "mild", "moderate", "severe")
+CATEGORIES = ("none", "mild", "moderate", "severe", "not assessed")  # not assessed: no lung found
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,8 @@ def quantify_involvement(volume: Volume, lungs: LabelMap,
             zone_mask[zone_k] = mask[zone_k]
             per_zone.append(_region(lung, zone, zone_mask, vessels & zone_mask, values, band_of, voxel_ml, parameters))
     total = sum(z.score for z in per_zone)
-    return LungInvolvement(tuple(per_lung), tuple(per_zone), total, category(total, parameters),
+    return LungInvolvement(tuple(per_lung), tuple(per_zone), total,
+                           category(total, parameters) if per_zone else "not assessed",
                            LabelMap(volume.with_array(opacities), (GROUND_GLASS, CONSOLIDATION), ALGORITHM),
                            parameters)
 

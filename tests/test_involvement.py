@@ -212,3 +212,10 @@ def test_key_images_axial_and_coronal_are_valid_and_coloured(tmp_path, case, res
     rows = np.flatnonzero(np.all(coronal.pixel_array == (60, 140, 255), axis=-1).any(axis=1))
     assert rows[0] == pytest.approx(50 / case.volume.spacing[2], abs=1.5)
     assert k - 1 - rows[-1] == pytest.approx(30 / case.volume.spacing[2], abs=1.5)
+
+
+def test_no_lung_is_not_assessed_rather_than_scored_none():
+    case = chest_case(z_range_mm=(-260.0, -120.0), lungs=())  # abdomen below the lungs, bowel gas
+    result = quantify_involvement(case.volume, segment_lungs_classical(case.volume))
+    assert (result.lungs, result.zones, result.category) == ((), (), "not assessed")
+    assert result.as_json()["max_score"] == 0
