@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import subprocess
+from datetime import datetime, timezone
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 
+from dicom_node.config import Config
+from dicom_node.job import JobRequest, produce
+from dicom_node.journal import JobRecord
 from dicom_node.results import OutputSeries
 from dicom_node.results.keyimage import KeyImageOptions, write_key_images
 from dicom_node.results.measurements import write_involvement_sr
@@ -219,3 +223,25 @@ def test_no_lung_is_not_assessed_rather_than_scored_none():
     result = quantify_involvement(case.volume, segment_lungs_classical(case.volume))
     assert (result.lungs, result.zones, result.category) == ((), (), "not assessed")
     assert result.as_json()["max_score"] == 0
+
+
+def test_job_writes_seg_measurement_sr_and_key_images(tmp_path):
+    """The worker's produce(): a chest pipeline of the two built-in steps with every output kind."""
+    case = chest_case((Lesion("left", "lower", GROUND_GLASS_HU, posterior_y_mm=20.0),))
+    paths = write_ct_volume(case.volume, tmp_path / "ct")
+    config = Config.model_validate({
+        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}},
+        "pipelines": {"chest": {"match": {"modality": "CT"}, "destinations": ["pacs"],
+                                "outputs": ["seg", "sr", "keyimage"],
+                                "steps": [{"name": "lungs", "task": "lung_classical", "options": {"min_lung_ml": 20}},
+                                          {"name": "involvement", "task": "lung_involvement", "input_mask": "lungs"}]}}})
+    series_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+    record = JobRecord(1, series_uid, 1, "chest", "running", 1, None, datetime.now(timezone.utc), None, None, None)
+    output = produce(JobRequest(config, record, "", tuple(str(p) for p in paths), str(tmp_path / "out")))
+    classes = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in output.exported]
+    assert classes == ["1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34",
+                       "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7"]  # SEG, 3D SR, 2 key images
+    assert len(set(output.sop_instance_uids)) == 4
+    summary = json.loads((tmp_path / "out" / "involvement.json").read_text())
+    assert summary["referenced_seg_sop_instance_uid"] == output.sop_instance_uids[0]
+    assert summary["zones"][5]["score"] == 2 and summary["total_score"] == 2
