@@ -32,7 +32,7 @@ from pydicom.sr.codedict import codes
 from dicom_node.results import save_dataset, source_headers, write_atomically
 from dicom_node.results.seg import coded
 from dicom_node.results.sr import LOCAL_SCHEME, SrOptions, observation_context
-from inference.involvement import BANDS, LungInvolvement, RegionInvolvement
+from inference.involvement import LungInvolvement, RegionInvolvement
 from inference.lung import RIGHT_LUNG
 from inference.results import Code
 
