@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import json
 import logging
 import threading
 import time
@@ -74,6 +75,8 @@ class JobDetail:
     job: JobRecord
     steps: list[StepOutcome]  # of its last run: ok, failed (reason) or skipped (reason: the step it needs)
     exports: list[ExportRecord]
+    # The lung involvement figures of the job (the measurement SR's JSON copy), when it made one.
+    lung_involvement: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,16 @@ class SeriesDetail:
     generations: list[SeriesRecord]
     jobs: list[JobRecord]
     audit: list[AuditRecord]
+
+
+def _involvement(output_dir: str | None) -> dict | None:
+    """The job folder's involvement.json (dicom_node.results.measurements), None when absent or unreadable."""
+    if not output_dir:
+        return None
+    try:
+        return json.loads((Path(output_dir) / "involvement.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def create_app(node: NodeHandles) -> FastAPI:
@@ -137,7 +150,8 @@ def create_app(node: NodeHandles) -> FastAPI:
     def get_job(job_id: int) -> JobDetail:
         job = _job_or_404(node.journal, job_id)
         return JobDetail(job, node.journal.job_steps(job_id)[job_id], node.journal.select(
-            ExportRecord, select(exports).where(exports.c.job_id == job_id).order_by(exports.c.id)))
+            ExportRecord, select(exports).where(exports.c.job_id == job_id).order_by(exports.c.id)),
+            _involvement(job.output_dir))
 
     @app.post("/v1/jobs/{job_id}/retry", status_code=202, summary="Requeue a failed (or done) job",
               responses={404: {"description": "no such job"}, 409: {"description": "the job is queued or running, or its series was purged"}})

@@ -270,19 +270,35 @@ MatchCondition = Annotated[
 ]
 
 
+BUILT_IN_TASKS = ("lung_classical", "lung_involvement")  # run in the node, no model (inference.parameters)
+
+
 class StepConfig(_Model):
     name: str = Field(min_length=1)
-    task: Literal["segmentation", "classification", "lung_classical"]
-    model: str | None = None  # repository model name; required unless lung_classical
-    input_mask: str | None = None  # an earlier step whose mask a classifier crops by
+    task: Literal["segmentation", "classification", "lung_classical", "lung_involvement"]
+    model: str | None = None  # repository model name; required unless the task is built in
+    input_mask: str | None = None  # an earlier step whose mask a classifier or lung_involvement reads
+    options: dict[str, Any] = {}  # a built-in task's parameters (inference.parameters), validated here
 
     @model_validator(mode="after")
     def _model_named(self) -> StepConfig:
-        if self.task != "lung_classical" and not self.model:
+        if self.task not in BUILT_IN_TASKS and not self.model:
             raise ValueError(f"task {self.task} needs a model")
-        if self.task == "lung_classical" and self.model:
-            raise ValueError("lung_classical is built in and takes no model")
+        if self.task in BUILT_IN_TASKS and self.model:
+            raise ValueError(f"{self.task} is built in and takes no model")
+        if self.task == "lung_involvement" and not self.input_mask:
+            raise ValueError("lung_involvement needs input_mask: the lung_classical step whose lungs it measures")
+        if self.options:
+            if self.task not in BUILT_IN_TASKS:
+                raise ValueError(f"options are for the built-in tasks ({', '.join(BUILT_IN_TASKS)}), "
+                                 f"not {self.task}: a model's settings live in its pipeline.yaml")
+            self.parameters()  # raises ValueError naming the wrong option
         return self
+
+    def parameters(self):
+        """The typed parameters of a built-in step (defaults where `options` says nothing)."""
+        from inference.parameters import PARAMETERS
+        return PARAMETERS[self.task].from_options(self.options)
 
 
 class _RoutedConfig(_Model):
@@ -303,18 +319,20 @@ class _RoutedConfig(_Model):
 
 class PipelineConfig(_RoutedConfig):
     steps: list[StepConfig] = Field(min_length=1)
-    outputs: list[Literal["seg", "sr", "overlay"]] = ["seg"]
+    outputs: list[Literal["seg", "sr", "overlay", "keyimage"]] = ["seg"]  # keyimage: lung involvement only
 
     @field_validator("steps")
     @classmethod
     def _chained(cls, steps: list[StepConfig]) -> list[StepConfig]:
-        seen: set[str] = set()
+        seen: dict[str, str] = {}  # step name -> task
         for step in steps:
             if step.name in seen:
                 raise ValueError(f"step name {step.name!r} used twice")
             if step.input_mask is not None and step.input_mask not in seen:
                 raise ValueError(f"step {step.name!r}: input_mask {step.input_mask!r} is not an earlier step")
-            seen.add(step.name)
+            if step.task == "lung_involvement" and seen[step.input_mask] != "lung_classical":
+                raise ValueError(f"step {step.name!r}: input_mask {step.input_mask!r} is not a lung_classical step")
+            seen[step.name] = step.task
         return steps
 
 
@@ -391,6 +409,8 @@ class ResultsConfig(_Model):
     seg_series_number: int = Field(9901, ge=1, le=1_000_000)
     sr_series_number: int = Field(9902, ge=1, le=1_000_000)
     overlay_series_number: int = Field(9903, ge=1, le=1_000_000)
+    measurement_sr_series_number: int = Field(9904, ge=1, le=1_000_000)  # the lung involvement report
+    keyimage_series_number: int = Field(9905, ge=1, le=1_000_000)
     series_description_prefix: str = "AI"
     seg_omit_empty_frames: bool = False
     empty_segmentation: Literal["write", "skip"] = "write"
@@ -400,10 +420,11 @@ class ResultsConfig(_Model):
 
     @model_validator(mode="after")
     def _series_numbers_apart(self) -> ResultsConfig:
-        numbers = (self.seg_series_number, self.sr_series_number, self.overlay_series_number)
+        numbers = (self.seg_series_number, self.sr_series_number, self.overlay_series_number,
+                   self.measurement_sr_series_number, self.keyimage_series_number)
         if len(set(numbers)) != len(numbers) or max(numbers) - min(numbers) >= 10:
-            raise ValueError("seg_series_number, sr_series_number and overlay_series_number must differ and lie "
-                             "within 10 of each other (each pipeline adds 10, each generation 1000)")
+            raise ValueError("the *_series_number settings must differ and lie within 10 of each other (each "
+                             "pipeline adds 10, each generation 1000)")
         return self
 
 

@@ -72,6 +72,7 @@ def preload(config: Config) -> None:
     is left to its first job, which fails with the reason. The node's own process imports this module
     for JobRequest only, and keeps its memory small by not calling this."""
     for module in ("dicom_node.volume", "inference.tasks", "dicom_node.results.seg", "dicom_node.results.sr",
+                   "dicom_node.results.measurements", "inference.involvement",
                    "dicom_node.results.overlay"):
         importlib.import_module(module)
     if config.inference.backend != "embedded":
@@ -122,6 +123,7 @@ class StepResults:
 
     masks: dict
     probabilities: list
+    involvements: list  # each lung_involvement step's LungInvolvement
     outcomes: tuple[StepOutcome, ...]
 
 
@@ -135,7 +137,7 @@ def run_steps(config: Config, pipeline: PipelineConfig, volume, job: JobRecord) 
     """
     from inference.backends import ModelFileMissing
     from inference.repository import RepositoryError
-    masks, probabilities, outcomes = {}, [], []
+    masks, probabilities, involvements, outcomes = {}, [], [], []
     not_run: set[str] = set()
     for step in pipeline.steps:
         if step.input_mask in not_run:
@@ -144,7 +146,7 @@ def run_steps(config: Config, pipeline: PipelineConfig, volume, job: JobRecord) 
                                         f"needs step {step.input_mask}, which did not run"))
             continue
         try:
-            _run_step(config, step, volume, masks, probabilities)
+            _run_step(config, step, volume, masks, probabilities, involvements)
         except (RepositoryError, ModelFileMissing) as error:
             reason = f"model {step.model} is not installed or not usable: {error}"
             log.warning("job %d (%s): step %s not run: %s", job.id, job.pipeline, step.name,
@@ -157,13 +159,19 @@ def run_steps(config: Config, pipeline: PipelineConfig, volume, job: JobRecord) 
             continue
         not_run.add(step.name)
         outcomes.append(StepOutcome(step.name, StepState.FAILED, reason))
-    return StepResults(masks, probabilities, tuple(outcomes))
+    return StepResults(masks, probabilities, involvements, tuple(outcomes))
 
 
-def _run_step(config: Config, step: StepConfig, volume, masks: dict, probabilities: list) -> None:
+def _run_step(config: Config, step: StepConfig, volume, masks: dict, probabilities: list,
+              involvements: list) -> None:
+    """One step; its label map, probabilities or involvement figures go where the outputs look for them."""
     if step.task == "lung_classical":
         from inference.lung import segment_lungs_classical
-        masks[step.name] = segment_lungs_classical(volume)
+        masks[step.name] = segment_lungs_classical(volume, step.parameters())
+        return
+    if step.task == "lung_involvement":
+        from inference.involvement import quantify_involvement
+        involvements.append(quantify_involvement(volume, masks[step.input_mask], step.parameters()))
         return
     from inference import tasks
     repository, backend = open_inference(config)
@@ -184,6 +192,7 @@ def write_results(config: Config, job: JobRecord, pipeline: PipelineConfig, ran:
     """
     produced = Produced(config.results, job.series_instance_uid, job.generation, job.pipeline,
                         list(config.pipelines).index(job.pipeline),
-                        list(ran.masks.values())[-1] if ran.masks else None, ran.probabilities, ran.outcomes,
+                        list(ran.masks.values())[-1] if ran.masks else None, ran.probabilities,
+                        ran.involvements, ran.outcomes,
                         sources, frame_numbers, pixels, out_dir)
     return write_outputs(pipeline.outputs, produced)

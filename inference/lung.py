@@ -14,21 +14,27 @@ so a chest pipeline works out of the box:
    a lung's cross-section;
 4. lungs: what is left, kept only when a component looks like a lung (size in
    mL, parenchyma mean HU, extends to the posterior half of the body) so bowel
-   gas on an abdominal CT is never labelled;
+   gas on an abdominal CT is never labelled; the size limit is small (20 mL by
+   default) so partial lungs count: the bases an abdominal CT catches, the
+   apices of a neck CT;
 5. right/left: label 1 right lung, label 2 left lung, by position in LPS
-   (PS3.3 C.7.6.2.1.1: +x is the patient's left); lungs that touch are split
-   where an in-plane erosion separates them, else at the body midline;
-6. vessels: holes of each lung filled slice by slice.
+   (PS3.3 C.7.6.2.1.1: +x is the patient's left) of each lung's centre
+   relative to the body's midline, never by component order, so one lung alone
+   in the field of view keeps its side; lungs that touch are split where an
+   in-plane erosion separates them, else at the body midline;
+6. smoothing: an optional closing (`closing_mm`), then holes of each lung
+   (vessels) filled slice by slice.
+
+Every threshold is a step option (`inference.parameters.LungParameters`).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 
 from inference import transforms
+from inference.parameters import LungParameters
 from inference.results import Algorithm, Code, LabelMap, SegmentLabel
 from inference.volume import Volume
 
@@ -43,19 +49,6 @@ ALGORITHM = Algorithm(
 )
 
 
-@dataclass(frozen=True)
-class LungParameters:
-    """Thresholds of the recipe; defaults suit adult chest CT in HU."""
-
-    body_hu: float = -500.0
-    air_hu: float = -320.0
-    min_lung_ml: float = 100.0
-    parenchyma_hu: tuple[float, float] = (-980.0, -600.0)
-    max_airway_area_mm2: float = 800.0
-    airway_search_mm: float = 30.0
-    max_split_erosions: int = 8
-
-
 def segment_lungs_classical(volume: Volume, parameters: LungParameters = LungParameters()) -> LabelMap:
     """Label the right (1) and left (2) lung of a CT volume in HU; empty when no lung is found."""
     hu = np.asarray(volume.array, dtype=np.float32)
@@ -64,15 +57,36 @@ def segment_lungs_classical(volume: Volume, parameters: LungParameters = LungPar
     labels = np.zeros(hu.shape, dtype=np.uint8)
     if body.any():
         air = _drop_border_components(body & (hu < parameters.air_hu))
-        air &= ~_airways(air, volume, body, parameters)
-        lungs = _lung_components(air, hu, volume, body, parameters)
+        airways = _airways(air, volume, body, parameters) if parameters.exclude_airways else np.zeros_like(air)
+        lungs = _lung_components(air & ~airways, hu, volume, body, parameters)
         labels = _right_left(lungs, volume, body, parameters)
         for value in (RIGHT_LUNG.value, LEFT_LUNG.value):
-            box = transforms.bounding_box(labels == value)
-            if box is not None:
-                filled = fill_holes_slicewise(labels[box] == value)
-                labels[box][filled & (labels[box] == 0)] = value
+            _smooth(labels, value, volume, parameters, airways)
     return LabelMap(volume.with_array(labels), (RIGHT_LUNG, LEFT_LUNG), ALGORITHM)
+
+
+def _smooth(labels: np.ndarray, value: int, volume: Volume, p: LungParameters, airways: np.ndarray) -> None:
+    """Close one lung (`closing_mm`) and fill its slice holes (vessels), in place, never over the other
+    lung or the tracked airways."""
+    box = transforms.bounding_box(labels == value, margin=_radius_voxels(p.closing_mm, volume).max())
+    if box is None:
+        return
+    region = labels[box]  # a view
+    mask = region == value
+    if p.closing_mm > 0:
+        image = sitk.BinaryMorphologicalClosing(sitk.GetImageFromArray(mask.astype(np.uint8)),
+                                                _radius_voxels(p.closing_mm, volume).tolist(), sitk.sitkBall)
+        mask = sitk.GetArrayFromImage(image).astype(bool)
+    if p.fill_vessels:
+        mask = fill_holes_slicewise(mask)
+    region[mask & (region == 0) & ~airways[box]] = value
+
+
+def _radius_voxels(radius_mm: float, volume: Volume) -> np.ndarray:
+    """A radius in mm as whole voxels along (i, j, k), at least 1 along each axis when not 0."""
+    if radius_mm <= 0:
+        return np.zeros(3, dtype=int)
+    return np.maximum(1, np.round(radius_mm / np.asarray(volume.spacing))).astype(int)
 
 
 def fill_holes_slicewise(mask: np.ndarray) -> np.ndarray:

@@ -214,3 +214,38 @@ def test_status_api_off_loopback_needs_a_bearer_token(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("http: {host: 0.0.0.0, bearer_token: 0123456789abcdef0123}\n")
     assert load_config(path).http.port == 8080
+
+
+def test_built_in_step_options_are_validated_where_they_are_written(tmp_path):
+    text = pipeline().replace("{name: lungs, task: lung_classical}",
+                              "{name: lungs, task: lung_classical, options: {min_lung_ml: 20, closing_mm: 2}}")
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text))
+    assert load_config(path).pipelines["chest"].steps[0].parameters().closing_mm == 2.0
+    wrong = pipeline().replace("{name: lungs, task: lung_classical}",
+                               "{name: lungs, task: lung_classical, options: {min_volume: 20}}")
+    (error,) = errors_of(tmp_path, wrong)
+    assert error.startswith("config.yaml:9 pipelines.chest.steps.0: unknown option(s) min_volume; known:")
+    assert errors_of(tmp_path, pipeline().replace(
+        "{name: lungs, task: lung_classical}",
+        "{name: lungs, task: lung_classical, options: {parenchyma_hu: [-600, -900]}}")) == [
+        "config.yaml:9 pipelines.chest.steps.0: option parenchyma_hu: low must be below high, "
+        "got [-600.0, -900.0]"]
+    assert errors_of(tmp_path, pipeline().replace(
+        "input_mask: lungs}", "input_mask: lungs, options: {crop_margin_mm: 5}}")) == [
+        "config.yaml:10 pipelines.chest.steps.1: options are for the built-in tasks (lung_classical, "
+        "lung_involvement), not classification: a model's settings live in its pipeline.yaml"]
+
+
+def test_lung_involvement_reads_a_lung_classical_step(tmp_path):
+    involvement = "{name: covid, task: lung_involvement, input_mask: lungs, options: {vessels: count}}"
+    text = pipeline().replace("{name: covid, task: classification, model: covid19_ct, input_mask: lungs}", involvement)
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text))
+    assert load_config(path).pipelines["chest"].steps[1].parameters().vessels == "count"
+    assert errors_of(tmp_path, text.replace(", input_mask: lungs", "")) == [
+        "config.yaml:10 pipelines.chest.steps.1: lung_involvement needs input_mask: "
+        "the lung_classical step whose lungs it measures"]
+    spleen = text.replace("{name: lungs, task: lung_classical}", "{name: lungs, task: segmentation, model: spleen_ct}")
+    assert errors_of(tmp_path, spleen) == [
+        "config.yaml:8 pipelines.chest.steps: step 'covid': input_mask 'lungs' is not a lung_classical step"]

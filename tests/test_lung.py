@@ -10,6 +10,7 @@ from inference.lung import LEFT_LUNG, RIGHT_LUNG, LungParameters, fill_holes_sli
 from dicom_node.volume import load_series
 from inference.volume import Volume
 from tests.peers import CT_J2K_SERIES
+from tests.chest_phantoms import chest_case
 from tests.phantoms import chest_phantom, write_ct_volume
 
 
@@ -93,3 +94,64 @@ def test_flipped_axes_give_the_same_lungs():
     flipped = Volume(volume.array[::-1, :, ::-1].copy(), volume.spacing, tuple(corner), np.diag([-1.0, 1.0, -1.0]))
     labels = segment_lungs_classical(flipped).volume.array
     assert np.array_equal(labels[::-1, :, ::-1], expected)
+
+
+@pytest.mark.parametrize(("variant", "kwargs"), [
+    ("full", {}),
+    ("bases only (abdominal CT), bowel gas", {"z_range_mm": (-260.0, -80.0), "bowel_gas": True}),
+    ("apices only (neck CT)", {"z_range_mm": (80.0, 250.0)}),
+    ("air outside the body, bowel gas", {"z_range_mm": (-260.0, 150.0), "outside_air": True, "bowel_gas": True}),
+])
+def test_partial_and_full_lungs_found_wherever_they_are(variant, kwargs):
+    case = chest_case(**kwargs)
+    labels = segment_lungs_classical(case.volume).volume.array
+    assert dice(labels == RIGHT_LUNG.value, case.right_lung) >= 0.95, variant
+    assert dice(labels == LEFT_LUNG.value, case.left_lung) >= 0.95, variant
+    assert case.bowel_gas.any() == kwargs.get("bowel_gas", False)
+    assert case.outside_air.any() == kwargs.get("outside_air", False)
+    assert not labels[case.bowel_gas | case.outside_air].any()
+    if variant.startswith("bases"):
+        # 40-100 mL each: below the 100 mL that once dropped real lung bases.
+        assert all(20 < np.count_nonzero(m) * 0.025 < 100 for m in (case.right_lung, case.left_lung))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_one_lung_keeps_its_side(side):
+    case = chest_case(lungs=(side,))
+    labels = segment_lungs_classical(case.volume).volume.array
+    expected, other = (RIGHT_LUNG, LEFT_LUNG) if side == "right" else (LEFT_LUNG, RIGHT_LUNG)
+    truth = case.right_lung if side == "right" else case.left_lung
+    assert dice(labels == expected.value, truth) >= 0.95
+    assert not (labels == other.value).any()
+
+
+def test_minimum_volume_is_an_option():
+    case = chest_case(z_range_mm=(-260.0, -80.0))
+    volume_ml = np.count_nonzero(case.right_lung) * 0.025
+    dropped = segment_lungs_classical(case.volume, LungParameters.from_options({"min_lung_ml": volume_ml + 10}))
+    assert not dropped.volume.array.any()
+    kept = segment_lungs_classical(case.volume, LungParameters.from_options({"min_lung_ml": volume_ml - 10}))
+    assert dice(kept.volume.array == RIGHT_LUNG.value, case.right_lung) >= 0.95
+
+
+def test_smoothing_and_airway_options():
+    case = chest_case()
+    closed = segment_lungs_classical(case.volume, LungParameters.from_options({"closing_mm": 5}))
+    assert dice(closed.volume.array == RIGHT_LUNG.value, case.right_lung) >= 0.95
+    airways = fill_holes_slicewise(case.volume.array > -500) & (case.material == -1000.0)  # trachea, bronchi
+    default = segment_lungs_classical(case.volume).volume.array
+    with_airways = segment_lungs_classical(case.volume, LungParameters.from_options({"exclude_airways": False}))
+    assert np.count_nonzero(with_airways.volume.array[airways]) > 2 * np.count_nonzero(default[airways])
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"min_lung_ml": -1}, "must not be negative"),
+    ({"min_lung_ml": "big"}, "expected a number"),
+    ({"parenchyma_hu": [-600, -900]}, "low must be below high"),
+    ({"exclude_airways": 1}, "expected true or false"),
+    ({"max_split_erosions": 2.5}, "whole number"),
+    ({"threshold": -320}, "unknown option"),
+])
+def test_lung_options_are_validated(options, message):
+    with pytest.raises(ValueError, match=message):
+        LungParameters.from_options(options)

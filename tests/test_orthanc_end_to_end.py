@@ -28,13 +28,16 @@ from dicom_node.route import match_pipelines, unmatched_reasons
 from dicom_node.volume import load_series
 from inference import tasks
 from inference.backends import BackendSettings, open_backend
+from inference.involvement import quantify_involvement
 from inference.lung import segment_lungs_classical
 from inference.repository import ModelRepository
-from tests.peers import REPO, dcmtk, free_port, needs, orthanc, wait_for
+from tests.peers import REPO, dciodvfy, dcmtk, free_port, needs, orthanc, wait_for
+from tests.chest_phantoms import CONSOLIDATION, GROUND_GLASS, Lesion, chest_case
 from tests.phantoms import chest_phantom, write_ct_volume
 from tests.test_classify import mean_classifier
 from tests.test_end_to_end import LUNGS, _series_state
 from tests.model_repository import install_spleen_model
+from tests.test_api import get_json
 from tests.test_pipeline import real_series
 from tests.test_receive import Node, dataset_bytes, running_node
 from tests.test_route import AXIAL_CT, series
@@ -138,19 +141,23 @@ def test_real_series_gets_its_spleen_seg_in_orthanc(tmp_path):
 
 
 @needs_peers
-def test_chest_pipeline_seg_and_sr_arrive_in_orthanc(tmp_path):
-    files = write_ct_volume(chest_phantom().volume, tmp_path / "phantom")
+def test_chest_pipeline_seg_and_srs_arrive_in_orthanc(tmp_path):
+    """Shipped chest_ct: SEG (lungs, ground-glass, consolidation), the involvement SR and the classifier's SR."""
+    case = chest_case((Lesion("left", "lower", GROUND_GLASS, posterior_y_mm=20.0),
+                       Lesion("right", "middle", CONSOLIDATION, radius_mm=14.0)))
+    files = write_ct_volume(case.volume, tmp_path / "phantom")
     study_uid = uid_of(files[0], "StudyInstanceUID")
     covid_repository(tmp_path / "models")
     with orthanc.Orthanc(tmp_path / "orthanc") as pacs, running_node(
             tmp_path / "node", **overrides(pacs, tmp_path / "models",
                                            pipelines={"chest_ct": SHIPPED_PIPELINES["chest_ct"]})) as node:
         assert dcmtk.storescu(node.port, files).returncode == 0
-        held = wait_for(lambda: (found := study_series(pacs, study_uid)).keys() >= {"SEG", "SR"} and found, 120,
-                     "SEG and SR in Orthanc")
+        held = wait_for(lambda: (found := study_series(pacs, study_uid)).keys() >= {"SEG", "SR"}
+                        and len(found["SR"]) == 2 and found, 120, "SEG and two SRs in Orthanc")
         assert set(held) == {"SEG", "SR"}
         (seg_path,) = download(pacs, held["SEG"][0], tmp_path / "seg")
-        (sr_path,) = download(pacs, held["SR"][0], tmp_path / "sr")
+        sr_paths = [path for series in held["SR"] for path in download(pacs, series, tmp_path / "sr")]
+        job = get_json(node, "/v1/jobs/1")  # the same figures in the job's API resource
         assert node.process.alive()
 
     loaded, repository, backend = expected_inference(files, tmp_path / "models")
@@ -159,16 +166,37 @@ def test_chest_pipeline_seg_and_sr_arrive_in_orthanc(tmp_path):
         expected = tasks.classify(loaded.volume, lungs, repository.get("covid19_ct"), backend)
     finally:
         backend.close()
+    involvement = quantify_involvement(loaded.volume, lungs)
     sources = [pydicom.dcmread(s.path, stop_before_pixels=True) for s in loaded.slices]
     seg = read_seg(seg_path, sources)
-    labels = np.zeros(lungs.volume.shape, np.uint8)
-    for number, mask in seg.masks.items():
-        labels[mask.array > 0] = number
-    np.testing.assert_array_equal(labels, lungs.volume.array)
-    sr = hd.sr.srread(sr_path)
-    assert sr.StudyInstanceUID == study_uid
-    reported = [group.get_measurements()[0].value for group in sr.content.get_image_measurement_groups()]
+    assert [seg.segments[n].label for n in (1, 2, 3, 4)] == [
+        "Right lung", "Left lung", "Ground-glass opacity", "Consolidation"]
+    for number, value, labels in ((1, 1, lungs), (2, 2, lungs), (3, 1, involvement.opacities),
+                                  (4, 2, involvement.opacities)):
+        np.testing.assert_array_equal(seg.masks[number].array > 0, labels.volume.array == value)
+    by_class = {uid_of(path, "SOPClassUID"): path for path in sr_paths}
+    classification = hd.sr.srread(by_class["1.2.840.10008.5.1.4.1.1.88.33"])
+    reported = [group.get_measurements()[0].value for group in classification.content.get_image_measurement_groups()]
     np.testing.assert_allclose(reported, expected.probabilities, atol=1e-6)
+
+    measurements = by_class["1.2.840.10008.5.1.4.1.1.88.34"]  # Comprehensive 3D SR, TID 1500
+    for path in (seg_path, measurements):
+        validation = dciodvfy.validate(path)
+        assert validation.errors == [], validation.report()
+    report = hd.sr.srread(measurements)
+    assert report.StudyInstanceUID == study_uid
+    groups = report.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == 8 and all(g.referenced_segment.referenced_sop_instance_uid == uid_of(seg_path, "SOPInstanceUID")
+                                    for g in groups)
+    scores = [next(m.value for m in g.get_measurements() if m.name.value == "zone-score") for g in groups[2:]]
+    assert scores == [z.score for z in involvement.zones] and sum(scores) > 0
+    dump = subprocess.run([dcmtk.tool("dsrdump"), "+Pl", str(measurements)], capture_output=True, text=True,
+                          check=True).stdout
+    assert "not a diagnosis" in dump and f'"Lung severity score, 6 zones")="{involvement.total_score}.0"' in dump
+    assert job["job"]["pipeline"] == "chest_ct"
+    figures = job["lung_involvement"]
+    assert (figures["total_score"], figures["category"]) == (involvement.total_score, involvement.category)
+    assert [z["score"] for z in figures["zones"]] == scores and "not a diagnosis" in figures["disclaimer"]
 
 
 @needs_peers
@@ -189,11 +217,11 @@ def test_outage_and_node_restart_every_result_arrives_once(tmp_path):
             journal = node.journal()
             try:
                 pending = journal.exports_in_state("pending")
-                return len(pending) == 2 and all(e.attempts >= minimum for e in pending) and pending
+                return len(pending) == 3 and all(e.attempts >= minimum for e in pending) and pending
             finally:
                 journal.close()
 
-        before = wait_for(lambda: failed_attempts(1), 120, "SEG and SR ready and refused by the stopped PACS")
+        before = wait_for(lambda: failed_attempts(1), 120, "SEG and SRs ready and refused by the stopped PACS")
         node.stop()
         node.start()  # same storage, journal and port: the retry schedule continues
         wait_for(lambda: failed_attempts(max(e.attempts for e in before) + 1), 30, "a retry after the node restart")
@@ -209,9 +237,9 @@ def test_outage_and_node_restart_every_result_arrives_once(tmp_path):
             journal.close()
         held = {pydicom.dcmread(io.BytesIO(pacs.instance_file(i)), stop_before_pixels=True).SOPInstanceUID
                 for i in pacs.instances()}
-        assert held == {e.sop_instance_uid for e in sent} and len(sent) == 2
+        assert held == {e.sop_instance_uid for e in sent} and len(sent) == 3  # SEG, involvement SR, classifier SR
         assert job.state == "done" and job.attempts == 1
-        assert pacs.store_requests() == 2, "an instance was sent to Orthanc more than once"
+        assert pacs.store_requests() == 3, "an instance was sent to Orthanc more than once"
     finally:
         node.stop()
         pacs.stop()

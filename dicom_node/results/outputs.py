@@ -40,6 +40,7 @@ class Produced:
     position: int  # the pipeline's place in `pipelines`: its outputs' SeriesNumbers (OutputSeries)
     label_map: LabelMap | None  # the last mask a step produced, None when no step segments
     probabilities: Sequence[Any]  # each classifier step's ClassProbabilities
+    involvements: Sequence[Any]  # each lung_involvement step's LungInvolvement (inference.involvement)
     steps: Sequence[StepOutcome]  # how each step went, said in the SR
     sources: Sequence[pydicom.Dataset]  # the source headers, in the label map's slice order
     frame_numbers: Sequence[int | None]  # each slice's frame in a multi-frame source, None for single-frame
@@ -54,31 +55,49 @@ class Produced:
 
 @dataclass(frozen=True)
 class Output:
-    write: Callable[[Produced], list[Path]]
+    # The writer gets what the job produced and the files the outputs before it wrote, by name (the
+    # measurement report references the SEG it follows).
+    write: Callable[[Produced, dict[str, list[Path]]], list[Path]]
     fallback_for: str | None = None  # exported only when this output wrote nothing or is not listed
 
 
-def _seg(produced: Produced) -> list[Path]:
+def _seg(produced: Produced, written: dict[str, list[Path]]) -> list[Path]:
     from dicom_node.results.seg import SegOptions, write_seg
     if produced.label_map is None:
         return []
-    path = write_seg(produced.label_map, produced.sources, produced.out_dir,
+    # The opacities a lung involvement step found are segments of the same SEG, after the lungs.
+    label_maps = [produced.label_map, *(involvement.opacities for involvement in produced.involvements)]
+    path = write_seg(label_maps, produced.sources, produced.out_dir,
                      SegOptions.from_config(produced.results, produced.series("seg")), produced.frame_numbers)
     return [] if path is None else [path]  # None: an empty mask, skipped as configured
 
 
-def _sr(produced: Produced) -> list[Path]:
-    """One SR per classifier with its probabilities and how every step went; when no classifier gave
-    probabilities but a step did not run, one SR that says so."""
+def _sr(produced: Produced, written: dict[str, list[Path]]) -> list[Path]:
+    """One SR per classifier with its probabilities and how every step went (when no classifier gave
+    probabilities but a step did not run, one SR that says so), then the lung involvement report."""
     from dicom_node.results.sr import SrOptions, write_classification_sr
     from dicom_node.states import StepState
     not_all_ok = any(step.state != StepState.OK for step in produced.steps)
-    return [write_classification_sr(result, produced.sources, produced.out_dir, SrOptions(produced.series("sr")),
-                                    produced.steps)
-            for result in produced.probabilities or ([None] if not_all_ok else [])]
+    from dicom_node.results.measurements import write_involvement_sr
+    classification = [write_classification_sr(result, produced.sources, produced.out_dir,
+                                              SrOptions(produced.series("sr")), produced.steps)
+                      for result in produced.probabilities or ([None] if not_all_ok else [])]
+    # The involvement report references the SEG's segments; no lung found: nothing measured, no report.
+    return classification + [write_involvement_sr(result, produced.sources, written.get("seg", [])[:1],
+                                                  produced.out_dir, SrOptions(produced.series("measurement_sr")))
+                             for result in produced.involvements if result.lungs]
 
 
-def _overlay(produced: Produced) -> list[Path]:
+def _keyimage(produced: Produced, written: dict[str, list[Path]]) -> list[Path]:
+    from dicom_node.results.keyimage import KeyImageOptions, write_key_images
+    if produced.label_map is None:
+        return []
+    return [path for result in produced.involvements
+            for path in write_key_images(result, produced.label_map, produced.pixels, produced.sources,
+                                         produced.out_dir, KeyImageOptions(produced.series("keyimage")))]
+
+
+def _overlay(produced: Produced, written: dict[str, list[Path]]) -> list[Path]:
     from dicom_node.results.overlay import OverlayOptions, write_overlay
     if produced.label_map is None:
         return []
@@ -92,12 +111,16 @@ OUTPUTS: dict[str, Output] = {
     "seg": Output(_seg),
     "sr": Output(_sr),
     "overlay": Output(_overlay, fallback_for="seg"),
+    "keyimage": Output(_keyimage),  # axial and coronal key images of a lung involvement step
 }
 
 
 def write_outputs(names: Sequence[str], produced: Produced) -> list[Path]:
     """Write each output named in `names`; returns the files to export, in `OUTPUTS` order."""
-    written = {name: output.write(produced) for name, output in OUTPUTS.items() if name in names}
+    written: dict[str, list[Path]] = {}
+    for name, output in OUTPUTS.items():
+        if name in names:
+            written[name] = output.write(produced, written)
     return [path for name, paths in written.items()
             if OUTPUTS[name].fallback_for is None or not written.get(OUTPUTS[name].fallback_for)
             for path in paths]

@@ -68,27 +68,35 @@ class SourceGridError(ValueError):
 
 
 def write_seg(
-    label_map: LabelMap, sources: Sequence[pydicom.Dataset], out_dir: Path, options: SegOptions,
+    label_maps: LabelMap | Sequence[LabelMap], sources: Sequence[pydicom.Dataset], out_dir: Path, options: SegOptions,
     frame_numbers: Sequence[int | None] | None = None,
 ) -> Path | None:
-    """Write `label_map` as a SEG in `out_dir`; returns its path, or None for a skipped empty mask.
+    """Write the label map(s) as one SEG in `out_dir`; returns its path, or None for a skipped empty mask.
 
     `sources[k]` is the header of the instance slice `k` of the label map was
     computed on (LoadedSeries.slices order), `frame_numbers[k]` the frame of it
     in a multi-frame instance (None, or no list, for single-frame instances);
-    pixel data need not be loaded.
+    pixel data need not be loaded. Several label maps on the same grid (lungs,
+    then the opacities inside them) may overlap: their segments are numbered in
+    order (`segment_numbers`) and each is its own binary mask, as BINARY
+    segmentations allow (PS3.3 C.8.20.2.3: a pixel may belong to several segments).
     """
     frame_numbers = list(frame_numbers) if frame_numbers is not None else [None] * len(sources)
-    check_source_grid(label_map, sources, frame_numbers)
-    array = np.asarray(label_map.volume.array)
-    numbers = _segment_numbers(label_map, array)
-    empty = not array.any()
+    maps = [label_maps] if isinstance(label_maps, LabelMap) else list(label_maps)
+    for label_map in maps:
+        check_source_grid(label_map, sources, frame_numbers)
+    arrays = [np.asarray(m.volume.array) for m in maps]
+    numbers = [_segment_numbers(m, a) for m, a in zip(maps, arrays)]
+    empty = not any(a.any() for a in arrays)
     if empty and options.empty == "skip":
         return None
-    if not empty and tuple(numbers) != tuple(range(1, len(numbers) + 1)):
+    array = arrays[0]
+    if len(maps) > 1:
+        array = np.stack([a == value for a, values in zip(arrays, numbers) for value in values], axis=-1)
+    elif not empty and tuple(numbers[0]) != tuple(range(1, len(numbers[0]) + 1)):
         # highdicom wants segment numbers 1..n (PS3.3 C.8.20.2: start at 1, increase by 1).
         lookup = np.zeros(256, dtype=np.uint8)
-        for number, value in enumerate(numbers, start=1):
+        for number, value in enumerate(numbers[0], start=1):
             lookup[value] = number
         array = lookup[array]
 
@@ -106,7 +114,7 @@ def write_seg(
         source_images=headers,
         pixel_array=array,
         segmentation_type=options.segmentation_type,
-        segment_descriptions=segment_descriptions(label_map),
+        segment_descriptions=segment_descriptions(maps),
         series_instance_uid=series.seed.series_uid(SEG_KIND),
         series_number=series.series_number,
         sop_instance_uid=series.seed.instance_uid(SEG_KIND),
@@ -115,7 +123,7 @@ def write_seg(
         manufacturer_model_name=series.manufacturer_model_name,
         software_versions=series.software_versions,
         device_serial_number=series.device_serial_number,
-        content_description=_algorithm_text(label_map.algorithm)[:64],
+        content_description=", ".join(dict.fromkeys(_algorithm_text(m.algorithm) for m in maps))[:64],
         content_creator_name=options.content_creator_name,
         transfer_syntax_uid=JPEG2000Lossless if options.compress else ExplicitVRLittleEndian,
         # An all-empty SEG with every frame omitted would have no frames at all.
@@ -205,8 +213,17 @@ def _segment_numbers(label_map: LabelMap, array: np.ndarray) -> list[int]:
     return values
 
 
-def segment_descriptions(label_map: LabelMap) -> list[hd.seg.SegmentDescription]:
-    algorithm = algorithm_identification(label_map.algorithm)
+def segment_numbers(label_maps: Sequence[LabelMap]) -> list[list[int]]:
+    """The SEG's Segment Number of each segment of each label map: 1..n across the maps, in order."""
+    numbers, start = [], 1
+    for label_map in label_maps:
+        numbers.append(list(range(start, start + len(label_map.segments))))
+        start += len(label_map.segments)
+    return numbers
+
+
+def segment_descriptions(label_maps: LabelMap | Sequence[LabelMap]) -> list[hd.seg.SegmentDescription]:
+    maps = [label_maps] if isinstance(label_maps, LabelMap) else list(label_maps)
     return [
         hd.seg.SegmentDescription(
             segment_number=number,
@@ -214,9 +231,10 @@ def segment_descriptions(label_map: LabelMap) -> list[hd.seg.SegmentDescription]
             segmented_property_category=coded(segment.category),
             segmented_property_type=coded(segment.type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
+            algorithm_identification=algorithm_identification(label_map.algorithm),
         )
-        for number, segment in enumerate(label_map.segments, start=1)
+        for label_map, numbers in zip(maps, segment_numbers(maps))
+        for number, segment in zip(numbers, label_map.segments)
     ]
 
 

@@ -96,18 +96,7 @@ def write_classification_sr(
     series = options.series
     seed = series.seed
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(
-            observer_device_context=hd.sr.ObserverContext(
-                observer_type=codes.DCM.Device,
-                observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                    uid=seed.instance_uid(f"{SR_KIND}-device"),
-                    name=series.manufacturer_model_name[:64],
-                    manufacturer_name=series.manufacturer[:64],
-                    model_name=series.manufacturer_model_name[:64],
-                    serial_number=series.device_serial_number[:64],
-                ),
-            )
-        ),
+        observation_context=observation_context(series, SR_KIND),
         procedure_reported=coded(IMAGING_PROCEDURE),
         imaging_measurements=_probability_groups(result or PLACEHOLDER, seed),
         referenced_images=[h for h in headers if "PerFrameFunctionalGroupsSequence" not in h] or None,
@@ -184,6 +173,22 @@ def _probability_groups(result: ClassProbabilities, seed: UidSeed) -> list:
         )
         for index, (label, probability) in enumerate(zip(result.classes, result.probabilities))
     ]
+
+
+def observation_context(series: OutputSeries, kind: str) -> hd.sr.ObservationContext:
+    """The node as the observing device (TID 1004): a reader sees which equipment made the report."""
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=series.seed.instance_uid(f"{kind}-device"),
+                name=series.manufacturer_model_name[:64],
+                manufacturer_name=series.manufacturer[:64],
+                model_name=series.manufacturer_model_name[:64],
+                serial_number=series.device_serial_number[:64],
+            ),
+        )
+    )
 
 
 def _code_json(code: Code) -> dict[str, str]:
