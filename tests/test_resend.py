@@ -17,7 +17,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_node.journal import SERIES_STATES
+from dicom_node.states import SeriesState
 from tests.model_repository import install_spleen_model
 from tests.peers import dcmtk, orthanc, wait_for
 from tests.peers.orthanc import Orthanc
@@ -76,7 +76,7 @@ def assert_one_generation_and_one_seg(node: Node, pacs: Orthanc, files: list[Pat
     wait_for(lambda: finished(node), 300, "the job and its exports")
     time.sleep(2)  # a second generation's job would be queued within this
     generations = with_journal(node, lambda journal: [
-        (s.generation, s.state, s.instance_count) for s in journal.series_in_state(*SERIES_STATES)
+        (s.generation, s.state, s.instance_count) for s in journal.series_in_state(*SeriesState)
         if s.series_instance_uid == uid])
     jobs = with_journal(node, lambda journal: journal.jobs_in_state("queued", "running", "done", "failed",
                                                                      "superseded"))
