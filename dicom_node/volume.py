@@ -48,6 +48,10 @@ class SeriesSummary:
 
     `orientation` is derived from Image Orientation (Patient): "axial",
     "coronal", "sagittal", "oblique", or "mixed" when instances disagree.
+    Every attribute but the two counts describes the series' images: an
+    instance without pixel data (an SR, KOS, presentation state, encapsulated
+    document, RT structure set or plan, waveform) is counted apart and never
+    reaches a volume.
     """
 
     study_instance_uid: str
@@ -61,6 +65,8 @@ class SeriesSummary:
     manufacturer: str
     contrast_agent: str | None
     orientation: str
+    image_instances: int  # instances with pixel data: none makes a non-image series (SR, KOS, PDF...)
+    non_image_sop_classes: tuple[str, ...]  # SOP Class UIDs of the series' other instances, never in a volume
 
 
 @dataclass(frozen=True)
@@ -297,13 +303,42 @@ def _decode_values(ds: Dataset) -> None:
                 _decode_values(item)
 
 
-def _read_headers(paths: Iterable[Path]) -> tuple[Dataset, list[_Frame]]:
-    """Headers of every instance (pixel data left on disk); the first dataset carries the series attributes."""
+@dataclass(frozen=True)
+class _Headers:
+    """What `_read_headers` found: the dataset carrying the series attributes (the first image's, else the
+    first instance's), the image frames, and the SOP classes of the instances without pixel data."""
+
+    first: Dataset
+    frames: list[_Frame]
+    image_instances: int
+    non_images: list[tuple[str, str]]  # (SOP Instance UID, SOP Class UID) of each instance without pixel data
+
+    @property
+    def non_image_sop_classes(self) -> list[str]:
+        return sorted({sop_class for _, sop_class in self.non_images})
+
+
+def has_pixel_data(ds: Dataset) -> bool:
+    """An image: Pixel Data, Float or Double Float Pixel Data (PS3.3 C.7.6.3, C.7.6.24)."""
+    return any(tag in ds for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009))
+
+
+def _read_headers(paths: Iterable[Path]) -> _Headers:
+    """Headers of every instance (pixel data left on disk). Instances without pixel data are set aside:
+    they are not checked against the images' series constants, because a volume is made of images only."""
     first: Dataset | None = None
+    fallback: Dataset | None = None
     frames: list[_Frame] = []
+    images = 0
+    others: list[tuple[str, str]] = []
     seen: dict[str, Counter] = {name: Counter() for name in _SERIES_CONSTANTS}
     for path in sorted(Path(p) for p in paths):
         ds = _read_header(path)
+        fallback = fallback if fallback is not None else ds
+        if not has_pixel_data(ds):
+            others.append((str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))))
+            continue
+        images += 1
         first = first if first is not None else ds
         for name in _SERIES_CONSTANTS:
             seen[name][str(ds.get(name, "") or "")] += 1
@@ -312,14 +347,15 @@ def _read_headers(paths: Iterable[Path]) -> tuple[Dataset, list[_Frame]]:
         except (TypeError, ValueError, IndexError) as error:  # e.g. Rows with two values, Pixel Spacing "x"
             raise SeriesGeometryError(str(ds.get("SeriesInstanceUID", "")), (path.stem,),
                                       f"unusable image attribute values in {path.name}: {error}") from error
-    if first is None:
+    if fallback is None:
         raise SeriesGeometryError("", (), "no instances given")
+    first = first if first is not None else fallback
     for name, values in seen.items():
         if len(values) > 1:
             raise SeriesGeometryError(str(first.get("SeriesInstanceUID", "")), (),
                                       f"one series with {len(values)} different {name} values {sorted(values)}: "
                                       "instances of different patients, studies or modalities are never combined")
-    return first, frames
+    return _Headers(first, frames, images, others)
 
 
 def _orientation_name(orientations: Sequence[np.ndarray]) -> str:
@@ -340,7 +376,8 @@ def _contrast_agent(ds: Dataset) -> str | None:
     return agent or None
 
 
-def _summary(ds: Dataset, frames: Sequence[_Frame]) -> SeriesSummary:
+def _summary(headers: _Headers, frames: Sequence[_Frame]) -> SeriesSummary:
+    ds = headers.first
     thicknesses = [f.slice_thickness for f in frames if f.slice_thickness is not None]
     return SeriesSummary(
         study_instance_uid=str(ds.get("StudyInstanceUID", "")),
@@ -354,14 +391,16 @@ def _summary(ds: Dataset, frames: Sequence[_Frame]) -> SeriesSummary:
         manufacturer=str(ds.get("Manufacturer", "")),
         contrast_agent=_contrast_agent(ds),
         orientation=_orientation_name([f.orientation for f in frames if f.orientation is not None]),
+        image_instances=headers.image_instances,
+        non_image_sop_classes=tuple(headers.non_image_sop_classes),
     )
 
 
 def summarize_series(paths: Iterable[Path]) -> SeriesSummary:
     """Routing data from the headers only: image frames, localizers excluded, are the slices counted."""
-    ds, frames = _read_headers(paths)
-    images = [f for f in frames if f.position is not None and f.orientation is not None and not f.localizer]
-    return _summary(ds, images)
+    headers = _read_headers(paths)
+    images = [f for f in headers.frames if f.position is not None and f.orientation is not None and not f.localizer]
+    return _summary(headers, images)
 
 
 class _Check:
@@ -554,8 +593,12 @@ def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions())
     (Patient)[0:3]), j along the column direction ([3:6]), k along their cross
     product, slices ascending; the origin is the first slice's position.
     """
-    ds, frames = _read_headers(paths)
-    check = _Check(str(ds.get("SeriesInstanceUID", "")), options)
+    headers = _read_headers(paths)
+    frames = headers.frames
+    check = _Check(str(headers.first.get("SeriesInstanceUID", "")), options)
+    if headers.non_images:
+        check.warnings.append(f"excluded {len(headers.non_images)} instance(s) without pixel data (not images): "
+                              f"{', '.join(uid for uid, _ in headers.non_images)}")
     check.one_series(frames)
     stack = check.stack(frames)
     check.same_matrix(stack)
@@ -596,4 +639,4 @@ def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions())
     volume = Volume(array=array, spacing=(column_spacing, row_spacing, spacing_k),
                     origin=tuple(float(v) for v in first.position), direction=direction)
     return LoadedSeries(volume=volume, slices=tuple(f.source for f in kept),
-                        summary=_summary(ds, kept), warnings=tuple(check.warnings))
+                        summary=_summary(headers, kept), warnings=tuple(check.warnings))

@@ -59,7 +59,7 @@ def test_summarize_real_series():
         study_instance_uid="", series_instance_uid="", modality="CT", body_part_examined="PARTIALBODY",
         series_description="CT Body 3.0", image_type=("ORIGINAL", "PRIMARY", "AXIAL", "CT_SOM5 SPI"),
         slice_thickness=3.0, number_of_slices=20, manufacturer="SIEMENS", contrast_agent="APPLIED",
-        orientation="axial")
+        orientation="axial", image_instances=20, non_image_sop_classes=())
 
 
 def test_shuffled_instance_numbers_sort_by_position(series, tmp_path):
