@@ -477,6 +477,7 @@ class Acceptor:
                      if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
             proposed = request.presentation_context_definition_list
             results, role_replies = negotiate_as_acceptor(proposed, settings.contexts, roles)
+            self._keep_requestor_preference(proposed, results)
             transfer_syntaxes = {cx.context_id: tuple(str(ts) for ts in cx.transfer_syntax) for cx in proposed}
             association = Association(id=number, calling_ae=calling, called_ae=called, host=host, port=port,
                                       contexts={cx.context_id: cx for cx in results if cx.result == 0x00},
@@ -492,6 +493,19 @@ class Acceptor:
                 self._established -= 1
             raise
         return association
+
+    def _keep_requestor_preference(self, proposed: list[PresentationContext],
+                                   results: list[PresentationContext]) -> None:
+        """Accept the first transfer syntax the requestor proposed that we support, not our first: an SCU
+        lists the syntax its file is in first, and a node that stores what it is sent should receive just
+        that, not make the sender transcode (PS3.8 leaves the choice to the acceptor, 9.3.3.2)."""
+        supported = {str(cx.abstract_syntax): {str(ts) for ts in cx.transfer_syntax} for cx in self.settings.contexts}
+        offered = {cx.context_id: cx.transfer_syntax for cx in proposed}
+        for result in results:
+            ours = supported.get(str(result.abstract_syntax), set())
+            first = next((ts for ts in offered.get(result.context_id, ()) if str(ts) in ours), None)
+            if result.result == 0x00 and first is not None:
+                result.transfer_syntax = [first]
 
     def _rejection(self, pdu: A_ASSOCIATE_RQ, request: A_ASSOCIATE, asked: AssociationRequest) -> Rejection | None:
         """PS3.8 checks first, then the application's, then the association limit (which counts us in)."""
