@@ -41,6 +41,17 @@ DEFLATED_DATA_SET_SYNTAXES = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008
                                         "1.2.840.10008.1.2.4.205"})
 
 
+# The native encodings (PS3.5 A.1-A.5); every other network syntax encapsulates its pixel data (A.4).
+NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
+                             "1.2.840.10008.1.2.1.99"})
+
+
+def is_encapsulated(transfer_syntax: str) -> bool:
+    """Pixel data in fragments (PS3.5 A.4). pydicom's UID.is_compressed raises for the syntaxes its
+    dictionary does not know yet (JPEG XL, deflated image frames), which the node still receives."""
+    return transfer_syntax not in NATIVE_SYNTAXES
+
+
 def name(uid: str) -> str:
     """The standard name of a SOP class or transfer syntax UID, or the UID itself when it has none."""
     if uid in _NEWER_TRANSFER_SYNTAXES:

@@ -326,6 +326,8 @@ class Acceptor:
         self._established = 0  # over both listeners: max_associations is the node's limit
         self._ids = itertools.count(1)
         self._accept_threads: list[threading.Thread] = []
+        self._supported = {str(cx.abstract_syntax): frozenset(str(ts) for ts in cx.transfer_syntax)
+                           for cx in settings.contexts}
 
     def start(self) -> None:
         settings = self.settings
@@ -499,10 +501,10 @@ class Acceptor:
         """Accept the first transfer syntax the requestor proposed that we support, not our first: an SCU
         lists the syntax its file is in first, and a node that stores what it is sent should receive just
         that, not make the sender transcode (PS3.8 leaves the choice to the acceptor, 9.3.3.2)."""
-        supported = {str(cx.abstract_syntax): {str(ts) for ts in cx.transfer_syntax} for cx in self.settings.contexts}
+        supported = self._supported
         offered = {cx.context_id: cx.transfer_syntax for cx in proposed}
         for result in results:
-            ours = supported.get(str(result.abstract_syntax), set())
+            ours = supported.get(str(result.abstract_syntax), frozenset())
             first = next((ts for ts in offered.get(result.context_id, ()) if str(ts) in ours), None)
             if result.result == 0x00 and first is not None:
                 result.transfer_syntax = [first]

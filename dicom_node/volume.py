@@ -28,8 +28,9 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.pixels import iter_pixels
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from dicom_node import sop_classes
 from inference.volume import Volume
 
 # Image Orientation (Patient) values equal within this are one orientation (DS rounding is ~1e-6).
@@ -473,7 +474,7 @@ class _Check:
             raise self.fail(frames[:1], f"{slices} x {first.rows} x {first.columns} = {voxels} voxels exceeds "
                                         f"the loader's limit of {self.options.max_voxels}")
         for frame in frames:
-            native = not UID(frame.transfer_syntax).is_compressed if frame.transfer_syntax else True
+            native = not sop_classes.is_encapsulated(frame.transfer_syntax) if frame.transfer_syntax else True
             problem = frame.pixel_data.problem(frame.rows, frame.columns, native)
             if problem:
                 raise self.fail([frame], problem)

@@ -32,7 +32,7 @@ from pynetdicom import sop_class as sc
 
 from tests.model_repository import install_spleen_model
 from tests.peers import REPO, dcmtk, free_port, orthanc, peer_env, wait_for
-from tests.reliability.node import settled, with_journal
+from tests.reliability.node import settled
 from tests.study_factory import NON_IMAGE, study_objects, study_of
 from tests.test_pipeline import real_series
 from dicom_node.audit import AuditLog
