@@ -254,3 +254,30 @@ def test_another_payload_under_a_stored_uid_is_acknowledged_and_quarantined(tmp_
             ("STORESCU", changed.SeriesInstanceUID, "conflicting duplicate")
         assert new_digest in event.detail
         assert samples(node)[("dicom_node_conflicting_duplicates_total", (("calling_ae", "STORESCU"),))] == 1
+
+
+def test_non_image_series_are_forwarded_but_offered_to_no_pipeline(tmp_path):
+    """A pipeline whose conditions any series meets still never gets an SR, KOS or PDF; a forward rule sends
+    them on as received."""
+    study = study_of(real_series(tmp_path / "ct", count=1)[0])
+    objects = study_objects(tmp_path / "study", study)
+    reports = [objects[name] for name in ("dose-sr", "kos", "pdf")]
+    pacs_port, pacs_dir = free_port(), tmp_path / "pacs"
+    anything = {"calling_ae": "STORESCU"}
+    with dcmtk.storescp(pacs_port, pacs_dir, extra=["+xa"]), running_node(
+            tmp_path / "node",
+            pipelines={"lungs": {"match": anything, "steps": [{"name": "lungs", "task": "lung_classical"}],
+                                 "outputs": ["seg"], "destinations": ["pacs"]}},
+            forward={"archive": {"match": anything, "destinations": ["pacs"]}},
+            destinations={"pacs": {"ae_title": "STORESCP", "host": "127.0.0.1", "port": pacs_port}}) as node:
+        result = dcmtk.storescu(node.port, reports, extra=["-R"])
+        assert result.returncode == 0 and len(result.acknowledged) == len(reports), result.output
+        for path in reports:
+            series_uid = str(pydicom.dcmread(path).SeriesInstanceUID)
+            record, jobs = wait_for(lambda: settled(node, series_uid), timeout=60, what=f"{path.name} settled")
+            assert record.state == "routed" and [j.pipeline for j in jobs] == ["forward:archive"], (path, record)
+        forwarded = wait_for(lambda: len(_scp_files(pacs_dir)) == len(reports) and _scp_files(pacs_dir),
+                             timeout=60, what="the reports at the PACS")
+        for path in reports:
+            uid = str(pydicom.dcmread(path).SOPInstanceUID)
+            assert _content(forwarded[uid]) == _content(path)
