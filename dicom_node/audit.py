@@ -10,7 +10,9 @@ audit`. Events:
 - `sent` / `failed`: one dispatch pass to one destination for one job, with the
   instance count and the DIMSE status or association failure;
 - `retry`: an admin requeued a job through `POST /v1/jobs/{id}/retry`;
-- `purged`: retention deleted a series' files (instance count, why).
+- `purged`: retention deleted a series' files (instance count, why);
+- `quarantined`: a received instance was kept in the quarantine instead of the spool (another payload
+  under a stored SOP Instance UID), with why and where.
 
 The table is created here, not in journal.py, so the journal's schema for the
 stages stays what the stages need; it lives on the same engine.
@@ -30,7 +32,7 @@ from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text,
 from dicom_node.tables import print_table
 from dicom_node.journal import Journal, utcnow
 
-AUDIT_EVENTS = ("received", "produced", "sent", "failed", "retry", "purged")
+AUDIT_EVENTS = ("received", "produced", "sent", "failed", "retry", "purged", "quarantined")
 
 _metadata = MetaData()
 audit = Table(

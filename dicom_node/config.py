@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator, model_validator
 
-from dicom_node import tls
+from dicom_node import sop_classes, tls
 
 # SeriesSummary fields (dicom_node.volume) plus the association's AE titles.
 MATCH_KEYS = frozenset({
@@ -96,6 +96,35 @@ class NodeTlsConfig(_TlsFiles):
                                    self.require_client_certificate)]
 
 
+class SopClassFilter(_Model):
+    """Which storage SOP classes the node accepts (dicom_node.sop_classes): `allow` None accepts every
+    standard storage class; entries are keywords (CTImageStorage) or UIDs, stored resolved to UIDs."""
+
+    allow: list[str] | None = None
+    deny: list[str] = []
+
+    @field_validator("allow", "deny")
+    @classmethod
+    def _resolved(cls, values: list[str] | None) -> list[str] | None:
+        if values is None:
+            return None
+        resolved, problems = [], []
+        for value in values:
+            try:
+                resolved.append(sop_classes.resolve(value))
+            except ValueError as error:
+                problems.append(str(error))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return resolved
+
+    @model_validator(mode="after")
+    def _something_left(self) -> SopClassFilter:
+        if not sop_classes.accepted_classes(self.allow, self.deny):
+            raise ValueError("allow and deny leave no storage SOP class to accept")
+        return self
+
+
 class NodeConfig(_Model):
     ae_title: str = Field("DICOMNODE", min_length=1, max_length=16)  # PS3.5 6.2: AE is at most 16 chars
     host: str = "0.0.0.0"
@@ -109,6 +138,7 @@ class NodeConfig(_Model):
     dimse_timeout_s: float = Field(60, gt=0)
     network_timeout_s: float = Field(60, gt=0)
     tls: NodeTlsConfig | None = None
+    sop_classes: SopClassFilter = SopClassFilter()
 
     @field_validator("storage_dir")
     @classmethod

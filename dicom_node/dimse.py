@@ -29,6 +29,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
+from dicom_node import sop_classes
 from dicom_node.config import DestinationConfig
 from dicom_node.destinations import DispatchReport, EchoResult, Outcome, OutcomeKind, Refusal
 from dicom_node.tls import client_context
@@ -100,7 +101,7 @@ def _contexts(instances: Sequence[_Instance], allowed: Sequence[str]) -> list:
 
 
 def _is_compressed(transfer_syntax: str) -> bool:
-    return UID(transfer_syntax) not in UNCOMPRESSED and UID(transfer_syntax).is_compressed
+    return UID(transfer_syntax) not in UNCOMPRESSED and sop_classes.is_encapsulated(transfer_syntax)
 
 
 def _decompressed(path: Path) -> pydicom.Dataset:

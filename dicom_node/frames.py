@@ -266,13 +266,43 @@ def _decode_values(ds: Dataset) -> None:
                 _decode_values(item)
 
 
-def read_headers(paths: Iterable[Path]) -> tuple[Dataset, list[Frame]]:
-    """Headers of every instance (pixel data left on disk); the first dataset carries the series attributes."""
+@dataclass(frozen=True)
+class Headers:
+    """What `read_headers` found: the dataset carrying the series attributes (the first image's, else the
+    first instance's), the image frames, and the instances without pixel data."""
+
+    first: Dataset
+    frames: tuple[Frame, ...]
+    image_instances: int
+    non_images: tuple[tuple[str, str], ...]  # (SOP Instance UID, SOP Class UID) of each instance without pixels
+
+    @property
+    def non_image_sop_classes(self) -> tuple[str, ...]:
+        return tuple(sorted({sop_class for _, sop_class in self.non_images}))
+
+
+def has_pixel_data(ds: Dataset) -> bool:
+    """An image: Pixel Data, Float or Double Float Pixel Data (PS3.3 C.7.6.3, C.7.6.24)."""
+    return any(tag in ds for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009))
+
+
+def read_headers(paths: Iterable[Path]) -> Headers:
+    """Headers of every instance (pixel data left on disk). Instances without pixel data (an SR, a KOS, a
+    presentation state sent within an image series) are set aside: they are not checked against the
+    images' series constants, because a volume is made of images only."""
     first: Dataset | None = None
+    fallback: Dataset | None = None
     frames: list[Frame] = []
+    images = 0
+    others: list[tuple[str, str]] = []
     seen: dict[str, Counter] = {name: Counter() for name in _SERIES_CONSTANTS}
     for path in sorted(Path(p) for p in paths):
         ds = _read_header(path)
+        fallback = fallback if fallback is not None else ds
+        if not has_pixel_data(ds):
+            others.append((str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))))
+            continue
+        images += 1
         first = first if first is not None else ds
         for name in _SERIES_CONSTANTS:
             seen[name][str(ds.get(name, "") or "")] += 1
@@ -281,11 +311,12 @@ def read_headers(paths: Iterable[Path]) -> tuple[Dataset, list[Frame]]:
         except (TypeError, ValueError, IndexError) as error:  # e.g. Rows with two values, Pixel Spacing "x"
             raise SeriesGeometryError(str(ds.get("SeriesInstanceUID", "")), (path.stem,),
                                       f"unusable image attribute values in {path.name}: {error}") from error
-    if first is None:
+    if fallback is None:
         raise SeriesGeometryError("", (), "no instances given")
+    first = first if first is not None else fallback
     for name, values in seen.items():
         if len(values) > 1:
             raise SeriesGeometryError(str(first.get("SeriesInstanceUID", "")), (),
                                       f"one series with {len(values)} different {name} values {sorted(values)}: "
                                       "instances of different patients, studies or modalities are never combined")
-    return first, frames
+    return Headers(first, tuple(frames), images, tuple(others))

@@ -9,10 +9,12 @@ it reads tags and lengths, skips values (sequences of defined or undefined
 length included) and stops at the first tag after (0020,000E) Series
 Instance UID, which is before the pixel data in any well-formed data set.
 
-Explicit VR little and big endian, implicit VR little endian and deflated
-explicit VR little endian (inflated first) are read (PS3.5 7.1, 10); the
-encapsulated syntaxes (JPEG, JPEG-LS, JPEG 2000, RLE) encode the data set as
-explicit VR little endian. Whether VRs are explicit is read from the first
+Explicit VR little and big endian, implicit VR little endian and the
+deflated syntaxes (deflated explicit VR little endian, JPIP referenced
+deflate; inflated first) are read (PS3.5 7.1, 10, A.5, A.6); the
+encapsulated syntaxes (JPEG, JPEG-LS, JPEG 2000, HTJ2K, JPEG XL, RLE, deflated
+image frames, MPEG and HEVC video) encode the data set as explicit VR little
+endian. Whether VRs are explicit is read from the first
 element, as pydicom does. A data set that ends inside an element, or nests
 sequences deeper than any real object does, raises HeaderError.
 """
@@ -24,7 +26,9 @@ import zlib
 from dataclasses import dataclass
 
 from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+from dicom_node.sop_classes import DEFLATED_DATA_SET_SYNTAXES
 
 SPECIFIC_CHARACTER_SET = 0x00080005
 SOP_CLASS_UID = 0x00080016
@@ -145,7 +149,7 @@ def _text(raw: bytes | None) -> str:
 
 def read_header(data: bytes, transfer_syntax: str) -> InstanceHeader:
     """The receiver's attributes of the data set `data` (no file meta) encoded in `transfer_syntax`."""
-    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+    if transfer_syntax in DEFLATED_DATA_SET_SYNTAXES:
         try:
             data = zlib.decompress(data, -zlib.MAX_WBITS)
         except zlib.error as error:

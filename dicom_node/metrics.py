@@ -41,6 +41,12 @@ class NodeMetrics:
         self.associations_open = Gauge(f"{PREFIX}_associations_open", "Associations open now", registry=r)
         self.associations_rejected = Counter(f"{PREFIX}_associations_rejected", "A-ASSOCIATE-RJ sent",
                                              ["reason"], registry=r)
+        self.contexts_refused = Counter(f"{PREFIX}_presentation_contexts_refused",
+                                        "Proposed presentation contexts refused, one per abstract syntax and "
+                                        "association", ["calling_ae", "reason"], registry=r)
+        self.conflicting_duplicates = Counter(f"{PREFIX}_conflicting_duplicates",
+                                              "Other payloads under a stored SOP Instance UID, kept in the "
+                                              "quarantine", ["calling_ae"], registry=r)
         self.series_completed = Counter(f"{PREFIX}_series_completed", "Series that became complete",
                                         ["trigger"], registry=r)
         self.stage_seconds = Histogram(f"{PREFIX}_stage_seconds", "Latency of each stage of a series",

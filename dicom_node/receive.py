@@ -15,7 +15,14 @@ journaled under other study/series UIDs, is acknowledged with success, logged,
 and neither kept twice nor counted again: the first copy stays (PS3.4 B.4.1
 leaves duplicate handling to the SCP; success lets the sender's retry finish
 instead of looping). It still counts as activity of its series
-(`dicom_node.complete`), so a re-send is one sending episode.
+(`dicom_node.complete`), so a re-send is one sending episode. When its content differs from the stored copy, the new
+copy goes to the quarantine, with both digests in its note, the log, the audit
+and a metric (dicom_node.duplicate).
+
+Every standard storage SOP class is accepted in every network transfer syntax
+(dicom_node.sop_classes), narrowed by `node.sop_classes`; each presentation
+context refused is logged once per association and abstract syntax, and
+counted.
 
 Association policy (PS3.8 7.1.1.9): an unknown calling AE title (or one
 calling from a host it is not allowed from) gets A-ASSOCIATE-RJ rejected
@@ -32,10 +39,14 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
 
 from pynetdicom import sop_class as sc
 from pynetdicom.presentation import build_context
 from pydicom import uid as tsuid
+
+from dicom_node import duplicate, sop_classes
 
 from dicom_node.audit import AuditEvent, AuditLog
 from dicom_node.complete import CompletionTracker
@@ -43,11 +54,12 @@ from dicom_node.config import Config
 from dicom_node.header import HeaderError, InstanceHeader, read_header
 from dicom_node.journal import InstanceRecord, Journal, NewInstance
 from dicom_node.metrics import NodeMetrics
-from dicom_node.spool import InstanceKey, InvalidUID, Spool, part10_header
+from dicom_node.spool import InstanceKey, InvalidUID, QuarantinedFile, Spool, part10_header
 from dicom_node.tls import server_context
 from dicom_node.upper_layer import (CALLED_AE_NOT_RECOGNIZED, CALLING_AE_NOT_RECOGNIZED,
                                     IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Acceptor,
-                                    AcceptorSettings, Association, AssociationRequest, Rejection, StoreRequest)
+                                    AcceptorSettings, Association, AssociationRequest, RefusedContext, Rejection,
+                                    StoreRequest)
 
 log = logging.getLogger("dicom_node.receive")
 
@@ -55,26 +67,6 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATA_SET_DOES_NOT_MATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
-
-STORAGE_CLASSES = (
-    sc.CTImageStorage, sc.EnhancedCTImageStorage, sc.LegacyConvertedEnhancedCTImageStorage,
-    sc.MRImageStorage, sc.EnhancedMRImageStorage, sc.EnhancedMRColorImageStorage,
-    sc.LegacyConvertedEnhancedMRImageStorage,
-    sc.SecondaryCaptureImageStorage, sc.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
-    sc.MultiFrameGrayscaleWordSecondaryCaptureImageStorage, sc.MultiFrameTrueColorSecondaryCaptureImageStorage,
-    sc.MultiFrameSingleBitSecondaryCaptureImageStorage,
-    sc.SegmentationStorage, "1.2.840.10008.5.1.4.1.1.66.7",  # Label Map Segmentation Storage
-    sc.BasicTextSRStorage, sc.EnhancedSRStorage, sc.ComprehensiveSRStorage, sc.Comprehensive3DSRStorage,
-)
-
-# Accepted as-is: the node stores what it is sent and never transcodes.
-TRANSFER_SYNTAXES = (
-    tsuid.ExplicitVRLittleEndian, tsuid.ImplicitVRLittleEndian, tsuid.DeflatedExplicitVRLittleEndian,
-    tsuid.ExplicitVRBigEndian,
-    tsuid.JPEGBaseline8Bit, tsuid.JPEGExtended12Bit, tsuid.JPEGLossless, tsuid.JPEGLosslessSV1,
-    tsuid.JPEGLSLossless, tsuid.JPEGLSNearLossless, tsuid.JPEG2000Lossless, tsuid.JPEG2000,
-    tsuid.RLELossless,
-)
 
 VERIFICATION_SYNTAXES = (tsuid.ImplicitVRLittleEndian, tsuid.ExplicitVRLittleEndian)
 
@@ -117,7 +109,8 @@ class Receiver:
         self._lock = threading.Lock()
         node = config.node
         contexts = [build_context(sc.Verification, list(VERIFICATION_SYNTAXES))]
-        contexts += [build_context(sop_class, list(TRANSFER_SYNTAXES)) for sop_class in STORAGE_CLASSES]
+        accepted = sop_classes.accepted_classes(node.sop_classes.allow, node.sop_classes.deny)
+        contexts += [build_context(uid, list(sop_classes.TRANSFER_SYNTAXES)) for uid in accepted]
         tls_context = None if node.tls is None else server_context(
             node.tls.certificate, node.tls.private_key, node.tls.ca_certificates, node.tls.require_client_certificate)
         self.acceptor = Acceptor(AcceptorSettings(
@@ -166,6 +159,40 @@ class Receiver:
                 calling_ae=association.calling_ae, called_ae=association.called_ae,
                 peer=f"{association.host}:{association.port}")
         self.metrics.associations_open.inc()
+        self._log_refused(association)
+
+    def _log_refused(self, association: Association) -> None:
+        """One line and one count per refused abstract syntax: a sender proposing a class in several
+        contexts (one per transfer syntax, as storescu does) is told once, with every syntax it offered."""
+        by_class: dict[str, list[RefusedContext]] = {}
+        for refused in association.refused:
+            by_class.setdefault(refused.abstract_syntax, []).append(refused)
+        for uid, refusals in by_class.items():
+            label, reason = self._refusal_reason(uid, {r.result for r in refusals})
+            offered = list(dict.fromkeys(ts for r in refusals for ts in r.transfer_syntaxes))
+            log.warning("presentation context refused: calling AE %s from %s:%d proposed %s (%s) with transfer "
+                        "syntaxes [%s]: %s", association.calling_ae, association.host, association.port,
+                        sop_classes.name(uid), uid, ", ".join(f"{sop_classes.name(ts)} ({ts})" for ts in offered),
+                        reason)
+            self.metrics.contexts_refused.labels(calling_ae=association.calling_ae, reason=label).inc()
+
+    def _refusal_reason(self, uid: str, results: set[int]) -> tuple[str, str]:
+        """(metric label, log text) of why the node refused every context proposing `uid` (PS3.8 9.3.3.2)."""
+        if 0x03 not in results:
+            if 0x04 in results:
+                return ("transfer syntax not supported", "transfer-syntaxes-not-supported (none of them is a "
+                                                         "DICOM network transfer syntax the node knows)")
+            return "rejected", f"rejected (result {sorted(results)}: user rejection or no reason given)"
+        allow, deny = self.config.node.sop_classes.allow, self.config.node.sop_classes.deny
+        if uid in deny:
+            return "denied", "abstract-syntax-not-supported (denied by node.sop_classes.deny)"
+        if allow is not None and uid not in allow:
+            return "not allowed", "abstract-syntax-not-supported (not in node.sop_classes.allow)"
+        if uid.startswith(sop_classes.DICOM_ROOT):
+            return ("not a storage class",
+                    "abstract-syntax-not-supported (not a storage SOP class: the node is a Storage SCP)")
+        return ("private class", "abstract-syntax-not-supported (a private SOP class; node.sop_classes.allow "
+                                 "accepts one by UID)")
 
     def closed(self, association: Association, released: bool) -> None:
         with self._lock:
@@ -232,14 +259,14 @@ class Receiver:
             log.error("C-STORE refused (0xA700): writing %s failed: %s", key.sop_instance_uid, error)
             return STATUS_OUT_OF_RESOURCES
         size = len(meta) + len(request.data_set)
-        try:
-            if path is None:  # the instance's file is already in the spool
+        if path is None:  # the instance's file is already in the spool
+            try:
                 existing = self.journal.find_instance(key.sop_instance_uid)
-                if existing is not None:
-                    self._resent(request, existing)
-                log.info("duplicate instance %s (series %s) from %s acknowledged, not stored again",
-                         key.sop_instance_uid, key.series_instance_uid, calling)
-                return STATUS_SUCCESS
+            except Exception as error:
+                log.error("C-STORE refused (0xA700): journaling %s failed: %s", key.sop_instance_uid, error)
+                return STATUS_OUT_OF_RESOURCES
+            return self._duplicate(request, key, meta, self.spool.path_for(key), existing)
+        try:
             new = NewInstance(
                 sop_instance_uid=key.sop_instance_uid, sop_class_uid=request.affected_sop_class_uid,
                 series_instance_uid=key.series_instance_uid, study_instance_uid=key.study_instance_uid,
@@ -247,19 +274,18 @@ class Receiver:
                 transfer_syntax=request.transfer_syntax, size=size, modality=header.modality,
                 series_description=header.series_description)
             record, is_new = self.journal.record_instance(new)
-            if not is_new:  # the SOP Instance UID is journaled under other study/series UIDs: that copy stays
-                self._resent(request, record)
         except Exception as error:
             log.error("C-STORE refused (0xA700): journaling %s failed: %s", key.sop_instance_uid, error)
-            if path is not None:
-                path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
             return STATUS_OUT_OF_RESOURCES
         if not is_new:
-            if record.path != str(path):
-                path.unlink(missing_ok=True)
-            log.info("duplicate instance %s (first stored in series %s) from %s acknowledged, counted once",
-                     key.sop_instance_uid, record.series_instance_uid, calling)
-            return STATUS_SUCCESS
+            if record.path == str(path):  # its journaled file had gone missing: this copy takes its place
+                log.warning("instance %s from %s re-stored: its journaled file was missing", key.sop_instance_uid,
+                            calling)
+                return STATUS_SUCCESS
+            # The SOP Instance UID is journaled under other study/series UIDs: that copy stays.
+            path.unlink(missing_ok=True)
+            return self._duplicate(request, key, meta, Path(record.path), record)
         if stats is not None:
             stats.instances += 1
             stats.bytes += size
@@ -274,6 +300,41 @@ class Receiver:
         stable timeout and for the release fast path of the association re-sending it."""
         self.journal.note_duplicate(existing)
         self.tracker.instance_received(request.association.id, existing.series_instance_uid, existing.generation)
+
+    def _duplicate(self, request: StoreRequest, key: InstanceKey, meta: bytes, stored: Path,
+                   record: InstanceRecord | None) -> int:
+        """A SOP Instance UID the node holds (at `stored`): a re-send is acknowledged and counted once;
+        another payload is acknowledged too, but kept in the quarantine, logged, audited and counted
+        (dicom_node.duplicate)."""
+        calling, host = request.association.calling_ae, request.association.host
+        series_uid = record.series_instance_uid if record is not None else key.series_instance_uid
+        try:
+            if record is not None:
+                self._resent(request, record)
+            found = duplicate.conflict(stored, meta, request.data_set)
+            if found is None:
+                log.info("duplicate instance %s (series %s) from %s acknowledged, stored and counted once",
+                         key.sop_instance_uid, series_uid, calling)
+                return STATUS_SUCCESS
+            reason = (f"another payload under SOP Instance UID {key.sop_instance_uid}, already stored in series "
+                      f"{series_uid} as {stored.name}: sha256 of the stored data set {found.stored_sha256}, of "
+                      f"this one {found.received_sha256} ({sop_classes.name(request.transfer_syntax)}), sent by "
+                      f"{calling} from {host}; the stored copy stays in the spool")
+            kept = self.spool.keep_in_quarantine(f"{key.sop_instance_uid}.dcm", (meta, request.data_set), reason)
+            try:
+                self.audit.record(AuditEvent("quarantined", calling_ae=calling, host=host,
+                                             study_instance_uid=key.study_instance_uid,
+                                             series_instance_uid=series_uid, instance_count=1,
+                                             status="conflicting duplicate", detail=f"{reason}; kept as {kept}"))
+            except Exception:
+                self.spool.remove_quarantined(QuarantinedFile(kept, datetime.now(timezone.utc)))
+                raise
+        except Exception as error:
+            log.error("C-STORE refused (0xA700): keeping the re-sent %s failed: %s", key.sop_instance_uid, error)
+            return STATUS_OUT_OF_RESOURCES
+        log.warning("conflicting duplicate acknowledged and quarantined as %s: %s", kept, reason)
+        self.metrics.conflicting_duplicates.labels(calling_ae=calling).inc()
+        return STATUS_SUCCESS
 
 
 def _request_mismatch(request: StoreRequest, header: InstanceHeader) -> str | None:

@@ -13,6 +13,14 @@ regex when any of their values does.
 Forward rules (`forward:` in config.yaml, plain auto-routing of the original
 series) use the same conditions; their jobs are of kind `forward`, named by the
 rule (config.py keeps pipeline and forward rule names apart).
+
+Pipelines see images only. A series without pixel data in any instance (an
+SR, KOS, presentation state, encapsulated PDF/CDA, RT Structure Set, waveform)
+matches no pipeline, whatever its conditions, with the unmatched reason "not
+an image series"; forward rules still send it on. A series mixing images with
+such instances (which PS3.3 C.7.3 does not foresee, but senders do) is routed
+on its images: the summary and the volume are made of them alone, and a
+forward rule sends every instance.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from dicom_node import sop_classes
 from dicom_node.config import (Config, ContainsAllCondition, ForwardConfig, PipelineConfig, RangeCondition,
                                RegexCondition)
 from dicom_node.states import JobKind
@@ -83,6 +92,9 @@ def unmatched_reasons(config: Config, summary: SeriesSummary, calling_ae: str, c
 def evaluate(pipeline: PipelineConfig | ForwardConfig, attributes: dict[str, Any]) -> Verdict:
     if not pipeline.enabled:
         return Verdict(False, ("pipeline disabled",))
+    if isinstance(pipeline, PipelineConfig) and not attributes.get("image_instances"):
+        classes = ", ".join(sop_classes.name(uid) for uid in attributes.get("non_image_sop_classes") or ())
+        return Verdict(False, (f"not an image series: no instance has pixel data ({classes or 'no SOP class'})",))
     reasons = []
     for key, condition in pipeline.match.items():
         value = attributes.get(key)

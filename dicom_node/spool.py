@@ -75,6 +75,14 @@ def _ascii(text: str) -> bytes:
     return text.encode("ascii", errors="replace")
 
 
+def data_set_of(part10: bytes) -> bytes:
+    """The data set of a Part 10 file the node wrote, without preamble and File Meta Information: what was
+    received, for comparison with a re-sent copy. Reads the meta group's length ((0002,0000), PS3.10 7.1)."""
+    if part10[128:132] != b"DICM" or part10[132:140] != b"\x02\x00\x00\x00UL\x04\x00":
+        raise ValueError("not a Part 10 file starting with a File Meta Information group length")
+    return part10[144 + struct.unpack_from("<I", part10, 140)[0]:]
+
+
 def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, implementation_class_uid: str,
                   implementation_version_name: str, source_ae: str, sending_ae: str | None) -> bytes:
     """Preamble, "DICM" and File Meta Information (PS3.10 7.1) for a data set received over the network.
@@ -195,13 +203,36 @@ class Spool:
         """Move a file that cannot be journaled out of the spool, with a note saying why. A file already
         quarantined under the same name (the same SOP Instance UID found twice) is never replaced: the
         newcomer gets a numbered name."""
-        target = self.quarantine_root / path.name
+        target = self._quarantine_target(path.name)
+        shutil.move(str(path), target)
+        _reason_note(target).write_text(reason + "\n")
+        return target
+
+    def keep_in_quarantine(self, name: str, chunks: tuple[bytes, ...], reason: str) -> Path:
+        """Write received bytes the spool must not hold (another payload under a stored SOP Instance UID)
+        durably into the quarantine, note first; raises OSError on any failure."""
+        target = self._quarantine_target(name)
+        note = _reason_note(target)
+        note.write_text(reason + "\n")
+        try:
+            with open(target, "xb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(self.quarantine_root)
+        except OSError:
+            target.unlink(missing_ok=True)
+            note.unlink(missing_ok=True)
+            raise
+        return target
+
+    def _quarantine_target(self, name: str) -> Path:
+        target = self.quarantine_root / name
         number = 1
         while target.exists() or _reason_note(target).exists():
             number += 1
-            target = self.quarantine_root / f"{path.stem}.{number}{path.suffix}"
-        shutil.move(str(path), target)
-        _reason_note(target).write_text(reason + "\n")
+            target = self.quarantine_root / f"{Path(name).stem}.{number}{Path(name).suffix}"
         return target
 
     def quarantined(self) -> list[QuarantinedFile]:

@@ -14,7 +14,10 @@ is the one the node's SCU side (pynetdicom) speaks.
 States, reduced to what an acceptor meets (PS3.8 9.2): waiting for the
 A-ASSOCIATE-RQ under the ACSE timeout (ARTIM), then data transfer (C-ECHO,
 C-STORE; any other command is answered 0x0211 "unrecognized operation")
-until A-RELEASE-RQ (answered A-RELEASE-RP) or A-ABORT. Anything the state
+until A-RELEASE-RQ (answered A-RELEASE-RP) or A-ABORT. The association's slot
+is given back as soon as the A-RELEASE-RP is sent: a peer that keeps its TCP
+connection open after it (Sta13, PS3.8 9.2) only holds a thread until ARTIM
+expires, never a slot a new association needs. Anything the state
 does not allow, a PDU that does not parse, or one longer than we announced,
 is answered with A-ABORT (source: service provider, with the PS3.8 9.3.8
 reason) and the connection closed. An idle association is aborted after the
@@ -101,6 +104,16 @@ class AssociationRequest:
     certificate_subject: str | None = None  # the TLS peer certificate's common name; None on a plain connection
 
 
+@dataclass(frozen=True)
+class RefusedContext:
+    """A proposed presentation context the A-ASSOCIATE-AC refused: the result is PS3.8 9.3.3.2's 1 (user
+    rejection), 2 (no reason), 3 (abstract syntax not supported) or 4 (transfer syntaxes not supported)."""
+
+    abstract_syntax: str
+    transfer_syntaxes: tuple[str, ...]
+    result: int
+
+
 @dataclass
 class Association:
     """An established association; `id` is unique for the life of the process."""
@@ -112,6 +125,7 @@ class Association:
     port: int
     contexts: dict[int, PresentationContext]  # accepted, by presentation context ID
     peer_max_pdu: int  # 0: unlimited
+    refused: tuple[RefusedContext, ...] = ()  # proposed contexts the A-ASSOCIATE-AC refused
 
 
 @dataclass(frozen=True)
@@ -312,6 +326,8 @@ class Acceptor:
         self._established = 0  # over both listeners: max_associations is the node's limit
         self._ids = itertools.count(1)
         self._accept_threads: list[threading.Thread] = []
+        self._supported = {str(cx.abstract_syntax): frozenset(str(ts) for ts in cx.transfer_syntax)
+                           for cx in settings.contexts}
 
     def start(self) -> None:
         settings = self.settings
@@ -407,6 +423,10 @@ class Acceptor:
             association = self._establish(connection, number, host, port)
             if association is not None:
                 released = self._transfer(connection, association)
+                if released:  # the slot is free once A-RELEASE-RP is sent, whether or not the peer closes TCP
+                    self._end(association, released=True)
+                    association = None
+                    connection.linger_until_closed(self.settings.acse_timeout_s)
         except Abort as abort:
             log.warning("A-ABORT to %s:%d: %s", host, port, abort)
             connection.send_abort(_ABORT_SOURCE_PROVIDER, abort.reason)
@@ -427,11 +447,15 @@ class Acceptor:
         finally:
             sock.close()
             if association is not None:
-                with self._lock:
-                    self._established -= 1
-                self.handler.closed(association, released)
+                self._end(association, released)
             with self._lock:
                 self._connections.pop(number, None)
+
+    def _end(self, association: Association, released: bool) -> None:
+        """Give the association's slot back and tell the handler it ended."""
+        with self._lock:
+            self._established -= 1
+        self.handler.closed(association, released)
 
     def _establish(self, connection: _Connection, number: int, host: str, port: int) -> Association | None:
         """Read and answer the A-ASSOCIATE-RQ; the Association when accepted, None when rejected."""
@@ -458,11 +482,17 @@ class Acceptor:
         try:  # the slot counted for us in _rejection is ours until _serve gives it back; free it on failure
             roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in request.user_information
                      if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
-            results, role_replies = negotiate_as_acceptor(request.presentation_context_definition_list,
-                                                          settings.contexts, roles)
+            proposed = request.presentation_context_definition_list
+            results, role_replies = negotiate_as_acceptor(proposed, settings.contexts, roles)
+            self._keep_requestor_preference(proposed, results)
+            transfer_syntaxes = {cx.context_id: tuple(str(ts) for ts in cx.transfer_syntax) for cx in proposed}
             association = Association(id=number, calling_ae=calling, called_ae=called, host=host, port=port,
                                       contexts={cx.context_id: cx for cx in results if cx.result == 0x00},
-                                      peer_max_pdu=request.maximum_length_received or 0)
+                                      peer_max_pdu=request.maximum_length_received or 0,
+                                      refused=tuple(RefusedContext(str(cx.abstract_syntax),
+                                                                   transfer_syntaxes.get(cx.context_id, ()),
+                                                                   cx.result)
+                                                    for cx in results if cx.result != 0x00))
             connection.send(self._accept_pdu(request, results, role_replies))
             self.handler.accepted(association)
         except BaseException:
@@ -470,6 +500,19 @@ class Acceptor:
                 self._established -= 1
             raise
         return association
+
+    def _keep_requestor_preference(self, proposed: list[PresentationContext],
+                                   results: list[PresentationContext]) -> None:
+        """Accept the first transfer syntax the requestor proposed that we support, not our first: an SCU
+        lists the syntax its file is in first, and a node that stores what it is sent should receive just
+        that, not make the sender transcode (PS3.8 leaves the choice to the acceptor, 9.3.3.2)."""
+        supported = self._supported
+        offered = {cx.context_id: cx.transfer_syntax for cx in proposed}
+        for result in results:
+            ours = supported.get(str(result.abstract_syntax), frozenset())
+            first = next((ts for ts in offered.get(result.context_id, ()) if str(ts) in ours), None)
+            if result.result == 0x00 and first is not None:
+                result.transfer_syntax = [first]
 
     def _rejection(self, pdu: A_ASSOCIATE_RQ, request: A_ASSOCIATE, asked: AssociationRequest) -> Rejection | None:
         """PS3.8 checks first, then the application's, then the association limit (which counts us in)."""
@@ -506,7 +549,8 @@ class Acceptor:
         return pdu.encode()
 
     def _transfer(self, connection: _Connection, association: Association) -> bool:
-        """Serve DIMSE messages until release (returns True) or the peer's A-ABORT (False)."""
+        """Serve DIMSE messages until release (returns True once A-RELEASE-RP is sent) or the peer's A-ABORT
+        (False)."""
         settings = self.settings
         limit = settings.max_pdu or (1 << 32)
         message = _Message()
@@ -520,7 +564,6 @@ class Acceptor:
                         message = _Message()
             elif pdu_type == A_RELEASE_RQ_PDU:
                 connection.send(struct.pack(">BBII", A_RELEASE_RP_PDU, 0, 4, 0))
-                connection.linger_until_closed(settings.acse_timeout_s)
                 return True
             elif pdu_type == A_ABORT_PDU:
                 log.info("A-ABORT from %s at %s:%d", association.calling_ae, association.host, association.port)

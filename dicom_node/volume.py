@@ -30,9 +30,10 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.pixels import iter_pixels
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from dicom_node.frames import Frame, SeriesGeometryError, SourceSlice, read_headers
+from dicom_node import sop_classes
+from dicom_node.frames import Frame, Headers, SeriesGeometryError, SourceSlice, read_headers
 from inference.volume import Volume
 
 __all__ = ["LoadedSeries", "SeriesGeometryError", "SeriesHeaders", "SeriesSummary", "SourceSlice", "VolumeOptions",
@@ -56,6 +57,10 @@ class SeriesSummary:
 
     `orientation` is derived from Image Orientation (Patient): "axial",
     "coronal", "sagittal", "oblique", or "mixed" when instances disagree.
+    Every attribute but the two counts describes the series' images: an
+    instance without pixel data (an SR, KOS, presentation state, encapsulated
+    document, RT structure set or plan, waveform) is counted apart and never
+    reaches a volume.
     """
 
     study_instance_uid: str
@@ -69,6 +74,8 @@ class SeriesSummary:
     manufacturer: str
     contrast_agent: str | None
     orientation: str
+    image_instances: int  # instances with pixel data: none makes a non-image series (SR, KOS, PDF...)
+    non_image_sop_classes: tuple[str, ...]  # SOP Class UIDs of the series' other instances, never in a volume
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,7 +130,8 @@ def _contrast_agent(ds: Dataset) -> str | None:
     return agent or None
 
 
-def _summary(ds: Dataset, frames: Sequence[Frame]) -> SeriesSummary:
+def _summary(headers: Headers, frames: Sequence[Frame]) -> SeriesSummary:
+    ds = headers.first
     thicknesses = [f.slice_thickness for f in frames if f.slice_thickness is not None]
     return SeriesSummary(
         study_instance_uid=str(ds.get("StudyInstanceUID", "")),
@@ -137,6 +145,8 @@ def _summary(ds: Dataset, frames: Sequence[Frame]) -> SeriesSummary:
         manufacturer=str(ds.get("Manufacturer", "")),
         contrast_agent=_contrast_agent(ds),
         orientation=_orientation_name([f.orientation for f in frames if f.orientation is not None]),
+        image_instances=headers.image_instances,
+        non_image_sop_classes=tuple(headers.non_image_sop_classes),
     )
 
 
@@ -144,19 +154,17 @@ def _summary(ds: Dataset, frames: Sequence[Frame]) -> SeriesSummary:
 class SeriesHeaders:
     """The headers of one series, read once (no pixel): what routing summarizes, then checks."""
 
-    first: Dataset  # carries the series attributes
-    frames: tuple[Frame, ...]
+    headers: Headers
 
     @classmethod
     def read(cls, paths: Iterable[Path]) -> SeriesHeaders:
-        first, frames = read_headers(paths)
-        return cls(first, tuple(frames))
+        return cls(read_headers(paths))
 
     def summary(self) -> SeriesSummary:
         """Routing data: image frames, localizers excluded, are the slices counted."""
-        images = [f for f in self.frames
+        images = [f for f in self.headers.frames
                   if f.position is not None and f.orientation is not None and not f.localizer]
-        return _summary(self.first, images)
+        return _summary(self.headers, images)
 
     def check(self, options: VolumeOptions = VolumeOptions()) -> tuple[str, ...]:
         """Raise `SeriesGeometryError` for a series `load_series` would refuse on its headers alone;
@@ -167,7 +175,7 @@ class SeriesHeaders:
         or a second of inference spent on it. What only pixels show
         (conflicting duplicates, undecodable frames) is left to `load_series`.
         """
-        return tuple(_check_headers(self.first, self.frames, options).check.warnings)
+        return tuple(_check_headers(self.headers.first, self.headers.frames, options).check.warnings)
 
 
 def summarize_series(paths: Iterable[Path]) -> SeriesSummary:
@@ -314,7 +322,7 @@ class _Check:
             raise self.fail(frames[:1], f"{slices} x {first.rows} x {first.columns} = {voxels} voxels exceeds "
                                         f"the loader's limit of {self.options.max_voxels}")
         for frame in frames:
-            native = not UID(frame.transfer_syntax).is_compressed if frame.transfer_syntax else True
+            native = not sop_classes.is_encapsulated(frame.transfer_syntax) if frame.transfer_syntax else True
             problem = frame.pixel_data.problem(frame.rows, frame.columns, native)
             if problem:
                 raise self.fail([frame], problem)
@@ -477,9 +485,12 @@ def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions())
     (Patient)[0:3]), j along the column direction ([3:6]), k along their cross
     product, slices ascending; the origin is the first slice's position.
     """
-    ds, frames = read_headers(paths)
-    checked = _check_headers(ds, frames, options)
+    headers = read_headers(paths)
+    checked = _check_headers(headers.first, headers.frames, options)
     check, stack, groups, offsets = checked.check, checked.stack, checked.groups, checked.offsets
+    if headers.non_images:
+        check.warnings.append(f"excluded {len(headers.non_images)} instance(s) without pixel data (not images): "
+                              f"{', '.join(uid for uid, _ in headers.non_images)}")
     resample = bool(np.any(offsets))
 
     first = groups[0][0]
@@ -513,4 +524,4 @@ def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions())
     volume = Volume(array=array, spacing=(column_spacing, row_spacing, checked.spacing_k),
                     origin=tuple(float(v) for v in first.position), direction=direction)
     return LoadedSeries(volume=volume, slices=tuple(f.source for f in kept),
-                        summary=_summary(ds, kept), warnings=tuple(check.warnings))
+                        summary=_summary(headers, kept), warnings=tuple(check.warnings))

@@ -249,3 +249,27 @@ def test_lung_involvement_reads_a_lung_classical_step(tmp_path):
     spleen = text.replace("{name: lungs, task: lung_classical}", "{name: lungs, task: segmentation, model: spleen_ct}")
     assert errors_of(tmp_path, spleen) == [
         "config.yaml:8 pipelines.chest.steps: step 'covid': input_mask 'lungs' is not a lung_classical step"]
+
+
+def test_sop_class_lists_name_standard_storage_classes(tmp_path):
+    """Keywords and UIDs resolve to UIDs; a misspelt keyword or a standard UID that is no storage class is an
+    error with its line (check-config's output), a private UID is the admin's to accept."""
+    assert Config().node.sop_classes.allow is None and Config().node.sop_classes.deny == []  # every class
+    path = tmp_path / "config.yaml"
+    path.write_text("node:\n  sop_classes:\n    allow: [CTImageStorage, 1.2.840.10008.5.1.4.1.1.88.67, "
+                    "1.3.12.2.1107.5.9.1]\n    deny: [EncapsulatedPDFStorage]\n")
+    narrowed = load_config(path).node.sop_classes
+    assert narrowed.allow == ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.88.67", "1.3.12.2.1107.5.9.1"]
+    assert narrowed.deny == ["1.2.840.10008.5.1.4.1.1.104.1"]
+    path.write_text("node:\n  sop_classes:\n    allow: [CTImageStorag, 1.2.840.10008.1.1]\n    deny: [x/y]\n")
+    result = check_config(path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "config.yaml:3 node.sop_classes.allow: 'CTImageStorag' is neither a storage SOP class keyword (such as "
+        "CTImageStorage) nor a UID; 1.2.840.10008.1.1 is not a standard storage SOP class UID (Verification SOP Class)",
+        "config.yaml:4 node.sop_classes.deny: 'x/y' is neither a storage SOP class keyword (such as CTImageStorage) "
+        "nor a UID",
+    ]
+    path.write_text("node:\n  sop_classes:\n    allow: [CTImageStorage]\n    deny: [CTImageStorage]\n")
+    assert errors_of(tmp_path, path.read_text()) == [
+        "config.yaml:2 node.sop_classes: allow and deny leave no storage SOP class to accept"]

@@ -303,7 +303,11 @@ def test_same_sop_instance_uid_under_another_series_keeps_the_first_copy(node, t
         journal.close()
     assert not (spool_path(node, original).parent.parent / ds.SeriesInstanceUID).exists() or \
         not any((spool_path(node, original).parent.parent / ds.SeriesInstanceUID).iterdir())
-    assert f"duplicate instance {ds.SOPInstanceUID} (first stored in series" in node.log_text()
+    # Other content (another Series Instance UID) under the same SOP Instance UID: kept in the quarantine.
+    log = node.log_text()
+    assert "conflicting duplicate acknowledged and quarantined" in log and ds.SOPInstanceUID in log
+    quarantined = node.storage / "quarantine" / f"{ds.SOPInstanceUID}.dcm"
+    assert pydicom.dcmread(quarantined).SeriesInstanceUID == ds.SeriesInstanceUID
 
 
 def test_disk_floor_refuses_with_out_of_resources(tmp_path):

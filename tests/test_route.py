@@ -24,6 +24,8 @@ AXIAL_CT = SeriesSummary(
     manufacturer="SIEMENS",
     contrast_agent=None,
     orientation="axial",
+    image_instances=120,
+    non_image_sop_classes=(),
 )
 
 
@@ -142,3 +144,21 @@ def test_disabled_pipeline_takes_nothing():
     config = config_with({"modality": "CT"}, enabled=False)
     assert match_pipelines(config, AXIAL_CT, "STORESCU", "DICOMNODE") == []
     assert unmatched_reasons(config, AXIAL_CT, "STORESCU", "DICOMNODE") == {"p": "pipeline disabled"}
+
+
+def test_a_series_without_pixel_data_goes_to_no_pipeline_but_is_forwarded():
+    """A dose report SR carries the CT's attributes a rule may ask for, yet no image: pipelines never see it;
+    a forward rule with the same conditions still sends it on."""
+    dose_report = series(modality="SR", image_instances=0, number_of_slices=0,
+                         non_image_sop_classes=("1.2.840.10008.5.1.4.1.1.88.67",))
+    config = Config.model_validate({
+        "pipelines": {"p": {"match": {"calling_ae": "STORESCU"},
+                            "steps": [{"name": "s", "task": "segmentation", "model": "m"}]}},
+        "forward": {"archive": {"match": {"calling_ae": "STORESCU"}, "destinations": ["pacs"]}},
+        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}},
+    })
+    assert [m.pipeline for m in match_pipelines(config, dose_report, "STORESCU", "DICOMNODE")] == ["forward:archive"]
+    assert unmatched_reasons(config, dose_report, "STORESCU", "DICOMNODE") == {
+        "p": "not an image series: no instance has pixel data (X-Ray Radiation Dose SR Storage)"}
+    assert [m.pipeline for m in match_pipelines(config, AXIAL_CT, "STORESCU", "DICOMNODE")] == \
+        ["forward:archive", "p"]

@@ -19,9 +19,11 @@ from pynetdicom.dimse_primitives import C_ECHO, C_FIND
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotification,
                                        ImplementationVersionNameNotification, MaximumLengthNotification)
-from pynetdicom.presentation import build_context
+from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from tests.peers import wait_for
+from tests.test_api import samples
 from tests.test_receive import NODE_AE, Node, running_node
 
 NODE_MAX_PDU = 16384
@@ -49,14 +51,15 @@ def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
 
 
 def _associate(port: int, max_pdu: int, application_context: str = "1.2.840.10008.3.1.1.1",
-               ) -> tuple[socket.socket, int, bytes]:
-    """Open a connection and send an A-ASSOCIATE-RQ for Verification (context 1) and CT (context 3)."""
+               contexts: list[PresentationContext] | None = None) -> tuple[socket.socket, int, bytes]:
+    """Open a connection and send an A-ASSOCIATE-RQ for `contexts` (IDs 1, 3, 5...); by default
+    Verification (context 1) and CT (context 3)."""
     request = A_ASSOCIATE()
     request.application_context_name = application_context
     request.calling_ae_title, request.called_ae_title = "STORESCU", NODE_AE
-    contexts = [build_context(Verification), build_context(CTImageStorage)]
-    for context_id, context in zip((1, 3), contexts):
-        context.context_id = context_id
+    contexts = contexts or [build_context(Verification), build_context(CTImageStorage)]
+    for index, context in enumerate(contexts):
+        context.context_id = 2 * index + 1
     request.presentation_context_definition_list = contexts
     max_length = MaximumLengthNotification()
     max_length.maximum_length_received = max_pdu
@@ -197,3 +200,87 @@ def test_a_request_trickled_byte_by_byte_is_cut_off_at_the_acse_timeout(node):
                 break
         assert closed_after is not None, "the node kept reading a trickled A-ASSOCIATE-RQ for 20 s"
         assert closed_after < ACSE_TIMEOUT_S + 3
+
+
+def _results(pdu_type: int, body: bytes) -> dict[int, tuple[int, str]]:
+    """(result, transfer syntax) of each presentation context of an A-ASSOCIATE-AC."""
+    assert pdu_type == 0x02, f"expected A-ASSOCIATE-AC, got PDU type 0x{pdu_type:02X}"
+    accept = A_ASSOCIATE_AC()
+    accept.decode(struct.pack(">BBI", pdu_type, 0, len(body)) + body)
+    return {cx.context_id: (cx.result, str(cx.transfer_syntax[0]) if cx.transfer_syntax else "")
+            for cx in accept.to_primitive().presentation_context_definition_results_list}
+
+
+def _release(sock: socket.socket) -> None:
+    sock.sendall(struct.pack(">BBII", 0x05, 0, 4, 0))  # A-RELEASE-RQ
+    assert _read_pdu(sock)[0] == 0x06  # A-RELEASE-RP
+
+
+@pytest.fixture(scope="module")
+def narrow_node(tmp_path_factory) -> Iterator[Node]:
+    """One association at a time, a long ACSE timeout, Secondary Capture denied."""
+    with running_node(tmp_path_factory.mktemp("narrow"), node={
+            "max_associations": 1, "acse_timeout_s": 30,
+            "sop_classes": {"deny": ["SecondaryCaptureImageStorage"]}}) as running:
+        yield running
+
+
+def test_a_peer_keeping_tcp_open_after_release_does_not_hold_the_only_slot(narrow_node):
+    """Released means the slot is free, even while the peer leaves its connection open (Sta13) for as long
+    as the ACSE timeout would let it."""
+    sock, pdu_type, _ = _associate(narrow_node.port, 0)
+    with sock:
+        assert pdu_type == 0x02
+        _release(sock)
+        released_at = time.monotonic()
+        accepted = None
+        while time.monotonic() - released_at < 5:  # the node's thread gives the slot back right after the RP
+            second, second_type, _ = _associate(narrow_node.port, 0)
+            with second:
+                if second_type == 0x02:
+                    _echo(second, 1)
+                    assert _read_command(second, NODE_MAX_PDU).Status == 0x0000
+                    _release(second)
+                    accepted = time.monotonic() - released_at
+                    break
+            time.sleep(0.1)
+        assert accepted is not None, "a new association was refused while a released peer kept its TCP open"
+        assert sock.fileno() != -1  # ours is still open: the node did not wait for it
+
+
+def test_refused_contexts_are_logged_once_per_association_and_counted(narrow_node):
+    secondary_capture = "1.2.840.10008.5.1.4.1.1.7"
+    find = "1.2.840.10008.5.1.4.1.2.1.1"  # Patient Root Query/Retrieve - FIND: not a storage class
+    contexts = [build_context(CTImageStorage, ["1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.1"]),
+                build_context(secondary_capture, ["1.2.840.10008.1.2.1"]),
+                build_context(secondary_capture, ["1.2.840.10008.1.2.4.50"]),  # proposed again: one line
+                build_context("1.2.840.10008.5.1.4.1.1.4", ["1.2.3.4.5.6.7"]),  # MR in an unknown syntax
+                build_context(find)]
+    before = narrow_node.log_text()
+    sock, pdu_type, body = _associate(narrow_node.port, 0, contexts=contexts)
+    with sock:
+        results = _results(pdu_type, body)
+        _release(sock)
+    # HTJ2K accepted as the requestor's first choice; the rest refused with PS3.8 9.3.3.2 reasons
+    assert results == {1: (0, "1.2.840.10008.1.2.4.201"), 3: (3, "1.2.840.10008.1.2.1"),
+                       5: (3, "1.2.840.10008.1.2.4.50"), 7: (4, "1.2.3.4.5.6.7"),
+                       9: (3, "1.2.840.10008.1.2")}
+    wait_for(lambda: "Patient Root Query" in narrow_node.log_text()[len(before):], timeout=10,
+             what="refused contexts logged")
+    lines = [line for line in narrow_node.log_text()[len(before):].splitlines()
+             if "presentation context refused" in line]
+    assert len(lines) == 3, lines
+    (denied,) = [line for line in lines if "Secondary Capture Image Storage" in line]
+    assert "calling AE STORESCU" in denied and "denied by node.sop_classes.deny" in denied
+    assert "Explicit VR Little Endian (1.2.840.10008.1.2.1)" in denied and "JPEG Baseline" in denied
+    (unknown,) = [line for line in lines if "MR Image Storage" in line]
+    assert "transfer-syntaxes-not-supported" in unknown and "1.2.3.4.5.6.7" in unknown
+    (query,) = [line for line in lines if find in line]
+    assert "not a storage SOP class" in query
+    counted = samples(narrow_node)
+    assert counted[("dicom_node_presentation_contexts_refused_total",
+                    (("calling_ae", "STORESCU"), ("reason", "denied")))] == 1
+    assert counted[("dicom_node_presentation_contexts_refused_total",
+                    (("calling_ae", "STORESCU"), ("reason", "transfer syntax not supported")))] == 1
+    assert counted[("dicom_node_presentation_contexts_refused_total",
+                    (("calling_ae", "STORESCU"), ("reason", "not a storage class")))] == 1

@@ -62,7 +62,7 @@ def test_summarize_real_series():
         study_instance_uid="", series_instance_uid="", modality="CT", body_part_examined="PARTIALBODY",
         series_description="CT Body 3.0", image_type=("ORIGINAL", "PRIMARY", "AXIAL", "CT_SOM5 SPI"),
         slice_thickness=3.0, number_of_slices=20, manufacturer="SIEMENS", contrast_agent="APPLIED",
-        orientation="axial")
+        orientation="axial", image_instances=20, non_image_sop_classes=())
 
 
 def test_shuffled_instance_numbers_sort_by_position(series, tmp_path):
@@ -236,6 +236,25 @@ def test_non_image_instance_excluded_with_warning(series, tmp_path):
     note.SOPClassUID = note.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
     loaded = _assert_loads(variants.write([*series, note], tmp_path), series)
     assert len(loaded.warnings) == 1 and str(note.SOPInstanceUID) in loaded.warnings[0]
+
+
+def test_a_series_mixing_images_and_a_report_is_summarized_and_loaded_from_its_images(series, tmp_path):
+    """A dose SR filed in the CT series (Modality SR, no pixel data) is not an image of the volume: it must not
+    make the series 'two modalities', and a series of such instances alone is no image series at all."""
+    report = variants.renamed(series[0])
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "Rows", "Columns", "PixelData"):
+        delattr(report, keyword)
+    report.Modality = "SR"
+    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.67"
+    files = variants.write([*series, report], tmp_path / "mixed")
+    summary = summarize_series(files)
+    assert (summary.modality, summary.number_of_slices, summary.image_instances) == ("CT", len(series), len(series))
+    assert summary.non_image_sop_classes == ("1.2.840.10008.5.1.4.1.1.88.67",)
+    loaded = _assert_loads(files, series)
+    assert any(str(report.SOPInstanceUID) in warning and "without pixel data" in warning
+               for warning in loaded.warnings)
+    alone = summarize_series(variants.write([report], tmp_path / "alone"))
+    assert (alone.modality, alone.image_instances, alone.number_of_slices) == ("SR", 0, 0)
 
 
 def test_instances_of_another_series_are_an_error(series, tmp_path):

@@ -71,9 +71,19 @@ class Orthanc:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _open(self, path: str, data: bytes | None = None):
+    def _open(self, path: str, data: bytes | None = None, timeout: float = 10):
         request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data)
-        return urllib.request.urlopen(request, timeout=10)
+        return urllib.request.urlopen(request, timeout=timeout)
+
+    def put(self, path: str, body: dict) -> None:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=json.dumps(body).encode(),
+                                         method="PUT")
+        urllib.request.urlopen(request, timeout=10).close()
+
+    def post(self, path: str, body: bytes, timeout: float = 10):
+        """POST `body` (a DICOM file to /instances, JSON elsewhere); the JSON answer."""
+        with self._open(path, body, timeout) as response:
+            return json.loads(response.read())
 
     def get(self, path: str):
         with self._open(path) as response:
