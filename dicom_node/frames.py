@@ -281,9 +281,11 @@ class Headers:
         return tuple(sorted({sop_class for _, sop_class in self.non_images}))
 
 
-def has_pixel_data(ds: Dataset) -> bool:
-    """An image: Pixel Data, Float or Double Float Pixel Data (PS3.3 C.7.6.3, C.7.6.24)."""
-    return any(tag in ds for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009))
+def is_image(ds: Dataset) -> bool:
+    """An image: Pixel Data, Float or Double Float Pixel Data (PS3.3 C.7.6.3, C.7.6.24), or an Image Pixel
+    module's Rows and Columns without them: a damaged image, which the checks refuse, never a report to
+    leave out of the volume (an SR, a KOS, a presentation state, a structure set has neither)."""
+    return any(tag in ds for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009)) or ("Rows" in ds and "Columns" in ds)
 
 
 def read_headers(paths: Iterable[Path]) -> Headers:
@@ -299,7 +301,7 @@ def read_headers(paths: Iterable[Path]) -> Headers:
     for path in sorted(Path(p) for p in paths):
         ds = _read_header(path)
         fallback = fallback if fallback is not None else ds
-        if not has_pixel_data(ds):
+        if not is_image(ds):
             others.append((str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))))
             continue
         images += 1

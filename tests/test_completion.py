@@ -17,6 +17,7 @@ from dicom_node.audit import AuditLog
 from dicom_node.complete import CompletionTracker
 from dicom_node.jobs import NotRetryable, requeue
 from dicom_node.journal import Journal, NewInstance, utcnow
+from dicom_node.states import JobKind
 from tests.peers import dcmtk
 from tests.series_factory import write_ct_series
 from tests.test_receive import NODE_AE, running_node
@@ -179,10 +180,10 @@ def test_a_new_generation_supersedes_the_queued_job_and_undelivered_exports_of_t
     journal.complete_series("1.2.3", 1)
     queued = journal.add_job("1.2.3", 1, "spleen")
     running = journal.update_job(journal.add_job("1.2.3", 1, "lungs").id, state="running")
-    delivered = journal.update_job(journal.add_job("1.2.3", 1, "forward:archive").id, state="done")
+    delivered = journal.update_job(journal.add_job("1.2.3", 1, "archive", JobKind.FORWARD).id, state="done")
     sent = journal.update_export(journal.add_export(delivered.id, "pacs", "9.1", "/r/9.1.dcm").id, state="sent")
     pending = journal.add_export(delivered.id, "pacs", "9.2", "/r/9.2.dcm")
-    journal.set_series_state("1.2.3", 1, "routed", reason="spleen, lungs, forward:archive")
+    journal.set_series_state("1.2.3", 1, "routed", reason="spleen, lungs, archive")
 
     late, _ = journal.record_instance(new_instance("1.3"))
 

@@ -14,6 +14,7 @@ import pytest
 from dicom_node.config import Config
 from dicom_node.job import JobRequest, produce
 from dicom_node.journal import JobRecord
+from dicom_node.states import JobKind, JobState
 from dicom_node.results import OutputSeries
 from dicom_node.results.keyimage import KeyImageOptions, write_key_images
 from dicom_node.results.measurements import write_involvement_sr
@@ -236,7 +237,8 @@ def test_job_writes_seg_measurement_sr_and_key_images(tmp_path):
                                 "steps": [{"name": "lungs", "task": "lung_classical", "options": {"min_lung_ml": 20}},
                                           {"name": "involvement", "task": "lung_involvement", "input_mask": "lungs"}]}}})
     series_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
-    record = JobRecord(1, series_uid, 1, "chest", "running", 1, None, datetime.now(timezone.utc), None, None, None)
+    record = JobRecord(1, series_uid, 1, "chest", JobState.RUNNING, 1, None, datetime.now(timezone.utc), None, None, None,
+                       JobKind.PIPELINE)
     output = produce(JobRequest(config, record, "", tuple(str(p) for p in paths), str(tmp_path / "out")))
     classes = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in output.exported]
     assert classes == ["1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34",

@@ -81,7 +81,7 @@ def test_the_overlay_is_exported_only_instead_of_a_seg(tmp_path: Path, outputs, 
     from dicom_node.results.outputs import OUTPUTS, Produced, write_outputs
     assert set(typing.get_args(PipelineConfig.model_fields["outputs"].annotation.__args__[0])) == set(OUTPUTS)
     sources, labels, hu = real_sources(), lung_map(), real_hu()
-    produced = Produced(ResultsConfig(), str(sources[0].SeriesInstanceUID), 1, "chest", 0, labels, [], (), sources,
+    produced = Produced(ResultsConfig(), str(sources[0].SeriesInstanceUID), 1, "chest", 0, labels, [], [], (), sources,
                         [None] * len(sources), hu, tmp_path)
     paths = write_outputs(outputs, produced)
     kinds = {"1.2.840.10008.5.1.4.1.1.66.4": "seg", "1.2.840.10008.5.1.4.1.1.7": "overlay"}

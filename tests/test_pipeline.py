@@ -225,7 +225,7 @@ destinations:
         record = _spool(journal, tmp_path / "spool", real_series(tmp_path / "broken", count=12, shift_slice=6))
         pipeline.on_series_complete(record)
         (job,) = journal.jobs_in_state("queued", "running", "done", "failed")
-        assert job.pipeline == "forward:archive"
+        assert (job.kind, job.pipeline) == ("forward", "archive")
         series = journal.get_series(record.series_instance_uid)
         assert series.state == "quarantined" and "missing slice between" in series.reason
     finally:

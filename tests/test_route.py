@@ -157,8 +157,8 @@ def test_a_series_without_pixel_data_goes_to_no_pipeline_but_is_forwarded():
         "forward": {"archive": {"match": {"calling_ae": "STORESCU"}, "destinations": ["pacs"]}},
         "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}},
     })
-    assert [m.pipeline for m in match_pipelines(config, dose_report, "STORESCU", "DICOMNODE")] == ["forward:archive"]
+    assert [m.pipeline for m in match_pipelines(config, dose_report, "STORESCU", "DICOMNODE")] == ["archive"]
     assert unmatched_reasons(config, dose_report, "STORESCU", "DICOMNODE") == {
         "p": "not an image series: no instance has pixel data (X-Ray Radiation Dose SR Storage)"}
     assert [m.pipeline for m in match_pipelines(config, AXIAL_CT, "STORESCU", "DICOMNODE")] == \
-        ["forward:archive", "p"]
+        ["archive", "p"]

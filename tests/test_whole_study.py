@@ -275,7 +275,7 @@ def test_non_image_series_are_forwarded_but_offered_to_no_pipeline(tmp_path):
         for path in reports:
             series_uid = str(pydicom.dcmread(path).SeriesInstanceUID)
             record, jobs = wait_for(lambda: settled(node, series_uid), timeout=60, what=f"{path.name} settled")
-            assert record.state == "routed" and [j.pipeline for j in jobs] == ["forward:archive"], (path, record)
+            assert record.state == "routed" and [(j.kind, j.pipeline) for j in jobs] == [("forward", "archive")], (path, record)
         forwarded = wait_for(lambda: len(_scp_files(pacs_dir)) == len(reports) and _scp_files(pacs_dir),
                              timeout=60, what="the reports at the PACS")
         for path in reports:

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,8 +61,21 @@ class PostgresServer:
         self._process: ManagedProcess | None = None
 
     def start(self) -> None:
+        """Start and wait until it takes connections: it listens while still replaying its WAL, and a
+        connection then fails with "the database system is starting up"."""
+        import psycopg
+
         self._process = ManagedProcess(self._command, log=self.root / "postgres.log")
         wait_for_port(self.port, timeout=60, process=self._process.process)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres").close()
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline or self._process.process.poll() is not None:
+                    raise
+                time.sleep(0.1)
 
     def stop(self) -> None:
         if self._process is not None:
