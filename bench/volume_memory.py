@@ -38,7 +38,7 @@ _MEASURE = """
 import json, re, sys, time
 from pathlib import Path
 import SimpleITK as sitk
-from dicom_node.volume import load_series
+from dicom_node.pipeline.volume import load_series
 def peak_kib():
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
 folder, loader = Path(sys.argv[1]), sys.argv[2]

@@ -2,6 +2,6 @@
 
 import sys
 
-from dicom_node.cli import main
+from dicom_node.ops.cli import main
 
 sys.exit(main())

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from dicom_node import sop_classes, tls
 
-# SeriesSummary fields (dicom_node.volume) plus the association's AE titles.
+# SeriesSummary fields (dicom_node.pipeline.volume) plus the association's AE titles.
 MATCH_KEYS = frozenset({
     "modality", "body_part_examined", "series_description", "image_type", "slice_thickness",
     "number_of_slices", "manufacturer", "contrast_agent", "orientation", "calling_ae", "called_ae",
@@ -332,7 +332,7 @@ class StepConfig(_Model):
 
 
 class _RoutedConfig(_Model):
-    """What pipelines and forward rules share: match rules (dicom_node.route) and destinations."""
+    """What pipelines and forward rules share: match rules (dicom_node.pipeline.route) and destinations."""
 
     enabled: bool = True
     match: dict[str, MatchCondition] = Field(min_length=1)
@@ -375,7 +375,7 @@ class ForwardConfig(_RoutedConfig):
 
 class RetryPolicy(_Model):
     """When a destination's transient failure is tried again, and when it is given up: the one policy every
-    destination kind's exports follow (dicom_node.pipeline asks it; a kind only says transient or permanent).
+    destination kind's exports follow (dicom_node.pipeline.runner asks it; a kind only says transient or permanent).
 
     Exponential backoff with jitter, so that the exports a PACS outage left pending do not all come back at
     the same second when it returns; capped, so a long outage is still noticed within `max_delay_s`.
@@ -418,7 +418,7 @@ class DestinationTlsConfig(_TlsFiles):
 
 
 class DestinationConfig(_Model):
-    # The kinds registered in dicom_node.dispatch.KINDS (a test keeps the two lists the same).
+    # The kinds registered in dicom_node.dispatch.registry.KINDS (a test keeps the two lists the same).
     kind: Literal["dimse"] = "dimse"
     ae_title: str = Field(min_length=1, max_length=16)
     host: str

@@ -111,7 +111,7 @@ class JournalCollector(Collector):
 
 
 class PipelineHealthCollector(Collector):
-    """`dicom_node_pipeline_ready{pipeline}`: 1 ready, 0 degraded (dicom_node.health), read at scrape time."""
+    """`dicom_node_pipeline_ready{pipeline}`: 1 ready, 0 degraded (dicom_node.pipeline.health), read at scrape time."""
 
     def __init__(self, health: Callable[[], list]) -> None:
         self._health = health

@@ -18,7 +18,7 @@ import pydicom
 from pydicom.uid import generate_uid
 from prometheus_client.parser import text_string_to_metric_families
 
-from dicom_node.journal import Journal
+from dicom_node.store.journal import Journal
 from tests.model_repository import install_spleen_model
 from tests.peers import REPO, ManagedProcess, dcmtk, free_port, wait_for, wait_for_port
 from tests.series_factory import write_ct_series
@@ -172,13 +172,13 @@ def test_missing_model_degrades_the_pipeline_not_readiness_and_a_post_retries_th
         node.stop()
 
     lines = [json.loads(line) for line in node.log_text().splitlines() if line.startswith("{")]
-    about_job = [line for line in lines if line["logger"] == "dicom_node.pipeline" and f"job {job['id']}" in line["message"]]
+    about_job = [line for line in lines if line["logger"] == "dicom_node.pipeline.runner" and f"job {job['id']}" in line["message"]]
     assert about_job, node.log_text()[-3000:]
     for line in about_job:  # the job id, series and study UIDs as their own fields
         assert line["job_id"] == job["id"] and line["series_instance_uid"] == job["series_instance_uid"]
         assert line["study_instance_uid"].startswith("1.")
     # A model not installed is a state, not a fault: one WARNING per run naming step, model and job, no traceback.
-    missing = [line for line in lines if line["logger"] == "dicom_node.job" and "step spleen not run" in line["message"]]
+    missing = [line for line in lines if line["logger"] == "dicom_node.pipeline.job" and "step spleen not run" in line["message"]]
     assert len(missing) == 2, node.log_text()[-3000:]  # the first run and the first retry
     for line in missing:
         assert line["level"] == "WARNING" and "exception" not in line and line["job_id"] == job["id"]

@@ -12,7 +12,7 @@ import pytest
 
 from tests.peers import REPO, free_port
 
-from dicom_node import cli
+from dicom_node.ops import cli
 
 DICOM_NODE = Path(sys.executable).parent / "dicom-node"
 
@@ -85,7 +85,7 @@ def test_a_journal_this_version_cannot_use_stops_the_command_with_exit_1(tmp_pat
     """No C-STORE is acknowledged into a journal whose every insert would fail (tests/test_journal.py)."""
     import sqlite3
 
-    from dicom_node.journal import Journal
+    from dicom_node.store.journal import Journal
 
     (tmp_path / "config.yaml").write_text(f"node:\n  host: 127.0.0.1\n  port: {free_port()}\n  storage_dir: var\n"
                                           f"http:\n  host: 127.0.0.1\n  port: {free_port()}\n")

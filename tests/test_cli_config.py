@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node import cli
+from dicom_node.ops import cli
 from dicom_node.config import ConfigError, load_config
 from tests.peers import REPO
 

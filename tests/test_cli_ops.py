@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 import yaml
 
-from dicom_node.spool import Spool
+from dicom_node.store.spool import Spool
 from tests.peers import REPO, dcmtk, free_port
 from tests.series_factory import write_ct_series
 from tests.test_receive import running_node

@@ -13,10 +13,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_node.audit import AuditLog
-from dicom_node.complete import CompletionTracker
-from dicom_node.jobs import NotRetryable, requeue
-from dicom_node.journal import Journal, NewInstance, utcnow
+from dicom_node.store.audit import AuditLog
+from dicom_node.pipeline.complete import CompletionTracker
+from dicom_node.ops.jobs import NotRetryable, requeue
+from dicom_node.store.journal import Journal, NewInstance, utcnow
 from dicom_node.states import JobKind
 from tests.peers import dcmtk
 from tests.series_factory import write_ct_series

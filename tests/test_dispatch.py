@@ -9,9 +9,11 @@ import pytest
 
 import typing
 
-from dicom_node import dimse, dispatch
+from dicom_node.dispatch import dimse
+
+from dicom_node.dispatch import registry as dispatch
 from dicom_node.config import DestinationConfig, RetryPolicy
-from dicom_node.destinations import Refusal
+from dicom_node.dispatch.destinations import Refusal
 from tests.peers import SHARED_DATA, ManagedProcess, free_port, wait_for_port
 from tests.peers import dcmtk, dciodvfy
 from tests.series_factory import write_ct_series

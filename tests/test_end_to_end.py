@@ -10,7 +10,7 @@ import time
 
 import pydicom
 
-from dicom_node.journal import Journal
+from dicom_node.store.journal import Journal
 from tests.peers import free_port, wait_for
 from tests.peers import dcmtk
 from tests.phantoms import chest_phantom, write_ct_volume

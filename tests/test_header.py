@@ -1,4 +1,4 @@
-"""dicom_node.header reads the receiver's attributes straight from encoded bytes: it must agree with pydicom
+"""dicom_node.receive.header reads the receiver's attributes straight from encoded bytes: it must agree with pydicom
 on every transfer syntax the node accepts, step over sequences of undefined length and UN, and refuse
 a data set that ends too early instead of guessing."""
 
@@ -17,8 +17,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian)
 
-from dicom_node.header import HeaderError, InstanceHeader, read_header
-from dicom_node.spool import part10_header
+from dicom_node.receive.header import HeaderError, InstanceHeader, read_header
+from dicom_node.store.spool import part10_header
 from tests.peers import CT_J2K_SERIES
 from tests.series_factory import ct_datasets
 

@@ -12,8 +12,8 @@ import pydicom
 import pytest
 
 from dicom_node.config import Config
-from dicom_node.job import JobRequest, produce
-from dicom_node.journal import JobRecord
+from dicom_node.pipeline.job import JobRequest, produce
+from dicom_node.store.journal import JobRecord
 from dicom_node.states import JobKind, JobState
 from dicom_node.results import OutputSeries
 from dicom_node.results.keyimage import KeyImageOptions, write_key_images
@@ -21,7 +21,7 @@ from dicom_node.results.measurements import write_involvement_sr
 from dicom_node.results.seg import SegOptions, write_seg
 from dicom_node.results.sr import SrOptions
 from dicom_node.results.uids import UidSeed
-from dicom_node.volume import load_series
+from dicom_node.pipeline.volume import load_series
 
 from inference.involvement import (BANDS, CONSOLIDATION, DISCLAIMER, GROUND_GLASS, ZONES, category,
                                    quantify_involvement, zone_score)

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from inference.lung import LEFT_LUNG, RIGHT_LUNG, LungParameters, fill_holes_slicewise, segment_lungs_classical
-from dicom_node.volume import load_series
+from dicom_node.pipeline.volume import load_series
 from inference.volume import Volume
 from tests.peers import CT_J2K_SERIES
 from tests.chest_phantoms import chest_case

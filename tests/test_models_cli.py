@@ -15,7 +15,7 @@ import pytest
 from tests.model_repository import SPLEEN_ONNX
 from tests.peers import SHARED_MODELS
 
-from dicom_node import models
+from dicom_node.ops import models
 
 SPLEEN_TORCHSCRIPT = SHARED_MODELS / "spleen_ct_demo" / "model.torchscript.pt"
 HAS_TORCH = importlib.util.find_spec("torch") is not None

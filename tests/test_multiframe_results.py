@@ -13,7 +13,7 @@ import pytest
 from dicom_node.results.overlay import write_overlay
 from dicom_node.results.seg import write_seg
 from dicom_node.results.sr import write_classification_sr
-from dicom_node.volume import LoadedSeries, load_series
+from dicom_node.pipeline.volume import LoadedSeries, load_series
 from inference.results import LabelMap
 from tests import volume_variants as variants
 from tests.peers import dciodvfy

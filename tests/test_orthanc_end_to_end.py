@@ -24,8 +24,8 @@ import yaml
 
 from dicom_node.config import Config, ConfigError, load_config
 from dicom_node.results.segread import read_seg
-from dicom_node.route import match_pipelines, unmatched_reasons
-from dicom_node.volume import load_series
+from dicom_node.pipeline.route import match_pipelines, unmatched_reasons
+from dicom_node.pipeline.volume import load_series
 from inference import tasks
 from inference.backends import BackendSettings, open_backend
 from inference.involvement import quantify_involvement

@@ -11,9 +11,9 @@ import pydicom
 import pytest
 
 from dicom_node.config import load_config
-from dicom_node.journal import Journal, NewInstance
-from dicom_node.pipeline import Pipeline
-from dicom_node.server import journal_url
+from dicom_node.store.journal import Journal, NewInstance
+from dicom_node.pipeline.runner import Pipeline
+from dicom_node.ops.server import journal_url
 from pydicom.uid import generate_uid
 
 from tests.model_repository import install_spleen_model
@@ -193,7 +193,7 @@ def test_geometry_error_only_pixels_show_fails_the_job_and_quarantines_the_serie
 
 def test_header_geometry_error_quarantines_at_routing_without_a_job(node, tmp_path):
     """A series the headers already condemn never becomes a job: quarantined with the reason, audited."""
-    from dicom_node.audit import AuditLog
+    from dicom_node.store.audit import AuditLog
 
     config, journal, pipeline = node()
     record = _spool(journal, tmp_path / "spool", real_series(tmp_path / "broken", count=12, shift_slice=6))
@@ -256,7 +256,7 @@ def _jobs_cli(config, *argv: str) -> tuple[int, str]:
     import argparse
     import io
 
-    from dicom_node import jobs
+    from dicom_node.ops import jobs
 
     parser = argparse.ArgumentParser()
     jobs.add_parser(parser.add_subparsers(dest="command"))
@@ -288,7 +288,7 @@ def test_jobs_commands_list_show_and_requeue(node, tmp_path):
     code, text = _jobs_cli(config, "retry", "--failed")
     assert code == 0 and f"job {job.id}" in text
     assert journal.get_job(job.id).state in ("queued", "running", "failed")
-    from dicom_node.audit import AuditLog
+    from dicom_node.store.audit import AuditLog
     (audited,) = AuditLog(journal).query(event="retry")
     assert audited.job_id == job.id and "the CLI" in audited.detail
     code, text = _jobs_cli(config, "--json", "dead-letter")
@@ -297,7 +297,7 @@ def test_jobs_commands_list_show_and_requeue(node, tmp_path):
 
 def test_a_job_the_node_died_in_three_times_is_failed_not_rerun(node, tmp_path):
     """A job that crashes the process (a native codec fault) must not crash-loop the node."""
-    from dicom_node.pipeline import MAX_INTERRUPTED_RUNS
+    from dicom_node.pipeline.runner import MAX_INTERRUPTED_RUNS
 
     config, journal, pipeline = node(spleen_modality="MR")
     record = _spool(journal, tmp_path / "spool", real_series(tmp_path / "real"))
@@ -328,7 +328,7 @@ def test_a_job_whose_worker_process_dies_is_rerun_then_failed_and_the_node_goes_
     import os
     import signal
 
-    from dicom_node.pipeline import MAX_INTERRUPTED_RUNS
+    from dicom_node.pipeline.runner import MAX_INTERRUPTED_RUNS
 
     config, journal, pipeline = node(spleen_modality="MR")  # only the lung pipeline matches
     record = _spool(journal, tmp_path / "spool", write_ct_volume(chest_phantom().volume, tmp_path / "phantom"))
@@ -400,8 +400,8 @@ def test_a_series_the_router_did_not_take_is_handed_over_again(node, tmp_path, c
     import sqlite3
     from datetime import timedelta
 
-    from dicom_node.complete import UNROUTED_AFTER_S, CompletionTracker
-    from dicom_node.journal import series, utcnow
+    from dicom_node.pipeline.complete import UNROUTED_AFTER_S, CompletionTracker
+    from dicom_node.store.journal import series, utcnow
 
     config, journal, pipeline = node(spleen_modality="MR")
     handed = []
@@ -460,8 +460,8 @@ def test_a_job_whose_outcome_the_journal_refused_is_run_again(node, tmp_path, ca
 
 
 def test_preload_loads_the_models_of_enabled_pipelines_and_leaves_a_broken_one_to_its_job(node, caplog):
-    """What a worker started with the node does while idle (dicom_node.job.preload)."""
-    from dicom_node import job
+    """What a worker started with the node does while idle (dicom_node.pipeline.job.preload)."""
+    from dicom_node.pipeline import job
 
     config, _, _ = node()
     install_spleen_model(Path(config.inference.model_repository))
@@ -474,7 +474,7 @@ def test_preload_loads_the_models_of_enabled_pipelines_and_leaves_a_broken_one_t
     model_file = Path(config.inference.model_repository) / "spleen_ct" / "1" / "model.onnx"
     model_file.write_bytes(b"not a model")
     try:
-        with caplog.at_level("WARNING", logger="dicom_node.job"):
+        with caplog.at_level("WARNING", logger="dicom_node.pipeline.job"):
             job.preload(config)
     finally:
         job.close_inference()

@@ -13,7 +13,7 @@ from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 import pytest
 import yaml
 
-from dicom_node.journal import Journal
+from dicom_node.store.journal import Journal
 from tests.peers import CT_J2K_SERIES, REPO, ManagedProcess, free_port, wait_for_port
 from tests.peers import dcmtk
 from tests.reliability.senders import raw_store

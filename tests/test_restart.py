@@ -8,7 +8,7 @@ import time
 
 import pydicom
 
-from dicom_node.spool import Spool
+from dicom_node.store.spool import Spool
 from tests.peers import dcmtk, peer_env
 from tests.series_factory import write_ct_series
 from tests.test_api import samples

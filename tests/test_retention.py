@@ -17,13 +17,13 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from dicom_node import jobs as jobs_cli
-from dicom_node.audit import AuditLog
+from dicom_node.ops import jobs as jobs_cli
+from dicom_node.store.audit import AuditLog
 from dicom_node.config import RetentionConfig
-from dicom_node.journal import Journal, NewInstance, exports, jobs, series, utcnow
-from dicom_node.retention import Retention
-from dicom_node.server import reconcile
-from dicom_node.spool import InstanceKey, Spool
+from dicom_node.store.journal import Journal, NewInstance, exports, jobs, series, utcnow
+from dicom_node.store.retention import Retention
+from dicom_node.ops.server import reconcile
+from dicom_node.store.spool import InstanceKey, Spool
 from tests.peers import dcmtk
 from tests.series_factory import write_ct_series
 from tests.test_api import get_json, samples
@@ -176,7 +176,7 @@ def test_quarantined_files_deleted_after_keep_failed_days_never_overwritten(node
     assert all(path.exists() for path in moved)
     assert retention(spool, journal, keep_days=1, keep_failed_days=None).sweep(utcnow() + timedelta(days=999)) == []
     assert all(path.exists() for path in moved)
-    with caplog.at_level("INFO", logger="dicom_node.retention"):
+    with caplog.at_level("INFO", logger="dicom_node.store.retention"):
         sweeper.sweep(utcnow() + timedelta(days=30, minutes=1))
     assert list(spool.quarantine_root.iterdir()) == []
     assert "quarantined file deleted: 1.2.3.2.dcm (28 bytes" in caplog.text and "copy 1" in caplog.text

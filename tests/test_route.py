@@ -9,8 +9,8 @@ import pytest
 from tests.peers import REPO
 
 from dicom_node.config import Config, load_config
-from dicom_node.route import match_pipelines, unmatched_reasons
-from dicom_node.volume import SeriesSummary
+from dicom_node.pipeline.route import match_pipelines, unmatched_reasons
+from dicom_node.pipeline.volume import SeriesSummary
 
 AXIAL_CT = SeriesSummary(
     study_instance_uid="1.2.3",

@@ -12,7 +12,7 @@ from dicom_node.results import OutputSeries
 from dicom_node.results.sr import LOCAL_SCHEME, SrOptions, write_classification_sr
 from dicom_node.results.uids import UidSeed
 from inference.results import Algorithm, ClassLabel, ClassProbabilities, Code
-from dicom_node.journal import StepOutcome
+from dicom_node.store.journal import StepOutcome
 from tests.peers import dciodvfy, dcmtk
 from tests.test_seg import real_sources
 

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, JPEGLossless, JPEGLosslessSV1,
                          JPEGLSLossless, RLELossless)
 
-from dicom_node.volume import (SeriesGeometryError, SeriesSummary, VolumeOptions, check_series, load_series,
+from dicom_node.pipeline.volume import (SeriesGeometryError, SeriesSummary, VolumeOptions, check_series, load_series,
                                summarize_series)
 from inference.volume import Volume
 from tests import volume_variants as variants

@@ -35,7 +35,7 @@ from tests.peers import REPO, dcmtk, free_port, orthanc, peer_env, wait_for
 from tests.reliability.node import settled
 from tests.study_factory import NON_IMAGE, study_objects, study_of
 from tests.test_pipeline import real_series
-from dicom_node.audit import AuditLog
+from dicom_node.store.audit import AuditLog
 from tests.series_factory import write_ct_series
 from tests.test_api import samples
 from tests.test_receive import dataset_bytes, running_node, spool_path

@@ -8,7 +8,7 @@ destination only instead of the SEG (its other use is `Pipeline._overlay_fallbac
 for a destination that refuses SEG's SOP class), so a PACS never shows both.
 
 The writers' modules (highdicom, numpy) are imported when an output is written,
-not with this module: the node's own process imports `dicom_node.job`, which
+not with this module: the node's own process imports `dicom_node.pipeline.job`, which
 imports this, only for its request types.
 """
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import pydicom
 
     from dicom_node.config import ResultsConfig
-    from dicom_node.journal import StepOutcome
+    from dicom_node.store.journal import StepOutcome
     from inference.results import LabelMap
 
 

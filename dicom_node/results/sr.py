@@ -38,7 +38,7 @@ from pydicom.sr.codedict import codes
 from dicom_node.results import OutputSeries, save_dataset, source_headers, write_atomically
 from dicom_node.results.uids import UidSeed
 from dicom_node.results.seg import coded
-from dicom_node.journal import StepOutcome
+from dicom_node.store.journal import StepOutcome
 from dicom_node.states import StepState
 from inference.results import Algorithm, ClassLabel, ClassProbabilities, Code
 

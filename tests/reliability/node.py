@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dicom_node.journal import Journal
+from dicom_node.store.journal import Journal
 from tests.test_receive import Node
 
 CT_PIPELINE = {

@@ -13,7 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.spool import validate_uid
+from dicom_node.store.spool import validate_uid
 from tests.peers import dcmtk, free_port, wait_for
 from tests.reliability.corpus import CASES, Case, write_case
 from tests.reliability.node import node_with_pipeline, settled, with_journal

@@ -15,9 +15,9 @@ journaled under other study/series UIDs, is acknowledged with success, logged,
 and neither kept twice nor counted again: the first copy stays (PS3.4 B.4.1
 leaves duplicate handling to the SCP; success lets the sender's retry finish
 instead of looping). It still counts as activity of its series
-(`dicom_node.complete`), so a re-send is one sending episode. When its content differs from the stored copy, the new
+(`dicom_node.pipeline.complete`), so a re-send is one sending episode. When its content differs from the stored copy, the new
 copy goes to the quarantine, with both digests in its note, the log, the audit
-and a metric (dicom_node.duplicate).
+and a metric (dicom_node.receive.duplicate).
 
 Every standard storage SOP class is accepted in every network transfer syntax
 (dicom_node.sop_classes), narrowed by `node.sop_classes`; each presentation
@@ -46,22 +46,24 @@ from pynetdicom import sop_class as sc
 from pynetdicom.presentation import build_context
 from pydicom import uid as tsuid
 
-from dicom_node import duplicate, sop_classes
+from dicom_node import sop_classes
 
-from dicom_node.audit import AuditEvent, AuditLog
-from dicom_node.complete import CompletionTracker
+from dicom_node.receive import duplicate
+
+from dicom_node.store.audit import AuditEvent, AuditLog
+from dicom_node.pipeline.complete import CompletionTracker
 from dicom_node.config import Config
-from dicom_node.header import HeaderError, InstanceHeader, read_header
-from dicom_node.journal import InstanceRecord, Journal, NewInstance
+from dicom_node.receive.header import HeaderError, InstanceHeader, read_header
+from dicom_node.store.journal import InstanceRecord, Journal, NewInstance
 from dicom_node.metrics import NodeMetrics
-from dicom_node.spool import InstanceKey, InvalidUID, QuarantinedFile, Spool, part10_header
+from dicom_node.store.spool import InstanceKey, InvalidUID, QuarantinedFile, Spool, part10_header
 from dicom_node.tls import server_context
-from dicom_node.upper_layer import (CALLED_AE_NOT_RECOGNIZED, CALLING_AE_NOT_RECOGNIZED,
+from dicom_node.receive.upper_layer import (CALLED_AE_NOT_RECOGNIZED, CALLING_AE_NOT_RECOGNIZED,
                                     IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Acceptor,
                                     AcceptorSettings, Association, AssociationRequest, RefusedContext, Rejection,
                                     StoreRequest)
 
-log = logging.getLogger("dicom_node.receive")
+log = logging.getLogger("dicom_node.receive.scp")
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -305,7 +307,7 @@ class Receiver:
                    record: InstanceRecord | None) -> int:
         """A SOP Instance UID the node holds (at `stored`): a re-send is acknowledged and counted once;
         another payload is acknowledged too, but kept in the quarantine, logged, audited and counted
-        (dicom_node.duplicate)."""
+        (dicom_node.receive.duplicate)."""
         calling, host = request.association.calling_ae, request.association.host
         series_uid = record.series_instance_uid if record is not None else key.series_instance_uid
         try:

@@ -37,12 +37,12 @@ from datetime import datetime, timedelta, timezone
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicom_node.journal import Journal, SeriesRecord
+from dicom_node.store.journal import Journal, SeriesRecord
 from dicom_node.logs import series_context
 from dicom_node.metrics import NodeMetrics
 from dicom_node.states import SeriesState
 
-log = logging.getLogger("dicom_node.complete")
+log = logging.getLogger("dicom_node.pipeline.complete")
 
 SeriesKey = tuple[str, int]  # (Series Instance UID, generation)
 UNROUTED_AFTER_S = 60.0  # routing reads every header: seconds for a large series, never a minute

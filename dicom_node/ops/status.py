@@ -3,7 +3,7 @@
 
 Ready means the node takes images (journal writable, disk above the floor,
 DICOM port listening); each pipeline's health (ready or degraded) is reported
-beside it (`dicom_node.health`). `dicom-node status` exits 1 when the node is
+beside it (`dicom_node.pipeline.health`). `dicom-node status` exits 1 when the node is
 not ready, and with `--strict` also when a pipeline is degraded.
 
 `dicom-node status` asks the running node's API first (only the running
@@ -30,9 +30,9 @@ from typing import TextIO
 from sqlalchemy import func, select
 
 from dicom_node.config import Config
-from dicom_node.health import PipelineHealth, pipeline_health
-from dicom_node.journal import Journal, exports, jobs, series
-from dicom_node.spool import Spool
+from dicom_node.pipeline.health import PipelineHealth, pipeline_health
+from dicom_node.store.journal import Journal, exports, jobs, series
+from dicom_node.store.spool import Spool
 from dicom_node.states import ExportState
 
 Counts = dict[str, dict[tuple[str, ...], int]]
@@ -88,7 +88,7 @@ class NodeStatus:
     disk: DiskUse
     ready: bool  # takes images: `checks` (what /readyz answers)
     checks: list[Check] = field(default_factory=list)
-    pipelines: list[PipelineHealth] = field(default_factory=list)  # ready or degraded (dicom_node.health)
+    pipelines: list[PipelineHealth] = field(default_factory=list)  # ready or degraded (dicom_node.pipeline.health)
 
 
 def journal_counts(journal: Journal) -> Counts:
@@ -139,7 +139,7 @@ def check_dicom_port(config: Config, listening: Callable[[], bool] | None) -> Ch
 
 def readiness(config: Config, journal: Journal, listening: Callable[[], bool] | None) -> Readiness:
     """Can the node take images? Pipelines do not enter into it: a node whose chest classifier is not
-    installed still stores every study, and its spleen pipeline still runs (`dicom_node.health`)."""
+    installed still stores every study, and its spleen pipeline still runs (`dicom_node.pipeline.health`)."""
     return Readiness((check_journal_writable(journal), check_disk(config), check_dicom_port(config, listening)))
 
 
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace, config: Config, out: TextIO = sys.stdout) -> i
 
 
 def _offline_status(config: Config) -> NodeStatus:
-    from dicom_node.server import journal_url
+    from dicom_node.ops.server import journal_url
 
     Path(config.node.storage_dir).mkdir(parents=True, exist_ok=True)
     journal = Journal(journal_url(config))
@@ -224,7 +224,7 @@ def _offline_status(config: Config) -> NodeStatus:
     def open_inference():
         from inference.backends import open_backend
         from inference.repository import ModelRepository
-        from dicom_node.models import backend_settings
+        from dicom_node.ops.models import backend_settings
         repository = ModelRepository(config.inference.model_repository)
         backends.append(open_backend(backend_settings(config)))
         return repository, backends[-1]

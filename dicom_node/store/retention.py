@@ -51,15 +51,15 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select
 
-from dicom_node.audit import AuditEvent, AuditLog
+from dicom_node.store.audit import AuditEvent, AuditLog
 from dicom_node.config import RetentionConfig
-from dicom_node.journal import JobRecord, Journal, SeriesRecord, SettledSeries, jobs, utcnow
+from dicom_node.store.journal import JobRecord, Journal, SeriesRecord, SettledSeries, jobs, utcnow
 from dicom_node.logs import series_context
 from dicom_node.metrics import NodeMetrics
-from dicom_node.spool import InstanceKey, Spool
+from dicom_node.store.spool import InstanceKey, Spool
 from dicom_node.states import SeriesState
 
-log = logging.getLogger("dicom_node.retention")
+log = logging.getLogger("dicom_node.store.retention")
 
 DISK_CHECK_INTERVAL_S = 10
 

@@ -1,10 +1,10 @@
 """What every destination kind answers: one Outcome per instance, with a typed refusal.
 
-A destination kind (DIMSE C-STORE in `dicom_node.dimse`; `dicom_node.dispatch`
+A destination kind (DIMSE C-STORE in `dicom_node.dispatch.dimse`; `dicom_node.dispatch.registry`
 keeps the registry of kinds by name) sends files and says, per instance,
 whether it was stored and, if not, whether trying again can help. What then
 happens (the retry schedule, the dead letter, the overlay fallback) is the
-same for every kind, decided by `config.RetryPolicy` and `dicom_node.pipeline`
+same for every kind, decided by `config.RetryPolicy` and `dicom_node.pipeline.runner`
 from these values alone, never from the wording of a reason.
 """
 
@@ -69,7 +69,7 @@ class EchoResult:
 
 
 class DestinationKind(Protocol):
-    """One kind of destination, registered by `name` in `dicom_node.dispatch.KINDS` and chosen by a
+    """One kind of destination, registered by `name` in `dicom_node.dispatch.registry.KINDS` and chosen by a
     destination's `kind` in the config."""
 
     name: ClassVar[str]

@@ -1,6 +1,6 @@
 """The work of one pipeline job: load the series, run each step, write the result objects.
 
-This runs in a worker process (dicom_node.workers), so it touches neither
+This runs in a worker process (dicom_node.pipeline.workers), so it touches neither
 the journal nor the metrics: it gets everything it needs in a JobRequest and
 hands back a JobOutput, and the node's own process records what happened.
 The model repository and inference backend are opened on the first job a
@@ -18,7 +18,7 @@ from pathlib import Path
 import pydicom
 
 from dicom_node.config import Config, PipelineConfig, StepConfig
-from dicom_node.journal import JobRecord, StepOutcome
+from dicom_node.store.journal import JobRecord, StepOutcome
 from dicom_node.states import StepState
 from dicom_node.results.outputs import Produced, write_outputs
 
@@ -51,7 +51,7 @@ def open_inference(config: Config):
     if not _opened:
         from inference.backends import open_backend
         from inference.repository import ModelRepository
-        from dicom_node.models import backend_settings
+        from dicom_node.ops.models import backend_settings
         repository = ModelRepository(config.inference.model_repository)
         _opened["repository"] = repository
         _opened["backend"] = open_backend(backend_settings(config))
@@ -71,13 +71,13 @@ def preload(config: Config) -> None:
     a worker started with the node has paid for both before its first job. A model that does not load
     is left to its first job, which fails with the reason. The node's own process imports this module
     for JobRequest only, and keeps its memory small by not calling this."""
-    for module in ("dicom_node.volume", "inference.tasks", "dicom_node.results.seg", "dicom_node.results.sr",
+    for module in ("dicom_node.pipeline.volume", "inference.tasks", "dicom_node.results.seg", "dicom_node.results.sr",
                    "dicom_node.results.measurements", "inference.involvement",
                    "dicom_node.results.overlay"):
         importlib.import_module(module)
     if config.inference.backend != "embedded":
         return
-    from dicom_node.health import configured_models
+    from dicom_node.pipeline.health import configured_models
     for model in configured_models(config):
         try:
             repository, backend = open_inference(config)
@@ -91,7 +91,7 @@ def produce(request: JobRequest) -> JobOutput:
 
     A step that fails takes only itself and the steps that need its mask with it (`run_steps`); with
     no step left that gave a result there is nothing to write, and the caller fails the job."""
-    from dicom_node.volume import load_series
+    from dicom_node.pipeline.volume import load_series
     job, config = request.job, request.config
     pipeline = config.pipelines[job.pipeline]
     started = time.monotonic()

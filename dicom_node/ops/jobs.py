@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import TextIO
 
 from dicom_node.config import Config
-from dicom_node.tables import cell, print_table, to_json
-from dicom_node.audit import AuditEvent, AuditLog
-from dicom_node.journal import JobRecord, Journal, StepOutcome, utcnow
+from dicom_node.ops.tables import cell, print_table, to_json
+from dicom_node.store.audit import AuditEvent, AuditLog
+from dicom_node.store.journal import JobRecord, Journal, StepOutcome, utcnow
 from dicom_node.states import ExportState, JobState, SeriesState
 
 JOB_COLUMNS = ("id", "state", "kind", "pipeline", "series_instance_uid", "generation", "attempts", "created_at",
@@ -46,7 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, config: Config, out: TextIO = sys.stdout) -> int:
-    from dicom_node.server import journal_url
+    from dicom_node.ops.server import journal_url
 
     journal = Journal(journal_url(config))
     try:

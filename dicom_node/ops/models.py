@@ -152,13 +152,13 @@ def run_list(args: argparse.Namespace, config: Config | None, out: TextIO = sys.
 
 def run_check(args: argparse.Namespace, config: Config | None, out: TextIO = sys.stdout) -> int:
     """Each repository entry `ok` or `FAILED`, then each enabled pipeline `ready` or `degraded (why)` as
-    /v1/status says it (dicom_node.health). Exit 0 when the check ran, whatever it found: a pipeline
+    /v1/status says it (dicom_node.pipeline.health). Exit 0 when the check ran, whatever it found: a pipeline
     naming a model the site has not installed is a state, not an error; `--strict` exits 1 on any
     failed entry or degraded pipeline (for an install script or CI)."""
     from inference.backends import BackendError, open_backend
     from inference.repository import ModelRepository, RepositoryError
 
-    from dicom_node.health import pipeline_health
+    from dicom_node.pipeline.health import pipeline_health
 
     path = _repository_path(args, config)
     repository = ModelRepository(path)

@@ -23,19 +23,19 @@ from pathlib import Path
 import pydicom
 
 from dicom_node import logs
-from dicom_node.complete import CompletionTracker
+from dicom_node.pipeline.complete import CompletionTracker
 from dicom_node.config import Config
-from dicom_node.health import pipeline_health
-from dicom_node.journal import Journal, NewInstance, default_url, utcnow
+from dicom_node.pipeline.health import pipeline_health
+from dicom_node.store.journal import Journal, NewInstance, default_url, utcnow
 from dicom_node.metrics import JournalCollector, NodeMetrics, PipelineHealthCollector
-from dicom_node.pipeline import Pipeline
-from dicom_node.receive import Receiver
-from dicom_node.retention import Retention
-from dicom_node.status import journal_counts
-from dicom_node.spool import InstanceKey, Spool
+from dicom_node.pipeline.runner import Pipeline
+from dicom_node.receive.scp import Receiver
+from dicom_node.store.retention import Retention
+from dicom_node.ops.status import journal_counts
+from dicom_node.store.spool import InstanceKey, Spool
 from dicom_node.states import SeriesState
 
-log = logging.getLogger("dicom_node.server")
+log = logging.getLogger("dicom_node.ops.server")
 
 
 def journal_url(config: Config) -> str:
@@ -130,9 +130,9 @@ def serve(config: Config, log_format: str = "text") -> None:
 
 
 def _api_server(config: Config, journal: Journal, metrics: NodeMetrics, receiver: Receiver, pipeline: Pipeline):
-    from dicom_node.api import ApiServer, NodeHandles, create_app
-    from dicom_node.audit import AuditLog
-    from dicom_node.status import OpenAssociation
+    from dicom_node.ops.api import ApiServer, NodeHandles, create_app
+    from dicom_node.store.audit import AuditLog
+    from dicom_node.ops.status import OpenAssociation
 
     def associations() -> list[OpenAssociation]:
         return [OpenAssociation(s.calling_ae, s.peer, s.instances, s.bytes) for s in receiver.open_associations()]

@@ -2,7 +2,7 @@
 
 Taking images and running pipelines are different promises. `/readyz` answers
 the first (journal writable, disk above the floor, DICOM port listening:
-`dicom_node.status.readiness`), so a load balancer keeps sending studies to
+`dicom_node.ops.status.readiness`), so a load balancer keeps sending studies to
 a node whose spleen pipeline works while a classifier of its chest pipeline
 is not installed. This module answers the second, once, for every view of it:
 `/v1/status`, `dicom-node status`, the `dicom_node_pipeline_ready` metric and
@@ -10,7 +10,7 @@ is not installed. This module answers the second, once, for every view of it:
 
 A pipeline is `ready` when the backend serves every model its steps name;
 otherwise `degraded`, with a reason per unavailable model. A degraded pipeline
-still runs: its steps fail alone (`dicom_node.job.run_steps`), the others
+still runs: its steps fail alone (`dicom_node.pipeline.job.run_steps`), the others
 deliver, and the SR says which did not run.
 """
 

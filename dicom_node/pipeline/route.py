@@ -35,7 +35,7 @@ from dicom_node import sop_classes
 from dicom_node.config import (Config, ContainsAllCondition, ForwardConfig, PipelineConfig, RangeCondition,
                                RegexCondition)
 from dicom_node.states import JobKind
-from dicom_node.volume import SeriesSummary
+from dicom_node.pipeline.volume import SeriesSummary
 
 
 @dataclass(frozen=True)

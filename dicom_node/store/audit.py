@@ -29,8 +29,8 @@ from typing import TextIO
 
 from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, select
 
-from dicom_node.tables import print_table
-from dicom_node.journal import Journal, utcnow
+from dicom_node.ops.tables import print_table
+from dicom_node.store.journal import Journal, utcnow
 
 AUDIT_EVENTS = ("received", "produced", "sent", "failed", "retry", "purged", "quarantined")
 

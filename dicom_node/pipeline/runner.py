@@ -5,7 +5,7 @@ a job is a row (queued -> running -> done | failed), each result instance for
 each destination is an export row (pending -> sent | dead) with its attempt
 count and next_attempt_at, so a restart continues the retry schedule where it
 stopped. A series sent again with new instances supersedes its earlier
-generations (`dicom_node.journal`): their jobs and exports not yet done end
+generations (`dicom_node.store.journal`): their jobs and exports not yet done end
 `superseded`, so one result covers the whole series.
 
 Steps fail alone: a job whose steps partly failed (a classifier whose model is
@@ -37,19 +37,21 @@ from typing import TYPE_CHECKING
 
 import pydicom
 
-from dicom_node import dispatch, route
-from dicom_node.audit import AuditEvent, AuditLog
+from dicom_node.dispatch import registry as dispatch
+
+from dicom_node.pipeline import route
+from dicom_node.store.audit import AuditEvent, AuditLog
 from dicom_node.config import Config, DestinationConfig
-from dicom_node.destinations import Outcome, OutcomeKind, Refusal
-from dicom_node.job import JobRequest, close_inference, open_inference
-from dicom_node.journal import ExportRecord, JobRecord, Journal, SeriesRecord, StepOutcome, utcnow
+from dicom_node.dispatch.destinations import Outcome, OutcomeKind, Refusal
+from dicom_node.pipeline.job import JobRequest, close_inference, open_inference
+from dicom_node.store.journal import ExportRecord, JobRecord, Journal, SeriesRecord, StepOutcome, utcnow
 from dicom_node.logs import series_context
 from dicom_node.metrics import NodeMetrics, failure_reason
 from dicom_node.states import ExportState, JobKind, JobState, SeriesState, StepState
-from dicom_node.workers import JobError, JobWorkers, WorkerDied
+from dicom_node.pipeline.workers import JobError, JobWorkers, WorkerDied
 
 if TYPE_CHECKING:
-    from dicom_node.volume import SeriesHeaders
+    from dicom_node.pipeline.volume import SeriesHeaders
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ class Pipeline:
         self.metrics = metrics or NodeMetrics()
         self.audit = AuditLog(journal)
         self.results_dir = Path(config.node.storage_dir) / "results"
-        # One thread per worker slot waits on its job's worker process (dicom_node.workers).
+        # One thread per worker slot waits on its job's worker process (dicom_node.pipeline.workers).
         self._threads = ThreadPoolExecutor(max_workers=max(1, config.inference.workers), thread_name_prefix="job")
         self._job_workers = JobWorkers(config)
         self._stopping = threading.Event()
@@ -110,7 +112,7 @@ class Pipeline:
     def on_series_complete(self, series: SeriesRecord) -> None:
         """Route a complete series to jobs; the work itself runs on the worker pool."""
         paths = [Path(i.path) for i in self.journal.series_instances(series.series_instance_uid, series.generation)]
-        from dicom_node.volume import SeriesHeaders
+        from dicom_node.pipeline.volume import SeriesHeaders
         try:
             headers = SeriesHeaders.read(paths)
             summary = headers.summary()

@@ -69,7 +69,7 @@ def register_check_config(subparsers: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     config = config_from(args.config)
-    from dicom_node import server  # imported here: check-config and the admin commands stay light
+    from dicom_node.ops import server  # imported here: check-config and the admin commands stay light
 
     try:
         server.serve(config, log_format=args.log_format)
@@ -86,7 +86,7 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
 
 
 def register_models(subparsers: argparse._SubParsersAction) -> None:
-    from dicom_node import models
+    from dicom_node.ops import models
 
     models.add_parser(subparsers)
     parser = subparsers.choices["models"]
@@ -99,7 +99,7 @@ def register_models(subparsers: argparse._SubParsersAction) -> None:
 
 
 def register_jobs(subparsers: argparse._SubParsersAction) -> None:
-    from dicom_node import jobs
+    from dicom_node.ops import jobs
 
     jobs.add_parser(subparsers)
     parser = subparsers.choices["jobs"]
@@ -111,13 +111,13 @@ def _with_config(parser: argparse.ArgumentParser, handler: Callable[[argparse.Na
 
 
 def register_status(subparsers: argparse._SubParsersAction) -> None:
-    from dicom_node import status
+    from dicom_node.ops import status
 
     _with_config(status.add_parser(subparsers), status.run)
 
 
 def register_send(subparsers: argparse._SubParsersAction) -> None:
-    from dicom_node import send
+    from dicom_node.ops import send
 
     send_parser, echo_parser = send.add_parsers(subparsers)
     _with_config(send_parser, send.run_send)
@@ -125,11 +125,11 @@ def register_send(subparsers: argparse._SubParsersAction) -> None:
 
 
 def register_audit(subparsers: argparse._SubParsersAction) -> None:
-    from dicom_node import audit
+    from dicom_node.store import audit
 
     def handler(args: argparse.Namespace, config: Config) -> int:
-        from dicom_node.journal import Journal
-        from dicom_node.server import journal_url
+        from dicom_node.store.journal import Journal
+        from dicom_node.ops.server import journal_url
 
         journal = Journal(journal_url(config))
         try:
@@ -141,7 +141,7 @@ def register_audit(subparsers: argparse._SubParsersAction) -> None:
 
 
 def register_demo_series(subparsers: argparse._SubParsersAction) -> None:
-    from dicom_node import demo
+    from dicom_node.ops import demo
 
     demo.add_parser(subparsers).set_defaults(handler=demo.run)
 

@@ -4,7 +4,7 @@ A destination's `kind` in the config (default `dimse`) picks its implementation
 from `KINDS`; adding a kind (a DICOMweb STOW-RS one, say) is adding a module
 with a `destinations.DestinationKind` class and its line here. Every kind
 answers in the same `destinations.Outcome` values, so the retry policy, the
-dead letter and the overlay fallback (`dicom_node.pipeline`) are one mechanism
+dead letter and the overlay fallback (`dicom_node.pipeline.runner`) are one mechanism
 for all of them.
 """
 
@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dicom_node.config import DestinationConfig
-from dicom_node.destinations import DestinationKind, DispatchReport, EchoResult, Outcome
-from dicom_node.dimse import Dimse
+from dicom_node.dispatch.destinations import DestinationKind, DispatchReport, EchoResult, Outcome
+from dicom_node.dispatch.dimse import Dimse
 
 KINDS: dict[str, DestinationKind] = {kind.name: kind() for kind in (Dimse,)}
 

@@ -49,7 +49,7 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from dicom_node import ListenError, __version__
 from dicom_node.tls import peer_subject
 
-log = logging.getLogger("dicom_node.upper_layer")
+log = logging.getLogger("dicom_node.receive.upper_layer")
 
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"  # PS3.7 A.2.1
 IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["dicom-node", __version__])

@@ -31,7 +31,7 @@ from pynetdicom.presentation import build_context
 
 from dicom_node import sop_classes
 from dicom_node.config import DestinationConfig
-from dicom_node.destinations import DispatchReport, EchoResult, Outcome, OutcomeKind, Refusal
+from dicom_node.dispatch.destinations import DispatchReport, EchoResult, Outcome, OutcomeKind, Refusal
 from dicom_node.tls import client_context
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ def echo(destination: DestinationConfig, calling_ae: str) -> EchoResult:
 
 
 class Dimse:
-    """The DIMSE kind for the registry (`dicom_node.dispatch.KINDS`)."""
+    """The DIMSE kind for the registry (`dicom_node.dispatch.registry.KINDS`)."""
 
     name = "dimse"
     send = staticmethod(send)

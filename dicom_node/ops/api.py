@@ -27,16 +27,16 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from dicom_node import ListenError, __version__
-from dicom_node import jobs as jobs_cli
-from dicom_node.audit import AUDIT_EVENTS, AuditLog, AuditRecord
+from dicom_node.ops import jobs as jobs_cli
+from dicom_node.store.audit import AUDIT_EVENTS, AuditLog, AuditRecord
 from dicom_node.config import Config, HttpTlsConfig
-from dicom_node.journal import ExportRecord, JobRecord, Journal, SeriesRecord, StepOutcome, exports, jobs, series
+from dicom_node.store.journal import ExportRecord, JobRecord, Journal, SeriesRecord, StepOutcome, exports, jobs, series
 from dicom_node.metrics import CONTENT_TYPE, NodeMetrics
-from dicom_node.health import InferenceOpener, configured_models, pipeline_health
+from dicom_node.pipeline.health import InferenceOpener, configured_models, pipeline_health
 from dicom_node.states import JobKind, JobState
-from dicom_node.status import NodeStatus, OpenAssociation, readiness, snapshot
+from dicom_node.ops.status import NodeStatus, OpenAssociation, readiness, snapshot
 
-log = logging.getLogger("dicom_node.api")
+log = logging.getLogger("dicom_node.ops.api")
 
 OPEN_PATHS = frozenset({"/healthz"})
 AuditEventKind = Literal[AUDIT_EVENTS]
@@ -44,7 +44,7 @@ AuditEventKind = Literal[AUDIT_EVENTS]
 
 @dataclass(frozen=True)
 class NodeHandles:
-    """What the API reads from the running node (built by `dicom_node.server.serve`)."""
+    """What the API reads from the running node (built by `dicom_node.ops.server.serve`)."""
 
     config: Config
     journal: Journal

@@ -25,7 +25,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
-from dicom_node.spool import data_set_of
+from dicom_node.store.spool import data_set_of
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from multiprocessing.connection import Connection, wait
 
 from dicom_node import logs
 from dicom_node.config import Config
-from dicom_node.job import JobOutput, JobRequest
-from dicom_node.volume import SeriesGeometryError
+from dicom_node.pipeline.job import JobOutput, JobRequest
+from dicom_node.pipeline.volume import SeriesGeometryError
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _child_main(connection: Connection, parent_pid: int, log_format: str, config
     for stop in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and systemd signal the whole group; the node
         signal.signal(stop, signal.SIG_IGN)        # lets the running job finish, then closes the pipe
     logs.configure(log_format)
-    from dicom_node import job
+    from dicom_node.pipeline import job
     job.preload(config)
     while True:
         try:
@@ -198,7 +198,7 @@ class JobWorkers:
 
     def start(self) -> None:
         """Start every slot's process now, while the node is idle: a worker imports numpy, pydicom,
-        ONNX Runtime and the codecs and loads its models (2-3 s of CPU, dicom_node.job.preload) before
+        ONNX Runtime and the codecs and loads its models (2-3 s of CPU, dicom_node.pipeline.job.preload) before
         it can take a job, and the first study after a restart should not wait for that."""
         for slot in self._slots:
             slot.start()

@@ -1,7 +1,7 @@
 """`dicom-node send PATH... --to DESTINATION` and `dicom-node echo DESTINATION`: the admin's SCU.
 
 `send` pushes files or folders (searched recursively) to a destination of the
-config with the node's own C-STORE code (`dicom_node.dispatch.send`): the same
+config with the node's own C-STORE code (`dicom_node.dispatch.registry.send`): the same
 presentation contexts, statuses and calling AE title the pipeline uses, so a
 successful manual send says the pipeline's exports will get through too. All files
 go in one association (a PACS may take the end of an association as the end of a
@@ -24,10 +24,10 @@ from typing import TextIO
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from dicom_node import dispatch
+from dicom_node.dispatch import registry as dispatch
 from dicom_node.config import Config, DestinationConfig
-from dicom_node.destinations import OutcomeKind
-from dicom_node.tables import print_table
+from dicom_node.dispatch.destinations import OutcomeKind
+from dicom_node.ops.tables import print_table
 
 SKIPPED = "skipped"  # not a DICOM file: never offered to the destination
 

@@ -33,7 +33,7 @@ from pydicom.pixels import iter_pixels
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicom_node import sop_classes
-from dicom_node.frames import Frame, Headers, SeriesGeometryError, SourceSlice, read_headers
+from dicom_node.pipeline.frames import Frame, Headers, SeriesGeometryError, SourceSlice, read_headers
 from inference.volume import Volume
 
 __all__ = ["LoadedSeries", "SeriesGeometryError", "SeriesHeaders", "SeriesSummary", "SourceSlice", "VolumeOptions",
