@@ -240,6 +240,15 @@ class InferenceConfig(_Model):
     def _anchor_model_repository(cls, value: Path, info: ValidationInfo) -> Path:
         return _resolve(value, info)
 
+    def backend_settings(self):
+        """The inference package's settings for the backend this config selects (its only way in)."""
+        from inference.backends import BackendSettings
+        return BackendSettings(
+            kind=self.backend, url=self.triton.url, protocol=self.triton.protocol,
+            timeout_s=self.triton.timeout_s, retries=self.triton.retries,
+            cpu_threads=self.embedded.cpu_threads, providers=list(self.embedded.providers),
+        )
+
 
 class RegexCondition(_Model):
     regex: str

@@ -13,7 +13,6 @@ import pytest
 from dicom_node.config import load_config
 from dicom_node.store.journal import Journal, NewInstance
 from dicom_node.pipeline.runner import Pipeline
-from dicom_node.ops.server import journal_url
 from pydicom.uid import generate_uid
 
 from tests.model_repository import install_spleen_model
@@ -103,7 +102,7 @@ def node(tmp_path):
     def make(**kwargs):
         config = _config(tmp_path, **kwargs)
         Path(config.node.storage_dir).mkdir(exist_ok=True)
-        journal = Journal(journal_url(config))
+        journal = Journal(config.node.journal_url)
         pipeline = Pipeline(config, journal)
         made.append((pipeline, journal))
         return config, journal, pipeline
@@ -219,7 +218,7 @@ destinations:
 """)
     config = load_config(path)
     Path(config.node.storage_dir).mkdir(exist_ok=True)
-    journal = Journal(journal_url(config))
+    journal = Journal(config.node.journal_url)
     pipeline = Pipeline(config, journal)
     try:
         record = _spool(journal, tmp_path / "spool", real_series(tmp_path / "broken", count=12, shift_slice=6))

@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from dicom_node.ops import jobs as jobs_cli
+from dicom_node.pipeline.requeue import NotRetryable, requeue
 from dicom_node.store.audit import AuditLog
 from dicom_node.config import RetentionConfig
 from dicom_node.store.journal import Journal, NewInstance, exports, jobs, series, utcnow
@@ -233,8 +234,8 @@ def test_series_sent_again_after_purge_is_a_new_generation(node_state, tmp_path)
     assert all(path.exists() for path in again)
     assert journal.get_series(SERIES).generation == 2
     assert len(journal.series_instances(SERIES, 2)) == 3
-    with pytest.raises(jobs_cli.NotRetryable, match=r"generation 1 is no longer in the spool \(retention: done"):
-        jobs_cli.requeue(AuditLog(journal), journal.get_job(job_id), "a test")
+    with pytest.raises(NotRetryable, match=r"generation 1 is no longer in the spool \(retention: done"):
+        requeue(AuditLog(journal), journal.get_job(job_id), "a test")
 
 
 def test_interrupted_purge_is_finished_and_left_alone_by_reconcile(node_state, tmp_path):

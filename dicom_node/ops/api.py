@@ -27,13 +27,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from dicom_node import ListenError, __version__
-from dicom_node.ops import jobs as jobs_cli
 from dicom_node.store.audit import AUDIT_EVENTS, AuditLog, AuditRecord
 from dicom_node.config import Config, HttpTlsConfig
 from dicom_node.store.journal import ExportRecord, JobRecord, Journal, SeriesRecord, StepOutcome, exports, jobs, series
 from dicom_node.metrics import CONTENT_TYPE, NodeMetrics
 from dicom_node.pipeline.health import InferenceOpener, configured_models, pipeline_health
 from dicom_node.states import JobKind, JobState
+from dicom_node.pipeline.requeue import NotRetryable, requeue
 from dicom_node.ops.status import NodeStatus, OpenAssociation, readiness, snapshot
 
 log = logging.getLogger("dicom_node.ops.api")
@@ -157,9 +157,9 @@ def create_app(node: NodeHandles) -> FastAPI:
               responses={404: {"description": "no such job"}, 409: {"description": "the job is queued or running, or its series was purged"}})
     def retry_job(job_id: int, request: Request) -> JobRecord:
         try:
-            job = jobs_cli.requeue(node.audit, _job_or_404(node.journal, job_id), "the HTTP API",
+            job = requeue(node.audit, _job_or_404(node.journal, job_id), "the HTTP API",
                                    host=request.client.host if request.client else None)
-        except jobs_cli.NotRetryable as error:
+        except NotRetryable as error:
             raise HTTPException(409, str(error)) from None
         log.info("job %d (%s) requeued through the API", job_id, job.pipeline)
         node.pick_up_queued()

@@ -129,9 +129,8 @@ def register_audit(subparsers: argparse._SubParsersAction) -> None:
 
     def handler(args: argparse.Namespace, config: Config) -> int:
         from dicom_node.store.journal import Journal
-        from dicom_node.ops.server import journal_url
 
-        journal = Journal(journal_url(config))
+        journal = Journal(config.node.journal_url)
         try:
             return audit.run(args, journal)
         finally:

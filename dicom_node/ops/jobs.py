@@ -15,9 +15,10 @@ from typing import TextIO
 
 from dicom_node.config import Config
 from dicom_node.ops.tables import cell, print_table, to_json
-from dicom_node.store.audit import AuditEvent, AuditLog
-from dicom_node.store.journal import JobRecord, Journal, StepOutcome, utcnow
-from dicom_node.states import ExportState, JobState, SeriesState
+from dicom_node.store.audit import AuditLog
+from dicom_node.pipeline.requeue import NotRetryable, requeue
+from dicom_node.store.journal import Journal, StepOutcome, utcnow
+from dicom_node.states import ExportState, JobState
 
 JOB_COLUMNS = ("id", "state", "kind", "pipeline", "series_instance_uid", "generation", "attempts", "created_at",
                "steps", "error")
@@ -46,9 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, config: Config, out: TextIO = sys.stdout) -> int:
-    from dicom_node.ops.server import journal_url
 
-    journal = Journal(journal_url(config))
+    journal = Journal(config.node.journal_url)
     try:
         return args.jobs_handler(args, journal, out)
     finally:
@@ -88,32 +88,6 @@ def run_show(args, journal: Journal, out: TextIO) -> int:
     print(file=out)
     print_table(exports, ("id", "destination", "state", "sop_instance_uid", "attempts", "reason"), False, out)
     return 0
-
-
-class NotRetryable(ValueError):
-    """Only a failed or done job goes back in the queue (a queued or running one is on its way), and only
-    while its series is in the spool."""
-
-
-def requeue(audit: AuditLog, job: JobRecord, via: str, host: str | None = None) -> JobRecord:
-    """Put a failed or done job back in the queue and audit it.
-
-    The one retry path for the CLI and the HTTP API; a running node picks the job up.
-    """
-    journal = audit.journal
-    if job.state not in (JobState.FAILED, JobState.DONE):
-        raise NotRetryable(f"job {job.id} is {job.state}; only failed or done jobs are retried")
-    series = journal.get_series(job.series_instance_uid, job.generation)
-    if series is not None and series.state == SeriesState.PURGED:
-        raise NotRetryable(f"job {job.id}: series {job.series_instance_uid} generation {job.generation} is no longer "
-                           f"in the spool ({series.reason}); send it again to process it again")
-    if series is not None and series.state == SeriesState.SUPERSEDED:
-        raise NotRetryable(f"job {job.id}: series {job.series_instance_uid} generation {job.generation} was "
-                           f"{series.reason}; retry that generation's job instead")
-    job = journal.update_job(job.id, state=JobState.QUEUED, error=None, finished_at=None)
-    audit.record(AuditEvent("retry", host=host, series_instance_uid=job.series_instance_uid, job_id=job.id,
-                            detail=f"requeued through {via} ({job.kind} {job.pipeline})"))
-    return job
 
 
 def run_retry(args, journal: Journal, out: TextIO) -> int:

@@ -158,6 +158,7 @@ def run_check(args: argparse.Namespace, config: Config | None, out: TextIO = sys
     from inference.backends import BackendError, open_backend
     from inference.repository import ModelRepository, RepositoryError
 
+    from dicom_node.config import InferenceConfig
     from dicom_node.pipeline.health import pipeline_health
 
     path = _repository_path(args, config)
@@ -168,7 +169,7 @@ def run_check(args: argparse.Namespace, config: Config | None, out: TextIO = sys
     except RepositoryError as error:
         print(f"error: {error}", file=out)
         entries, failures = {}, failures + 1
-    settings = backend_settings(config)
+    settings = (config.inference if config else InferenceConfig()).backend_settings()  # embedded without one
     try:
         backend = open_backend(settings)
     except BackendError as error:
@@ -196,20 +197,6 @@ def run_check(args: argparse.Namespace, config: Config | None, out: TextIO = sys
         if backend is not None:
             backend.close()
     return 1 if args.strict and (failures or not all(p.ready for p in health)) else 0
-
-
-def backend_settings(config: Config | None):
-    """The backend the node's config selects (embedded ONNX Runtime when there is no config)."""
-    from inference.backends import BackendSettings
-
-    if config is None:
-        return BackendSettings(kind="embedded")
-    inference = config.inference
-    return BackendSettings(
-        kind=inference.backend, url=inference.triton.url, protocol=inference.triton.protocol,
-        timeout_s=inference.triton.timeout_s, retries=inference.triton.retries,
-        cpu_threads=inference.embedded.cpu_threads, providers=list(inference.embedded.providers),
-    )
 
 
 def run_import(args: argparse.Namespace, config: Config | None, out: TextIO = sys.stdout) -> int:

@@ -26,7 +26,7 @@ from dicom_node import logs
 from dicom_node.pipeline.complete import CompletionTracker
 from dicom_node.config import Config
 from dicom_node.pipeline.health import pipeline_health
-from dicom_node.store.journal import Journal, NewInstance, default_url, utcnow
+from dicom_node.store.journal import Journal, NewInstance, utcnow
 from dicom_node.metrics import JournalCollector, NodeMetrics, PipelineHealthCollector
 from dicom_node.pipeline.runner import Pipeline
 from dicom_node.receive.scp import Receiver
@@ -36,10 +36,6 @@ from dicom_node.store.spool import InstanceKey, Spool
 from dicom_node.states import SeriesState
 
 log = logging.getLogger("dicom_node.ops.server")
-
-
-def journal_url(config: Config) -> str:
-    return config.node.journal_url or default_url(Path(config.node.storage_dir))
 
 
 def reconcile(spool: Spool, journal: Journal) -> None:
@@ -91,7 +87,7 @@ def serve(config: Config, log_format: str = "text") -> None:
     """Run the node until SIGTERM or SIGINT; then shut down as the module docstring says."""
     logs.configure(log_format)
     spool = Spool(Path(config.node.storage_dir))
-    journal = Journal(journal_url(config))
+    journal = Journal(config.node.journal_url)
     reconcile(spool, journal)
     metrics = NodeMetrics()
     metrics.add_collector(JournalCollector(lambda: journal_counts(journal), spool.free_bytes,

@@ -215,18 +215,16 @@ def run(args: argparse.Namespace, config: Config, out: TextIO = sys.stdout) -> i
 
 
 def _offline_status(config: Config) -> NodeStatus:
-    from dicom_node.ops.server import journal_url
 
     Path(config.node.storage_dir).mkdir(parents=True, exist_ok=True)
-    journal = Journal(journal_url(config))
+    journal = Journal(config.node.journal_url)
     backends: list = []
 
     def open_inference():
         from inference.backends import open_backend
         from inference.repository import ModelRepository
-        from dicom_node.ops.models import backend_settings
         repository = ModelRepository(config.inference.model_repository)
-        backends.append(open_backend(backend_settings(config)))
+        backends.append(open_backend(config.inference.backend_settings()))
         return repository, backends[-1]
 
     try:

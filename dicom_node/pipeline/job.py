@@ -51,10 +51,9 @@ def open_inference(config: Config):
     if not _opened:
         from inference.backends import open_backend
         from inference.repository import ModelRepository
-        from dicom_node.ops.models import backend_settings
         repository = ModelRepository(config.inference.model_repository)
         _opened["repository"] = repository
-        _opened["backend"] = open_backend(backend_settings(config))
+        _opened["backend"] = open_backend(config.inference.backend_settings())
     return _opened["repository"], _opened["backend"]
 
 

@@ -20,16 +20,12 @@ stages stays what the stages need; it lives on the same engine.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TextIO
 
 from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, select
 
-from dicom_node.ops.tables import print_table
 from dicom_node.store.journal import Journal, utcnow
 
 AUDIT_EVENTS = ("received", "produced", "sent", "failed", "retry", "purged", "quarantined")
@@ -98,28 +94,3 @@ class AuditLog:
             query = query.where(audit.c.time >= since)
         return self.journal.select(AuditRecord, query.order_by(audit.c.id.desc()).limit(limit))
 
-
-# --- `dicom-node audit` ------------------------------------------------------------------------
-
-AUDIT_COLUMNS = ("id", "time", "event", "calling_ae", "host", "series_instance_uid", "job_id", "destination",
-                 "instance_count", "status", "detail")
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("audit", help="who sent what, what was produced, where it was sent (newest first)")
-    parser.add_argument("--series", dest="series_instance_uid", help="only this Series Instance UID")
-    parser.add_argument("--study", dest="study_instance_uid", help="only this Study Instance UID")
-    parser.add_argument("--job", dest="job_id", type=int, help="only this job")
-    parser.add_argument("--event", choices=AUDIT_EVENTS, help="only this kind of event")
-    parser.add_argument("--limit", type=int, default=100, help="at most this many rows (default 100)")
-    parser.add_argument("--json", action="store_true", help="JSON instead of a table")
-    return parser
-
-
-def run(args: argparse.Namespace, journal: Journal, out: TextIO = sys.stdout) -> int:
-
-    records = AuditLog(journal).query(series_instance_uid=args.series_instance_uid,
-                                      study_instance_uid=args.study_instance_uid, job_id=args.job_id,
-                                      event=args.event, limit=args.limit)
-    print_table([dataclasses.asdict(r) for r in records], AUDIT_COLUMNS, args.json, out)
-    return 0

@@ -683,7 +683,3 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
-
-
-def default_url(storage_dir) -> str:
-    return f"sqlite:///{storage_dir}/journal.sqlite"
