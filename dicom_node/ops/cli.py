@@ -125,7 +125,7 @@ def register_send(subparsers: argparse._SubParsersAction) -> None:
 
 
 def register_audit(subparsers: argparse._SubParsersAction) -> None:
-    from dicom_node.store import audit
+    from dicom_node.ops import audit
 
     def handler(args: argparse.Namespace, config: Config) -> int:
         from dicom_node.store.journal import Journal
