@@ -38,7 +38,8 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM's patient axes to NIfTI's 
 def monai_python() -> Path:
     """The MONAI venv's interpreter, building the venv on first use (a file lock serialises builders).
 
-    `pip install torch==2.13.0` resolves to the CPU build; Orientation needs nibabel, KeepLargestConnectedComponent scikit-image on CPU.
+    `pip install torch==2.13.0` resolves to the CPU build; Orientation needs nibabel,
+    KeepLargestConnectedComponent scikit-image on CPU.
     """
     python = VENV / "bin" / "python"
     probe = [str(python), "-c", "import monai, torch, nibabel, skimage, onnxruntime"]
