@@ -53,8 +53,8 @@ def _source_labels(volume: Volume, entry: ModelEntry, predict) -> np.ndarray:
     labels = np.zeros(volume.shape, dtype=np.uint8)
     box = transforms.bounding_box(winners(probabilities, spec.postprocessing) > 0, margin=1)
     if box is not None:
-        on_source, where = transforms.to_source_grid(probabilities, grid, volume, box)
-        labels[where] = winners(on_source, spec.postprocessing)
+        for on_source, where in transforms.to_source_grid(probabilities, grid, volume, box):
+            labels[where] = winners(on_source, spec.postprocessing)
     return declared(labels, [label.value for label in spec.labels])
 
 
@@ -66,7 +66,8 @@ def activate(logits: np.ndarray, post: Postprocessing) -> np.ndarray:
         logits /= logits.sum(axis=0, keepdims=True)
     else:
         np.negative(logits, out=logits)
-        np.exp(logits, out=logits)
+        with np.errstate(over="ignore"):  # exp(-x) -> inf for very negative logits: probability 0, as it should be
+            np.exp(logits, out=logits)
         logits += 1
         np.reciprocal(logits, out=logits)
     return logits

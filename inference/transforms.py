@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,8 @@ from inference.volume import Volume
 
 SPACING_TOLERANCE_MM = 1e-3
 """A source spacing this close to the target is kept as it is (MONAI Spacing's AFFINE_TOL)."""
+SOURCE_BLOCK_VOXELS = 1 << 22
+"""Source voxels `to_source_grid` resamples at a time (16 MiB per float32 channel)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,37 +117,57 @@ def scale_intensity(array: np.ndarray, preprocessing: Preprocessing) -> np.ndarr
 
 
 def to_source_grid(channels: np.ndarray, grid: sitk.Image, volume: Volume,
-                   box: tuple[slice, slice, slice] | None = None) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
+                   box: tuple[slice, slice, slice] | None = None) -> Iterator[tuple[np.ndarray, tuple[slice, ...]]]:
     """Per-channel values [c, x, y, z] on the model's `grid`, resampled linearly onto the volume's voxels.
 
     Only `box` of the grid (slices along x, y, z; default all of it) is
-    mapped, onto the source voxels within one model voxel of it. Returns their
-    values [c, k, j, i] and where they lie in the volume's [k, j, i] array. A
-    caller whose result is background wherever all interpolation neighbours
-    are background maps just the box around its labels grown by one voxel:
-    for an organ on a large CT a small fraction of the whole.
+    mapped, onto the source voxels within one model voxel of it, in blocks of
+    whole source slices: yields each block's values [c, k, j, i] and where it
+    lies in the volume's [k, j, i] array. A caller whose result is background
+    wherever all interpolation neighbours are background maps just the box
+    around its labels grown by one voxel. The blocks bound the memory: a few
+    million voxels per channel at a time, whatever the series' length.
     """
     box = box or tuple(slice(0, n) for n in channels.shape[1:])
-    crop = channels[(slice(None), *box)]
-    image = sitk.GetImageFromArray(np.ascontiguousarray(crop.transpose(3, 2, 1, 0)), isVector=True)
-    image.SetSpacing(grid.GetSpacing())
-    image.SetDirection(grid.GetDirection())
-    image.SetOrigin(grid.TransformIndexToPhysicalPoint([s.start for s in box]))
-    # Source voxel indices (i, j, k) reached by the box's corners, one model voxel out.
-    corners = [grid.TransformContinuousIndexToPhysicalPoint(corner) for corner in itertools.product(
-        *((s.start - 1.0, s.stop + 0.0) for s in box))]
-    to_index = np.asarray(volume.direction, dtype=np.float64) * np.asarray(volume.spacing, dtype=np.float64)
-    reach = np.linalg.solve(to_index, (np.asarray(corners) - np.asarray(volume.origin)).T).T
+    first, last = _reach(grid, [(s.start - 1.0, s.stop + 0.0) for s in box], _index_grid(volume))
     size = np.asarray(volume.shape[::-1])
-    first = np.clip(np.floor(reach.min(axis=0)), 0, size - 1).astype(int)
-    last = np.clip(np.ceil(reach.max(axis=0)), 0, size - 1).astype(int)
-    reference = sitk.Image([int(n) for n in last - first + 1], sitk.sitkUInt8)
-    reference.SetSpacing(tuple(float(s) for s in volume.spacing))
-    reference.SetDirection(tuple(float(d) for d in np.asarray(volume.direction).ravel()))
-    reference.SetOrigin(tuple(float(x) for x in volume.index_to_lps(first)))
-    values = sitk.GetArrayFromImage(resample(image, reference, sitk.sitkLinear, sitk.sitkVectorFloat32))
-    where = tuple(slice(int(a), int(b) + 1) for a, b in zip(first[::-1], last[::-1]))
-    return np.moveaxis(values.reshape(*values.shape[:3], -1), -1, 0), where
+    first, last = np.clip(first, 0, size - 1), np.clip(last, 0, size - 1)
+    rows = int((last[0] - first[0] + 1) * (last[1] - first[1] + 1))
+    step = max(SOURCE_BLOCK_VOXELS // rows, 1)
+    for k in range(int(first[2]), int(last[2]) + 1, step):
+        block_first = np.array([first[0], first[1], k])
+        block_last = np.array([last[0], last[1], min(k + step - 1, last[2])])
+        reference = _index_grid(volume, block_first, block_last - block_first + 1)
+        # The model voxels this block's interpolation can reach, within the box.
+        low, high = _reach(reference, [(-0.5, n - 0.5) for n in reference.GetSize()], grid)
+        low = np.maximum(np.floor(low) - 1, [s.start for s in box]).astype(int)
+        high = np.minimum(np.ceil(high) + 1, [s.stop - 1 for s in box]).astype(int)
+        if np.any(high < low):
+            continue  # the block lies beside the box: background
+        crop = channels[(slice(None), *(slice(a, b + 1) for a, b in zip(low, high)))]
+        image = sitk.GetImageFromArray(np.ascontiguousarray(crop.transpose(3, 2, 1, 0)), isVector=True)
+        image.SetSpacing(grid.GetSpacing())
+        image.SetDirection(grid.GetDirection())
+        image.SetOrigin(grid.TransformIndexToPhysicalPoint([int(a) for a in low]))
+        values = sitk.GetArrayFromImage(resample(image, reference, sitk.sitkLinear, sitk.sitkVectorFloat32))
+        where = tuple(slice(int(a), int(b) + 1) for a, b in zip(block_first[::-1], block_last[::-1]))
+        yield np.moveaxis(values.reshape(*values.shape[:3], -1), -1, 0), where
+
+
+def _index_grid(volume: Volume, first=(0, 0, 0), size=None) -> sitk.Image:
+    """A grid (pixels unused) of the volume's voxels from index `first` (i, j, k), `size` voxels (all by default)."""
+    grid = sitk.Image([int(n) for n in (volume.shape[::-1] if size is None else size)], sitk.sitkUInt8)
+    grid.SetSpacing(tuple(float(s) for s in volume.spacing))
+    grid.SetDirection(tuple(float(d) for d in np.asarray(volume.direction).ravel()))
+    grid.SetOrigin(tuple(float(x) for x in volume.index_to_lps(np.asarray(first))))
+    return grid
+
+
+def _reach(source: sitk.Image, extent: list[tuple[float, float]], target: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Floor and ceiling of the `target` indices that the corners of `extent` (continuous `source` indices) map to."""
+    points = [target.TransformPhysicalPointToContinuousIndex(source.TransformContinuousIndexToPhysicalPoint(corner))
+              for corner in itertools.product(*extent)]
+    return np.floor(np.min(points, axis=0)), np.ceil(np.max(points, axis=0))
 
 
 def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:

@@ -154,8 +154,10 @@ def test_model_grid_is_monai_spacing_grid(name, grid_volumes, monai, entry):
 
 
 @pytest.mark.parametrize("name", ["shared series", "odd anisotropic", "coronal", "oblique", "smaller than roi"])
-def test_spleen_mask_matches_monai(name, cases, monai, entry):
+def test_spleen_mask_matches_monai(name, cases, monai, entry, monkeypatch):
     volume, reference = cases[name], monai[f"case {name}"]
+    if name != "shared series":  # made cases map back a few source slices at a time: block seams must not show
+        monkeypatch.setattr(transforms, "SOURCE_BLOCK_VOXELS", 4096)
     space = transforms.to_model_space(volume, entry.pipeline.preprocessing)
     assert space.array.shape == reference.model_shape
     np.testing.assert_allclose(grid_affine(space.grid), reference.model_affine, atol=1e-4)
