@@ -40,9 +40,10 @@ def _source_labels(volume: Volume, entry: ModelEntry, predict) -> np.ndarray:
     """Labels on the volume's grid, in the MONAI recipe's order: probabilities on the model grid, each
     channel resampled linearly back to the source voxels (Invertd), then discretized there.
 
-    Only the box around the labels the model grid already shows (plus one
-    voxel) is resampled: outside it every interpolation neighbour is
-    background, so the source voxel is too.
+    Only source voxels near labels the model grid already shows are
+    resampled: where every interpolation neighbour is background, the
+    interpolated probabilities are too (a convex combination keeps the
+    background ahead), so the source voxel is.
     """
     spec = entry.pipeline
     space = transforms.to_model_space(volume, spec.preprocessing)
@@ -51,10 +52,9 @@ def _source_labels(volume: Volume, entry: ModelEntry, predict) -> np.ndarray:
     del space  # the model-space image: not needed past inference
     probabilities = activate(logits, spec.postprocessing)
     labels = np.zeros(volume.shape, dtype=np.uint8)
-    box = transforms.bounding_box(winners(probabilities, spec.postprocessing) > 0, margin=1)
-    if box is not None:
-        for on_source, where in transforms.to_source_grid(probabilities, grid, volume, box):
-            labels[where] = winners(on_source, spec.postprocessing)
+    found = winners(probabilities, spec.postprocessing) > 0
+    for on_source, where in transforms.to_source_grid(probabilities, grid, volume, needed=found):
+        labels[where] = winners(on_source, spec.postprocessing)
     return declared(labels, [label.value for label in spec.labels])
 
 

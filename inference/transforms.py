@@ -117,46 +117,67 @@ def scale_intensity(array: np.ndarray, preprocessing: Preprocessing) -> np.ndarr
 
 
 def to_source_grid(channels: np.ndarray, grid: sitk.Image, volume: Volume,
-                   box: tuple[slice, slice, slice] | None = None) -> Iterator[tuple[np.ndarray, tuple[slice, ...]]]:
+                   needed: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, tuple[slice, ...]]]:
     """Per-channel values [c, x, y, z] on the model's `grid`, resampled linearly onto the volume's voxels.
 
-    Only `box` of the grid (slices along x, y, z; default all of it) is
-    mapped, onto the source voxels within one model voxel of it, in blocks of
-    whole source slices: yields each block's values [c, k, j, i] and where it
-    lies in the volume's [k, j, i] array. A caller whose result is background
-    wherever all interpolation neighbours are background maps just the box
-    around its labels grown by one voxel. The blocks bound the memory: a few
-    million voxels per channel at a time, whatever the series' length.
+    Works in blocks of whole source slices, a few million voxels per channel
+    at a time whatever the series' length, and yields each block's values
+    [c, k, j, i] with where it lies in the volume's [k, j, i] array. With
+    `needed` (bool [x, y, z]), only the source voxels whose interpolation
+    neighbours include a needed model voxel are mapped, each block narrowed to
+    the box around the needed voxels it reaches: a caller whose result is
+    background wherever all neighbours are background passes its labels and
+    skips the rest of the CT.
     """
-    box = box or tuple(slice(0, n) for n in channels.shape[1:])
-    first, last = _reach(grid, [(s.start - 1.0, s.stop + 0.0) for s in box], _index_grid(volume))
-    size = np.asarray(volume.shape[::-1])
-    first, last = np.clip(first, 0, size - 1), np.clip(last, 0, size - 1)
-    rows = int((last[0] - first[0] + 1) * (last[1] - first[1] + 1))
-    step = max(SOURCE_BLOCK_VOXELS // rows, 1)
+    boxes = [tuple(slice(0, n) for n in channels.shape[1:])] if needed is None else [bounding_box(needed)]
+    if boxes[0] is None:
+        return
+    first, last = _source_reach(grid, boxes[0], volume)
+    step = max(SOURCE_BLOCK_VOXELS // int((last[0] - first[0] + 1) * (last[1] - first[1] + 1)), 1)
     for k in range(int(first[2]), int(last[2]) + 1, step):
         block_first = np.array([first[0], first[1], k])
         block_last = np.array([last[0], last[1], min(k + step - 1, last[2])])
-        reference = _index_grid(volume, block_first, block_last - block_first + 1)
-        # The model voxels this block's interpolation can reach, within the box.
-        low, high = _reach(reference, [(-0.5, n - 0.5) for n in reference.GetSize()], grid)
-        low = np.maximum(np.floor(low) - 1, [s.start for s in box]).astype(int)
-        high = np.minimum(np.ceil(high) + 1, [s.stop - 1 for s in box]).astype(int)
-        if np.any(high < low):
-            continue  # the block lies beside the box: background
+        low, high = _model_reach(volume, block_first, block_last, grid)
+        if needed is not None:
+            box = bounding_box(needed[tuple(slice(a, b + 1) for a, b in zip(low, high))])
+            if box is None:
+                continue  # nothing needed within reach of this block
+            near = tuple(slice(a + s.start, a + s.stop) for a, s in zip(low, box))
+            reach_first, reach_last = _source_reach(grid, near, volume)
+            block_first, block_last = np.maximum(block_first, reach_first), np.minimum(block_last, reach_last)
+            if np.any(block_last < block_first):
+                continue
+            low, high = _model_reach(volume, block_first, block_last, grid)
         crop = channels[(slice(None), *(slice(a, b + 1) for a, b in zip(low, high)))]
         image = sitk.GetImageFromArray(np.ascontiguousarray(crop.transpose(3, 2, 1, 0)), isVector=True)
         image.SetSpacing(grid.GetSpacing())
         image.SetDirection(grid.GetDirection())
         image.SetOrigin(grid.TransformIndexToPhysicalPoint([int(a) for a in low]))
+        reference = _index_grid(volume, block_first, block_last - block_first + 1)
         values = sitk.GetArrayFromImage(resample(image, reference, sitk.sitkLinear, sitk.sitkVectorFloat32))
         where = tuple(slice(int(a), int(b) + 1) for a, b in zip(block_first[::-1], block_last[::-1]))
         yield np.moveaxis(values.reshape(*values.shape[:3], -1), -1, 0), where
 
 
-def _index_grid(volume: Volume, first=(0, 0, 0), size=None) -> sitk.Image:
-    """A grid (pixels unused) of the volume's voxels from index `first` (i, j, k), `size` voxels (all by default)."""
-    grid = sitk.Image([int(n) for n in (volume.shape[::-1] if size is None else size)], sitk.sitkUInt8)
+def _source_reach(grid: sitk.Image, box: tuple[slice, ...], volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """First and last source index (i, j, k) within one model voxel of the model-grid `box`, clipped to the volume."""
+    low, high = _reach(grid, [(s.start - 1.0, s.stop + 0.0) for s in box], _index_grid(volume))
+    size = np.asarray(volume.shape[::-1])
+    return np.clip(low, 0, size - 1).astype(int), np.clip(high, 0, size - 1).astype(int)
+
+
+def _model_reach(volume: Volume, first: np.ndarray, last: np.ndarray,
+                 grid: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """First and last model-grid index that linear interpolation at source voxels `first`..`last` can touch."""
+    low, high = _reach(_index_grid(volume), [(a - 0.5, b + 0.5) for a, b in zip(first, last)], grid)
+    return (np.maximum(low - 1, 0).astype(int),
+            np.minimum(high + 1, np.asarray(grid.GetSize()) - 1).astype(int))
+
+
+def _index_grid(volume: Volume, first=(0, 0, 0), size=(1, 1, 1)) -> sitk.Image:
+    """A grid of the volume's voxels from index `first` (i, j, k) on, `size` voxels: the geometry for index
+    arithmetic (one voxel will do) or a resampling reference (its pixels are never read)."""
+    grid = sitk.Image([int(n) for n in size], sitk.sitkUInt8)
     grid.SetSpacing(tuple(float(s) for s in volume.spacing))
     grid.SetDirection(tuple(float(d) for d in np.asarray(volume.direction).ravel()))
     grid.SetOrigin(tuple(float(x) for x in volume.index_to_lps(np.asarray(first))))
