@@ -12,10 +12,13 @@ contender runs in its own fresh process so peak RSS is its own:
 - embedded: `inference.tasks.segment` with ONNX Runtime on CPU (this project);
 - kserve-grpc: the same task through the triton backend to KServe's model
   server (tests/kserve_server.py, own venv), client and server RSS both shown;
-- monai: what a user would write instead, in `.venv-bench` (torch==2.13.0,
-  monai): MONAI Orientation/Spacing/ScaleIntensityRange, `sliding_window_inference`
-  with the TorchScript model, softmax, inverse transforms, argmax,
-  KeepLargestConnectedComponent (the spleen_ct_segmentation bundle's steps).
+- monai: what a user would write instead, in `.venv-monai` (torch==2.13.0 CPU,
+  monai; built on first use by tests/monai_reference.py): MONAI
+  Orientation/Spacing/ScaleIntensityRange, `sliding_window_inference` with the
+  TorchScript model, softmax, inverse transforms, argmax,
+  KeepLargestConnectedComponent (the spleen_ct_segmentation bundle's steps,
+  with pipeline.yaml's parameters; the same code the fidelity tests hold the
+  node to, there with the ONNX model).
 
 Wall time covers model-space transforms, inference and mapping back (not
 reading DICOM, not loading the model). Dice is given against TotalSegmentator
@@ -41,7 +44,6 @@ SHARED = REPO.parent / "shared"
 SERIES = SHARED / "data" / "ct" / "abdomen_siemens_20slices_j2k"
 TOTALSEGMENTATOR = SHARED / "data" / "ct" / "abdomen_siemens_20slices_spleen_ref_lpsgrid.nii.gz"
 TORCHSCRIPT_MODEL = SHARED / "models" / "spleen_ct_demo" / "model.torchscript.pt"
-BENCH_VENV = REPO / ".venv-bench"
 
 
 def peak_rss_mb() -> float:
@@ -86,39 +88,22 @@ def run_ours(folder: Path, repository: Path, threads: int, url: str | None) -> d
     return {"seconds": seconds, "mask": mask}
 
 
-def run_monai(folder: Path, threads: int) -> dict:
+def run_monai(folder: Path, recipe_file: Path, threads: int) -> dict:
     import torch
-    from monai.data import MetaTensor
-    from monai.inferers import sliding_window_inference
-    from monai.transforms import (AsDiscrete, Compose, KeepLargestConnectedComponent, Orientation,
-                                  ScaleIntensityRange, Spacing)
+
+    from tests.monai_reference import monai_segment
 
     torch.set_num_threads(threads)
     array, geometry = load_input(folder)
-    # LPS affine of the [i, j, k] array, turned into NIfTI's RAS world, as MONAI's loaders would give it.
-    affine = np.eye(4)
-    affine[:3, :3] = np.array(geometry["direction"]) * np.array(geometry["spacing"])
-    affine[:3, 3] = geometry["origin"]
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
     model = torch.jit.load(str(TORCHSCRIPT_MODEL), map_location="cpu").eval()
     start = time.perf_counter()
-    image = MetaTensor(torch.from_numpy(array.transpose(2, 1, 0).astype(np.float32))[None], affine=torch.tensor(affine))
-    preprocess = Compose([Orientation(axcodes="RAS"), Spacing(pixdim=(1.5, 1.5, 2.0), mode="bilinear"),
-                          ScaleIntensityRange(a_min=-57, a_max=164, b_min=0.0, b_max=1.0, clip=True)])
-    x = preprocess(image)
-    with torch.inference_mode():
-        logits = sliding_window_inference(x[None], (96, 96, 96), 4, model, overlap=0.25, mode="gaussian")
-    probabilities = torch.softmax(logits[0], dim=0)
-    probabilities = MetaTensor(probabilities, affine=x.affine, applied_operations=x.applied_operations)
-    back = preprocess.inverse(probabilities)  # bilinear back to the source grid, as the bundle's Invertd
-    label = KeepLargestConnectedComponent(applied_labels=[1])(AsDiscrete(argmax=True)(back))
-    mask = np.asarray(label[0]).astype(np.uint8).transpose(2, 1, 0)
+    mask = monai_segment(array, geometry, json.loads(recipe_file.read_text()), model)["mask"]
     return {"seconds": time.perf_counter() - start, "mask": mask}
 
 
 def child(args: argparse.Namespace) -> None:
     if args.child == "monai":
-        result = run_monai(args.input, args.threads)
+        result = run_monai(args.input, args.out / "recipe.json", args.threads)
     else:
         result = run_ours(args.input, args.repository, args.threads, args.url)
     np.save(args.out / f"{args.name}_mask.npy", result.pop("mask"))
@@ -150,10 +135,15 @@ def prepare(work: Path, slices: int) -> dict[str, Path]:
     order = [n % period if n % period < len(array) else period - 1 - n % period for n in range(slices)]
     big = work / f"big{slices}"
     write_input(big, np.ascontiguousarray(array[order]), *geometry)
-    from tests.model_repository import install_spleen_model  # here: the MONAI child's venv has no test deps
+    # Imported here: the MONAI child's venv has neither the test dependencies nor the node's.
+    from inference.repository import ModelRepository
+    from tests.model_repository import install_spleen_model
+    from tests.monai_reference import recipe
 
     repository = work / "models"
     install_spleen_model(repository)
+    # The MONAI contender's parameters: pipeline.yaml's, as the node reads them.
+    (work / "recipe.json").write_text(json.dumps(recipe(ModelRepository(repository).get("spleen_ct"))))
     return {"real 512x512x20": real, f"made 512x512x{slices}": big, "repository": repository}
 
 
@@ -193,12 +183,10 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     import SimpleITK as sitk
 
+    from tests.monai_reference import monai_python
     from tests.peers.kserve import KServeServer
 
-    bench_python = BENCH_VENV / "bin" / "python"
-    if not bench_python.exists():
-        sys.exit(f"{bench_python} missing: python3 -m venv .venv-bench && .venv-bench/bin/pip install "
-                 "torch==2.13.0 monai nibabel scikit-image numpy")
+    bench_python = monai_python()
     reference = sitk.GetArrayFromImage(sitk.ReadImage(str(TOTALSEGMENTATOR))) == 1
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         work = Path(tmp)

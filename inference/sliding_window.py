@@ -32,16 +32,20 @@ def patch_starts(size: int, roi: int, overlap: float) -> list[int]:
 
 
 def importance_map(roi: tuple[int, int, int], window: SlidingWindow) -> np.ndarray:
-    """Per-voxel weight of a patch's prediction: separable Gaussian (sigma = sigma_scale * roi) or ones."""
+    """Per-voxel weight of a patch's prediction: separable Gaussian (sigma = sigma_scale * roi) or ones.
+
+    As MONAI's compute_importance_map computes it, in float32: the Gaussian is
+    not normalised (only ratios of weights matter) and is clamped to at least
+    1e-3, so border voxels keep a little weight and no sum comes near zero.
+    """
     if window.blending == "constant":
         return np.ones(roi, dtype=np.float32)
-    axes = []
+    weights = None
     for n in roi:
-        x = np.arange(n, dtype=np.float64) - (n - 1) / 2
-        axes.append(np.exp(-0.5 * (x / (window.sigma_scale * n)) ** 2))
-    weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    weights /= weights.max()
-    return np.maximum(weights, 1e-3).astype(np.float32)  # borders keep a little weight: no division by ~0
+        x = np.arange(-(n - 1) / 2.0, (n - 1) / 2.0 + 1, dtype=np.float32)
+        x = np.exp(x ** 2 / np.float32(-2 * (n * window.sigma_scale) ** 2), dtype=np.float32)
+        weights = x if weights is None else weights[..., None] * x
+    return np.maximum(weights, max(float(weights.min()), 1e-3)).astype(np.float32)
 
 
 def sliding_window_inference(image: np.ndarray, window: SlidingWindow, predict: Predict) -> np.ndarray:

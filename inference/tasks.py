@@ -32,41 +32,73 @@ def segment(volume: Volume, entry: ModelEntry, backend: Backend) -> LabelMap:
         return outputs[spec.output.name].transpose(from_model)
 
     values = [label.value for label in spec.labels]
-    labels, grid = _model_grid_labels(volume, entry, predict)
-    labels = postprocess(transforms.to_source_grid(labels, grid, volume), spec.postprocessing, values)
+    labels = postprocess(_source_labels(volume, entry, predict), spec.postprocessing, values)
     return LabelMap(volume.with_array(labels), spec.segment_labels(), entry.algorithm)
 
 
-def _model_grid_labels(volume: Volume, entry: ModelEntry, predict) -> tuple[np.ndarray, sitk.Image]:
-    """Labels on the model's grid, and that grid; the model-space image and logits die on return."""
+def _source_labels(volume: Volume, entry: ModelEntry, predict) -> np.ndarray:
+    """Labels on the volume's grid, in the MONAI recipe's order: probabilities on the model grid, each
+    channel resampled linearly back to the source voxels (Invertd), then discretized there.
+
+    Only source voxels near labels the model grid already shows are
+    resampled: where every interpolation neighbour is background, the
+    interpolated probabilities are too (a convex combination keeps the
+    background ahead), so the source voxel is.
+    """
     spec = entry.pipeline
     space = transforms.to_model_space(volume, spec.preprocessing)
+    grid = space.grid
     logits = sliding_window_inference(space.array, spec.sliding_window, predict)
-    return discretize(logits, spec.postprocessing, [label.value for label in spec.labels]), space.grid
+    del space  # the model-space image: not needed past inference
+    probabilities = activate(logits, spec.postprocessing)
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    found = winners(probabilities, spec.postprocessing) > 0
+    for on_source, where in transforms.to_source_grid(probabilities, grid, volume, needed=found):
+        labels[where] = winners(on_source, spec.postprocessing)
+    return declared(labels, [label.value for label in spec.labels])
 
 
-def discretize(logits: np.ndarray, post: Postprocessing, values: list[int]) -> np.ndarray:
-    """[channel, ...] logits to uint8 labels; only the labels pipeline.yaml declares survive.
-
-    argmax: channel c is label c (channel 0 background). threshold: sigmoid,
-    channel c is label c + 1, a voxel takes the most probable channel at or
-    above the threshold.
-    """
+def activate(logits: np.ndarray, post: Postprocessing) -> np.ndarray:
+    """[channel, ...] logits to probabilities, in place: softmax over channels for argmax, sigmoid for threshold."""
     if post.discretize == "argmax":
-        labels = np.argmax(logits, axis=0).astype(np.uint8)
+        logits -= logits.max(axis=0, keepdims=True)  # no overflow in exp
+        np.exp(logits, out=logits)
+        logits /= logits.sum(axis=0, keepdims=True)
     else:
-        best = np.argmax(logits, axis=0)
-        # sigmoid(x) >= t  <=>  x >= logit(t): compare logits, no exp over the volume.
-        above = np.take_along_axis(logits, best[None], axis=0)[0] >= np.log(post.threshold / (1 - post.threshold))
-        labels = np.where(above, best + 1, 0)
-    declared = np.zeros(max(int(labels.max()), max(values)) + 1, dtype=np.uint8)
-    declared[values] = values
-    return declared[labels]
+        np.negative(logits, out=logits)
+        with np.errstate(over="ignore"):  # exp(-x) -> inf for very negative logits: probability 0, as it should be
+            np.exp(logits, out=logits)
+        logits += 1
+        np.reciprocal(logits, out=logits)
+    return logits
+
+
+def winners(probabilities: np.ndarray, post: Postprocessing) -> np.ndarray:
+    """[channel, ...] probabilities to uint8 labels (0 = none).
+
+    argmax: channel c is label c (channel 0 background), ties to the lower
+    channel as in numpy and torch. threshold: channel c is label c + 1, a
+    voxel takes the most probable channel at or above the threshold.
+    """
+    best = np.argmax(probabilities, axis=0).astype(np.uint8)
+    if post.discretize == "argmax":
+        return best
+    above = np.take_along_axis(probabilities, best[None].astype(np.intp), axis=0)[0] >= post.threshold
+    return np.where(above, best + 1, 0).astype(np.uint8)
+
+
+def declared(labels: np.ndarray, values: list[int]) -> np.ndarray:
+    """Only the labels pipeline.yaml declares survive; any other channel's voxels become background."""
+    kept = np.zeros(max(int(labels.max()), max(values)) + 1, dtype=np.uint8)
+    kept[values] = values
+    return kept[labels]
 
 
 def postprocess(labels: np.ndarray, post: Postprocessing, values: list[int]) -> np.ndarray:
     """Keep the largest connected component and fill holes, per label, as pipeline.yaml asks.
 
+    Components are 26-connected (face, edge or corner neighbours), as in
+    MONAI's KeepLargestConnectedComponent with its default connectivity.
     Each label is processed inside its bounding box plus one background voxel,
     which gives the same components and holes as the whole grid at a fraction
     of the memory (connected-component images are 32-bit).
@@ -83,7 +115,7 @@ def postprocess(labels: np.ndarray, post: Postprocessing, values: list[int]) -> 
         mask = region == value
         image = sitk.GetImageFromArray(mask.astype(np.uint8))
         if value in largest:
-            image = sitk.RelabelComponent(sitk.ConnectedComponent(image)) == 1
+            image = sitk.RelabelComponent(sitk.ConnectedComponent(image, True)) == 1
         if value in holes:
             image = sitk.BinaryFillhole(image, fullyConnected=False, foregroundValue=1)
         kept = sitk.GetArrayViewFromImage(image).astype(bool)

@@ -1,10 +1,8 @@
-"""The spleen task (embedded backend) against an independent implementation of the MONAI recipe.
+"""The spleen task (embedded backend): the recipe works, any tensor layout, tiling, mapping back, post-processing.
 
-The reference below is written with numpy only (axis flips, separable linear
-resampling, uniform-weight tiling, nearest-neighbour mapping back) and runs
-ONNX Runtime itself; the product uses SimpleITK resampling, DICOMOrient and
-Gaussian blending. Agreement at Dice >= 0.99 says the product implements the
-recipe; Dice >= 0.75 against TotalSegmentator says the recipe works.
+Dice >= 0.75 against TotalSegmentator says the recipe works on the real
+series; that the node implements MONAI's recipe exactly is
+tests/test_monai_fidelity.py's job (MONAI itself as the reference).
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import SimpleITK as sitk
 from onnx import helper
@@ -54,65 +51,17 @@ def embedded_mask(ct, tmp_path_factory):
     return tasks.segment(ct, entry, backend)
 
 
-def reference_spleen(volume: Volume, blending: str) -> np.ndarray:
-    """The MONAI spleen recipe written out plainly for an axial LPS series; returns [k, j, i] uint8."""
-    assert np.allclose(volume.direction, np.eye(3)), "the reference handles LPS-aligned series only"
-    spacing_ras = np.array([1.5, 1.5, 2.0])
-    xyz = volume.array.transpose(2, 1, 0).astype(np.float32)[::-1, ::-1, :]  # i,j,k (L,P,S) -> R,A,S
-    positions = []  # model-grid voxel positions in source-voxel units along each (flipped) axis
-    for axis in range(3):
-        n = xyz.shape[axis]
-        size = max(int(round(n * volume.spacing[axis] / spacing_ras[axis])), 1)
-        p = np.arange(size) * spacing_ras[axis] / volume.spacing[axis]
-        positions.append(p)
-        p = np.clip(p, 0, n - 1)
-        low = np.floor(p).astype(int)
-        high = np.minimum(low + 1, n - 1)
-        w = (p - low).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
-        xyz = np.take(xyz, low, axis=axis) * (1 - w) + np.take(xyz, high, axis=axis) * w
-    image = (np.clip(xyz, -57, 164) + 57) / (164 + 57)
-
-    roi, step = 96, 72  # overlap 0.25; short axes padded evenly on both sides, as MONAI does
-    pads = [(max(roi - n, 0) // 2, max(roi - n, 0) - max(roi - n, 0) // 2) for n in image.shape]
-    padded = np.pad(image, pads)
-    # MONAI's compute_importance_map: sigma = 0.125 * roi, weights clamped to >= 1e-3.
-    g = np.exp(-0.5 * ((np.arange(roi) - (roi - 1) / 2) / (0.125 * roi)) ** 2)
-    weight = np.maximum(np.einsum("x,y,z->xyz", g, g, g), 1e-3) if blending == "gaussian" else np.ones((roi,) * 3)
-    scores = np.zeros((2, *padded.shape), np.float32)
-    counts = np.zeros(padded.shape, np.float32)
-    session = ort.InferenceSession(str(SPLEEN_ONNX), providers=["CPUExecutionProvider"])
-    starts = [sorted({min(s, n - roi) for s in range(0, max(n - roi, 0) + step, step)}) for n in padded.shape]
-    for x in starts[0]:
-        for y in starts[1]:
-            for z in starts[2]:
-                patch = padded[x:x + roi, y:y + roi, z:z + roi][None, None].astype(np.float32)
-                scores[:, x:x + roi, y:y + roi, z:z + roi] += session.run(None, {"INPUT__0": patch})[0][0] * weight
-                counts[x:x + roi, y:y + roi, z:z + roi] += weight
-    labels = np.argmax(scores / counts, axis=0)[tuple(slice(p, p + n) for (p, _), n in zip(pads, image.shape))]
-
-    # Back: each source voxel takes the model voxel nearest to it (source axes flipped as above).
-    nearest = [np.clip(np.rint(np.arange(n)[::-1 if axis < 2 else 1] * volume.spacing[axis] / spacing_ras[axis]),
-                       0, labels.shape[axis] - 1).astype(int)
-               for axis, n in enumerate(volume.array.shape[::-1])]
-    back = labels[np.ix_(*nearest)].transpose(2, 1, 0).astype(np.uint8)
-    components = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(back)))
-    return (sitk.GetArrayFromImage(components) == 1).astype(np.uint8)
-
-
-def test_spleen_matches_reference_recipe_and_totalsegmentator(ct, embedded_mask):
+def test_spleen_matches_totalsegmentator(ct, embedded_mask):
     mask = embedded_mask.volume.array
     assert embedded_mask.volume.same_grid(ct) and mask.dtype == np.uint8
     assert set(np.unique(mask)) == {0, 1}
     (segment,) = embedded_mask.segments
     assert (segment.value, segment.type.value, segment.category.value) == (1, "78961009", "123037004")
     assert embedded_mask.algorithm.name == "MONAI spleen UNet (demo)"
-    reference = reference_spleen(ct, "gaussian")
-    assert dice(mask > 0, reference > 0) >= 0.99
     totalsegmentator = sitk.GetArrayFromImage(sitk.ReadImage(str(TOTALSEGMENTATOR_SPLEEN))) == 1
     assert dice(mask > 0, totalsegmentator) >= 0.75
-    # One connected component (largest_component: true).
-    assert sitk.ConnectedComponentImageFilter().Execute(sitk.GetImageFromArray(mask)) is not None
-    assert int(sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask))).max()) == 1
+    # One 26-connected component (largest_component: true, MONAI's default connectivity).
+    assert int(sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask), True)).max()) == 1
 
 
 def test_channels_last_zyx_model_gives_the_same_mask(ct, embedded_mask, tmp_path):
@@ -184,8 +133,11 @@ def test_model_space_round_trip_on_a_flipped_anisotropic_grid(tmp_path):
     assert np.allclose(np.array(space.grid.GetDirection()).reshape(3, 3), np.diag([-1.0, -1.0, 1.0]))
     assert space.grid.GetSpacing() == (1.5, 1.5, 2.0)
     assert space.array.min() == 0.0 and space.array.max() == 1.0
-    labels = (space.array > 0.5).astype(np.uint8)
-    back = to_source_grid(labels, space.grid, volume)
+    inside = (space.array > 0.5).astype(np.float32)
+    back = np.full(array.shape, -1)
+    for values, where in to_source_grid(np.stack([1 - inside, inside]), space.grid, volume):
+        back[where] = np.argmax(values, axis=0)
+    assert (back >= 0).all()  # the whole grid reaches every source voxel
     assert back.shape == array.shape
     assert dice(back > 0, array > 0) > 0.9
     # The corner voxel of the cube nearest the origin is where the source put it, in patient space.
@@ -200,6 +152,7 @@ def test_postprocessing_keeps_largest_component_and_fills_holes_per_label():
     labels[5:15, 5:20, 5:20] = 1
     labels[9:11, 11:13, 11:13] = 0  # enclosed hole in label 1
     labels[16:18, 25:28, 30:33] = 1  # a second, smaller label-1 island
+    labels[15, 20, 20] = 1  # touches the block by a corner only: one component (26-connected, as MONAI's default)
     labels[0:6, 22:30, 30:40] = 2  # label 2 touches the volume's faces...
     labels[2:4, 25:27, 34:36] = 0  # ...and has its own enclosed hole
     labels[18:20, 0:2, 0:2] = 2  # small label-2 island
@@ -207,6 +160,7 @@ def test_postprocessing_keeps_largest_component_and_fills_holes_per_label():
     assert (out[9:11, 11:13, 11:13] == 1).all()  # hole filled
     assert (out[16:18, 25:28, 30:33] == 0).all() and (out[18:20, 0:2, 0:2] == 0).all()  # islands gone
     assert (out[2:4, 25:27, 34:36] == 0).all()  # label 2 is not in fill_holes
-    assert (out == 1).sum() == 10 * 15 * 15 and (out == 2).sum() == 6 * 8 * 10 - 8
+    assert out[15, 20, 20] == 1
+    assert (out == 1).sum() == 10 * 15 * 15 + 1 and (out == 2).sum() == 6 * 8 * 10 - 8
     untouched = tasks.postprocess(labels.copy(), Postprocessing(), [1, 2])
     np.testing.assert_array_equal(untouched, labels)
