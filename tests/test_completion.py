@@ -15,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.store.audit import AuditLog
 from dicom_node.pipeline.complete import CompletionTracker
-from dicom_node.pipeline.runner.requeue import NotRetryable, requeue
+from dicom_node.pipeline.requeue import NotRetryable, requeue
 from dicom_node.store.journal import Journal, NewInstance, utcnow
 from dicom_node.states import JobKind
 from tests.peers import dcmtk

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from dicom_node.ops import jobs as jobs_cli
-from dicom_node.pipeline.runner.requeue import NotRetryable, requeue
+from dicom_node.pipeline.requeue import NotRetryable, requeue
 from dicom_node.store.audit import AuditLog
 from dicom_node.config import RetentionConfig
 from dicom_node.store.journal import Journal, NewInstance, exports, jobs, series, utcnow

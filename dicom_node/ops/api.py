@@ -33,7 +33,7 @@ from dicom_node.store.journal import ExportRecord, JobRecord, Journal, SeriesRec
 from dicom_node.metrics import CONTENT_TYPE, NodeMetrics
 from dicom_node.pipeline.health import InferenceOpener, configured_models, pipeline_health
 from dicom_node.states import JobKind, JobState
-from dicom_node.pipeline.runner.requeue import NotRetryable, requeue
+from dicom_node.pipeline.requeue import NotRetryable, requeue
 from dicom_node.ops.status import NodeStatus, OpenAssociation, readiness, snapshot
 
 log = logging.getLogger("dicom_node.ops.api")

@@ -16,7 +16,7 @@ from typing import TextIO
 from dicom_node.config import Config
 from dicom_node.ops.tables import cell, print_table, to_json
 from dicom_node.store.audit import AuditLog
-from dicom_node.pipeline.runner.requeue import NotRetryable, requeue
+from dicom_node.pipeline.requeue import NotRetryable, requeue
 from dicom_node.store.journal import Journal, StepOutcome, utcnow
 from dicom_node.states import ExportState, JobState
 
