@@ -15,7 +15,7 @@ SEG_SAMPLE = SHARED_DATA / "seg" / "highdicom" / "seg_image_ct_binary.dcm"
 
 
 def destination(pacs: orthanc.Orthanc, **kw) -> DestinationConfig:
-    return DestinationConfig(ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.dicom_port, timeout_s=5, **kw)
+    return DestinationConfig(ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.dicom_port, timeout_s=30, **kw)  # a loaded machine
 
 
 def test_ct_and_seg_arrive_identical_then_outage_is_transient(tmp_path):
