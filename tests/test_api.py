@@ -1,4 +1,4 @@
-"""The HTTP API of a running `dicom-node serve` over real HTTP, fed by dcmtk storescu (issue 7).
+"""The HTTP API of a running `dicom-node serve` over real HTTP, fed by dcmtk storescu.
 
 Health, readiness that flips with the disk floor, a pipeline degraded by its missing model,
 Prometheus counters that move after a send (parsed with prometheus_client's

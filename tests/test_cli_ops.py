@@ -1,5 +1,5 @@
 """The admin's operating commands as the admin runs them (subprocesses): `send`, `echo` against
-dcmtk's storescp, `status --json` from a running node's API and from the journal, `audit` (issue 7)."""
+dcmtk's storescp, `status --json` from a running node's API and from the journal, `audit`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The whole node with real peers: storescu -> `dicom-node serve` -> pipeline -> C-STORE to a PACS (issue 6).
+"""The whole node with real peers: storescu -> `dicom-node serve` -> pipeline -> C-STORE to a PACS.
 
 The PACS here is dcmtk's storescp (every instance it stores is a file we can
 count); Orthanc-specific checks live with its peer (tests/peers/orthanc.py).

@@ -1,4 +1,4 @@
-"""The whole node with Orthanc as the PACS (issue 6): storescu -> `dicom-node serve` -> pipeline -> Orthanc.
+"""The whole node with Orthanc as the PACS: storescu -> `dicom-node serve` -> pipeline -> Orthanc.
 
 Orthanc (tests/peers/orthanc.py) runs as a real foreground process; what it
 holds is read back over its REST API, and with `verbose` its log counts every

@@ -1,4 +1,4 @@
-"""The receiver against dcmtk storescu/echoscu: durability, byte equality, rejections (issue 2)."""
+"""The receiver against dcmtk storescu/echoscu: durability, byte equality, rejections."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Crash and restart: kill -9 mid-send, then every acknowledged instance is in spool and journal (issue 2)."""
+"""Crash and restart: kill -9 mid-send, then every acknowledged instance is in spool and journal."""
 
 from __future__ import annotations
 

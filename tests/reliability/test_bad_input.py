@@ -1,4 +1,4 @@
-"""Bad input corpus (issue 8): every hostile series is refused or quarantined with a reason, odd but valid
+"""Bad input corpus: every hostile series is refused or quarantined with a reason, odd but valid
 data goes through, nothing acknowledged is lost, and a good sender in parallel is served throughout."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Crash at every stage (issue 8): kill -9 the node mid-receive, while a series waits for completion,
+"""Crash at every stage: kill -9 the node mid-receive, while a series waits for completion,
 mid-inference, mid-encode and mid-dispatch; after a restart Orthanc holds exactly what an uninterrupted run
 leaves there (same result instances, same pixels, nothing twice) and the storage has no temp debris.
 

@@ -1,4 +1,4 @@
-"""Disk full (issue 8): the node's storage on a small tmpfs fills mid-series; the node answers 0xA700
+"""Disk full: the node's storage on a small tmpfs fills mid-series; the node answers 0xA700
 (Refused: Out of Resources), keeps every instance it acknowledged, and takes the rest once space returns.
 
 Mounting needs CAP_SYS_ADMIN (root in a container); without it the test is skipped, and the disk-floor

@@ -1,4 +1,4 @@
-"""Load (issue 8): 8 storescu associations each sending its own 300-instance series, plus 2 sending the same
+"""Load: 8 storescu associations each sending its own 300-instance series, plus 2 sending the same
 series at once: every instance stored once, every series complete once, every result in Orthanc once, and
 the node's peak resident memory printed and bounded."""
 

@@ -1,4 +1,4 @@
-"""Protocol abuse and access control (issue 8): garbage, malformed PDUs, silent and stalled peers, too many
+"""Protocol abuse and access control: garbage, malformed PDUs, silent and stalled peers, too many
 associations, unknown AEs and wrong hosts are refused or timed out, and the node leaks no thread or file."""
 
 from __future__ import annotations
