@@ -384,7 +384,7 @@ class ForwardConfig(_RoutedConfig):
 
 class RetryPolicy(_Model):
     """When a destination's transient failure is tried again, and when it is given up: the one policy every
-    destination kind's exports follow (dicom_node.pipeline.runner asks it; a kind only says transient or permanent).
+    destination kind's exports follow (dicom_node.dispatch.exports asks it; a kind only says transient or permanent).
 
     Exponential backoff with jitter, so that the exports a PACS outage left pending do not all come back at
     the same second when it returns; capped, so a long outage is still noticed within `max_delay_s`.
