@@ -406,12 +406,9 @@ class Journal:
         with self._write_lock, self.engine.begin() as conn:
             key = ((jobs.c.series_instance_uid == series_instance_uid) & (jobs.c.generation == generation)
                    & (jobs.c.pipeline == pipeline))
-            row = conn.execute(select(jobs).where(key)).first()
-            if row is None:
-                conn.execute(jobs.insert().values(series_instance_uid=series_instance_uid, generation=generation,
-                                                  pipeline=pipeline, kind=JobKind(kind).value,
-                                                  state=JobState.QUEUED.value, attempts=0, created_at=utcnow()))
-                row = conn.execute(select(jobs).where(key)).first()
+            row = _insert_once(conn, jobs, key, series_instance_uid=series_instance_uid, generation=generation,
+                               pipeline=pipeline, kind=JobKind(kind).value, state=JobState.QUEUED.value, attempts=0,
+                               created_at=utcnow())
         return as_record(JobRecord, row)
 
     def get_job(self, job_id: int) -> JobRecord | None:
@@ -490,13 +487,9 @@ class Journal:
         with self._write_lock, self.engine.begin() as conn:
             key = ((exports.c.job_id == job_id) & (exports.c.destination == destination)
                    & (exports.c.sop_instance_uid == sop_instance_uid))
-            row = conn.execute(select(exports).where(key)).first()
-            if row is None:
-                conn.execute(exports.insert().values(job_id=job_id, destination=destination,
-                                                     sop_instance_uid=sop_instance_uid, path=path,
-                                                     state=ExportState.PENDING.value,
-                                                     attempts=0, next_attempt_at=utcnow()))
-                row = conn.execute(select(exports).where(key)).first()
+            row = _insert_once(conn, exports, key, job_id=job_id, destination=destination,
+                               sop_instance_uid=sop_instance_uid, path=path, state=ExportState.PENDING.value,
+                               attempts=0, next_attempt_at=utcnow())
         return as_record(ExportRecord, row)
 
     def exports_in_state(self, *states: ExportState, due_before: datetime | None = None) -> list[ExportRecord]:
@@ -514,6 +507,16 @@ class Journal:
             conn.execute(exports.update().where(exports.c.id == export_id).values(**values))
             row = conn.execute(select(exports).where(exports.c.id == export_id)).first()
         return as_record(ExportRecord, row)
+
+
+def _insert_once(conn: Connection, table, key, **values):
+    """The row of `table` that `key` selects, inserted with `values` first when there is none: what makes
+    queueing a job or an export idempotent, in the caller's transaction."""
+    row = conn.execute(select(table).where(key)).first()
+    if row is None:
+        conn.execute(table.insert().values(**values))
+        row = conn.execute(select(table).where(key)).first()
+    return row
 
 
 def _supersede(conn: Connection, series_instance_uid: str, generation: int) -> tuple[list[int], int]:
