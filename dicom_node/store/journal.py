@@ -19,9 +19,9 @@ the journal holds opens nothing.
 An upgraded node opens the journal its older self wrote: the tables and their
 in-place upgrade are `dicom_node.store.schema`'s.
 
-One module over 400 lines: every method of `Journal` is one transaction across
-the tables (superseding a generation touches four of them), so they stay beside
-the records they return.
+Over 400 lines for a reason: each method of `Journal` is one transaction, and
+several span tables (superseding a generation touches four of them), so they
+stay together, beside the records they return.
 """
 
 from __future__ import annotations
