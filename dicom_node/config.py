@@ -6,6 +6,9 @@ problem with the file, line and dotted key path it refers to
 (`config.yaml:12 destinations.pacs.port: ...`), found by walking the YAML
 node tree along the error's location. Relative paths resolve against the
 config file's folder, so the node behaves the same from any working directory.
+
+One module over 400 lines for a reason: it mirrors the config.yaml reference,
+section by section, so a key is found here where it is in the file.
 """
 
 from __future__ import annotations
@@ -384,7 +387,7 @@ class ForwardConfig(_RoutedConfig):
 
 class RetryPolicy(_Model):
     """When a destination's transient failure is tried again, and when it is given up: the one policy every
-    destination kind's exports follow (dicom_node.pipeline.runner asks it; a kind only says transient or permanent).
+    destination kind's exports follow (dicom_node.dispatch.exports asks it; a kind only says transient or permanent).
 
     Exponential backoff with jitter, so that the exports a PACS outage left pending do not all come back at
     the same second when it returns; capped, so a long outage is still noticed within `max_delay_s`.

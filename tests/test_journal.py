@@ -9,7 +9,8 @@ from sqlalchemy import Column, MetaData, String, Table, create_engine, inspect, 
 
 from dicom_node import JournalSchemaError
 from dicom_node.store.audit import AuditEvent, AuditLog
-from dicom_node.store.journal import Journal, NewInstance, StepOutcome, instances, utcnow
+from dicom_node.store.journal import Journal, NewInstance, StepOutcome, utcnow
+from dicom_node.store.schema import instances
 from dicom_node.states import ExportState, JobKind, JobState
 
 
@@ -121,7 +122,7 @@ def test_an_older_versions_journal_is_upgraded_in_place(journal_url, caplog):
     _alter(journal_url, "DROP TABLE job_steps", "ALTER TABLE series DROP COLUMN reason",
            "ALTER TABLE jobs DROP COLUMN output_dir",
            "DROP INDEX ix_audit_series_instance_uid", "ALTER TABLE audit DROP COLUMN series_instance_uid")
-    with caplog.at_level("WARNING", logger="dicom_node.store.journal"):
+    with caplog.at_level("WARNING", logger="dicom_node.store.schema"):
         upgraded = Journal(journal_url)
         audit = AuditLog(upgraded)
     try:
@@ -142,7 +143,7 @@ def test_an_older_versions_journal_is_upgraded_in_place(journal_url, caplog):
     finally:
         upgraded.close()
     caplog.clear()
-    with caplog.at_level("WARNING", logger="dicom_node.store.journal"):
+    with caplog.at_level("WARNING", logger="dicom_node.store.schema"):
         again = Journal(journal_url)
         AuditLog(again)
         again.close()
@@ -159,7 +160,7 @@ def test_an_older_versions_forward_jobs_get_their_kind_and_rule_name(journal_url
              f"VALUES ('1.2.3', {generation}, '{name}', 'done', 1, '2026-01-01 00:00:00')"
              for generation, name in ((1, "forward:archive"), (1, "spleen_ct"), (2, "forward:spleen_ct"),
                                       (2, "spleen_ct"))))
-    with caplog.at_level("WARNING", logger="dicom_node.store.journal"):
+    with caplog.at_level("WARNING", logger="dicom_node.store.schema"):
         upgraded = Journal(journal_url)
     try:
         jobs = {(j.generation, j.pipeline): j.kind for j in upgraded.jobs_in_state("done")}

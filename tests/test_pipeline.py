@@ -12,7 +12,7 @@ import pytest
 
 from dicom_node.config import load_config
 from dicom_node.store.journal import Journal, NewInstance
-from dicom_node.pipeline.runner import Pipeline
+from dicom_node.pipeline.stage import Pipeline
 from pydicom.uid import generate_uid
 
 from tests.model_repository import install_spleen_model
@@ -400,7 +400,8 @@ def test_a_series_the_router_did_not_take_is_handed_over_again(node, tmp_path, c
     from datetime import timedelta
 
     from dicom_node.pipeline.complete import UNROUTED_AFTER_S, CompletionTracker
-    from dicom_node.store.journal import series, utcnow
+    from dicom_node.store.journal import utcnow
+    from dicom_node.store.schema import series
 
     config, journal, pipeline = node(spleen_modality="MR")
     handed = []

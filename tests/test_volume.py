@@ -14,8 +14,9 @@ import SimpleITK as sitk
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, JPEGLossless, JPEGLosslessSV1,
                          JPEGLSLossless, RLELossless)
 
-from dicom_node.pipeline.volume import (SeriesGeometryError, SeriesSummary, VolumeOptions, check_series, load_series,
-                               summarize_series)
+from dicom_node.pipeline.checks import VolumeOptions
+from dicom_node.pipeline.volume import (SeriesGeometryError, SeriesSummary, check_series, load_series,
+                                        summarize_series)
 from inference.volume import Volume
 from tests import volume_variants as variants
 from tests.peers import CT_J2K_SERIES, dcmtk

@@ -4,7 +4,7 @@ A destination kind (DIMSE C-STORE in `dicom_node.dispatch.dimse`; `dicom_node.di
 keeps the registry of kinds by name) sends files and says, per instance,
 whether it was stored and, if not, whether trying again can help. What then
 happens (the retry schedule, the dead letter, the overlay fallback) is the
-same for every kind, decided by `config.RetryPolicy` and `dicom_node.pipeline.runner`
+same for every kind, decided by `config.RetryPolicy` and `dicom_node.dispatch.exports`
 from these values alone, never from the wording of a reason.
 """
 

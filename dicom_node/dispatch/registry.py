@@ -4,7 +4,7 @@ A destination's `kind` in the config (default `dimse`) picks its implementation
 from `KINDS`; adding a kind (a DICOMweb STOW-RS one, say) is adding a module
 with a `destinations.DestinationKind` class and its line here. Every kind
 answers in the same `destinations.Outcome` values, so the retry policy, the
-dead letter and the overlay fallback (`dicom_node.pipeline.runner`) are one mechanism
+dead letter and the overlay fallback (`dicom_node.dispatch.exports`) are one mechanism
 for all of them.
 """
 

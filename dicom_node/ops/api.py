@@ -29,7 +29,8 @@ from sqlalchemy import select
 from dicom_node import ListenError, __version__
 from dicom_node.store.audit import AUDIT_EVENTS, AuditLog, AuditRecord
 from dicom_node.config import Config, HttpTlsConfig
-from dicom_node.store.journal import ExportRecord, JobRecord, Journal, SeriesRecord, StepOutcome, exports, jobs, series
+from dicom_node.store.journal import ExportRecord, JobRecord, Journal, SeriesRecord, StepOutcome
+from dicom_node.store.schema import exports, jobs, series
 from dicom_node.metrics import CONTENT_TYPE, NodeMetrics
 from dicom_node.pipeline.health import InferenceOpener, configured_models, pipeline_health
 from dicom_node.states import JobKind, JobState

@@ -28,7 +28,7 @@ from dicom_node.config import Config
 from dicom_node.pipeline.health import pipeline_health
 from dicom_node.store.journal import Journal, NewInstance, utcnow
 from dicom_node.metrics import JournalCollector, NodeMetrics, PipelineHealthCollector
-from dicom_node.pipeline.runner import Pipeline
+from dicom_node.pipeline.stage import Pipeline
 from dicom_node.receive.scp import Receiver
 from dicom_node.store.retention import Retention
 from dicom_node.ops.status import journal_counts

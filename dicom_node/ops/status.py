@@ -31,7 +31,8 @@ from sqlalchemy import func, select
 
 from dicom_node.config import Config
 from dicom_node.pipeline.health import PipelineHealth, pipeline_health
-from dicom_node.store.journal import Journal, exports, jobs, series
+from dicom_node.store.journal import Journal
+from dicom_node.store.schema import exports, jobs, series
 from dicom_node.store.spool import Spool
 from dicom_node.states import ExportState
 

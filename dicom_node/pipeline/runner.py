@@ -1,11 +1,14 @@
-"""Pipeline stage: a complete series becomes jobs, jobs become results, results reach every PACS.
+"""Running jobs: each queued job runs in a worker process, its results become exports.
+
+In: queued jobs (from the router, `dicom_node.pipeline.router`, or requeued by
+`dicom-node jobs retry`). Out: each job `done` (its result files written and one
+export row per (result, destination) queued for the export loop,
+`dicom_node.dispatch.exports`), `failed` with the reason, or `superseded`.
 
 Everything that matters survives a crash because it is in the journal first:
-a job is a row (queued -> running -> done | failed), each result instance for
-each destination is an export row (pending -> sent | dead) with its attempt
-count and next_attempt_at, so a restart continues the retry schedule where it
-stopped. A series sent again with new instances supersedes its earlier
-generations (`dicom_node.store.journal`): their jobs and exports not yet done end
+a job is a row (queued -> running -> done | failed), so a restart requeues what
+was running. A series sent again with new instances supersedes its earlier
+generations (`dicom_node.store.journal`): their jobs not yet done end
 `superseded`, so one result covers the whole series.
 
 Steps fail alone: a job whose steps partly failed (a classifier whose model is
@@ -13,49 +16,26 @@ not installed) is `done` and delivers what the other steps gave; the outcome
 of every step is in the journal (`job_steps`) and in the job's SR. Only a job
 where no step gave a result, or that failed before its steps (an unreadable
 series), is `failed`.
-
-At-least-once to a PACS: an export marked `sent` is never sent again, but a
-crash between the C-STORE response and the journal update resends the same
-object. Since result UIDs are derived from (series, generation, pipeline, kind)
-(`dicom_node.results.uids`), the PACS then receives the same SOP Instance UID
-again, which it treats as the same instance (PS3.4 B.4.1: the SCP may overwrite
-or ignore a duplicate), not as a second result: delivery is at least once, the
-result the PACS holds is one.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
-import time
-from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import pydicom
-
-from dicom_node.dispatch import registry as dispatch
-
-from dicom_node.pipeline import route
-from dicom_node.store.audit import AuditEvent, AuditLog
-from dicom_node.config import Config, DestinationConfig
-from dicom_node.dispatch.destinations import Outcome, OutcomeKind, Refusal
-from dicom_node.pipeline.job import JobRequest, close_inference, open_inference
-from dicom_node.store.journal import ExportRecord, JobRecord, Journal, SeriesRecord, StepOutcome, utcnow
-from dicom_node.logs import series_context
-from dicom_node.metrics import NodeMetrics, failure_reason
-from dicom_node.states import ExportState, JobKind, JobState, SeriesState, StepState
+from dicom_node.config import Config
+from dicom_node.metrics import NodeMetrics
+from dicom_node.pipeline.job import JobRequest, open_inference
 from dicom_node.pipeline.workers import JobError, JobWorkers, WorkerDied
-
-if TYPE_CHECKING:
-    from dicom_node.pipeline.volume import SeriesHeaders
+from dicom_node.states import JobKind, JobState, SeriesState, StepState
+from dicom_node.store.audit import AuditEvent, AuditLog
+from dicom_node.store.journal import JobRecord, Journal, StepOutcome, utcnow
 
 log = logging.getLogger(__name__)
 
-SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 # A job journaled `running` that no thread of this node runs was interrupted: by a node crash (found at
 # start-up), by its worker process dying, or by the journal refusing its outcome. Requeue it, but not
 # forever: a job that takes its process down (a native crash in a codec or model runtime) would otherwise
@@ -67,112 +47,37 @@ class Superseded(Exception):
     """The job's series generation was superseded by a newer one (`Journal.add_exports`)."""
 
 
-class Pipeline:
-    """Routing, the bounded inference worker pool and the dispatch loop of one node."""
+class JobRunner:
+    """The bounded inference worker pool: one thread per worker slot waits on its job's worker process
+    (`dicom_node.pipeline.workers`); `on_done` is called when a job queued exports."""
 
-    def __init__(self, config: Config, journal: Journal, metrics: NodeMetrics | None = None) -> None:
+    def __init__(self, config: Config, journal: Journal, metrics: NodeMetrics, audit: AuditLog,
+                 on_done: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self.journal = journal
-        self.metrics = metrics or NodeMetrics()
-        self.audit = AuditLog(journal)
+        self.metrics = metrics
+        self.audit = audit
+        self.on_done = on_done
         self.results_dir = Path(config.node.storage_dir) / "results"
-        # One thread per worker slot waits on its job's worker process (dicom_node.pipeline.workers).
         self._threads = ThreadPoolExecutor(max_workers=max(1, config.inference.workers), thread_name_prefix="job")
         self._job_workers = JobWorkers(config)
         self._stopping = threading.Event()
-        self._dispatch_wakeup = threading.Event()
-        self._dispatcher: threading.Thread | None = None
         self._inference_lock = threading.Lock()
-        self._rng = random.Random()
         self._submitted: set[int] = set()
         self._submitted_lock = threading.Lock()
 
-    # --- lifecycle ---------------------------------------------------------------------------
-
     def start(self) -> None:
         """Start the job workers (when a pipeline may need them), requeue jobs a crash left running, run
-        queued ones, resume pending exports."""
+        queued ones."""
         if any(pipeline.enabled for pipeline in self.config.pipelines.values()):
             self._job_workers.start()
         self.pick_up_queued(interrupted_by="the node stopped while running it")
-        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatch", daemon=True)
-        self._dispatcher.start()
 
-    def stop(self, timeout: float = 30) -> None:
+    def stop(self) -> None:
+        """Start no job; wait for the running ones (queued jobs stay queued in the journal)."""
         self._stopping.set()
-        self._dispatch_wakeup.set()
         self._threads.shutdown(wait=True, cancel_futures=True)
         self._job_workers.close()
-        if self._dispatcher is not None:
-            self._dispatcher.join(timeout)
-        close_inference()
-
-    # --- routing -----------------------------------------------------------------------------
-
-    def on_series_complete(self, series: SeriesRecord) -> None:
-        """Route a complete series to jobs; the work itself runs on the worker pool."""
-        paths = [Path(i.path) for i in self.journal.series_instances(series.series_instance_uid, series.generation)]
-        from dicom_node.pipeline.volume import SeriesHeaders
-        try:
-            headers = SeriesHeaders.read(paths)
-            summary = headers.summary()
-        except Exception as error:  # unreadable headers: keep the series, say why
-            self.journal.set_series_state(series.series_instance_uid, series.generation, SeriesState.QUARANTINED,
-                                          reason=f"summary failed: {error}")
-            log.error("series %s quarantined: %s", series.series_instance_uid, error)
-            return
-        matches = route.match_pipelines(self.config, summary, series.calling_ae, series.called_ae)
-        if not matches:
-            why = route.unmatched_reasons(self.config, summary, series.calling_ae, series.called_ae)
-            reason = "; ".join(f"{name}: {text}" for name, text in why.items()) or "no pipelines configured"
-            self.journal.set_series_state(series.series_instance_uid, series.generation, SeriesState.UNMATCHED,
-                                          reason=reason)
-            log.info("series %s generation %d matched no pipeline (kept in the spool): %s",
-                     series.series_instance_uid, series.generation, reason)
-            return
-        refusal = self._refusal(series, headers, matches)
-        if refusal is not None:
-            matches = [m for m in matches if m.kind == JobKind.FORWARD]
-        # Jobs first (add_job is idempotent), then `routed`: a hand-over the journal cut short leaves the
-        # series `complete`, handed over again, never `routed` with a job missing.
-        added = [(match, self.journal.add_job(series.series_instance_uid, series.generation, match.pipeline,
-                                              match.kind)) for match in matches]
-        if refusal is not None:
-            self.journal.set_series_state(series.series_instance_uid, series.generation, SeriesState.QUARANTINED,
-                                          reason=refusal)
-        else:
-            self.journal.set_series_state(series.series_instance_uid, series.generation, SeriesState.ROUTED,
-                                          reason=", ".join(m.pipeline for m in matches))
-        for match, job in added:
-            with series_context(series.study_instance_uid, series.series_instance_uid, job.id):
-                log.info("series %s -> %s %s (job %d): %s", series.series_instance_uid, match.kind, match.pipeline,
-                         job.id, "; ".join(match.reasons))
-            if job.state == JobState.QUEUED:
-                self.submit(job)
-
-    def _refusal(self, series: SeriesRecord, headers: SeriesHeaders, matches: list[route.RouteMatch]) -> str | None:
-        """Why no model may run on this series, from its headers (`volume.SeriesHeaders.check`), or None.
-
-        Checked before a job exists, so a series that could only give a wrong
-        volume or an unencodable result (colour pixels, two Frames of Reference,
-        a missing slice, ...) is quarantined with the reason at once, with no
-        worker time spent on it. Forward rules still send the originals on.
-        """
-        pipelines = [m.pipeline for m in matches if m.kind != JobKind.FORWARD]
-        if not pipelines:
-            return None
-        try:
-            headers.check()
-        except Exception as error:  # SeriesGeometryError, or a header no check foresaw: never a job either way
-            reason = f"refused before inference ({', '.join(pipelines)}): {type(error).__name__}: {error}"
-            with series_context(series.study_instance_uid, series.series_instance_uid, None):
-                log.error("series %s generation %d quarantined: %s", series.series_instance_uid, series.generation,
-                          reason)
-            self.audit.record(AuditEvent("produced", study_instance_uid=series.study_instance_uid,
-                                         series_instance_uid=series.series_instance_uid, instance_count=0,
-                                         status="refused", detail=reason))
-            return reason
-        return None
 
     def submit(self, job: JobRecord) -> None:
         with self._submitted_lock:
@@ -192,18 +97,9 @@ class Pipeline:
         for job in self.journal.jobs_in_state(JobState.QUEUED):
             self.submit(job)
 
-    # --- jobs --------------------------------------------------------------------------------
-
-    def _job_context(self, job_id: int):
-        """Log context of a job: its id and its series' Study/Series Instance UIDs."""
-        job = self.journal.get_job(job_id)
-        series = self.journal.get_series(job.series_instance_uid, job.generation) if job else None
-        return series_context(series.study_instance_uid if series else None,
-                              job.series_instance_uid if job else None, job_id)
-
     def _run_guarded(self, job_id: int) -> None:
         try:
-            with self._job_context(job_id):
+            with self.journal.job_log_context(job_id):
                 self._run(job_id)
         except Exception:  # the journal refused a write: the dispatch loop's pick_up_queued requeues the job
             log.exception("job %d: its outcome could not be journaled", job_id)
@@ -258,7 +154,7 @@ class Pipeline:
         self.audit.record(AuditEvent("produced", series_instance_uid=job.series_instance_uid, job_id=job_id,
                                      instance_count=len(written), status=JobState.DONE,
                                      detail=f"{detail}; steps not run: {not_run}" if not_run else detail))
-        self._dispatch_wakeup.set()
+        self.on_done()
 
     def _series_superseded(self, job: JobRecord) -> bool:
         series = self.journal.get_series(job.series_instance_uid, job.generation)
@@ -333,101 +229,3 @@ class Pipeline:
         opened once on first use; jobs use their worker process's own."""
         with self._inference_lock:
             return open_inference(self.config)
-
-    # --- dispatch ----------------------------------------------------------------------------
-
-    def _dispatch_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                self.pick_up_queued()
-                self.dispatch_due()
-            except Exception:
-                log.exception("dispatch pass failed")
-            self._dispatch_wakeup.wait(1.0)
-            self._dispatch_wakeup.clear()
-
-    def dispatch_due(self) -> None:
-        """Send every pending export whose time has come, one association per destination."""
-        due = self.journal.exports_in_state(ExportState.PENDING, due_before=utcnow())
-        by_destination = defaultdict(list)
-        for export in due:
-            by_destination[export.destination].append(export)
-        for name, exports in by_destination.items():
-            destination = self.config.destinations[name]
-            calling = destination.calling_ae_title or self.config.node.ae_title
-            started = time.monotonic()
-            report = dispatch.send(destination, [Path(e.path) for e in exports], calling)
-            self.metrics.observe_stage("dispatch", time.monotonic() - started)
-            outcomes = {o.sop_instance_uid: o for o in report.outcomes}
-            by_job = defaultdict(list)
-            for export in exports:
-                by_job[export.job_id].append(export)
-            for job_id, job_exports in by_job.items():
-                with self._job_context(job_id):
-                    self._settle(job_id, destination, job_exports, outcomes)
-
-    def _settle(self, job_id: int, destination: DestinationConfig, exports: list[ExportRecord],
-                outcomes: dict[str, Outcome]) -> None:
-        """Journal each export's outcome, count failures, audit one line per (job, destination) pass."""
-        name = exports[0].destination
-        statuses: dict[str, int] = defaultdict(int)
-        sent = 0
-        for export in exports:
-            outcome = outcomes.get(export.sop_instance_uid) or Outcome(
-                export.sop_instance_uid, None, OutcomeKind.TRANSIENT, "no outcome reported")
-            statuses[outcome.reason] += 1
-            if outcome.kind.stored:
-                if outcome.kind == OutcomeKind.WARNING:
-                    log.warning("export %d to %s stored with warning 0x%04X: %s", export.id, name,
-                                outcome.status or 0, outcome.reason)
-                sent += 1
-                self.metrics.exports_sent.labels(destination=name).inc()
-                self.journal.update_export(export.id, state=ExportState.SENT, sent_at=utcnow(), reason=outcome.reason,
-                                           last_status=outcome.status, attempts=export.attempts + 1)
-                continue
-            self.metrics.dispatch_failures.labels(destination=name,
-                                                  reason=failure_reason(outcome.kind, outcome.status)).inc()
-            if outcome.kind == OutcomeKind.TRANSIENT:
-                self._transient(export, destination, outcome)
-            else:
-                self._dead(export, outcome, outcome.reason)
-        job = self.journal.get_job(job_id)
-        self.audit.record(AuditEvent(
-            "sent" if sent == len(exports) else "failed", series_instance_uid=job.series_instance_uid if job else None,
-            job_id=job_id, destination=name, instance_count=sent,
-            status=f"{sent}/{len(exports)} stored",
-            detail="; ".join(f"{reason} x{count}" for reason, count in sorted(statuses.items()))))
-
-    def _transient(self, export: ExportRecord, destination: DestinationConfig, outcome: Outcome) -> None:
-        """Try again when the destination's retry policy says, or dead-letter once it is exhausted."""
-        attempts = export.attempts + 1
-        if destination.retry.is_exhausted(attempts):
-            self._dead(export, outcome, f"{outcome.reason} (gave up after {attempts} attempts)")
-            return
-        delay = destination.retry.next_delay_s(attempts, self._rng)
-        self.journal.update_export(export.id, attempts=attempts, last_status=outcome.status, reason=outcome.reason,
-                                   next_attempt_at=utcnow() + timedelta(seconds=delay))
-        log.warning("export %d to %s: transient failure (%s); attempt %d, next in %.1f s", export.id,
-                    export.destination, outcome.reason, attempts, delay)
-
-    def _dead(self, export: ExportRecord, outcome: Outcome, reason: str) -> None:
-        self.journal.update_export(export.id, state=ExportState.DEAD, last_status=outcome.status, reason=reason,
-                                   attempts=export.attempts + 1)
-        log.error("export %d to %s dead-lettered: %s", export.id, export.destination, reason)
-        if outcome.refusal == Refusal.SOP_CLASS_NOT_SUPPORTED:
-            self._overlay_fallback(export)
-
-    def _overlay_fallback(self, export: ExportRecord) -> None:
-        """A destination that refuses SEG's SOP class (0x0122, PS3.4 Table B.2-1, or no accepted
-        presentation context) gets the overlay series, if the pipeline makes one."""
-        job = self.journal.get_job(export.job_id)
-        pipeline = self.config.pipelines.get(job.pipeline) if job and job.kind == JobKind.PIPELINE else None
-        if pipeline is None or "overlay" not in pipeline.outputs:
-            return
-        if pydicom.dcmread(export.path, stop_before_pixels=True).SOPClassUID != SEG_STORAGE:
-            return
-        overlay_dir = Path(job.output_dir or self.results_dir / str(job.id)) / "overlay"
-        for path in sorted(overlay_dir.glob("*.dcm")):
-            uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-            self.journal.add_export(job.id, export.destination, uid, str(path))
-        log.info("job %d: %s refuses SEG; overlay series queued instead", job.id, export.destination)

@@ -19,11 +19,10 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.results import OutputSeries, save_dataset, source_headers
-from dicom_node.results.overlay import boundary
+from dicom_node.results.overlay import boundary, rgb_secondary_capture, windowed
 from inference.involvement import CONSOLIDATION, GROUND_GLASS, LungInvolvement
 from inference.results import LabelMap
 from inference.volume import Volume
@@ -64,30 +63,15 @@ def write_key_images(result: LungInvolvement, lungs: LabelMap, pixels: Volume, s
     paths = []
     for index, (plane, rgb, source, spacing, orientation) in enumerate(planes):
         series = options.series
-        image = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=headers[0], pixel_array=rgb, photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-            bits_allocated=8, coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            series_instance_uid=series.seed.series_uid(KEY_IMAGE_KIND), series_number=series.series_number,
-            sop_instance_uid=series.seed.instance_uid(KEY_IMAGE_KIND, index), instance_number=index + 1,
-            manufacturer=series.manufacturer, pixel_spacing=spacing,
+        image = rgb_secondary_capture(
+            headers[0], rgb, series, KEY_IMAGE_KIND, index, pixel_spacing=spacing,
             patient_orientation=tuple(str(getattr(o, "value", o)) for o in orientation),
             transfer_syntax_uid=ExplicitVRLittleEndian,
-            series_description=f"{series.series_description} lung involvement"[:64])
-        image.BurnedInAnnotation = "YES"
-        image.Laterality = headers[0].get("Laterality", "")
-        image.ImageType = ["DERIVED", "SECONDARY"]
-        image.DerivationDescription = (
-            f"{plane} {'slice' if source is not None else 'reformat'}, CT W{options.window_width:g}/"
-            f"L{options.window_center:g}; lungs blue, ground-glass yellow, consolidation red; "
-            "quantification, not a diagnosis")[:1024]
-        if source is not None:
-            reference = Dataset()
-            reference.ReferencedSOPClassUID = source.SOPClassUID
-            reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
-            image.SourceImageSequence = [reference]
-        image.SecondaryCaptureDeviceManufacturer = series.manufacturer[:64]
-        image.SecondaryCaptureDeviceManufacturerModelName = series.manufacturer_model_name[:64]
-        image.SecondaryCaptureDeviceSoftwareVersions = series.software_versions[:64]
+            series_description=f"{series.series_description} lung involvement",
+            derivation=(f"{plane} {'slice' if source is not None else 'reformat'}, CT W{options.window_width:g}/"
+                        f"L{options.window_center:g}; lungs blue, ground-glass yellow, consolidation red; "
+                        "quantification, not a diagnosis")[:1024],
+            source=source)
         paths.append(save_dataset(image, out_dir / f"KEY_{plane}_{image.SOPInstanceUID}.dcm"))
     return paths
 
@@ -98,8 +82,7 @@ def _letter(vector: np.ndarray) -> str:
 
 
 def _paint(hu: np.ndarray, lungs: np.ndarray, opacity: np.ndarray, options: KeyImageOptions) -> np.ndarray:
-    low = options.window_center - options.window_width / 2
-    grey = np.clip((hu.astype(np.float32) - low) * (255.0 / options.window_width), 0, 255)
+    grey = windowed(hu, options.window_center, options.window_width)
     rgb = np.repeat(grey[:, :, None], 3, axis=2)
     for value, colour in TINTS.items():
         where = opacity == value

@@ -4,7 +4,7 @@ Adding an output is adding its writer function and its line in `OUTPUTS` (and th
 name to `config.PipelineConfig.outputs`, which a test keeps equal to `OUTPUTS`).
 An output with `fallback_for` is written but exported only when the output it
 stands in for wrote nothing or is not listed: the overlay series goes to a
-destination only instead of the SEG (its other use is `Pipeline._overlay_fallback`,
+destination only instead of the SEG (its other use is `ExportDispatcher._overlay_fallback`,
 for a destination that refuses SEG's SOP class), so a PACS never shows both.
 
 The writers' modules (highdicom, numpy) are imported when an output is written,

@@ -76,45 +76,21 @@ def write_overlay(
     paths = []
     for k, header in enumerate(headers):
         rgb = outlined(source_pixels.array[k], label_map.volume.array[k], colours, options)
-        image = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=header,
-            pixel_array=rgb,
-            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-            bits_allocated=8,
-            coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            series_instance_uid=series.seed.series_uid(OVERLAY_KIND),
-            series_number=series.series_number,
-            sop_instance_uid=series.seed.instance_uid(OVERLAY_KIND, k),
-            instance_number=k + 1,
-            manufacturer=series.manufacturer,
+        image = rgb_secondary_capture(
+            header, rgb, series, OVERLAY_KIND, k,
             pixel_spacing=(float(source_pixels.spacing[1]), float(source_pixels.spacing[0])),
             patient_orientation=(orientation[0], orientation[1]),
             transfer_syntax_uid=RLELossless if options.compress else ExplicitVRLittleEndian,
-            series_description=series.series_description[:64],
-        )
-        image.BurnedInAnnotation = "YES"
-        # General Series Laterality is 2C (PS3.3 C.7.3.1): the source's, or empty (unknown / unpaired).
-        image.Laterality = header.get("Laterality", "")
-        image.ImageType = ["DERIVED", "SECONDARY"]
-        image.DerivationDescription = f"CT W{options.window_width:g}/L{options.window_center:g} with segment outlines"
-        reference = Dataset()
-        reference.ReferencedSOPClassUID = header.SOPClassUID
-        reference.ReferencedSOPInstanceUID = header.SOPInstanceUID
-        if frame_numbers[k] is not None:
-            reference.ReferencedFrameNumber = frame_numbers[k]
-        image.SourceImageSequence = [reference]
-        # SC Equipment (PS3.3 C.8.6.1): the node is the capture device.
-        image.SecondaryCaptureDeviceManufacturer = series.manufacturer[:64]
-        image.SecondaryCaptureDeviceManufacturerModelName = series.manufacturer_model_name[:64]
-        image.SecondaryCaptureDeviceSoftwareVersions = series.software_versions[:64]
+            series_description=series.series_description,
+            derivation=f"CT W{options.window_width:g}/L{options.window_center:g} with segment outlines",
+            source=header, frame_number=frame_numbers[k])
         paths.append(save_dataset(image, out_dir / f"OVERLAY_{k + 1:05d}_{image.SOPInstanceUID}.dcm"))
     return paths
 
 
 def outlined(hu: np.ndarray, labels: np.ndarray, colours: dict[int, tuple[int, int, int]], options: OverlayOptions) -> np.ndarray:
     """One slice: windowed grey as RGB, boundary pixels of each label painted in its colour."""
-    low = options.window_center - options.window_width / 2
-    grey = np.clip((hu.astype(np.float32) - low) * (255.0 / options.window_width), 0, 255).astype(np.uint8)
+    grey = windowed(hu, options.window_center, options.window_width).astype(np.uint8)
     rgb = np.repeat(grey[:, :, None], 3, axis=2)
     for value, colour in colours.items():
         rgb[boundary(labels == value)] = colour
@@ -126,3 +102,52 @@ def boundary(mask: np.ndarray) -> np.ndarray:
     padded = np.pad(mask, 1, constant_values=False)
     interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
     return mask & ~interior
+
+
+def windowed(hu: np.ndarray, center: float, width: float) -> np.ndarray:
+    """Hounsfield units through a window (PS3.3 C.11.2.1.2, linear) as grey 0-255, float32."""
+    low = center - width / 2
+    return np.clip((hu.astype(np.float32) - low) * (255.0 / width), 0, 255)
+
+
+def rgb_secondary_capture(ref: Dataset, rgb: np.ndarray, series: OutputSeries, kind: str, index: int, *,
+                          pixel_spacing: tuple[float, float], patient_orientation: tuple[str, str],
+                          transfer_syntax_uid: str, series_description: str, derivation: str,
+                          source: Dataset | None, frame_number: int | None = None) -> hd.sc.SCImage:
+    """Instance `index` of `series`' `kind` result series: an RGB Secondary Capture (PS3.3 A.8.1) of
+    `rgb`, patient and study from `ref`, with what is burned into its pixels said (BurnedInAnnotation
+    YES, PS3.3 C.7.6.1.1.3; Derivation Description), and `source` (frame `frame_number` of it for a
+    multi-frame source) referenced in the Source Image Sequence when the image is one of its slices."""
+    image = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=ref,
+        pixel_array=rgb,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=series.seed.series_uid(kind),
+        series_number=series.series_number,
+        sop_instance_uid=series.seed.instance_uid(kind, index),
+        instance_number=index + 1,
+        manufacturer=series.manufacturer,
+        pixel_spacing=pixel_spacing,
+        patient_orientation=patient_orientation,
+        transfer_syntax_uid=transfer_syntax_uid,
+        series_description=series_description[:64],
+    )
+    image.BurnedInAnnotation = "YES"
+    # General Series Laterality is 2C (PS3.3 C.7.3.1): the source's, or empty (unknown / unpaired).
+    image.Laterality = ref.get("Laterality", "")
+    image.ImageType = ["DERIVED", "SECONDARY"]
+    image.DerivationDescription = derivation
+    if source is not None:
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = source.SOPClassUID
+        reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        if frame_number is not None:
+            reference.ReferencedFrameNumber = frame_number
+        image.SourceImageSequence = [reference]
+    # SC Equipment (PS3.3 C.8.6.1): the node is the capture device.
+    image.SecondaryCaptureDeviceManufacturer = series.manufacturer[:64]
+    image.SecondaryCaptureDeviceManufacturerModelName = series.manufacturer_model_name[:64]
+    image.SecondaryCaptureDeviceSoftwareVersions = series.software_versions[:64]
+    return image

@@ -27,6 +27,7 @@ from datetime import datetime
 from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, select
 
 from dicom_node.store.journal import Journal, utcnow
+from dicom_node.store.schema import ensure_tables
 
 AUDIT_EVENTS = ("received", "produced", "sent", "failed", "retry", "purged", "quarantined")
 
@@ -73,7 +74,7 @@ class AuditLog:
 
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
-        journal.ensure_tables(_metadata)
+        ensure_tables(journal.engine, journal.write, _metadata)
 
     def record(self, event: AuditEvent) -> None:
         if event.event not in AUDIT_EVENTS:

@@ -16,11 +16,12 @@ see the whole series), their queued jobs and undelivered exports are
 `superseded`, and so is the generation itself. A re-sent copy of an instance
 the journal holds opens nothing.
 
-An upgraded node opens the journal its older self wrote: missing tables are
-created and missing columns added in place (`Journal.ensure_tables`). So a
-column added in a later version must be nullable or have a server default;
-anything else is refused at start with the columns named, rather than failing
-C-STOREs at the first insert.
+An upgraded node opens the journal its older self wrote: the tables and their
+in-place upgrade are `dicom_node.store.schema`'s.
+
+Over 400 lines for a reason: each method of `Journal` is one transaction, and
+several span tables (superseding a generation touches four of them), so they
+stay together, beside the records they return.
 """
 
 from __future__ import annotations
@@ -35,98 +36,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import (Column, DateTime, Integer, MetaData, String, Table, Text, UniqueConstraint, and_, bindparam,
-                        case, create_engine, event, func, inspect, select, true)
+from sqlalchemy import and_, bindparam, case, create_engine, event, func, select, true
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.schema import CreateColumn
 
-from dicom_node import JournalSchemaError
+from dicom_node.logs import series_context
 from dicom_node.states import ExportState, JobKind, JobState, SeriesState, StepState
+from dicom_node.store.schema import (ensure_tables, exports, instances, job_steps, jobs, metadata, series,
+                                     type_forward_jobs)
 
 log = logging.getLogger(__name__)
 
-# Before jobs had a `kind`, a forward rule's job was named "forward:<rule>" (Journal._type_forward_jobs).
-_OLD_FORWARD_PREFIX = "forward:"
 # The states of a generation whose instances are still its own: a new generation takes them over.
 HOLDS_INSTANCES = (SeriesState.COMPLETE, SeriesState.ROUTED, SeriesState.UNMATCHED, SeriesState.QUARANTINED)
-
-metadata = MetaData()
-
-instances = Table(
-    "instances", metadata,
-    Column("sop_instance_uid", String(64), primary_key=True),
-    Column("sop_class_uid", String(64), nullable=False),
-    Column("series_instance_uid", String(64), nullable=False, index=True),
-    Column("study_instance_uid", String(64), nullable=False),
-    Column("generation", Integer, nullable=False),
-    Column("path", Text, nullable=False),
-    Column("calling_ae", String(16), nullable=False),
-    Column("transfer_syntax", String(64), nullable=False),
-    Column("size", Integer, nullable=False),
-    Column("received_at", DateTime(timezone=True), nullable=False),
-)
-
-series = Table(
-    "series", metadata,
-    Column("series_instance_uid", String(64), primary_key=True),
-    Column("generation", Integer, primary_key=True),
-    Column("study_instance_uid", String(64), nullable=False),
-    Column("state", String(16), nullable=False, index=True),
-    Column("instance_count", Integer, nullable=False),
-    Column("first_received_at", DateTime(timezone=True), nullable=False),
-    Column("last_received_at", DateTime(timezone=True), nullable=False),
-    Column("calling_ae", String(16), nullable=False),
-    Column("called_ae", String(16), nullable=False),
-    Column("modality", String(16), nullable=False),
-    Column("series_description", Text, nullable=False),
-    Column("completed_at", DateTime(timezone=True)),
-    Column("reason", Text),
-)
-
-jobs = Table(
-    "jobs", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("series_instance_uid", String(64), nullable=False),
-    Column("generation", Integer, nullable=False),
-    Column("pipeline", String(128), nullable=False),  # the pipeline's or the forward rule's name
-    Column("state", String(16), nullable=False, index=True),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("error", Text),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("started_at", DateTime(timezone=True)),
-    Column("finished_at", DateTime(timezone=True)),
-    Column("output_dir", Text),
-    Column("kind", String(16), nullable=False, server_default=JobKind.PIPELINE.value),
-    UniqueConstraint("series_instance_uid", "generation", "pipeline"),
-)
-
-# What each step of a job's last run came to: a job is `done` when at least one step gave results
-# (the others' failures are listed here and in its SR), `failed` when none did.
-job_steps = Table(
-    "job_steps", metadata,
-    Column("job_id", Integer, primary_key=True),
-    Column("position", Integer, primary_key=True),  # the step's place in the pipeline's `steps`
-    Column("step", String(128), nullable=False),
-    Column("state", String(16), nullable=False),
-    Column("reason", Text),
-)
-
-exports = Table(
-    "exports", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("job_id", Integer, nullable=False, index=True),
-    Column("destination", String(128), nullable=False),
-    Column("sop_instance_uid", String(64), nullable=False),
-    Column("path", Text, nullable=False),
-    Column("state", String(16), nullable=False, index=True),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("next_attempt_at", DateTime(timezone=True)),
-    Column("last_status", Integer),
-    Column("reason", Text),
-    Column("sent_at", DateTime(timezone=True)),
-    UniqueConstraint("job_id", "destination", "sop_instance_uid"),
-)
-
 
 _FIND_INSTANCE = select(instances).where(instances.c.sop_instance_uid == bindparam("sop"))
 _LATEST_GENERATION = (select(series.c.generation, series.c.state)
@@ -275,66 +196,8 @@ class Journal:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._write_lock = threading.Lock()
-        self.ensure_tables(metadata)
-        self._type_forward_jobs()
-
-    def ensure_tables(self, tables: MetaData) -> None:
-        """Create the tables of `tables` the journal lacks and add the columns an older version's tables
-        lack (with their indexes). Raises JournalSchemaError for a missing column that must have a
-        value and has no server default, and for a column this version does not know that must have
-        one (a newer version's journal: every insert here would fail)."""
-        tables.create_all(self.engine)
-        inspector = inspect(self.engine)
-        missing, problems = [], []
-        for table in tables.sorted_tables:
-            present = {column["name"]: column for column in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in present:
-                    continue
-                if column.nullable or column.server_default is not None:
-                    missing.append(column)
-                else:
-                    problems.append(f"{table.name}.{column.name} is missing and must have a value")
-            problems += [f"{table.name}.{name} is unknown to this version and must have a value (a newer "
-                         "version's journal?)" for name, column in present.items()
-                         if name not in table.columns and not column["nullable"] and column["default"] is None]
-        if problems:
-            where = self.engine.url.render_as_string(hide_password=True)
-            raise JournalSchemaError(f"the journal {where} cannot be used as it is: " + "; ".join(problems))
-        for column in missing:
-            spec = CreateColumn(column).compile(dialect=self.engine.dialect)
-            with self.write() as conn:
-                conn.exec_driver_sql(f"ALTER TABLE {column.table.name} ADD COLUMN {spec}")
-        for index in {index for column in missing for index in column.table.indexes
-                      if index.columns.contains_column(column)}:
-            index.create(self.engine, checkfirst=True)
-        if missing:
-            log.warning("journal upgraded in place: added %s",
-                        ", ".join(f"{column.table.name}.{column.name}" for column in missing))
-
-    def _type_forward_jobs(self) -> None:
-        """A journal written before jobs had a kind names a forward rule's job `forward:<rule>`: such a job
-        becomes kind FORWARD with the rule's own name, so it reads (and is retried) like a new one. Runs at
-        every start (a read of `jobs`, which finds nothing after the first), so an upgrade the node stopped
-        in the middle of is finished. A job whose plain name is taken by a pipeline job of the
-        same series generation (an old config had a pipeline and a forward rule of one name) keeps its
-        prefixed name, with its kind."""
-        prefixed = jobs.c.pipeline.startswith(_OLD_FORWARD_PREFIX, autoescape=True) & (jobs.c.kind == JobKind.PIPELINE)
-        rule = func.substr(jobs.c.pipeline, len(_OLD_FORWARD_PREFIX) + 1)
-        other = jobs.alias("other")
-        taken = select(other.c.id).where((other.c.series_instance_uid == jobs.c.series_instance_uid)
-                                          & (other.c.generation == jobs.c.generation)
-                                          & (other.c.pipeline == rule)).exists()
-        with self.engine.connect() as conn:  # a read first: every CLI command opens the journal too
-            if conn.execute(select(jobs.c.id).where(prefixed).limit(1)).first() is None:
-                return
-        with self.write() as conn:
-            renamed = conn.execute(jobs.update().where(prefixed & ~taken)
-                                   .values(kind=JobKind.FORWARD.value, pipeline=rule)).rowcount
-            kept = conn.execute(jobs.update().where(prefixed).values(kind=JobKind.FORWARD.value)).rowcount
-        log.warning("journal upgraded in place: %d forward jobs given kind forward, %d of them renamed to their "
-                    "rule%s", renamed + kept, renamed,
-                    f" ({kept} keep their 'forward:' name: a pipeline job has the rule's name)" if kept else "")
+        ensure_tables(self.engine, self.write, metadata)
+        type_forward_jobs(self.engine, self.write)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -543,18 +406,22 @@ class Journal:
         with self._write_lock, self.engine.begin() as conn:
             key = ((jobs.c.series_instance_uid == series_instance_uid) & (jobs.c.generation == generation)
                    & (jobs.c.pipeline == pipeline))
-            row = conn.execute(select(jobs).where(key)).first()
-            if row is None:
-                conn.execute(jobs.insert().values(series_instance_uid=series_instance_uid, generation=generation,
-                                                  pipeline=pipeline, kind=JobKind(kind).value,
-                                                  state=JobState.QUEUED.value, attempts=0, created_at=utcnow()))
-                row = conn.execute(select(jobs).where(key)).first()
+            row = _insert_once(conn, jobs, key, series_instance_uid=series_instance_uid, generation=generation,
+                               pipeline=pipeline, kind=JobKind(kind).value, state=JobState.QUEUED.value, attempts=0,
+                               created_at=utcnow())
         return as_record(JobRecord, row)
 
     def get_job(self, job_id: int) -> JobRecord | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
         return as_record(JobRecord, row) if row else None
+
+    def job_log_context(self, job_id: int):
+        """Log context of a job (`dicom_node.logs`): its id and its series' Study/Series Instance UIDs."""
+        job = self.get_job(job_id)
+        series = self.get_series(job.series_instance_uid, job.generation) if job else None
+        return series_context(series.study_instance_uid if series else None,
+                              job.series_instance_uid if job else None, job_id)
 
     def jobs_in_state(self, *states: JobState) -> list[JobRecord]:
         with self.engine.connect() as conn:
@@ -620,13 +487,9 @@ class Journal:
         with self._write_lock, self.engine.begin() as conn:
             key = ((exports.c.job_id == job_id) & (exports.c.destination == destination)
                    & (exports.c.sop_instance_uid == sop_instance_uid))
-            row = conn.execute(select(exports).where(key)).first()
-            if row is None:
-                conn.execute(exports.insert().values(job_id=job_id, destination=destination,
-                                                     sop_instance_uid=sop_instance_uid, path=path,
-                                                     state=ExportState.PENDING.value,
-                                                     attempts=0, next_attempt_at=utcnow()))
-                row = conn.execute(select(exports).where(key)).first()
+            row = _insert_once(conn, exports, key, job_id=job_id, destination=destination,
+                               sop_instance_uid=sop_instance_uid, path=path, state=ExportState.PENDING.value,
+                               attempts=0, next_attempt_at=utcnow())
         return as_record(ExportRecord, row)
 
     def exports_in_state(self, *states: ExportState, due_before: datetime | None = None) -> list[ExportRecord]:
@@ -644,6 +507,16 @@ class Journal:
             conn.execute(exports.update().where(exports.c.id == export_id).values(**values))
             row = conn.execute(select(exports).where(exports.c.id == export_id)).first()
         return as_record(ExportRecord, row)
+
+
+def _insert_once(conn: Connection, table, key, **values):
+    """The row of `table` that `key` selects, inserted with `values` first when there is none: what makes
+    queueing a job or an export idempotent, in the caller's transaction."""
+    row = conn.execute(select(table).where(key)).first()
+    if row is None:
+        conn.execute(table.insert().values(**values))
+        row = conn.execute(select(table).where(key)).first()
+    return row
 
 
 def _supersede(conn: Connection, series_instance_uid: str, generation: int) -> tuple[list[int], int]:

@@ -53,7 +53,8 @@ from sqlalchemy import select
 
 from dicom_node.store.audit import AuditEvent, AuditLog
 from dicom_node.config import RetentionConfig
-from dicom_node.store.journal import JobRecord, Journal, SeriesRecord, SettledSeries, jobs, utcnow
+from dicom_node.store.journal import JobRecord, Journal, SeriesRecord, SettledSeries, utcnow
+from dicom_node.store.schema import jobs
 from dicom_node.logs import series_context
 from dicom_node.metrics import NodeMetrics
 from dicom_node.store.spool import InstanceKey, Spool

@@ -1,0 +1,182 @@
+"""PDUs and DIMSE command sets on the wire, for the acceptor (`dicom_node.receive.upper_layer`).
+
+PS3.8 9.3 PDU types and A-ABORT reasons, whole-PDU reads from a socket under a
+deadline, the reassembly of one DIMSE message from its PDV fragments (PS3.8 E.2),
+and the command set's encoding (PS3.7 9.3, E.1: implicit VR little endian, group
+length first). What does not parse raises `Abort` with the PS3.8 9.3.8 reason the
+acceptor answers with; a peer gone raises `PeerClosed`.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+# PDU types (PS3.8 9.3.1)
+A_ASSOCIATE_RQ_PDU, A_ASSOCIATE_AC_PDU, A_ASSOCIATE_RJ_PDU = 0x01, 0x02, 0x03
+P_DATA_TF_PDU, A_RELEASE_RQ_PDU, A_RELEASE_RP_PDU, A_ABORT_PDU = 0x04, 0x05, 0x06, 0x07
+_KNOWN_PDUS = range(0x01, 0x08)
+# A-ABORT reasons when the source is the service provider (PS3.8 9.3.8)
+UNRECOGNIZED_PDU, UNEXPECTED_PDU, INVALID_PDU_PARAMETER_VALUE = 0x01, 0x02, 0x06
+ABORT_SOURCE_PROVIDER = 0x02
+MAX_ASSOCIATION_PDU = 1 << 20  # an A-ASSOCIATE-RQ proposing every SOP class is far smaller
+
+# DIMSE (PS3.7 9.3, E.1)
+C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
+NO_DATA_SET = 0x0101
+STATUS_UNRECOGNIZED_OPERATION = 0x0211
+TAG_AFFECTED_SOP_CLASS_UID, TAG_COMMAND_FIELD, TAG_MESSAGE_ID = 0x00000002, 0x00000100, 0x00000110
+TAG_MESSAGE_ID_RESPONDED_TO, TAG_PRIORITY, TAG_DATA_SET_TYPE = 0x00000120, 0x00000700, 0x00000800
+TAG_STATUS, TAG_AFFECTED_SOP_INSTANCE_UID = 0x00000900, 0x00001000
+
+PDU_HEADER = struct.Struct(">BBI")
+PDV_HEADER = struct.Struct(">IBB")
+_COMMAND_ELEMENT = struct.Struct("<HHI")
+_US = struct.Struct("<H")
+
+
+class Abort(Exception):
+    """End the association with an A-ABORT from the service provider."""
+
+    def __init__(self, reason: int, text: str):
+        super().__init__(text)
+        self.reason = reason
+
+
+class PeerClosed(Exception):
+    """The peer closed the connection, aborted, or stopped sending within its time."""
+
+
+def _uid_value(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def encode_command(elements: list[tuple[int, bytes]]) -> bytes:
+    """A DIMSE command set (implicit VR little endian, group length first), elements in tag order."""
+    body = b"".join(_COMMAND_ELEMENT.pack(tag >> 16, tag & 0xFFFF, len(value)) + value for tag, value in elements)
+    return _COMMAND_ELEMENT.pack(0, 0, 4) + struct.pack("<I", len(body)) + body
+
+
+def decode_command(raw: bytes) -> dict[int, bytes]:
+    """The elements of a command set by tag; raises Abort when it does not parse."""
+    elements, pos = {}, 0
+    while pos < len(raw):
+        if pos + 8 > len(raw):
+            raise Abort(INVALID_PDU_PARAMETER_VALUE, "command set ends inside an element header")
+        group, element, length = _COMMAND_ELEMENT.unpack_from(raw, pos)
+        pos += 8
+        if pos + length > len(raw):
+            raise Abort(INVALID_PDU_PARAMETER_VALUE, f"command element (0000,{element:04X}) runs past the set")
+        elements[group << 16 | element] = raw[pos:pos + length]
+        pos += length
+    for tag in (TAG_COMMAND_FIELD, TAG_MESSAGE_ID, TAG_DATA_SET_TYPE):
+        if len(elements.get(tag, b"")) != 2:
+            raise Abort(INVALID_PDU_PARAMETER_VALUE, f"command set without (0000,{tag & 0xFFFF:04X})")
+    return elements
+
+
+def command_us(elements: dict[int, bytes], tag: int) -> int:
+    return _US.unpack(elements[tag])[0]
+
+
+def command_text(elements: dict[int, bytes], tag: int) -> str:
+    return elements.get(tag, b"").rstrip(b"\x00 ").decode("ascii", errors="replace")
+
+
+def response_command(request: dict[int, bytes], command_field: int, status: int) -> bytes:
+    elements = []
+    if TAG_AFFECTED_SOP_CLASS_UID in request:
+        elements.append((TAG_AFFECTED_SOP_CLASS_UID, request[TAG_AFFECTED_SOP_CLASS_UID]))
+    elements += [(TAG_COMMAND_FIELD, _US.pack(command_field)),
+                 (TAG_MESSAGE_ID_RESPONDED_TO, request[TAG_MESSAGE_ID]),
+                 (TAG_DATA_SET_TYPE, _US.pack(NO_DATA_SET)), (TAG_STATUS, _US.pack(status))]
+    if TAG_AFFECTED_SOP_INSTANCE_UID in request:
+        elements.append((TAG_AFFECTED_SOP_INSTANCE_UID, request[TAG_AFFECTED_SOP_INSTANCE_UID]))
+    return encode_command(elements)
+
+
+class Connection:
+    """One TCP connection: whole-PDU reads under a deadline, PDU writes."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def receive_exactly(self, length: int, deadline: float) -> bytearray:
+        buffer = bytearray(length)
+        view = memoryview(buffer)
+        received = 0
+        while received < length:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self.sock.settimeout(remaining)
+            count = self.sock.recv_into(view[received:])
+            if count == 0:
+                raise PeerClosed("the peer closed the connection")
+            received += count
+        return buffer
+
+    def read_pdu(self, header_deadline: float, body_timeout: float, limit: int) -> tuple[int, bytearray]:
+        pdu_type, _, length = PDU_HEADER.unpack(self.receive_exactly(6, header_deadline))
+        if pdu_type not in _KNOWN_PDUS:
+            raise Abort(UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{pdu_type:02X}")
+        if length > limit:
+            raise Abort(INVALID_PDU_PARAMETER_VALUE, f"PDU type 0x{pdu_type:02X} of {length} bytes, over {limit}")
+        return pdu_type, self.receive_exactly(length, time.monotonic() + body_timeout)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send_abort(self, source: int, reason: int) -> None:
+        try:
+            self.send(struct.pack(">BBIBBBB", A_ABORT_PDU, 0, 4, 0, 0, source, reason))
+        except OSError:
+            pass
+
+    def linger_until_closed(self, timeout: float) -> None:
+        """After A-ASSOCIATE-RJ or A-RELEASE-RP the requestor closes the transport (PS3.8 9.2, Sta13);
+        wait for that (ARTIM) so our close does not race the last PDU."""
+        deadline = time.monotonic() + timeout
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            while (remaining := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(remaining)
+                if not self.sock.recv(4096):
+                    return
+        except OSError:
+            pass
+
+
+class Message:
+    """A DIMSE message being reassembled from PDV fragments (PS3.8 E.2)."""
+
+    def __init__(self):
+        self.context_id: int | None = None
+        self.command_bytes = bytearray()
+        self.command: dict[int, bytes] | None = None
+        self.data_fragments: list[memoryview] = []
+
+    @property
+    def in_progress(self) -> bool:
+        return self.context_id is not None
+
+    def add(self, context_id: int, control: int, fragment: memoryview) -> bool:
+        """Add one PDV; True when the message (command and any data set) is complete."""
+        if self.context_id is None:
+            self.context_id = context_id
+        elif context_id != self.context_id:
+            raise Abort(UNEXPECTED_PDU, "a message's fragments came on two presentation contexts")
+        if control & 0x01:  # command fragment
+            if self.command is not None:
+                raise Abort(UNEXPECTED_PDU, "a command fragment after the command was complete")
+            self.command_bytes += fragment
+            if not control & 0x02:
+                return False
+            self.command = decode_command(bytes(self.command_bytes))
+            return command_us(self.command, TAG_DATA_SET_TYPE) == NO_DATA_SET
+        if self.command is None or command_us(self.command, TAG_DATA_SET_TYPE) == NO_DATA_SET:
+            raise Abort(UNEXPECTED_PDU, "a data set fragment without a command announcing one")
+        self.data_fragments.append(fragment)
+        return bool(control & 0x02)
