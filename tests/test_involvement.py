@@ -252,7 +252,8 @@ def test_report_says_involvement_was_not_assessed_without_lungs(tmp_path):
     assert validation.errors == [], validation.report()
     sr = hd.sr.srread(path)
     assert sr.content.get_volumetric_roi_measurement_groups() == [] and sr.content.get_image_measurement_groups() == []
-    assert comments(sr) == ["Lung involvement: not assessed, no lung found in the series", "Step involvement: completed"]
+    assert comments(sr) == ["Lung involvement: not assessed, no lung found in the series",
+                            "Step involvement: completed"]
     (figures,) = json.loads(path.with_suffix(".json").read_text())["lung_involvement"]
     assert figures["category"] == "not assessed"
 

@@ -106,7 +106,9 @@ def write_report(content: ReportContent, sources: Sequence[pydicom.Dataset], out
     headers = list({str(h.SOPInstanceUID): h for h in source_headers(sources)}.values())
     series = options.series
     seed = series.seed
-    seg = pydicom.dcmread(seg_path, stop_before_pixels=True) if seg_path is not None else None
+    # The SEG is evidence only where groups reference its segments: an involvement step found lungs.
+    measured = seg_path is not None and any(result.lungs for result in content.involvements)
+    seg = pydicom.dcmread(seg_path, stop_before_pixels=True) if measured else None
     tracking_uids = (seed.instance_uid(f"{SR_KIND}-tracking", index) for index in itertools.count())
     groups = [group for result in content.involvements
               for group in involvement_groups(result, seg, str(headers[0].SeriesInstanceUID), tracking_uids)]
