@@ -451,8 +451,7 @@ class ResultsConfig(_Model):
     seg_series_number: int = Field(9901, ge=1, le=1_000_000)
     sr_series_number: int = Field(9902, ge=1, le=1_000_000)
     overlay_series_number: int = Field(9903, ge=1, le=1_000_000)
-    measurement_sr_series_number: int = Field(9904, ge=1, le=1_000_000)  # the lung involvement report
-    keyimage_series_number: int = Field(9905, ge=1, le=1_000_000)
+    keyimage_series_number: int = Field(9904, ge=1, le=1_000_000)
     series_description_prefix: str = "AI"
     seg_omit_empty_frames: bool = False
     empty_segmentation: Literal["write", "skip"] = "write"
@@ -463,7 +462,7 @@ class ResultsConfig(_Model):
     @model_validator(mode="after")
     def _series_numbers_apart(self) -> ResultsConfig:
         numbers = (self.seg_series_number, self.sr_series_number, self.overlay_series_number,
-                   self.measurement_sr_series_number, self.keyimage_series_number)
+                   self.keyimage_series_number)
         if len(set(numbers)) != len(numbers) or max(numbers) - min(numbers) >= 10:
             raise ValueError("the *_series_number settings must differ and lie within 10 of each other (each "
                              "pipeline adds 10, each generation 1000)")

@@ -5,22 +5,25 @@ from __future__ import annotations
 import json
 import subprocess
 from datetime import datetime, timezone
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 
+from dicom_node.ops.api import _involvement
 from dicom_node.config import Config
 from dicom_node.pipeline.job import JobRequest, produce
 from dicom_node.store.journal import JobRecord
 from dicom_node.states import JobKind, JobState
 from dicom_node.results import OutputSeries
 from dicom_node.results.keyimage import KeyImageOptions, write_key_images
-from dicom_node.results.measurements import write_involvement_sr
+from dicom_node.store.journal import StepOutcome
 from dicom_node.results.seg import SegOptions, write_seg
-from dicom_node.results.sr import SrOptions
+from dicom_node.results.sr import ReportContent, SrOptions, write_report
 from dicom_node.results.uids import UidSeed
+from dicom_node.states import JobKind
 from dicom_node.pipeline.volume import load_series
 
 from inference.involvement import (BANDS, CONSOLIDATION, DISCLAIMER, GROUND_GLASS, ZONES, category,
@@ -31,6 +34,7 @@ from tests.chest_phantoms import (CONSOLIDATION as CONSOLIDATION_HU, EMPHYSEMA, 
                                   Lesion, chest_case, true_percent, true_zone)
 from tests.peers import dciodvfy, dcmtk
 from tests.phantoms import write_ct_volume
+from tests.test_sr import comments
 
 LESIONS = (
     Lesion("right", "upper", GROUND_GLASS_HU),                       # a 12 mm sphere: a few percent
@@ -142,7 +146,7 @@ def test_options_are_validated():
 
 
 @pytest.mark.skipif(not (dciodvfy.available() and dcmtk.available()), reason="dciodvfy and dcmtk needed")
-def test_seg_and_measurement_sr_are_valid_and_read_back(tmp_path, case, result):
+def test_seg_and_measurement_report_are_valid_and_read_back(tmp_path, case, result):
     """SEG with right lung, left lung, ground-glass, consolidation; TID 1500 SR referencing its segments."""
     lungs = segment_lungs_classical(case.volume)
     loaded = load_series(write_ct_volume(case.volume, tmp_path / "ct"))
@@ -151,8 +155,9 @@ def test_seg_and_measurement_sr_are_valid_and_read_back(tmp_path, case, result):
     seed = UidSeed(str(sources[0].SeriesInstanceUID), 1, "chest_ct")
     seg_path = write_seg([lungs, result.opacities], sources, tmp_path / "out",
                          SegOptions(OutputSeries(seed, 9901, "AI chest_ct"), compress=False))
-    sr_path = write_involvement_sr(result, sources, [seg_path], tmp_path / "out",
-                                   SrOptions(OutputSeries(seed, 9902, "AI chest_ct")))
+    steps = (StepOutcome("lungs", "ok"), StepOutcome("involvement", "ok"))
+    sr_path = write_report(ReportContent(steps, involvements=(result,)), sources, tmp_path / "out",
+                           SrOptions(OutputSeries(seed, 9902, "AI chest_ct")), seg_path)
     for path in (seg_path, sr_path):
         validation = dciodvfy.validate(path)
         assert validation.errors == [], validation.report()
@@ -168,7 +173,12 @@ def test_seg_and_measurement_sr_are_valid_and_read_back(tmp_path, case, result):
     assert np.count_nonzero(pixels[..., 0] & pixels[..., 2]) > 0  # opacities lie inside the lung segments
 
     sr = hd.sr.srread(sr_path)
-    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+    assert comments(sr) == [DISCLAIMER, "Step lungs: completed", "Step involvement: completed"]
+    (procedure,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121058"]
+    assert procedure.ConceptCodeSequence[0].CodeValue == "169069000"  # Procedure reported: CT of chest
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    assert seg.SOPInstanceUID in {i.ReferencedSOPInstanceUID for s in evidence for i in s.ReferencedSOPSequence}
     groups = sr.content.get_volumetric_roi_measurement_groups()
     assert [g.tracking_identifier for g in groups] == [r.name for r in (*result.lungs, *result.zones)]
     for group, region in zip(groups, (*result.lungs, *result.zones)):
@@ -186,8 +196,10 @@ def test_seg_and_measurement_sr_are_valid_and_read_back(tmp_path, case, result):
     assert "Imaging Measurement Report" in dump and "not a diagnosis" in dump
     assert f'"Lung severity score, 6 zones")="{result.total_score}.0"' in dump
     assert dump.count("Referenced Segment") >= len(groups)
-    summary = json.loads((sr_path.parent / "involvement.json").read_text())
-    assert summary["total_score"] == result.total_score and "not a diagnosis" in summary["disclaimer"]
+    summary = json.loads(sr_path.with_suffix(".json").read_text())
+    (figures,) = summary["lung_involvement"]
+    assert summary["referenced_seg_sop_instance_uid"] == seg.SOPInstanceUID
+    assert figures["total_score"] == result.total_score and "not a diagnosis" in figures["disclaimer"]
 
 
 @pytest.mark.skipif(not dciodvfy.available(), reason="dciodvfy needed")
@@ -226,7 +238,28 @@ def test_no_lung_is_not_assessed_rather_than_scored_none():
     assert result.as_json()["max_score"] == 0
 
 
-def test_job_writes_seg_measurement_sr_and_key_images(tmp_path):
+
+@pytest.mark.skipif(not dciodvfy.available(), reason="dciodvfy needed")
+def test_report_says_involvement_was_not_assessed_without_lungs(tmp_path):
+    """No lung in the series: no measurement group, no disclaimer, a Comment saying it was not assessed."""
+    case = chest_case(z_range_mm=(-260.0, -120.0), lungs=())
+    result = quantify_involvement(case.volume, segment_lungs_classical(case.volume))
+    loaded = load_series(write_ct_volume(case.volume, tmp_path / "ct"))
+    sources = [pydicom.dcmread(s.path, stop_before_pixels=True) for s in loaded.slices]
+    seed = UidSeed(str(sources[0].SeriesInstanceUID), 1, "chest_ct")
+    path = write_report(ReportContent((StepOutcome("involvement", "ok"),), involvements=(result,)), sources,
+                        tmp_path / "out", SrOptions(OutputSeries(seed, 9902, "AI chest_ct")))
+    validation = dciodvfy.validate(path)
+    assert validation.errors == [], validation.report()
+    sr = hd.sr.srread(path)
+    assert sr.content.get_volumetric_roi_measurement_groups() == [] and sr.content.get_image_measurement_groups() == []
+    assert comments(sr) == ["Lung involvement: not assessed, no lung found in the series",
+                            "Step involvement: completed"]
+    (figures,) = json.loads(path.with_suffix(".json").read_text())["lung_involvement"]
+    assert figures["category"] == "not assessed"
+
+
+def test_job_writes_seg_measurement_report_and_key_images(tmp_path):
     """The worker's produce(): a chest pipeline of the two built-in steps with every output kind."""
     case = chest_case((Lesion("left", "lower", GROUND_GLASS_HU, posterior_y_mm=20.0),))
     paths = write_ct_volume(case.volume, tmp_path / "ct")
@@ -241,9 +274,13 @@ def test_job_writes_seg_measurement_sr_and_key_images(tmp_path):
                        JobKind.PIPELINE)
     output = produce(JobRequest(config, record, "", tuple(str(p) for p in paths), str(tmp_path / "out")))
     classes = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in output.exported]
-    assert classes == ["1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34",
-                       "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7"]  # SEG, 3D SR, 2 key images
+    assert classes == ["1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.33",
+                       "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7"]  # SEG, SR, 2 key images
     assert len(set(output.sop_instance_uids)) == 4
-    summary = json.loads((tmp_path / "out" / "involvement.json").read_text())
+    summary = json.loads(Path(output.exported[1]).with_suffix(".json").read_text())
     assert summary["referenced_seg_sop_instance_uid"] == output.sop_instance_uids[0]
-    assert summary["zones"][5]["score"] == 2 and summary["total_score"] == 2
+    (figures,) = summary["lung_involvement"]
+    assert figures["zones"][5]["score"] == 2 and figures["total_score"] == 2
+    # What /v1/jobs/{id} shows: the same figures, with the SR's and the SEG's UIDs.
+    shown = _involvement(str(tmp_path / "out"))
+    assert shown["sop_instance_uid"] == output.sop_instance_uids[1] and shown["zones"] == figures["zones"]

@@ -12,7 +12,7 @@ import pytest
 
 from dicom_node.results.overlay import write_overlay
 from dicom_node.results.seg import write_seg
-from dicom_node.results.sr import write_classification_sr
+from dicom_node.results.sr import ReportContent, write_report
 from dicom_node.pipeline.volume import LoadedSeries, load_series
 from inference.results import LabelMap
 from tests import volume_variants as variants
@@ -79,7 +79,8 @@ def test_overlay_and_sr_reference_the_multiframe_source(tmp_path, kind):
         assert (reference.ReferencedSOPInstanceUID, reference.ReferencedFrameNumber) == (source.SOPInstanceUID,
                                                                                          frames[k])
 
-    sr_path = write_classification_sr(RESULT, [source] * len(frames), tmp_path / "sr", sr_options())
+    sr_path = write_report(ReportContent(classifications=(RESULT,)), [source] * len(frames), tmp_path / "sr",
+                           sr_options())
     validation = dciodvfy.validate(sr_path)
     assert validation.errors == [], validation.report()
     sr = pydicom.dcmread(sr_path)

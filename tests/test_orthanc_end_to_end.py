@@ -41,6 +41,7 @@ from tests.test_api import get_json
 from tests.test_pipeline import real_series
 from tests.test_receive import Node, dataset_bytes, running_node
 from tests.test_route import AXIAL_CT, series
+from tests.test_sr import comments
 
 needs_peers = needs(dcmtk.available() and orthanc.available(), "dcmtk and Orthanc needed (apt-get install dcmtk orthanc)")
 
@@ -141,8 +142,9 @@ def test_real_series_gets_its_spleen_seg_in_orthanc(tmp_path):
 
 
 @needs_peers
-def test_chest_pipeline_seg_and_srs_arrive_in_orthanc(tmp_path):
-    """Shipped chest_ct: SEG (lungs, ground-glass, consolidation), the involvement SR and the classifier's SR."""
+def test_chest_pipeline_seg_and_one_report_arrive_in_orthanc(tmp_path):
+    """Shipped chest_ct: SEG (lungs, ground-glass, consolidation) and ONE SR with the involvement measurements,
+    the classifier's probabilities and how each step went."""
     case = chest_case((Lesion("left", "lower", GROUND_GLASS, posterior_y_mm=20.0),
                        Lesion("right", "middle", CONSOLIDATION, radius_mm=14.0)))
     files = write_ct_volume(case.volume, tmp_path / "phantom")
@@ -152,12 +154,14 @@ def test_chest_pipeline_seg_and_srs_arrive_in_orthanc(tmp_path):
             tmp_path / "node", **overrides(pacs, tmp_path / "models",
                                            pipelines={"chest_ct": SHIPPED_PIPELINES["chest_ct"]})) as node:
         assert dcmtk.storescu(node.port, files).returncode == 0
-        held = wait_for(lambda: (found := study_series(pacs, study_uid)).keys() >= {"SEG", "SR"}
-                        and len(found["SR"]) == 2 and found, 120, "SEG and two SRs in Orthanc")
-        assert set(held) == {"SEG", "SR"}
+        held = wait_for(lambda: (found := study_series(pacs, study_uid)).keys() >= {"SEG", "SR"} and found, 120,
+                        "SEG and SR in Orthanc")
+        job = wait_for(lambda: (j := get_json(node, "/v1/jobs/1"))["job"]["state"] == "done"
+                       and all(e["state"] == "sent" for e in j["exports"]) and j, 60, "the job's exports sent")
+        held = study_series(pacs, study_uid)
+        assert set(held) == {"SEG", "SR"} and len(held["SR"]) == 1 and len(held["SR"][0]["Instances"]) == 1
         (seg_path,) = download(pacs, held["SEG"][0], tmp_path / "seg")
-        sr_paths = [path for series in held["SR"] for path in download(pacs, series, tmp_path / "sr")]
-        job = get_json(node, "/v1/jobs/1")  # the same figures in the job's API resource
+        (sr_path,) = download(pacs, held["SR"][0], tmp_path / "sr")
         assert node.process.alive()
 
     loaded, repository, backend = expected_inference(files, tmp_path / "models")
@@ -174,27 +178,31 @@ def test_chest_pipeline_seg_and_srs_arrive_in_orthanc(tmp_path):
     for number, value, labels in ((1, 1, lungs), (2, 2, lungs), (3, 1, involvement.opacities),
                                   (4, 2, involvement.opacities)):
         np.testing.assert_array_equal(seg.masks[number].array > 0, labels.volume.array == value)
-    by_class = {uid_of(path, "SOPClassUID"): path for path in sr_paths}
-    classification = hd.sr.srread(by_class["1.2.840.10008.5.1.4.1.1.88.33"])
-    reported = [group.get_measurements()[0].value for group in classification.content.get_image_measurement_groups()]
-    np.testing.assert_allclose(reported, expected.probabilities, atol=1e-6)
-
-    measurements = by_class["1.2.840.10008.5.1.4.1.1.88.34"]  # Comprehensive 3D SR, TID 1500
-    for path in (seg_path, measurements):
+    for path in (seg_path, sr_path):
         validation = dciodvfy.validate(path)
         assert validation.errors == [], validation.report()
-    report = hd.sr.srread(measurements)
-    assert report.StudyInstanceUID == study_uid
+
+    report = hd.sr.srread(sr_path)
+    assert report.StudyInstanceUID == study_uid and report.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
     groups = report.content.get_volumetric_roi_measurement_groups()
     assert len(groups) == 8 and all(g.referenced_segment.referenced_sop_instance_uid == uid_of(seg_path, "SOPInstanceUID")
                                     for g in groups)
     scores = [next(m.value for m in g.get_measurements() if m.name.value == "zone-score") for g in groups[2:]]
     assert scores == [z.score for z in involvement.zones] and sum(scores) > 0
-    dump = subprocess.run([dcmtk.tool("dsrdump"), "+Pl", str(measurements)], capture_output=True, text=True,
-                          check=True).stdout
-    assert "not a diagnosis" in dump and f'"Lung severity score, 6 zones")="{involvement.total_score}.0"' in dump
-    assert job["job"]["pipeline"] == "chest_ct"
+    both, *classes = report.content.get_image_measurement_groups()
+    assert both.tracking_identifier == "both lungs"
+    assert [g.tracking_identifier for g in classes] == ["non-COVID", "COVID-19"]
+    np.testing.assert_allclose([g.get_measurements()[0].value for g in classes], expected.probabilities, atol=1e-6)
+    assert comments(report) == [involvement.disclaimer, "Step lungs: completed", "Step involvement: completed",
+                                "Step covid: completed"]
+    dump = dcmtk.dsrdump(sr_path)
+    assert dump.returncode == 0, dump.stderr
+    assert "not a diagnosis" in dump.stdout and "Step covid: completed" in dump.stdout
+    assert f'"Lung severity score, 6 zones")="{involvement.total_score}.0"' in dump.stdout
+    assert dump.stdout.count('"Probability")=') == 2, dump.stdout
+    assert job["job"]["pipeline"] == "chest_ct" and len(job["exports"]) == 2  # the SEG and the SR
     figures = job["lung_involvement"]
+    assert figures["sop_instance_uid"] == uid_of(sr_path, "SOPInstanceUID")
     assert (figures["total_score"], figures["category"]) == (involvement.total_score, involvement.category)
     assert [z["score"] for z in figures["zones"]] == scores and "not a diagnosis" in figures["disclaimer"]
 
@@ -217,11 +225,11 @@ def test_outage_and_node_restart_every_result_arrives_once(tmp_path):
             journal = node.journal()
             try:
                 pending = journal.exports_in_state("pending")
-                return len(pending) == 3 and all(e.attempts >= minimum for e in pending) and pending
+                return len(pending) == 2 and all(e.attempts >= minimum for e in pending) and pending
             finally:
                 journal.close()
 
-        before = wait_for(lambda: failed_attempts(1), 120, "SEG and SRs ready and refused by the stopped PACS")
+        before = wait_for(lambda: failed_attempts(1), 120, "SEG and SR ready and refused by the stopped PACS")
         node.stop()
         node.start()  # same storage, journal and port: the retry schedule continues
         wait_for(lambda: failed_attempts(max(e.attempts for e in before) + 1), 30, "a retry after the node restart")
@@ -237,9 +245,9 @@ def test_outage_and_node_restart_every_result_arrives_once(tmp_path):
             journal.close()
         held = {pydicom.dcmread(io.BytesIO(pacs.instance_file(i)), stop_before_pixels=True).SOPInstanceUID
                 for i in pacs.instances()}
-        assert held == {e.sop_instance_uid for e in sent} and len(sent) == 3  # SEG, involvement SR, classifier SR
+        assert held == {e.sop_instance_uid for e in sent} and len(sent) == 2  # SEG, SR
         assert job.state == "done" and job.attempts == 1
-        assert pacs.store_requests() == 3, "an instance was sent to Orthanc more than once"
+        assert pacs.store_requests() == 2, "an instance was sent to Orthanc more than once"
     finally:
         node.stop()
         pacs.stop()

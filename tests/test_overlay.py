@@ -11,9 +11,11 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from dicom_node.store.journal import StepOutcome
 from dicom_node.results import OutputSeries
 from dicom_node.results.overlay import PALETTE, OverlayOptions, write_overlay
 from dicom_node.results.uids import UidSeed
+from dicom_node.states import StepState
 from inference.volume import Volume
 from tests.peers import CT_J2K_SERIES, dciodvfy
 from tests.test_seg import lung_map, real_sources
@@ -72,18 +74,21 @@ def test_overlay_is_valid_and_outlines_the_mask(tmp_path: Path, compress: bool) 
     assert len(series_uids) == 1 and series_uids.isdisjoint({sources[0].SeriesInstanceUID})
 
 
-@pytest.mark.parametrize("outputs,exported", [(["seg", "overlay"], ["seg"]), (["overlay"], ["overlay"])],
-                         ids=["seg-and-overlay", "overlay-only"])
+@pytest.mark.parametrize("outputs,exported", [(["seg", "overlay"], ["seg"]), (["overlay"], ["overlay"]),
+                                              (["seg", "sr", "overlay"], ["seg"])],
+                         ids=["seg-and-overlay", "overlay-only", "sr-with-nothing-to-report"])
 def test_the_overlay_is_exported_only_instead_of_a_seg(tmp_path: Path, outputs, exported) -> None:
     """The outputs registry writes every listed output; the overlay series goes out only where no SEG does,
-    and otherwise stays in the job folder for a destination that refuses SEG's SOP class."""
+    and otherwise stays in the job folder for a destination that refuses SEG's SOP class. A segmentation
+    whose step completed has nothing to report beyond its SEG: no SR."""
     from dicom_node.config import PipelineConfig, ResultsConfig
     from dicom_node.results.outputs import OUTPUTS, Produced, write_outputs
     assert set(typing.get_args(PipelineConfig.model_fields["outputs"].annotation.__args__[0])) == set(OUTPUTS)
     sources, labels, hu = real_sources(), lung_map(), real_hu()
-    produced = Produced(ResultsConfig(), str(sources[0].SeriesInstanceUID), 1, "chest", 0, labels, [], [], (), sources,
-                        [None] * len(sources), hu, tmp_path)
+    produced = Produced(ResultsConfig(), str(sources[0].SeriesInstanceUID), 1, "chest", 0, labels, [], [],
+                        (StepOutcome("lungs", StepState.OK),), sources, [None] * len(sources), hu, tmp_path)
     paths = write_outputs(outputs, produced)
-    kinds = {"1.2.840.10008.5.1.4.1.1.66.4": "seg", "1.2.840.10008.5.1.4.1.1.7": "overlay"}
+    kinds = {"1.2.840.10008.5.1.4.1.1.66.4": "seg", "1.2.840.10008.5.1.4.1.1.7": "overlay",
+             "1.2.840.10008.5.1.4.1.1.88.33": "sr"}
     assert sorted({kinds[pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID] for p in paths}) == exported
     assert len(list((tmp_path / "overlay").glob("*.dcm"))) == len(sources)  # written either way

@@ -27,7 +27,7 @@ from tests.test_cli_ops import cli
 from tests.test_orthanc_end_to_end import (SHIPPED_PIPELINES, covid_repository, download, overrides, study_series,
                                            uid_of)
 from tests.test_receive import running_node
-from tests.test_sr import step_texts
+from tests.test_sr import comments, step_texts
 
 pytestmark = pytest.mark.skipif(not (dcmtk.available() and orthanc.available() and dciodvfy.available()),
                                 reason="dcmtk, Orthanc and dciodvfy needed")
@@ -113,9 +113,11 @@ def test_shipped_config_without_classifier_delivers_lungs_and_says_why_covid_did
         (sr_path,) = download(pacs, held[sr_number], tmp_path / "sr")
         chest = job_of(node, "chest_ct")
         assert chest["state"] == "done" and chest["error"] is None
-        assert [(s["step"], s["state"]) for s in chest["steps"]] == [("lungs", "ok"), ("covid", "failed")]
+        assert [(s["step"], s["state"]) for s in chest["steps"]] == [("lungs", "ok"), ("involvement", "ok"),
+                                                                     ("covid", "failed")]
         detail = get_json(node, f"/v1/jobs/{chest['id']}")
-        assert detail["steps"] == chest["steps"] and len(detail["exports"]) == 2
+        assert detail["steps"] == chest["steps"] and len(detail["exports"]) == 2  # the lung SEG and the SR
+        figures = detail["lung_involvement"]
         shown = cli("jobs", "--config", node.config_path, "show", str(chest["id"])).stdout
         assert "step covid           failed: model covid19_ct is not installed" in shown, shown
         assert job_of(node, "spleen_ct")["steps"] == [{"step": "spleen", "state": "ok", "reason": None}]
@@ -126,9 +128,14 @@ def test_shipped_config_without_classifier_delivers_lungs_and_says_why_covid_did
         assert validation.errors == [], validation.report()
     assert pydicom.dcmread(lung_seg).SegmentSequence[0].SegmentLabel  # the lung step's segments, whatever it found
     sr = hd.sr.srread(sr_path)
-    assert sr.StudyInstanceUID == study_uid and sr.content.get_image_measurement_groups() == []
-    texts = step_texts(sr)
-    assert texts[0] == "Step lungs: completed" and texts[1].startswith(NOT_INSTALLED), texts
+    # One report: these 20 slices hold no lung, so no measurement, no probabilities, and why for each.
+    assert sr.StudyInstanceUID == study_uid and figures["sop_instance_uid"] == sr.SOPInstanceUID
+    assert figures["category"] == "not assessed"
+    assert sr.content.get_volumetric_roi_measurement_groups() == sr.content.get_image_measurement_groups() == []
+    texts = comments(sr)
+    assert texts[:3] == ["Lung involvement: not assessed, no lung found in the series", "Step lungs: completed",
+                         "Step involvement: completed"]
+    assert texts[3].startswith(NOT_INSTALLED) and len(texts) == 4, texts
     dump = dcmtk.dsrdump(sr_path)
     assert dump.returncode == 0 and NOT_INSTALLED in dump.stdout, dump.stdout + dump.stderr
 
@@ -155,9 +162,11 @@ def test_a_broken_model_fails_its_own_pipeline_step_only(tmp_path):
         assert {n: s["MainDicomTags"]["Modality"] for n, s in held.items()} == {seg_number: "SEG", sr_number: "SR"}
         (sr_path,) = download(pacs, held[sr_number], tmp_path / "first-sr")
         sr = hd.sr.srread(sr_path)
-        probabilities = [g.get_measurements()[0].value for g in sr.content.get_image_measurement_groups()]
+        probabilities = [m.value for g in sr.content.get_image_measurement_groups() for m in g.get_measurements()
+                         if m.name.value == "122157"]
         assert len(probabilities) == 2 and sum(probabilities) == pytest.approx(1.0, abs=1e-5)
-        assert step_texts(sr) == ["Step lungs: completed", "Step covid: completed"]
+        assert len(sr.content.get_volumetric_roi_measurement_groups()) == 8  # 2 lungs, 6 zones: the same report
+        assert step_texts(sr) == ["Step lungs: completed", "Step involvement: completed", "Step covid: completed"]
         spleen = wait_for(lambda: (j := job_of(node, "spleen_ct"))["state"] == "failed" and j, 60, "spleen failed")
         assert spleen["error"].startswith("no step gave a result: spleen: failed (BackendError: ")
         assert "Traceback" in node.log_text()  # an unexpected failure keeps its traceback
@@ -172,7 +181,8 @@ def test_a_broken_model_fails_its_own_pipeline_step_only(tmp_path):
         assert http(node, "/readyz")[0] == 200
 
     seg = pydicom.dcmread(seg_path)
-    assert len(seg.SegmentSequence) == 2 and seg.NumberOfFrames > 0  # both lungs of the phantom
+    assert [s.SegmentLabel for s in seg.SegmentSequence][:2] == ["Right lung", "Left lung"]  # both lungs of the phantom
+    assert len(seg.SegmentSequence) == 4 and seg.NumberOfFrames > 0  # and the involvement step's opacities
     texts = step_texts(hd.sr.srread(sr_path))
-    assert texts[0] == "Step lungs: completed" and texts[1].startswith("Step covid: not run: BackendError: "), texts
-    assert "ONNX Runtime cannot load" in texts[1]
+    assert texts[:2] == ["Step lungs: completed", "Step involvement: completed"], texts
+    assert texts[2].startswith("Step covid: not run: BackendError: ") and "ONNX Runtime cannot load" in texts[2]

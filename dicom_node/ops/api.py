@@ -76,7 +76,7 @@ class JobDetail:
     job: JobRecord
     steps: list[StepOutcome]  # of its last run: ok, failed (reason) or skipped (reason: the step it needs)
     exports: list[ExportRecord]
-    # The lung involvement figures of the job (the measurement SR's JSON copy), when it made one.
+    # The lung involvement figures of the job (from its SR's JSON copy), when it made some.
     lung_involvement: dict | None = None
 
 
@@ -88,13 +88,21 @@ class SeriesDetail:
 
 
 def _involvement(output_dir: str | None) -> dict | None:
-    """The job folder's involvement.json (dicom_node.results.measurements), None when absent or unreadable."""
+    """The lung involvement figures of the job's SR, from its JSON copy `SR_<SOP Instance UID>.json` in the
+    job folder (dicom_node.results.sr.write_report), with the SR's and the referenced SEG's UIDs: the first
+    lung_involvement step's (a pipeline has one). None when the job wrote no SR, had no such step, or the
+    copy is unreadable."""
     if not output_dir:
         return None
     try:
-        return json.loads((Path(output_dir) / "involvement.json").read_text())
-    except (OSError, ValueError):
+        (path,) = Path(output_dir).glob("SR_*.json")  # one SR per job
+        report = json.loads(path.read_text())
+        figures = report["lung_involvement"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+    uids = {key: report.get(key) for key in ("sop_instance_uid", "series_instance_uid",
+                                             "referenced_seg_sop_instance_uid")}
+    return {**uids, **figures[0]} if figures else None
 
 
 def create_app(node: NodeHandles) -> FastAPI:

@@ -1,14 +1,16 @@
 """Results stage: what `inference` returns, encoded as DICOM a PACS stores and shows.
 
 One writer per information object: `seg.write_seg` (Segmentation, PS3.3 A.51),
-`sr.write_classification_sr` (Comprehensive 3D SR, TID 1500) and
-`overlay.write_overlay` (Secondary Capture with burned-in outlines). Each puts
+`sr.write_report` (Comprehensive SR, TID 1500: the job's one measurement
+report), `overlay.write_overlay` and `keyimage.write_key_images` (Secondary
+Capture with burned-in outlines, key images). Each puts
 its objects in a new series of the source study, with UIDs derived from the
 job (`uids.UidSeed`) so that re-running a job rewrites the same objects.
 `segread.read_seg` reads SEGs back, ours and others'.
 
 This module holds what the writers share: who is writing (`OutputSeries`) and
-how a file reaches the job folder (`write_atomically`, `save_dataset`).
+how a file reaches the job folder (`write_atomically`, `save_dataset`), and
+the coding scheme of concepts no standard codes (`LOCAL_SCHEME`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ except Exception:  # pragma: no cover - running from a source tree that is not i
     NODE_VERSION = "0"
 
 
+# Private coding scheme of the concepts no standard codes (PS3.16 8.2: a "99" prefix is local).
+LOCAL_SCHEME = "99DCMNODE"
+
+
 @dataclass(frozen=True)
 class OutputSeries:
     """Identity of one output series: its UIDs' seed and the equipment that wrote it.
@@ -58,7 +64,7 @@ class OutputSeries:
         cls, results: ResultsConfig, *, kind: str, series_instance_uid: str, generation: int, pipeline: str,
         position: int, description: str,
     ) -> OutputSeries:
-        """The output series of `kind` ("seg", "sr", "overlay") of one job, numbered and named per config;
+        """The output series of `kind` ("seg", "sr", "overlay", "keyimage") of one job, numbered and named per config;
         `position` is the pipeline's place in the config's `pipelines` (see `series_number`).
 
         SeriesDescription is "<series_description_prefix> <description>" (e.g. "AI spleen").
@@ -79,8 +85,8 @@ def series_number(results: ResultsConfig, kind: str, position: int, generation: 
     """SeriesNumber (0020,0011) of a job's output series of `kind`.
 
     A viewer lists a study's series by number, so two result series of one study must not share one:
-    the configured number of the kind (9901 SEG, 9902 SR, 9903 overlay), plus 10 for each pipeline
-    before this one in the config (spleen_ct 9901/9902, chest_ct 9911/9912), plus 1000 for each
+    the configured number of the kind (9901 SEG, 9902 SR, 9903 overlay, 9904 key images), plus 10 for
+    each pipeline before this one in the config (spleen_ct 9901/9902, chest_ct 9911/9912), plus 1000 for each
     generation after the first (a series sent again gets new result series beside the earlier ones).
     A job run again writes the same number, as it writes the same UIDs. Distinct for up to 100
     pipelines; the config keeps the kinds' numbers within 10 of each other.

@@ -56,7 +56,7 @@ class Produced:
 @dataclass(frozen=True)
 class Output:
     # The writer gets what the job produced and the files the outputs before it wrote, by name (the
-    # measurement report references the SEG it follows).
+    # SR references the SEG it follows).
     write: Callable[[Produced, dict[str, list[Path]]], list[Path]]
     fallback_for: str | None = None  # exported only when this output wrote nothing or is not listed
 
@@ -73,19 +73,13 @@ def _seg(produced: Produced, written: dict[str, list[Path]]) -> list[Path]:
 
 
 def _sr(produced: Produced, written: dict[str, list[Path]]) -> list[Path]:
-    """One SR per classifier with its probabilities and how every step went (when no classifier gave
-    probabilities but a step did not run, one SR that says so), then the lung involvement report."""
-    from dicom_node.results.sr import SrOptions, write_classification_sr
-    from dicom_node.states import StepState
-    not_all_ok = any(step.state != StepState.OK for step in produced.steps)
-    from dicom_node.results.measurements import write_involvement_sr
-    classification = [write_classification_sr(result, produced.sources, produced.out_dir,
-                                              SrOptions(produced.series("sr")), produced.steps)
-                      for result in produced.probabilities or ([None] if not_all_ok else [])]
-    # The involvement report references the SEG's segments; no lung found: nothing measured, no report.
-    return classification + [write_involvement_sr(result, produced.sources, written.get("seg", [])[:1],
-                                                  produced.out_dir, SrOptions(produced.series("measurement_sr")))
-                             for result in produced.involvements if result.lungs]
+    """The job's one measurement report: lung involvement, every classifier's probabilities, how each step
+    went (`sr.write_report`); none when every step completed and none measured anything."""
+    from dicom_node.results.sr import ReportContent, SrOptions, write_report
+    content = ReportContent(produced.steps, produced.probabilities, produced.involvements)
+    path = write_report(content, produced.sources, produced.out_dir, SrOptions(produced.series("sr")),
+                        next(iter(written.get("seg", [])), None))  # the SEG whose segments it references
+    return [] if path is None else [path]
 
 
 def _keyimage(produced: Produced, written: dict[str, list[Path]]) -> list[Path]:
