@@ -23,7 +23,6 @@ from dicom_node.store.journal import StepOutcome
 from dicom_node.results.seg import SegOptions, write_seg
 from dicom_node.results.sr import ReportContent, SrOptions, write_report
 from dicom_node.results.uids import UidSeed
-from dicom_node.states import JobKind
 from dicom_node.pipeline.volume import load_series
 
 from inference.involvement import (BANDS, CONSOLIDATION, DISCLAIMER, GROUND_GLASS, ZONES, category,
