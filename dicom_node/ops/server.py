@@ -129,6 +129,7 @@ def _api_server(config: Config, journal: Journal, metrics: NodeMetrics, receiver
     from dicom_node.ops.api import ApiServer, NodeHandles, create_app
     from dicom_node.store.audit import AuditLog
     from dicom_node.ops.status import OpenAssociation
+    from dicom_node.receive.stow import StowReceiver
 
     def associations() -> list[OpenAssociation]:
         return [OpenAssociation(s.calling_ae, s.peer, s.instances, s.bytes) for s in receiver.open_associations()]
@@ -136,7 +137,7 @@ def _api_server(config: Config, journal: Journal, metrics: NodeMetrics, receiver
     handles = NodeHandles(config=config, journal=journal, metrics=metrics, audit=AuditLog(journal),
                           open_inference=pipeline.inference, associations=associations,
                           dicom_listening=receiver.listening,
-                          pick_up_queued=pipeline.pick_up_queued)
+                          pick_up_queued=pipeline.pick_up_queued, stow=StowReceiver(config, receiver.ingest))
     return ApiServer(create_app(handles), config.http.host, config.http.port, config.http.tls)
 
 

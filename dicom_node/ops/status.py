@@ -89,6 +89,9 @@ class NodeStatus:
     ready: bool  # takes images: `checks` (what /readyz answers)
     checks: list[Check] = field(default_factory=list)
     pipelines: list[PipelineHealth] = field(default_factory=list)  # ready or degraded (dicom_node.pipeline.health)
+    # Instances and bytes stored since the node started, by transport (dimse: C-STORE, stow: STOW-RS);
+    # None when read from the journal (only the running node counts them).
+    received: dict[str, dict[str, int]] | None = None
 
 
 def journal_counts(journal: Journal) -> Counts:
@@ -144,7 +147,8 @@ def readiness(config: Config, journal: Journal, listening: Callable[[], bool] | 
 
 
 def snapshot(config: Config, journal: Journal, ready: Readiness, pipelines: list[PipelineHealth], *, source: str,
-             associations: Iterable[OpenAssociation] | None) -> NodeStatus:
+             associations: Iterable[OpenAssociation] | None,
+             received: dict[str, dict[str, int]] | None = None) -> NodeStatus:
     counts = journal_counts(journal)
     job_states: dict[str, int] = {}
     by_pipeline: dict[str, dict[str, int]] = {}
@@ -158,7 +162,7 @@ def snapshot(config: Config, journal: Journal, ready: Readiness, pipelines: list
         jobs=job_states, jobs_by_pipeline=by_pipeline,
         dead_letters=sum(count for (_, state), count in counts["exports"].items() if state == ExportState.DEAD),
         quarantined_files=len(Spool(Path(config.node.storage_dir)).quarantined()), disk=disk_use(config),
-        ready=ready.ready, checks=list(ready.checks), pipelines=pipelines)
+        ready=ready.ready, checks=list(ready.checks), pipelines=pipelines, received=received)
 
 
 # --- `dicom-node status` -----------------------------------------------------------------------
