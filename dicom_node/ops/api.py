@@ -195,7 +195,8 @@ def create_app(node: NodeHandles) -> FastAPI:
         401: {"description": "no or unknown sender token"}, 403: {"description": "STOW-RS not enabled"},
         409: {"description": "no instance stored; FailedSOPSequence says why for each"},
         413: {"description": "over http.stow.max_request_mb or http.stow.max_instances"},
-        415: {"description": "not multipart/related; type=\"application/dicom\""}}
+        415: {"description": "not multipart/related; type=\"application/dicom\""},
+        503: {"description": "the node is shutting down"}}
 
     @app.post(f"{STOW_PREFIX}/studies", summary="STOW-RS: store instances (PS3.18 10.5)", responses=stow_responses)
     async def stow_instances(request: Request) -> Response:

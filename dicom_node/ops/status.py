@@ -252,6 +252,8 @@ def _print_status(status: dict, out: TextIO) -> None:
     line("associations open", "unknown" if open_count is None else open_count)
     for assoc in status["associations"]:
         line("", f"{assoc['calling_ae']} from {assoc['peer']}: {assoc['instances']} instances, {assoc['bytes']} bytes")
+    for transport, counts in sorted((status.get("received") or {}).items()):
+        line(f"received ({transport})", f"{counts['instances']} instances, {counts['bytes']} bytes since the start")
     line("series", states(status["series"]))
     line("jobs", states(status["jobs"]))
     for pipeline, counts in sorted(status["jobs_by_pipeline"].items()):

@@ -27,6 +27,8 @@ file and journal row are on disk, exactly when C-STORE would answer success.
   be read is listed with its reason alone). HTTP 200 when every instance was
   stored, 202 when some failed, 409 when all failed (PS3.18 Table 10.5.3-1);
   400 when no part was a usable DICOM instance at all.
+- Shutdown: once the node stops, new requests are answered 503, as the
+  DICOM port closes to new associations.
 - Completion: each request is a sending episode of its own in the completion
   tracker, ended like a released association once its response is ready; the
   audit gets one `received` event per series, with the transport.
@@ -45,6 +47,7 @@ from typing import IO
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 from starlette.concurrency import run_in_threadpool
 
 from dicom_node.config import Config, StowSender
@@ -154,6 +157,11 @@ class StowReceiver:
         self.config = config
         self.ingest = ingest
         self._ids = itertools.count(1)
+        self.accepting = True  # False once the node shuts down: as the DICOM port closes, STOW-RS is refused
+
+    def stop(self) -> None:
+        """No new STOW-RS request from now (503), as no new association once the DICOM port closes."""
+        self.accepting = False
 
     # --- the request as a whole ----------------------------------------------------------------
 
@@ -173,8 +181,14 @@ class StowReceiver:
     async def receive(self, request: Request, study: str | None) -> Response:
         host = request.client.host if request.client else ""
         try:
+            if not self.accepting:
+                raise StowRefused(503, "the node is shutting down; send again once it is back",
+                                  {"Retry-After": "30"})
             sender = self.sender(request.headers.get("authorization", ""))
             parts = await self._spool_parts(request)
+        except ClientDisconnect:
+            log.warning("STOW-RS request from %s: the client went away before the body ended; nothing stored", host)
+            return Response(status_code=400)
         except StowRefused as refused:
             log.warning("STOW-RS request from %s refused with HTTP %d: %s", host, refused.status, refused.detail)
             return JSONResponse({"detail": refused.detail}, status_code=refused.status, headers=refused.headers)
@@ -184,7 +198,8 @@ class StowReceiver:
         finally:
             for part in parts:
                 part.file.close()
-        return self._response(request, study, result, sender, host)
+        base = str(request.base_url).rstrip("/") + PREFIX
+        return await run_in_threadpool(self._response, base, study, result, sender, host)  # it writes the audit
 
     async def _spool_parts(self, request: Request) -> list[Part]:
         limits = self.config.http.stow
@@ -284,9 +299,8 @@ class StowReceiver:
 
     # --- the response ----------------------------------------------------------------------------
 
-    def _response(self, request: Request, study: str | None, result: RequestResult, sender: StowSender,
+    def _response(self, base: str, study: str | None, result: RequestResult, sender: StowSender,
                   host: str) -> Response:
-        base = str(request.base_url).rstrip("/") + PREFIX
         readable = [r for r in result.failed if r.sop_instance_uid]
         if not result.stored and not readable:
             reasons = "; ".join(r.reason for r in result.failed)
