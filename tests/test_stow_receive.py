@@ -169,6 +169,12 @@ def test_stored_instances_are_durable_and_a_resend_is_stored_once(node, series):
     again = client(node).store_instances(datasets[:1])
     assert again.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == datasets[0].SOPInstanceUID
     assert held(node) == before  # acknowledged, kept once
+    other = pydicom.dcmread(io.BytesIO(encoded(datasets[1])))
+    other.PatientComments = "another payload under the same SOP Instance UID"
+    conflicting = client(node).store_instances([other])
+    assert conflicting.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == other.SOPInstanceUID
+    assert held(node) == before and (node.storage / "quarantine" / f"{other.SOPInstanceUID}.dcm").exists()
+    assert dataset_bytes(Path(journaled(node)[other.SOPInstanceUID].path)) == _data_set(encoded(datasets[1]))
 
 
 def test_wrong_or_missing_token_is_401_and_stores_nothing(node, series):
@@ -268,6 +274,18 @@ def test_stow_is_refused_without_senders_and_keeps_the_admin_token_apart(tmp_pat
         with urllib.request.urlopen(request, timeout=30) as answer:
             assert json.load(answer)["received"] == {"dimse": {"instances": 0, "bytes": 0},
                                                      "stow": {"instances": 0, "bytes": 0}}
+
+
+def test_disk_under_the_floor_fails_each_instance_with_a700(tmp_path, series):
+    (ds,) = fresh(series, 1)
+    with running_node(tmp_path / "node", http=stow_section(), node={"min_free_disk_mb": 10**9}) as node:
+        response = post(node, [("application/dicom", encoded(ds))])
+        assert response.status_code == 409
+        body = pydicom.Dataset.from_json(response.json())
+        assert [(i.ReferencedSOPInstanceUID, i.FailureReason) for i in body.FailedSOPSequence] == \
+            [(ds.SOPInstanceUID, 0xA700)]
+        assert held(node) == ([], set(), [])
+        assert f"STOW-RS refused (0xA700) from {SENDER}" in node.log_text()
 
 
 # --- the parser and the configuration -------------------------------------------------------------
