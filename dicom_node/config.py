@@ -175,6 +175,40 @@ class HttpTlsConfig(_TlsFiles):
         return tls.client_context(self.ca_certificates or self.certificate, None, None, check_hostname=False)
 
 
+class StowSender(_Model):
+    """A STOW-RS client: the bearer token it sends, and the name the node files its instances under (the
+    calling AE of the journal, the audit, the metrics and routing conditions such as `calling_ae`), as the
+    calling AE title names a DIMSE sender."""
+
+    name: str = Field(min_length=1, max_length=16)
+    token: str = Field(min_length=16)
+
+    @field_validator("name")
+    @classmethod
+    def _an_ae_title(cls, name: str) -> str:
+        if not name.strip() or any(c == "\\" or ord(c) < 0x20 for c in name):
+            raise ValueError("a sender name is filed as a calling AE title (PS3.5 6.2 AE): up to 16 characters, "
+                             "not only spaces, no backslash or control character")
+        return name
+
+
+class StowConfig(_Model):
+    """STOW-RS receive (PS3.18 10.5) on the HTTP server: `POST /dicomweb/studies[/{study}]`. Without a
+    sender the endpoints answer 403. A request over `max_request_mb` or with more than `max_instances`
+    parts is refused whole with 413."""
+
+    senders: list[StowSender] = []
+    max_request_mb: float = Field(1024, gt=0)
+    max_instances: int = Field(5000, ge=1)
+
+    @model_validator(mode="after")
+    def _tokens_apart(self) -> StowConfig:
+        tokens = [sender.token for sender in self.senders]
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("two senders share a token: each token must name one sender")
+        return self
+
+
 class HttpConfig(_Model):
     """The status API (/healthz, /readyz, /metrics, /v1/...).
 
@@ -186,11 +220,14 @@ class HttpConfig(_Model):
     port: int = Field(8080, ge=1, le=65535)
     bearer_token: str | None = Field(None, min_length=16)
     tls: HttpTlsConfig | None = None
+    stow: StowConfig = StowConfig()
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> HttpConfig:
         if self.host not in LOOPBACK_HOSTS and self.bearer_token is None:
             raise ValueError(f"host {self.host} is not loopback: set bearer_token (16 characters or more)")
+        if self.bearer_token is not None and any(s.token == self.bearer_token for s in self.stow.senders):
+            raise ValueError("a stow sender's token is the admin bearer_token: a sender could read the API")
         return self
 
 

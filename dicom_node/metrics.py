@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from dicom_node.states import ExportState
 
 PREFIX = "dicom_node"
+TRANSPORTS = ("dimse", "stow")  # C-STORE, STOW-RS (the `transport` label of the received counters)
 STAGES = ("wait_for_complete", "load", "inference", "encode", "dispatch")
 # From tens of milliseconds (one C-STORE batch) to many minutes (a big volume on CPU).
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -32,10 +33,11 @@ class NodeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.instances_received = Counter(f"{PREFIX}_instances_received", "Instances stored (C-STORE success)",
-                                          ["calling_ae"], registry=r)
-        self.bytes_received = Counter(f"{PREFIX}_received_bytes", "Bytes of instances stored",
-                                      ["calling_ae"], registry=r)
+        self.instances_received = Counter(f"{PREFIX}_instances_received", "Instances stored (C-STORE success, or "
+                                          "referenced in a STOW-RS response), by transport: dimse or stow",
+                                          ["calling_ae", "transport"], registry=r)
+        self.bytes_received = Counter(f"{PREFIX}_received_bytes", "Bytes of instances stored, by transport",
+                                      ["calling_ae", "transport"], registry=r)
         self.associations = Counter(f"{PREFIX}_associations", "Accepted associations that ended",
                                     ["calling_ae", "outcome"], registry=r)
         self.associations_open = Gauge(f"{PREFIX}_associations_open", "Associations open now", registry=r)
@@ -62,6 +64,17 @@ class NodeMetrics:
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
         self.stage_seconds.labels(stage=stage).observe(max(seconds, 0.0))
+
+    def received_by_transport(self) -> dict[str, dict[str, int]]:
+        """Instances and bytes stored since the node started, by transport ("dimse", "stow"): /v1/status."""
+        totals = {transport: {"instances": 0, "bytes": 0} for transport in TRANSPORTS}
+        for counter, key in ((self.instances_received, "instances"), (self.bytes_received, "bytes")):
+            for family in counter.collect():
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        totals.setdefault(sample.labels["transport"], {"instances": 0, "bytes": 0})[key] += \
+                            int(sample.value)
+        return totals
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)

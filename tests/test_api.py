@@ -74,7 +74,7 @@ def test_health_metrics_audit_and_series_after_a_storescu_send(tmp_path):
         ready = get_json(node, "/readyz")
         assert ready["ready"] and {c["name"] for c in ready["checks"]} == {"journal", "disk", "dicom port"}
         before = samples(node)
-        assert ("dicom_node_instances_received_total", (("calling_ae", "STORESCU"),)) not in before
+        assert ("dicom_node_instances_received_total", (("calling_ae", "STORESCU"), ("transport", "dimse"))) not in before
 
         result = dcmtk.storescu(node.port, files)
         assert result.returncode == 0, result.output
@@ -83,8 +83,8 @@ def test_health_metrics_audit_and_series_after_a_storescu_send(tmp_path):
 
         after = wait_for(lambda: (s := samples(node)).get(("dicom_node_series", (("state", "unmatched"),))) and s,
                          30, "the series counted as unmatched")
-        assert after[("dicom_node_instances_received_total", (("calling_ae", "STORESCU"),))] == 5
-        assert after[("dicom_node_received_bytes_total", (("calling_ae", "STORESCU"),))] == \
+        assert after[("dicom_node_instances_received_total", (("calling_ae", "STORESCU"), ("transport", "dimse")))] == 5
+        assert after[("dicom_node_received_bytes_total", (("calling_ae", "STORESCU"), ("transport", "dimse")))] == \
             sum(spool_path(node, f).stat().st_size for f in files)  # the Part 10 files as stored
         assert after[("dicom_node_associations_total", (("calling_ae", "STORESCU"), ("outcome", "released")))] == 1
         assert after[("dicom_node_associations_rejected_total", (("reason", "calling AE not recognized"),))] == 1

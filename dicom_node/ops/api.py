@@ -2,7 +2,9 @@
 
 Served by `dicom-node serve` (uvicorn in a thread) on `http.host:http.port`,
 loopback by default. With `http.bearer_token` set (config.py requires it off
-loopback) every path except `/healthz` needs `Authorization: Bearer <token>`:
+loopback) every path except `/healthz` and the STOW-RS endpoints under
+`/dicomweb` (their senders have tokens of their own, dicom_node.receive.stow)
+needs `Authorization: Bearer <token>`:
 the API names studies, series and jobs. `/healthz` stays open because it says
 nothing but "the process answers", and container health checks carry no token.
 The OpenAPI description is at `/openapi.json` (browsable at `/docs`).
@@ -36,6 +38,7 @@ from dicom_node.pipeline.health import InferenceOpener, configured_models, pipel
 from dicom_node.states import JobKind, JobState
 from dicom_node.pipeline.requeue import NotRetryable, requeue
 from dicom_node.ops.status import NodeStatus, OpenAssociation, readiness, snapshot
+from dicom_node.receive.stow import DICOM_JSON, PREFIX as STOW_PREFIX, StowReceiver
 
 log = logging.getLogger("dicom_node.ops.api")
 
@@ -55,6 +58,7 @@ class NodeHandles:
     associations: Callable[[], list[OpenAssociation]]
     dicom_listening: Callable[[], bool]  # the DICOM port's accept loop runs
     pick_up_queued: Callable[[], None]  # the pipeline runs a requeued job without waiting for its next pass
+    stow: StowReceiver  # STOW-RS receive: its own sender tokens, not the admin bearer token
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,8 @@ def create_app(node: NodeHandles) -> FastAPI:
 
     @app.middleware("http")
     async def bearer_token(request: Request, call_next):
-        if token is not None and request.url.path not in OPEN_PATHS:
+        path = request.url.path
+        if token is not None and path not in OPEN_PATHS and not path.startswith(STOW_PREFIX + "/"):
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
                 return JSONResponse({"detail": "bearer token required"}, status_code=401,
@@ -139,7 +144,7 @@ def create_app(node: NodeHandles) -> FastAPI:
     def status() -> NodeStatus:
         return snapshot(node.config, node.journal, readiness(node.config, node.journal, node.dicom_listening),
                         pipeline_health(node.config, node.open_inference), source="node",
-                        associations=node.associations())
+                        associations=node.associations(), received=node.metrics.received_by_transport())
 
     @app.get("/v1/models", summary="Models of the repository and the pipelines that use them")
     def models() -> list[ModelInfo]:
@@ -191,6 +196,25 @@ def create_app(node: NodeHandles) -> FastAPI:
               limit: int = Query(100, ge=1, le=10000)) -> list[AuditRecord]:
         return node.audit.query(series_instance_uid=series_instance_uid, study_instance_uid=study_instance_uid,
                                 job_id=job_id, event=event, limit=limit)
+
+    stow_responses = {
+        200: {"description": "every instance stored (ReferencedSOPSequence)", "content": {DICOM_JSON: {}}},
+        202: {"description": "some instances stored, some failed (FailedSOPSequence with FailureReason)"},
+        400: {"description": "malformed multipart body, or no part is a usable DICOM instance"},
+        401: {"description": "no or unknown sender token"}, 403: {"description": "STOW-RS not enabled"},
+        409: {"description": "no instance stored; FailedSOPSequence says why for each"},
+        413: {"description": "over http.stow.max_request_mb or http.stow.max_instances"},
+        415: {"description": "not multipart/related; type=\"application/dicom\""},
+        503: {"description": "the node is shutting down"}}
+
+    @app.post(f"{STOW_PREFIX}/studies", summary="STOW-RS: store instances (PS3.18 10.5)", responses=stow_responses)
+    async def stow_instances(request: Request) -> Response:
+        return await node.stow.receive(request, None)
+
+    @app.post(f"{STOW_PREFIX}/studies/{{study}}", summary="STOW-RS: store instances of one study (PS3.18 10.5)",
+              responses=stow_responses)
+    async def stow_study_instances(study: str, request: Request) -> Response:
+        return await node.stow.receive(request, study)
 
     return app
 

@@ -6,7 +6,8 @@ is reconciled with the spool before the port opens, so a crash at any point
 of a C-STORE (temp file written, linked, row committed) is repaired first.
 
 Shutdown on SIGTERM (or SIGINT) runs in the reverse order: the DICOM port
-closes first (no new associations; open ones are ended), then completion stops,
+closes first (no new associations; open ones are ended; new STOW-RS requests
+are answered 503), then completion stops,
 then the pipeline lets running jobs finish while queued jobs stay `queued` in
 the journal for the next start, the HTTP API stops, and the SQLite WAL is
 checkpointed into the database file before it is closed. The exit code is 0.
@@ -30,6 +31,7 @@ from dicom_node.store.journal import Journal, NewInstance, utcnow
 from dicom_node.metrics import JournalCollector, NodeMetrics, PipelineHealthCollector
 from dicom_node.pipeline.stage import Pipeline
 from dicom_node.receive.scp import Receiver
+from dicom_node.receive.stow import StowReceiver
 from dicom_node.store.retention import Retention
 from dicom_node.ops.status import journal_counts
 from dicom_node.store.spool import InstanceKey, Spool
@@ -101,7 +103,8 @@ def serve(config: Config, log_format: str = "text") -> None:
     tracker.hand_over_unrouted(complete_before=utcnow())  # complete, and the node stopped before routing them
     receiver = Receiver(config, spool, journal, tracker, metrics)
     retention = Retention(config.retention, journal, spool, metrics)
-    api = _api_server(config, journal, metrics, receiver, pipeline)
+    stow = StowReceiver(config, receiver.ingest)
+    api = _api_server(config, journal, metrics, receiver, stow, pipeline)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stopping.set())
@@ -113,7 +116,8 @@ def serve(config: Config, log_format: str = "text") -> None:
         while not stopping.wait(1.0):
             pass
     finally:
-        log.info("shutting down: no new associations")
+        log.info("shutting down: no new associations or STOW-RS requests")
+        stow.stop()
         receiver.stop()
         retention.stop()
         tracker.stop()
@@ -125,7 +129,8 @@ def serve(config: Config, log_format: str = "text") -> None:
         log.info("stopped")
 
 
-def _api_server(config: Config, journal: Journal, metrics: NodeMetrics, receiver: Receiver, pipeline: Pipeline):
+def _api_server(config: Config, journal: Journal, metrics: NodeMetrics, receiver: Receiver, stow: StowReceiver,
+                pipeline: Pipeline):
     from dicom_node.ops.api import ApiServer, NodeHandles, create_app
     from dicom_node.store.audit import AuditLog
     from dicom_node.ops.status import OpenAssociation
@@ -136,7 +141,7 @@ def _api_server(config: Config, journal: Journal, metrics: NodeMetrics, receiver
     handles = NodeHandles(config=config, journal=journal, metrics=metrics, audit=AuditLog(journal),
                           open_inference=pipeline.inference, associations=associations,
                           dicom_listening=receiver.listening,
-                          pick_up_queued=pipeline.pick_up_queued)
+                          pick_up_queued=pipeline.pick_up_queued, stow=stow)
     return ApiServer(create_app(handles), config.http.host, config.http.port, config.http.tls)
 
 

@@ -90,6 +90,9 @@ class NodeStatus:
     ready: bool  # takes images: `checks` (what /readyz answers)
     checks: list[Check] = field(default_factory=list)
     pipelines: list[PipelineHealth] = field(default_factory=list)  # ready or degraded (dicom_node.pipeline.health)
+    # Instances and bytes stored since the node started, by transport (dimse: C-STORE, stow: STOW-RS);
+    # None when read from the journal (only the running node counts them).
+    received: dict[str, dict[str, int]] | None = None
 
 
 def journal_counts(journal: Journal) -> Counts:
@@ -145,7 +148,8 @@ def readiness(config: Config, journal: Journal, listening: Callable[[], bool] | 
 
 
 def snapshot(config: Config, journal: Journal, ready: Readiness, pipelines: list[PipelineHealth], *, source: str,
-             associations: Iterable[OpenAssociation] | None) -> NodeStatus:
+             associations: Iterable[OpenAssociation] | None,
+             received: dict[str, dict[str, int]] | None = None) -> NodeStatus:
     counts = journal_counts(journal)
     job_states: dict[str, int] = {}
     by_pipeline: dict[str, dict[str, int]] = {}
@@ -159,7 +163,7 @@ def snapshot(config: Config, journal: Journal, ready: Readiness, pipelines: list
         jobs=job_states, jobs_by_pipeline=by_pipeline,
         dead_letters=sum(count for (_, state), count in counts["exports"].items() if state == ExportState.DEAD),
         quarantined_files=len(Spool(Path(config.node.storage_dir)).quarantined()), disk=disk_use(config),
-        ready=ready.ready, checks=list(ready.checks), pipelines=pipelines)
+        ready=ready.ready, checks=list(ready.checks), pipelines=pipelines, received=received)
 
 
 # --- `dicom-node status` -----------------------------------------------------------------------
@@ -249,6 +253,8 @@ def _print_status(status: dict, out: TextIO) -> None:
     line("associations open", "unknown" if open_count is None else open_count)
     for assoc in status["associations"]:
         line("", f"{assoc['calling_ae']} from {assoc['peer']}: {assoc['instances']} instances, {assoc['bytes']} bytes")
+    for transport, counts in sorted((status.get("received") or {}).items()):
+        line(f"received ({transport})", f"{counts['instances']} instances, {counts['bytes']} bytes since the start")
     line("series", states(status["series"]))
     line("jobs", states(status["jobs"]))
     for pipeline, counts in sorted(status["jobs_by_pipeline"].items()):

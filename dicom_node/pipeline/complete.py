@@ -16,7 +16,8 @@ jobs in the `serve` process):
   hours);
 - release fast path: the association that delivered the series (new or
   re-sent instances) was released normally (A-RELEASE, PS3.8 7.2) and no
-  other open association is still sending that series; after
+  other open association is still sending that series (a STOW-RS request
+  counts as an association, released once its response is sent); after
   `completion.after_release_seconds` of grace the series is complete. An
   aborted association never takes the fast path.
 
@@ -45,6 +46,9 @@ from dicom_node.states import SeriesState
 log = logging.getLogger("dicom_node.pipeline.complete")
 
 SeriesKey = tuple[str, int]  # (Series Instance UID, generation)
+# A sending episode: an association's id (int), or a STOW-RS request's ("stow-<n>"), which ends like an
+# association released normally once its response is sent.
+SessionId = int | str
 UNROUTED_AFTER_S = 60.0  # routing reads every header: seconds for a large series, never a minute
 
 
@@ -59,7 +63,7 @@ class CompletionTracker:
         self.after_release_seconds = after_release_seconds
         self.on_series_complete = on_series_complete
         self._lock = threading.Lock()
-        self._sending: dict[int, set[SeriesKey]] = defaultdict(set)  # association id -> series it sent
+        self._sending: dict[SessionId, set[SeriesKey]] = defaultdict(set)  # session -> series it sent
         self._handing_over: set[SeriesKey] = set()
         self.scheduler = BackgroundScheduler(timezone=timezone.utc)
         self.listening_since: datetime | None = None  # no stable timeout before senders can reach the node
@@ -77,12 +81,12 @@ class CompletionTracker:
     def stop(self) -> None:
         self.scheduler.shutdown(wait=True)
 
-    def instance_received(self, association: int, series_instance_uid: str, generation: int) -> None:
-        """`association` delivered an instance of the series generation, new or a re-sent copy."""
+    def instance_received(self, association: SessionId, series_instance_uid: str, generation: int) -> None:
+        """`association` (or a STOW-RS request) delivered an instance of the series generation, new or a re-sent copy."""
         with self._lock:
             self._sending[association].add((series_instance_uid, generation))
 
-    def association_closed(self, association: int, released: bool) -> None:
+    def association_closed(self, association: SessionId, released: bool) -> None:
         with self._lock:
             sent = self._sending.pop(association, set())
             still_open = set().union(*self._sending.values()) if self._sending else set()
