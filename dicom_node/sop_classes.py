@@ -52,6 +52,13 @@ def is_encapsulated(transfer_syntax: str) -> bool:
     return transfer_syntax not in NATIVE_SYNTAXES
 
 
+def is_image_class(uid: str) -> bool:
+    """Can instances of this SOP class be slices of a volume? The standard's image storage classes
+    (CT, Enhanced CT, MR, ... "Image Storage"), and any private class, which only its maker knows;
+    not a structure set, dose grid, segmentation or parametric map that happens to carry pixels."""
+    return not uid.startswith(DICOM_ROOT) or "Image Storage" in name(uid)
+
+
 def name(uid: str) -> str:
     """The standard name of a SOP class or transfer syntax UID, or the UID itself when it has none."""
     if uid in _NEWER_TRANSFER_SYNTAXES:

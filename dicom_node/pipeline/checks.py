@@ -126,6 +126,15 @@ class Check:
         self._exclude(strays, "Image Orientation (Patient) differs from the rest of the stack")
         return groups[0]
 
+    def image_classes(self, frames: Sequence[Frame]) -> None:
+        """Only image storage SOP classes make a volume (sop_classes.is_image_class): pixels under an
+        RT Structure Set's or a SEG's class are mislabelled, whatever they look like."""
+        others = [f for f in frames if not sop_classes.is_image_class(f.source.sop_class_uid)]
+        if others:
+            names = sorted({sop_classes.name(f.source.sop_class_uid) for f in others})
+            raise self.fail(others, f"{len(others)} of {len(frames)} frames are of {', '.join(names)}, not an "
+                                    "image storage SOP class: no volume is made of them")
+
     def pixel_format(self, frames: Sequence[Frame]) -> None:
         """Grayscale, one sample per pixel: what a volume of Rescale Type units is made of.
 
@@ -278,6 +287,7 @@ def check_headers(ds: Dataset, frames: Sequence[Frame], options: VolumeOptions) 
     check = Check(str(ds.get("SeriesInstanceUID", "")), options)
     check.one_series(frames)
     stack = check.stack(frames)
+    check.image_classes(stack)
     check.pixel_format(stack)
     check.frame_of_reference(stack)
     check.referenceable(stack)

@@ -276,7 +276,7 @@ SERIES_LEVEL = [
     Case("Secondary Capture sent to a CT pipeline", UNMATCHED,
          _setattrs(SOPClassUID=SecondaryCaptureImageStorage, Modality="OT")),
     Case("CT localizers only", UNMATCHED, _setattrs(ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])),
-    Case("RT Structure Set SOP class (not accepted)", REFUSED, _setattrs(SOPClassUID=RTStructureSetStorage)),
+    Case("CT pixels under the RT Structure Set SOP class", QUARANTINED, _setattrs(SOPClassUID=RTStructureSetStorage)),
     Case("mixed-patient series", QUARANTINED, _mixed("PatientID", lambda: "DN-OTHER-PATIENT")),
     Case("mixed-study series", QUARANTINED, _mixed("StudyInstanceUID", generate_uid)),
     Case("mixed-modality series (CT and MR)", QUARANTINED, _mixed("Modality", lambda: "MR")),
