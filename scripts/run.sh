@@ -6,7 +6,7 @@
 # its Triton config and pipeline.yaml, and when the workspace's shared model
 # folder is present (../shared/models/spleen_ct_demo) its model.onnx is copied
 # in as version 1 once, as one drops weights into a Triton repository. A site
-# installs its own models with `dicom-node models import` (README, "Models").
+# installs its own models with `dicom-node models import` (docs/models.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
