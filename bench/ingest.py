@@ -152,6 +152,12 @@ def durability_cost(root: Path, files: list[Path]) -> float:
     return elapsed / len(files)
 
 
+def run_header() -> str:
+    """The run's date and machine, printed first: a figure means nothing without them."""
+    return (f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}: {platform.machine()}, "
+            f"{os.cpu_count()} CPUs")
+
+
 def receivers() -> dict[str, Receiver]:
     found: dict[str, Receiver] = {"dicom-node (fsync+journal)": node_receiver,
                                   "pynetdicom AE (fsync)": pynetdicom_receiver}
@@ -171,8 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     sender_counts = [int(n) for n in args.senders.split(",")]
     peers = receivers()
-    print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}: {platform.machine()}, "
-          f"{os.cpu_count()} CPUs")
+    print(run_header())
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
         files = write_ct_series(work / "series", args.instances)
