@@ -1,0 +1,199 @@
+"""The DICOMweb destination kind (STOW-RS) against Orthanc with its DICOMweb plugin.
+
+What Orthanc stored is read back over WADO-RS (PS3.18 10.4, a multipart/related answer) and
+compared with the files sent; its log, with `--verbose`, counts the STOW-RS requests, so batching is
+seen from the server's side. Refusals are Orthanc's own: a file it cannot read, a study that is not the
+one in the URL, credentials it does not know.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import re
+import struct
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_node.config import Config, ConfigError, DicomwebDestinationConfig, load_config
+from dicom_node.dispatch import dicomweb, registry
+from dicom_node.dispatch.destinations import OutcomeKind
+from tests.peers import CT_J2K_SERIES, SHARED_DATA, free_port, orthanc
+from tests.test_pipeline import real_series
+from tests.test_receive import dataset_bytes
+
+needs_orthanc = orthanc.dicomweb_required()
+SEG_SAMPLE = SHARED_DATA / "seg" / "highdicom" / "seg_image_ct_binary.dcm"
+
+
+def destination(url: str, **fields) -> DicomwebDestinationConfig:
+    return DicomwebDestinationConfig(kind="dicomweb", url=url, **fields)
+
+
+def wado_instance(pacs: orthanc.Orthanc, path: Path) -> bytes:
+    """The instance as Orthanc serves it over WADO-RS: the one application/dicom part of the answer."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    content_type, body = pacs.fetch(
+        f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}",
+        'multipart/related; type="application/dicom"; transfer-syntax=*')  # as stored (PS3.18 8.7.3.5.2)
+    assert content_type.startswith("multipart/related"), content_type
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+    (part,) = list(message.iter_parts())
+    assert part.get_content_type() == "application/dicom"
+    return part.get_payload(decode=True)
+
+
+def dataset_of(part10: bytes) -> bytes:
+    """The encoded data set of a PS3.10 file, after its preamble and File Meta Information group."""
+    assert part10[128:132] == b"DICM"
+    (meta_length,) = struct.unpack("<I", part10[140:144])
+    return part10[144 + meta_length:]
+
+
+def stow_requests(pacs: orthanc.Orthanc) -> int:
+    """STOW-RS requests Orthanc received (its verbose log names each HTTP request)."""
+    return len(re.findall(r"POST /dicom-web/studies", pacs.log_text()))
+
+
+@needs_orthanc
+def test_instances_arrive_over_stow_rs_byte_equal_in_batches(tmp_path):
+    files = [SEG_SAMPLE, *real_series(tmp_path / "ct", count=5)]
+    with orthanc.Orthanc(tmp_path / "orthanc", dicomweb=True, verbose=True) as pacs:
+        report = registry.send(destination(pacs.dicomweb_url, batch_size=2), files, "NODE")
+        assert [o.kind for o in report.outcomes] == [OutcomeKind.SENT] * 6, report.outcomes
+        assert report.destination == f"STOW-RS {pacs.dicomweb_url}"
+        assert len(pacs.instances()) == 6
+        # The SEG is its own study: one request; the five CT slices of the other: 2 + 2 + 1.
+        assert stow_requests(pacs) == 1 + 3
+        for path in files:  # Orthanc writes its own File Meta Information (PS3.10 7.1), the data set is ours
+            assert dataset_of(wado_instance(pacs, path)) == dataset_bytes(path), path.name
+
+
+@needs_orthanc
+def test_down_then_up_delivers_once(tmp_path):
+    files = real_series(tmp_path / "ct", count=3)
+    pacs = orthanc.Orthanc(tmp_path / "orthanc", dicomweb=True, verbose=True)
+    target = destination(pacs.dicomweb_url, batch_size=1, timeout_s=5)
+    down = registry.send(target, files, "NODE")
+    assert {o.kind for o in down.outcomes} == {OutcomeKind.TRANSIENT}
+    assert all(o.status is None and "no response" in o.reason for o in down.outcomes)
+    assert not registry.echo(target, "NODE").ok
+    with pacs:
+        assert registry.echo(target, "NODE").ok
+        up = registry.send(target, files, "NODE")
+        assert [o.kind for o in up.outcomes] == [OutcomeKind.SENT] * 3
+        assert len(pacs.instances()) == 3
+        assert stow_requests(pacs) == 3  # nothing reached it while it was down
+
+
+@needs_orthanc
+def test_an_instance_orthanc_cannot_read_is_refused_alone(tmp_path):
+    """The shared CT as anonymised, without its Study Instance UID: Orthanc cannot index it and answers
+    the whole request without listing it. Sent one at a time, only that instance is refused for good."""
+    unreadable = sorted(CT_J2K_SERIES.iterdir())[0]
+    good = real_series(tmp_path / "ct", count=2)
+    with orthanc.Orthanc(tmp_path / "orthanc", dicomweb=True, verbose=True) as pacs:
+        report = registry.send(destination(pacs.dicomweb_url, batch_size=10), [unreadable, SEG_SAMPLE, *good],
+                               "NODE")
+        by_uid = {o.sop_instance_uid: o for o in report.outcomes}
+        refused = by_uid[str(pydicom.dcmread(unreadable, stop_before_pixels=True).SOPInstanceUID)]
+        assert refused.kind == OutcomeKind.PERMANENT, refused
+        assert refused.reason.startswith("HTTP "), refused.reason
+        assert sum(o.kind == OutcomeKind.SENT for o in report.outcomes) == 3
+        assert len(pacs.instances()) == 3
+
+
+@needs_orthanc
+def test_failed_sop_sequence_of_orthanc_is_read_per_instance(tmp_path):
+    """Orthanc refuses an instance of another study than the URL's with 409 and FailureReason 0x0110
+    in FailedSOPSequence: the instance is dead-lettered with that reason, the rest stored."""
+    with orthanc.Orthanc(tmp_path / "orthanc", dicomweb=True) as pacs:
+        target = destination(pacs.dicomweb_url)
+        connection = dicomweb._Connection(target)
+        body, content_type = dicomweb._multipart([SEG_SAMPLE.read_bytes()])
+        response = connection.request("POST", "/studies/1.2.3.4", body,
+                                      {"Content-Type": content_type, "Accept": dicomweb.DICOM_JSON})
+        connection.close()
+        assert response.status == 409
+        instance = dicomweb._Instance(SEG_SAMPLE, "1.2.3.4", str(pydicom.dcmread(SEG_SAMPLE).SOPInstanceUID))
+        (outcome,) = dicomweb._outcomes([instance], response)
+        assert (outcome.kind, outcome.status) == (OutcomeKind.PERMANENT, 0x0110)
+        assert outcome.reason == "HTTP 409 Conflict: failure status 0x0110 (FailureReason)"
+        assert pacs.instances() == []
+
+
+@needs_orthanc
+def test_basic_auth_against_orthanc(tmp_path):
+    files = real_series(tmp_path / "ct", count=2)
+    with orthanc.Orthanc(tmp_path / "orthanc", dicomweb=True, users={"node": "s3cret-pass"}) as pacs:
+        wrong = destination(pacs.dicomweb_url, auth={"type": "basic", "username": "node", "password": "wrong"})
+        refused = registry.send(wrong, files, "NODE")
+        assert {(o.kind, o.status) for o in refused.outcomes} == {(OutcomeKind.PERMANENT, None)}
+        assert all(o.reason.startswith("HTTP 401") for o in refused.outcomes), refused.outcomes
+        echoed = registry.echo(wrong, "NODE")
+        assert (echoed.ok, echoed.status) == (False, 401)
+        right = destination(pacs.dicomweb_url, auth={"type": "basic", "username": "node", "password": "s3cret-pass"})
+        assert registry.echo(right, "NODE").ok
+        assert [o.kind for o in registry.send(right, files, "NODE").outcomes] == [OutcomeKind.SENT] * 2
+        assert len(pacs.instances()) == 2
+
+
+def test_a_server_that_is_not_there_is_transient():
+    report = registry.send(destination(f"http://127.0.0.1:{free_port()}/dicom-web", timeout_s=3), [SEG_SAMPLE], "N")
+    (outcome,) = report.outcomes
+    assert outcome.kind == OutcomeKind.TRANSIENT and outcome.status is None
+
+
+CONFIG = """\
+destinations:
+  cloud:
+    kind: dicomweb
+    url: {url}
+    auth: {auth}
+    batch_size: {batch_size}
+"""
+
+
+@pytest.mark.parametrize(("url", "auth", "batch_size", "error"), [
+    ("https://pacs.example/dicom-web/", "{type: basic, username: node, password: pw}", 0,
+     "config.yaml:6 destinations.cloud.batch_size: Input should be greater than or equal to 1"),
+    ("ftp://pacs.example/dicom-web", "null", 5, "config.yaml:4 destinations.cloud.url: 'ftp://pacs.example/dicom-web' "
+                                                "is not an http:// or https:// URL"),
+    ("https://node:pw@pacs.example/dicom-web", "null", 5,
+     "config.yaml:4 destinations.cloud.url: credentials do not belong in the URL (they would be logged): use auth"),
+    ("http://pacs.example/dicom-web", "{type: bearer, token: abc}", 5,
+     "config.yaml:2 destinations.cloud: bearer auth over plain http to pacs.example would send the credentials in "
+     "clear text: use an https:// url"),
+    ("https://pacs.example/dicom-web", "{type: digest, username: node}", 5,
+     "config.yaml:5 destinations.cloud.auth: auth is {type: basic, username: ..., password: ...} or "
+     "{type: bearer, token: ...} (leave auth out for none)"),
+    ("https://pacs.example/dicom-web", "{type: basic, username: node}", 5,
+     "config.yaml:5 destinations.cloud.auth.password: Field required"),
+])
+def test_config_errors(tmp_path, url, auth, batch_size, error):
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG.format(url=url, auth=auth, batch_size=batch_size))
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert raised.value.errors == [error]
+
+
+def test_secrets_are_never_printed(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG.format(url="https://pacs.example/dicom-web", auth="{type: bearer, token: tok-123456789}",
+                                  batch_size=5) + "  other:\n    kind: dicomweb\n    url: https://b.example\n"
+                    "    auth: {type: basic, username: node, password: pw-987654321}\n")
+    config = load_config(path)
+    shown = repr(config) + str(config.model_dump()) + config.model_dump_json()
+    assert "tok-123456789" not in shown and "pw-987654321" not in shown and "**********" in shown
+    assert config.destinations["cloud"].auth.header() == "Bearer tok-123456789"
+    assert config.destinations["cloud"].url == "https://pacs.example/dicom-web"  # no trailing slash
+    assert config.destinations["cloud"].calling_ae_title is None
+
+
+def test_default_kind_is_still_dimse():
+    config = Config.model_validate({"destinations": {"pacs": {"ae_title": "A", "host": "h", "port": 104}}})
+    assert registry.kind_of(config.destinations["pacs"]).name == "dimse"
