@@ -9,6 +9,7 @@ one in the URL, credentials it does not know.
 from __future__ import annotations
 
 import email.parser
+import json
 import email.policy
 import re
 import struct
@@ -16,11 +17,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import yaml
 
 from dicom_node.config import Config, ConfigError, DicomwebDestinationConfig, load_config
 from dicom_node.dispatch import dicomweb, registry
 from dicom_node.dispatch.destinations import OutcomeKind
 from tests.peers import CT_J2K_SERIES, SHARED_DATA, free_port, orthanc
+from tests.test_cli_ops import cli
 from tests.test_pipeline import real_series
 from tests.test_receive import dataset_bytes
 
@@ -197,3 +200,24 @@ def test_secrets_are_never_printed(tmp_path):
 def test_default_kind_is_still_dimse():
     config = Config.model_validate({"destinations": {"pacs": {"ae_title": "A", "host": "h", "port": 104}}})
     assert registry.kind_of(config.destinations["pacs"]).name == "dimse"
+
+
+@needs_orthanc
+def test_echo_and_send_from_the_command_line(tmp_path):
+    files = real_series(tmp_path / "ct", count=3)
+    with orthanc.Orthanc(tmp_path / "orthanc", dicomweb=True, users={"node": "s3cret-pass"}) as pacs:
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump({"destinations": {
+            "web": {"kind": "dicomweb", "url": pacs.dicomweb_url, "batch_size": 2,
+                    "auth": {"type": "basic", "username": "node", "password": "s3cret-pass"}},
+            "stranger": {"kind": "dicomweb", "url": pacs.dicomweb_url}}}))
+        result = cli("echo", "web", "--config", config)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"web (STOW-RS {pacs.dicomweb_url}): QIDO-RS ok, HTTP 200" in result.stdout
+        echoed = json.loads(cli("echo", "stranger", "--json", "--config", config).stdout)
+        assert (echoed["ok"], echoed["status"], echoed["kind"], echoed["url"]) == (False, 401, "dicomweb",
+                                                                                   pacs.dicomweb_url)
+        assert "s3cret" not in json.dumps(echoed)
+        report = json.loads(cli("send", *files, "--to", "web", "--json", "--config", config).stdout)
+        assert [f["outcome"] for f in report["files"]] == ["sent"] * 3
+        assert len(pacs.instances()) == 3

@@ -67,8 +67,9 @@ class DispatchReport:
 @dataclass(frozen=True)
 class EchoResult:
     ok: bool
-    status: int | None
+    status: int | None  # the C-ECHO response status, or the HTTP status of the QIDO-RS query
     reason: str
+    check: str = "C-ECHO"  # what was sent: a C-ECHO (PS3.4 Annex A), or a QIDO-RS query for DICOMweb
 
 
 class DestinationKind(Protocol):

@@ -55,6 +55,7 @@ WARNING_REASON = "00081196"
 DICOM_JSON = "application/dicom+json"
 TRANSIENT_HTTP = {408, 429}  # request timeout, too many requests: the server asks us to come back
 SPLIT_HTTP = {400, 413}  # may be one instance's fault (unparseable, too large): each is tried alone
+QIDO = "QIDO-RS"  # what `dicom-node echo` reports it sent
 REASON_CHARS = 300  # of a server's message kept in the reason
 
 
@@ -297,11 +298,11 @@ def echo(destination: DicomwebDestinationConfig, calling_ae: str) -> EchoResult:
     try:
         response = connection.request("GET", "/studies?limit=1", None, {"Accept": DICOM_JSON})
     except (OSError, http.client.HTTPException) as exc:
-        return EchoResult(False, None, f"no response from the server: {exc or type(exc).__name__}")
+        return EchoResult(False, None, f"no response from the server: {exc or type(exc).__name__}", QIDO)
     finally:
         connection.close()
     ok = response.status in (200, 204)
-    return EchoResult(ok, response.status, "ok" if ok else response.message())
+    return EchoResult(ok, response.status, "ok" if ok else response.message(), QIDO)
 
 
 class Dicomweb:
