@@ -22,10 +22,13 @@ import yaml
 from dicom_node.config import Config, ConfigError, DicomwebDestinationConfig, load_config
 from dicom_node.dispatch import dicomweb, registry
 from dicom_node.dispatch.destinations import OutcomeKind
-from tests.peers import CT_J2K_SERIES, SHARED_DATA, free_port, orthanc
+from tests.chest_phantoms import chest_case
+from tests.peers import CT_J2K_SERIES, SHARED_DATA, dcmtk, free_port, orthanc, wait_for
+from tests.phantoms import write_ct_volume
+from tests.test_api import http
 from tests.test_cli_ops import cli
 from tests.test_pipeline import real_series
-from tests.test_receive import dataset_bytes
+from tests.test_receive import dataset_bytes, running_node
 
 needs_orthanc = orthanc.dicomweb_required()
 SEG_SAMPLE = SHARED_DATA / "seg" / "highdicom" / "seg_image_ct_binary.dcm"
@@ -54,6 +57,12 @@ def dataset_of(part10: bytes) -> bytes:
     assert part10[128:132] == b"DICM"
     (meta_length,) = struct.unpack("<I", part10[140:144])
     return part10[144 + meta_length:]
+
+
+def exports_of(node) -> list[dict]:
+    """The first job's exports, from the node's API (none while the series is not yet complete)."""
+    status, body = http(node, "/v1/jobs/1")
+    return json.loads(body)["exports"] if status == 200 else []
 
 
 def stow_requests(pacs: orthanc.Orthanc) -> int:
@@ -221,3 +230,37 @@ def test_echo_and_send_from_the_command_line(tmp_path):
         report = json.loads(cli("send", *files, "--to", "web", "--json", "--config", config).stdout)
         assert [f["outcome"] for f in report["files"]] == ["sent"] * 3
         assert len(pacs.instances()) == 3
+
+
+@needs_orthanc
+def test_node_delivers_seg_and_srs_over_stow_rs_after_an_outage(tmp_path):
+    """The whole node: storescu -> `dicom-node serve` -> the shipped chest_ct pipeline -> STOW-RS to Orthanc,
+    which is down when the results are first sent. Once it is up, each result arrives once, as written."""
+    from tests.test_orthanc_end_to_end import SHIPPED_PIPELINES, covid_repository, study_series
+
+    files = write_ct_volume(chest_case(()).volume, tmp_path / "phantom")
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    covid_repository(tmp_path / "models")
+    pacs = orthanc.Orthanc(tmp_path / "orthanc", dicomweb=True, verbose=True)
+    web = {"kind": "dicomweb", "url": pacs.dicomweb_url, "batch_size": 10, "timeout_s": 10,
+           "retry": {"initial_delay_s": 0.5, "max_delay_s": 1, "jitter": 0, "max_attempts": 1000}}
+    with running_node(tmp_path / "node", destinations={"web": web},
+                      pipelines={"chest_ct": SHIPPED_PIPELINES["chest_ct"] | {"destinations": ["web"]}},
+                      inference={"backend": "embedded", "model_repository": str(tmp_path / "models"),
+                                 "embedded": {"cpu_threads": 2}}) as node:
+        assert dcmtk.storescu(node.port, files).returncode == 0
+        failed_once = wait_for(lambda: (exports := exports_of(node)) and all(
+            e["attempts"] >= 1 and e["state"] == "pending" for e in exports) and exports, 180,
+            "results tried once while Orthanc is down")
+        assert all("no response from the server" in e["reason"] for e in failed_once)
+        with pacs:
+            wait_for(lambda: (found := study_series(pacs, study_uid)).keys() >= {"SEG", "SR"}
+                            and len(found["SR"]) == 2 and found, 60, "SEG and two SRs in Orthanc")
+            exports = wait_for(lambda: (rows := exports_of(node)) and all(
+                e["state"] == "sent" for e in rows) and rows, 30, "every export sent")
+            assert len(exports) == 3 and len(pacs.instances()) == 3
+            assert stow_requests(pacs) == 1  # the three results in one request, once
+            for export in exports:
+                path = Path(export["path"])
+                assert dataset_of(wado_instance(pacs, path)) == dataset_bytes(path), path.name
+            assert node.process.alive()
