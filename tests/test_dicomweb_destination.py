@@ -25,7 +25,7 @@ from dicom_node.dispatch.destinations import OutcomeKind
 from tests.chest_phantoms import chest_case
 from tests.peers import CT_J2K_SERIES, SHARED_DATA, dcmtk, free_port, orthanc, wait_for
 from tests.phantoms import write_ct_volume
-from tests.test_api import http
+from tests.test_api import get_json, http, samples
 from tests.test_cli_ops import cli
 from tests.test_pipeline import real_series
 from tests.test_receive import dataset_bytes, running_node
@@ -263,4 +263,9 @@ def test_node_delivers_seg_and_srs_over_stow_rs_after_an_outage(tmp_path):
             for export in exports:
                 path = Path(export["path"])
                 assert dataset_of(wado_instance(pacs, path)) == dataset_bytes(path), path.name
+            status = get_json(node, "/v1/status")
+            metrics = samples(node)
             assert node.process.alive()
+    assert {"destination": "web", "transport": "dicomweb", "exports": {"sent": 3}} in status["destinations"]
+    assert metrics[("dicom_node_destination_info", (("destination", "web"), ("transport", "dicomweb")))] == 1
+    assert metrics[("dicom_node_exports_sent_total", (("destination", "web"),))] == 3
