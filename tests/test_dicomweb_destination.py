@@ -12,7 +12,11 @@ import email.parser
 import json
 import email.policy
 import re
+import shutil
+import ssl
 import struct
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pydicom
@@ -21,14 +25,15 @@ import yaml
 
 from dicom_node.config import Config, ConfigError, DicomwebDestinationConfig, load_config
 from dicom_node.dispatch import dicomweb, registry
-from dicom_node.dispatch.destinations import OutcomeKind
+from dicom_node.dispatch.destinations import EchoResult, OutcomeKind
 from tests.chest_phantoms import chest_case
-from tests.peers import CT_J2K_SERIES, SHARED_DATA, dcmtk, free_port, orthanc, wait_for
+from tests.peers import CT_J2K_SERIES, SHARED_DATA, dcmtk, free_port, needs, orthanc, wait_for
 from tests.phantoms import write_ct_volume
 from tests.test_api import get_json, http, samples
 from tests.test_cli_ops import cli
 from tests.test_pipeline import real_series
 from tests.test_receive import dataset_bytes, running_node
+from tests.test_tls import _ca, _issue
 
 needs_orthanc = orthanc.dicomweb_required()
 SEG_SAMPLE = SHARED_DATA / "seg" / "highdicom" / "seg_image_ct_binary.dcm"
@@ -269,3 +274,42 @@ def test_node_delivers_seg_and_srs_over_stow_rs_after_an_outage(tmp_path):
     assert {"destination": "web", "transport": "dicomweb", "exports": {"sent": 3}} in status["destinations"]
     assert metrics[("dicom_node_destination_info", (("destination", "web"), ("transport", "dicomweb")))] == 1
     assert metrics[("dicom_node_exports_sent_total", (("destination", "web"),))] == 3
+
+
+@needs(shutil.which("openssl") is not None, "openssl command line not installed (apt-get install openssl)")
+def test_client_tls(tmp_path):
+    """HTTPS with mutual authentication. The Debian Orthanc 1.10 resets every HTTPS request (with OpenSSL 3), so the
+    server is Python's own TLS stack requiring a certificate of the hospital's CA, answering the QIDO-RS
+    query: the destination with our certificate gets its answer, without one or trusting another CA not."""
+    ca, other = _ca(tmp_path, "Hospital-CA"), _ca(tmp_path, "Other-CA")
+    server, node = _issue(tmp_path, "dicom-web", ca), _issue(tmp_path, "dicom-node", ca)
+
+    class Qido(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            self.send_response(200 if self.path == "/dicom-web/studies?limit=1" else 404)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args):
+            pass
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*server)
+    context.load_verify_locations(ca[0])
+    context.verify_mode = ssl.CERT_REQUIRED
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Qido)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{httpd.server_address[1]}/dicom-web"
+    try:
+        ours = destination(url, tls={"ca_certificates": ca[0], "certificate": node[0], "private_key": node[1]})
+        assert registry.echo(ours, "NODE") == EchoResult(True, 200, "ok", "QIDO-RS")
+        without_ours = registry.echo(destination(url, tls={"ca_certificates": ca[0]}, timeout_s=5), "NODE")
+        assert not without_ours.ok and without_ours.status is None
+        wrong_ca = registry.echo(destination(url, tls={"ca_certificates": other[0], "certificate": node[0],
+                                                       "private_key": node[1]}, timeout_s=5), "NODE")
+        assert not wrong_ca.ok and "CERTIFICATE_VERIFY_FAILED" in wrong_ca.reason
+    finally:
+        httpd.shutdown()
