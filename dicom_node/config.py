@@ -546,7 +546,10 @@ class DicomwebDestinationConfig(_Model):
 def _destination_kind(value: Any) -> str | None:
     """Which kind of destination a config entry is (by its `kind`, default dimse), so that errors are
     about the kind the admin meant, not about every kind."""
-    kind = value.kind if isinstance(value, BaseModel) else value.get("kind", "dimse") if isinstance(value, dict) else None
+    if isinstance(value, BaseModel):
+        kind = value.kind
+    else:
+        kind = value.get("kind", "dimse") if isinstance(value, dict) else None
     return f"={kind}" if kind in DESTINATION_KINDS else None
 
 

@@ -25,7 +25,7 @@ import yaml
 
 from dicom_node.config import Config, ConfigError, DicomwebDestinationConfig, load_config
 from dicom_node.dispatch import dicomweb, registry
-from dicom_node.dispatch.destinations import EchoResult, OutcomeKind
+from dicom_node.dispatch.destinations import EchoResult, OutcomeKind, Refusal
 from tests.chest_phantoms import chest_case
 from tests.peers import CT_J2K_SERIES, SHARED_DATA, dcmtk, free_port, needs, orthanc, wait_for
 from tests.phantoms import write_ct_volume
@@ -313,3 +313,61 @@ def test_client_tls(tmp_path):
         assert not wrong_ca.ok and "CERTIFICATE_VERIFY_FAILED" in wrong_ca.reason
     finally:
         httpd.shutdown()
+
+
+@needs_orthanc
+def test_partly_stored_request_orthanc_answers_per_instance(tmp_path):
+    """One request for the SEG's study holding the SEG and a CT slice of another study: Orthanc stores the
+    SEG and refuses the slice, each in its sequence of the one response. Only the slice is not stored, with
+    Orthanc's FailureReason; the SEG counts as sent (the export loop does not send it again)."""
+    (ct,) = real_series(tmp_path / "ct", count=1)
+    seg_study = str(pydicom.dcmread(SEG_SAMPLE, stop_before_pixels=True).StudyInstanceUID)
+    batch = [dicomweb._Instance(path, seg_study, str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+             for path in (SEG_SAMPLE, ct)]
+    with orthanc.Orthanc(tmp_path / "orthanc", dicomweb=True) as pacs:
+        connection = dicomweb._Connection(destination(pacs.dicomweb_url))
+        try:
+            seg, slice_ = dicomweb._store(connection, batch)
+        finally:
+            connection.close()
+        assert (seg.kind, seg.status) == (OutcomeKind.SENT, 0x0000)
+        assert (slice_.kind, slice_.status) == (OutcomeKind.PERMANENT, 0x0110)
+        assert len(pacs.instances()) == 1
+
+
+def _response(status: int, referenced=(), failed=(), warned=()) -> dicomweb._Response:
+    def items(entries, code_tag=None):
+        return {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": [uid]},
+                                       **({code_tag: {"vr": "US", "Value": [code]}} if code_tag else {})}
+                                      for uid, code in entries]}
+    dataset = {"00081199": items([(uid, None) for uid in referenced]), "00081198": items(failed, "00081197")}
+    dataset["00081199"]["Value"] += items(warned, "00081196")["Value"]
+    return dicomweb._Response(status, {200: "OK", 202: "Accepted", 409: "Conflict"}[status], dicomweb.DICOM_JSON,
+                              json.dumps(dataset).encode())
+
+
+def test_failure_and_warning_reasons_are_classified_as_c_store_statuses():
+    """No real peer answers these on demand (Orthanc refuses only with 0x0110): the PS3.18 response of a
+    server that is out of space for one instance, does not take SEG for another and coerced a third."""
+    batch = [dicomweb._Instance(Path(f"{n}.dcm"), "1.2", f"1.2.{n}") for n in range(5)]
+    response = _response(202, referenced=["1.2.0"], failed=[("1.2.1", 0xA700), ("1.2.2", 0x0122)],
+                         warned=[("1.2.3", 0xB000)])
+    outcomes = {o.sop_instance_uid: o for o in dicomweb._outcomes(batch, response)}
+    assert outcomes["1.2.0"].kind == OutcomeKind.SENT
+    assert (outcomes["1.2.1"].kind, outcomes["1.2.1"].status) == (OutcomeKind.TRANSIENT, 0xA700)
+    assert outcomes["1.2.2"].kind == OutcomeKind.PERMANENT
+    assert outcomes["1.2.2"].refusal == Refusal.SOP_CLASS_NOT_SUPPORTED
+    assert (outcomes["1.2.3"].kind, outcomes["1.2.3"].status) == (OutcomeKind.WARNING, 0xB000)
+    assert outcomes["1.2.4"].kind == OutcomeKind.PERMANENT and "neither as stored nor as failed" in outcomes[
+        "1.2.4"].reason
+
+
+@pytest.mark.parametrize(("status", "kind"), [
+    (503, OutcomeKind.TRANSIENT), (500, OutcomeKind.TRANSIENT), (408, OutcomeKind.TRANSIENT),
+    (429, OutcomeKind.TRANSIENT), (401, OutcomeKind.PERMANENT), (403, OutcomeKind.PERMANENT),
+    (404, OutcomeKind.PERMANENT), (415, OutcomeKind.PERMANENT)])
+def test_http_statuses_without_a_per_instance_answer(status, kind):
+    batch = [dicomweb._Instance(Path("a.dcm"), "1.2", "1.2.3")]
+    (outcome,) = dicomweb._outcomes(batch, dicomweb._Response(status, "Reason", "text/plain", b"the server's words"))
+    assert (outcome.kind, outcome.status) == (kind, None)
+    assert outcome.reason == f"HTTP {status} Reason: the server's words" + (" (check url)" if status == 404 else "")
