@@ -371,3 +371,10 @@ def test_http_statuses_without_a_per_instance_answer(status, kind):
     (outcome,) = dicomweb._outcomes(batch, dicomweb._Response(status, "Reason", "text/plain", b"the server's words"))
     assert (outcome.kind, outcome.status) == (kind, None)
     assert outcome.reason == f"HTTP {status} Reason: the server's words" + (" (check url)" if status == 404 else "")
+
+
+def test_http_200_without_a_body_means_all_stored():
+    """PS3.18 10.5.3: 200 is "stored all instances"; a server that adds no data set is taken at its word."""
+    batch = [dicomweb._Instance(Path(f"{n}.dcm"), "1.2", f"1.2.{n}") for n in range(2)]
+    outcomes = dicomweb._outcomes(batch, dicomweb._Response(200, "OK", "", b""))
+    assert [(o.kind, o.status) for o in outcomes] == [(OutcomeKind.SENT, 0x0000)] * 2

@@ -94,6 +94,17 @@ class _Connection:
         self._conn: http.client.HTTPConnection | None = None
 
     def request(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> _Response:
+        """One request; on a kept-alive connection the server may have closed meanwhile, once more on a new
+        one (a STOW-RS resend is safe: the same SOP Instance UIDs are the same instances, PS3.4 B.4.1)."""
+        reused = self._conn is not None
+        try:
+            return self._request(method, path, body, headers)
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            if not reused:
+                raise
+            return self._request(method, path, body, headers)
+
+    def _request(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> _Response:
         if self._conn is None:
             if self.https:
                 tls = self.destination.tls
@@ -200,6 +211,8 @@ def _may_be_one_instance(response: _Response, batch: list[_Instance]) -> bool:
     """A 400 or 413, or an answer that names none of the instances: one of them may be the cause."""
     if response.status in SPLIT_HTTP:
         return True
+    if response.status == 200 and not response.body.strip():
+        return False  # all stored
     if 200 <= response.status < 300 or response.status == 409:
         stored, failed = _read_response(response.body)
         return not any(inst.sop_instance_uid in stored or inst.sop_instance_uid in failed for inst in batch)
@@ -230,6 +243,9 @@ def _outcomes(batch: list[_Instance], response: _Response) -> list[Outcome]:
     if not 200 <= status < 300 and status != 409:  # 409: none stored, each failure in FailedSOPSequence
         where = " (check url)" if status in (301, 302, 307, 308, 404) else ""
         return [Outcome(inst.sop_instance_uid, None, OutcomeKind.PERMANENT, response.message() + where)
+                for inst in batch]
+    if status == 200 and not response.body.strip():  # "stored all instances" (PS3.18 10.5.3), no details
+        return [Outcome(inst.sop_instance_uid, 0x0000, OutcomeKind.SENT, "stored (HTTP 200 without a response body)")
                 for inst in batch]
     stored, failed = _read_response(response.body)
     outcomes = []
