@@ -378,3 +378,26 @@ def test_http_200_without_a_body_means_all_stored():
     batch = [dicomweb._Instance(Path(f"{n}.dcm"), "1.2", f"1.2.{n}") for n in range(2)]
     outcomes = dicomweb._outcomes(batch, dicomweb._Response(200, "OK", "", b""))
     assert [(o.kind, o.status) for o in outcomes] == [(OutcomeKind.SENT, 0x0000)] * 2
+
+
+@needs_orthanc
+def test_forward_rule_over_stow_rs_and_a_refusal_dead_lettered(tmp_path):
+    """A `forward` rule sends the received series, as received, to a DICOMweb destination; the same
+    Orthanc with a password the node does not have answers 401: dead-lettered at once with that reason."""
+    files = real_series(tmp_path / "ct", count=4)
+    with orthanc.Orthanc(tmp_path / "orthanc", dicomweb=True, users={"node": "s3cret-pass"}) as pacs:
+        web = {"kind": "dicomweb", "url": pacs.dicomweb_url, "batch_size": 3,
+               "auth": {"type": "basic", "username": "node", "password": "s3cret-pass"}}
+        stranger = web | {"auth": {"type": "basic", "username": "node", "password": "not-the-password"}}
+        with running_node(tmp_path / "node", destinations={"web": web, "stranger": stranger},
+                          forward={"archive": {"match": {"modality": "CT"}, "destinations": ["web", "stranger"]}}) as node:
+            assert dcmtk.storescu(node.port, files, extra=["-xv"]).returncode == 0  # JPEG 2000, as received
+            exports = wait_for(lambda: (rows := exports_of(node)) and len(rows) == 8 and all(
+                e["state"] != "pending" for e in rows) and rows, 120, "every export settled")
+        assert len(pacs.instances()) == 4
+        for path in files:  # the spooled originals, as received
+            assert dataset_of(wado_instance(pacs, path)) == dataset_bytes(path)
+    assert {e["state"] for e in exports if e["destination"] == "web"} == {"sent"}
+    refused = [e for e in exports if e["destination"] == "stranger"]
+    assert {(e["state"], e["attempts"]) for e in refused} == {("dead", 1)}
+    assert all(e["reason"].startswith("HTTP 401 Unauthorized") for e in refused), refused
