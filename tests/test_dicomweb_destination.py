@@ -401,3 +401,10 @@ def test_forward_rule_over_stow_rs_and_a_refusal_dead_lettered(tmp_path):
     refused = [e for e in exports if e["destination"] == "stranger"]
     assert {(e["state"], e["attempts"]) for e in refused} == {("dead", 1)}
     assert all(e["reason"].startswith("HTTP 401 Unauthorized") for e in refused), refused
+
+
+def test_tls_needs_an_https_url():
+    with pytest.raises(ValueError, match="tls is set but the url is not https://"):
+        destination("http://127.0.0.1:8042/dicom-web", tls={})
+    assert destination("https://pacs.example/dicom-web", tls={}).tls.check_hostname  # names, unlike DICOM peers
+    assert destination("http://127.0.0.1:8042/dicom-web", auth={"type": "bearer", "token": "t"}).auth  # loopback
