@@ -13,6 +13,7 @@ section by section, so a key is found here where it is in the file.
 
 from __future__ import annotations
 
+import base64
 import random
 import re
 import ssl
@@ -21,7 +22,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator, model_validator
+from urllib.parse import urlsplit
+
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from dicom_node import sop_classes, tls
 
@@ -467,7 +471,8 @@ class DestinationTlsConfig(_TlsFiles):
 
 
 class DestinationConfig(_Model):
-    # The kinds registered in dicom_node.dispatch.registry.KINDS (a test keeps the two lists the same).
+    """A DIMSE destination (`kind: dimse`, the default): C-STORE to an AE (dicom_node.dispatch.dimse)."""
+
     kind: Literal["dimse"] = "dimse"
     ae_title: str = Field(min_length=1, max_length=16)
     host: str
@@ -478,6 +483,124 @@ class DestinationConfig(_Model):
     transfer_syntaxes: list[str] = []  # UIDs; empty = explicit + implicit VR little endian
     retry: RetryPolicy = RetryPolicy()
     tls: DestinationTlsConfig | None = None
+
+
+class BasicAuth(_Model):
+    """HTTP basic authentication (RFC 7617). The password is a SecretStr: printed, it is `**********`."""
+
+    type: Literal["basic"]
+    username: str = Field(min_length=1)
+    password: SecretStr
+
+    @field_validator("username")
+    @classmethod
+    def _no_colon(cls, value: str) -> str:
+        if ":" in value:
+            raise ValueError("a basic-auth username cannot contain ':' (RFC 7617 2)")
+        return value
+
+    def header(self) -> str:
+        pair = f"{self.username}:{self.password.get_secret_value()}".encode()
+        return "Basic " + base64.b64encode(pair).decode("ascii")
+
+
+class BearerAuth(_Model):
+    """An OAuth 2.0 bearer token (RFC 6750), as the cloud archives take; a SecretStr, never printed."""
+
+    type: Literal["bearer"]
+    token: SecretStr
+
+    @field_validator("token")
+    @classmethod
+    def _not_empty(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().strip():
+            raise ValueError("the bearer token is empty")
+        return value
+
+    def header(self) -> str:
+        return f"Bearer {self.token.get_secret_value()}"
+
+
+def _auth_form(value: Any) -> str | None:
+    if isinstance(value, BaseModel):
+        return f"={value.type}"
+    return f"={value['type']}" if isinstance(value, dict) and value.get("type") in ("basic", "bearer") else None
+
+
+DicomwebAuth = Annotated[
+    Annotated[BasicAuth, Tag("=basic")] | Annotated[BearerAuth, Tag("=bearer")],
+    Discriminator(_auth_form, custom_error_type="dicomweb_auth",
+                  custom_error_message="auth is {type: basic, username: ..., password: ...} or "
+                                       "{type: bearer, token: ...} (leave auth out for none)"),
+]
+
+
+class DicomwebTlsConfig(DestinationTlsConfig):
+    """HTTPS to a DICOMweb destination: its certificate must chain to `ca_certificates` (default: the
+    system's trust store) and, unlike a DICOM peer, name the URL's host; `certificate` and `private_key`
+    are ours, for servers that authenticate clients by certificate (mutual TLS)."""
+
+    check_hostname: bool = True
+
+
+class DicomwebDestinationConfig(_Model):
+    """A DICOMweb destination (`kind: dicomweb`): STOW-RS (PS3.18 10.5) to `url`, the service's base URL
+    (studies are stored under {url}/studies/{StudyInstanceUID}), `batch_size` instances a request."""
+
+    kind: Literal["dicomweb"]
+    url: str
+    auth: DicomwebAuth | None = None
+    tls: DicomwebTlsConfig | None = None
+    batch_size: int = Field(50, ge=1, le=10_000)
+    timeout_s: float = Field(30, gt=0)
+    retry: RetryPolicy = RetryPolicy()
+
+    @property
+    def calling_ae_title(self) -> None:
+        """STOW-RS has no AE titles; the export loop asks every kind for one."""
+        return None
+
+    @field_validator("url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("credentials do not belong in the URL (they would be logged): use auth")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        if parts.query or parts.fragment:
+            raise ValueError("the base URL takes no query or fragment")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _secure(self) -> DicomwebDestinationConfig:
+        parts = urlsplit(self.url)
+        if self.tls is not None and parts.scheme != "https":
+            raise ValueError("tls is set but the url is not https://")
+        if self.auth is not None and parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
+            raise ValueError(f"{self.auth.type} auth over plain http to {parts.hostname} would send the "
+                             "credentials in clear text: use an https:// url")
+        return self
+
+
+def _destination_kind(value: Any) -> str | None:
+    """Which kind of destination a config entry is (by its `kind`, default dimse), so that errors are
+    about the kind the admin meant, not about every kind."""
+    if isinstance(value, BaseModel):
+        kind = value.kind
+    else:
+        kind = value.get("kind", "dimse") if isinstance(value, dict) else None
+    return f"={kind}" if kind in DESTINATION_KINDS else None
+
+
+# The kinds registered in dicom_node.dispatch.registry.KINDS (a test keeps the two lists the same).
+DESTINATION_KINDS = {"dimse": DestinationConfig, "dicomweb": DicomwebDestinationConfig}
+
+AnyDestination = Annotated[
+    Annotated[DestinationConfig, Tag("=dimse")] | Annotated[DicomwebDestinationConfig, Tag("=dicomweb")],
+    Discriminator(_destination_kind, custom_error_type="destination_kind",
+                  custom_error_message=f"kind is one of {', '.join(DESTINATION_KINDS)} (default dimse)"),
+]
 
 
 class ResultsConfig(_Model):
@@ -515,7 +638,7 @@ class Config(_Model):
     inference: InferenceConfig = InferenceConfig()
     pipelines: dict[str, PipelineConfig] = {}
     forward: dict[str, ForwardConfig] = {}
-    destinations: dict[str, DestinationConfig] = {}
+    destinations: dict[str, AnyDestination] = {}
     results: ResultsConfig = ResultsConfig()
     source_path: Path | None = Field(None, exclude=True)  # the file it was loaded from
 

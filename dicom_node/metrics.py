@@ -11,7 +11,7 @@ one: two nodes in one process (the tests) never share counters.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -57,8 +57,18 @@ class NodeMetrics:
                                          ["destination", "reason"], registry=r)
         self.exports_sent = Counter(f"{PREFIX}_exports_sent", "Instances a destination stored",
                                     ["destination"], registry=r)
+        # One sample a configured destination, value 1: its transport ("dimse" C-STORE, "dicomweb" STOW-RS)
+        # as a label to join the per-destination series with (`* on(destination) group_left(transport)`),
+        # so each transport is counted apart without a second label on every counter.
+        self.destination_info = Gauge(f"{PREFIX}_destination_info", "Configured destinations, by transport",
+                                      ["destination", "transport"], registry=r)
         self.series_purged = Counter(f"{PREFIX}_series_purged", "Series generations retention deleted from the spool",
                                      ["outcome"], registry=r)
+
+    def describe_destinations(self, transports: Mapping[str, str]) -> None:
+        """Publish each destination's transport (its config `kind`)."""
+        for destination, transport in transports.items():
+            self.destination_info.labels(destination=destination, transport=transport).set(1)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         if stage not in STAGES:
@@ -85,7 +95,9 @@ class NodeMetrics:
 
 
 def failure_reason(kind: str, status: int | None) -> str:
-    """A bounded label for a failed export: the kind and the DIMSE status (or none for association-level)."""
+    """A bounded label for a failed export: the kind and the instance's PS3.4 status (C-STORE, or a STOW-RS
+    FailureReason); `association` when no answer was about the instance (an association or an HTTP request
+    that failed as a whole)."""
     return f"{kind}:0x{status:04X}" if status is not None else f"{kind}:association"
 
 

@@ -5,7 +5,8 @@
 set -euo pipefail
 need=()
 command -v storescu >/dev/null || need+=(dcmtk)
-command -v Orthanc >/dev/null || need+=(orthanc orthanc-dicomweb orthanc-gdcm)
+command -v Orthanc >/dev/null || need+=(orthanc orthanc-gdcm)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)  # STOW-RS/WADO-RS peer
 command -v dciodvfy >/dev/null || need+=(dicom3tools)
 command -v openssl >/dev/null || need+=(openssl)  # test certificates for DICOM TLS
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)  # the journal on PostgreSQL

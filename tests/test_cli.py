@@ -33,7 +33,7 @@ def test_check_config_defaults_to_config_yaml_in_the_working_folder(tmp_path):
     result = run("check-config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout == ("config.yaml: ok (AE DICOMNODE on 0.0.0.0:11112, 2 pipelines (2 enabled), "
-                             "1 destinations, inference embedded)\n")
+                             "1 destinations (1 dimse), inference embedded)\n")
 
 
 def test_python_dash_m_is_the_same_command(tmp_path):

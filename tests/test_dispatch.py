@@ -12,7 +12,7 @@ import typing
 from dicom_node.dispatch import dimse
 
 from dicom_node.dispatch import registry as dispatch
-from dicom_node.config import DestinationConfig, RetryPolicy
+from dicom_node.config import DESTINATION_KINDS, DestinationConfig, RetryPolicy
 from dicom_node.dispatch.destinations import Refusal
 from tests.peers import SHARED_DATA, ManagedProcess, free_port, wait_for_port
 from tests.peers import dcmtk, dciodvfy
@@ -74,7 +74,9 @@ def test_status_classification(status, kind):
 
 def test_every_configurable_destination_kind_is_registered():
     """config.py names the kinds a destination may have; dispatch.KINDS has an implementation for each."""
-    assert set(typing.get_args(DestinationConfig.model_fields["kind"].annotation)) == set(dispatch.KINDS)
+    assert set(DESTINATION_KINDS) == set(dispatch.KINDS)
+    for name, model in DESTINATION_KINDS.items():
+        assert typing.get_args(model.model_fields["kind"].annotation) == (name,)
     assert DestinationConfig(ae_title="A", host="h", port=104).kind == "dimse"
     assert dispatch.kind_of(DestinationConfig(ae_title="A", host="h", port=104)).describe(
         DestinationConfig(ae_title="A", host="h", port=104)) == "A@h:104"

@@ -1,6 +1,7 @@
 """What every destination kind answers: one Outcome per instance, with a typed refusal.
 
-A destination kind (DIMSE C-STORE in `dicom_node.dispatch.dimse`; `dicom_node.dispatch.registry`
+A destination kind (DIMSE C-STORE in `dicom_node.dispatch.dimse`, DICOMweb STOW-RS in
+`dicom_node.dispatch.dicomweb`; `dicom_node.dispatch.registry`
 keeps the registry of kinds by name) sends files and says, per instance,
 whether it was stored and, if not, whether trying again can help. What then
 happens (the retry schedule, the dead letter, the overlay fallback) is the
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
-    from dicom_node.config import DestinationConfig
+    from dicom_node.config import AnyDestination as DestinationConfig
 
 
 class OutcomeKind(StrEnum):
@@ -45,7 +46,9 @@ class Refusal(StrEnum):
 @dataclass(frozen=True)
 class Outcome:
     sop_instance_uid: str
-    status: int | None  # the DIMSE status (PS3.7 C.4.2) or the kind's own, None when there was no response
+    # The PS3.4 status of this instance: the C-STORE response's (PS3.7 C.4.2), or a STOW-RS response's
+    # FailureReason or WarningReason (0x0000 when stored); None when no answer was about this instance.
+    status: int | None
     kind: OutcomeKind
     reason: str  # for people: the log, the journal's export row, the audit
     refusal: Refusal | None = None  # for the node: why it was refused, when that decides what to do next
@@ -64,8 +67,9 @@ class DispatchReport:
 @dataclass(frozen=True)
 class EchoResult:
     ok: bool
-    status: int | None
+    status: int | None  # the C-ECHO response status, or the HTTP status of the QIDO-RS query
     reason: str
+    check: str = "C-ECHO"  # what was sent: a C-ECHO (PS3.4 Annex A), or a QIDO-RS query for DICOMweb
 
 
 class DestinationKind(Protocol):

@@ -133,7 +133,8 @@ class ExportDispatcher:
             "sent" if sent == len(exports) else "failed", series_instance_uid=job.series_instance_uid if job else None,
             job_id=job_id, destination=name, instance_count=sent,
             status=f"{sent}/{len(exports)} stored",
-            detail="; ".join(f"{reason} x{count}" for reason, count in sorted(statuses.items()))))
+            detail=f"{destination.kind}: "
+                   + "; ".join(f"{reason} x{count}" for reason, count in sorted(statuses.items()))))
 
     def _transient(self, export: ExportRecord, destination: DestinationConfig, outcome: Outcome) -> None:
         """Try again when the destination's retry policy says, or dead-letter once it is exhausted."""

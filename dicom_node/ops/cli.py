@@ -18,6 +18,7 @@ import argparse
 import os
 import signal
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -52,10 +53,12 @@ def _check_config(args: argparse.Namespace) -> int:
     config = config_from(args.config)
     enabled = sum(pipeline.enabled for pipeline in config.pipelines.values())
     forward = f"{len(config.forward)} forward rules, " if config.forward else ""
+    kinds = Counter(destination.kind for destination in config.destinations.values())
+    transports = f" ({', '.join(f'{count} {kind}' for kind, count in sorted(kinds.items()))})" if kinds else ""
     print(
         f"{args.config}: ok (AE {config.node.ae_title} on {config.node.host}:{config.node.port}, "
-        f"{len(config.pipelines)} pipelines ({enabled} enabled), {forward}{len(config.destinations)} destinations, "
-        f"inference {config.inference.backend})"
+        f"{len(config.pipelines)} pipelines ({enabled} enabled), {forward}{len(config.destinations)} destinations"
+        f"{transports}, inference {config.inference.backend})"
     )
     return 0
 

@@ -1,8 +1,8 @@
 """`dicom-node send PATH... --to DESTINATION` and `dicom-node echo DESTINATION`: the admin's SCU.
 
 `send` pushes files or folders (searched recursively) to a destination of the
-config with the node's own C-STORE code (`dicom_node.dispatch.registry.send`): the same
-presentation contexts, statuses and calling AE title the pipeline uses, so a
+config with the node's own C-STORE or STOW-RS code (`dicom_node.dispatch.registry.send`): the
+same presentation contexts or batches, statuses and calling AE title the pipeline uses, so a
 successful manual send says the pipeline's exports will get through too. All files
 go in one association (a PACS may take the end of an association as the end of a
 study), the progress bar moving with each file's outcome; each file gets one
@@ -42,11 +42,11 @@ class FileOutcome:
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    send = subparsers.add_parser("send", help="C-STORE files or folders to a configured destination")
+    send = subparsers.add_parser("send", help="C-STORE (or STOW-RS) files or folders to a configured destination")
     send.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders (searched recursively)")
     send.add_argument("--to", required=True, metavar="DESTINATION", help="a name under destinations in the config")
     send.add_argument("--json", action="store_true", help="JSON instead of a table")
-    echo = subparsers.add_parser("echo", help="C-ECHO a configured destination")
+    echo = subparsers.add_parser("echo", help="C-ECHO a configured destination (a QIDO-RS query for a DICOMweb one)")
     echo.add_argument("destination", metavar="DESTINATION", help="a name under destinations in the config")
     echo.add_argument("--json", action="store_true", help="JSON instead of a line of text")
     return send, echo
@@ -144,12 +144,14 @@ def run_echo(args: argparse.Namespace, config: Config, out: TextIO = sys.stdout)
     started = time.monotonic()
     result = dispatch.echo(destination, calling_ae(config, destination))
     seconds = time.monotonic() - started
+    described = dispatch.kind_of(destination).describe(destination)
     if args.json:
-        print(json.dumps({"destination": args.destination, "ae_title": destination.ae_title, "host": destination.host,
-                          "port": destination.port, "seconds": round(seconds, 3), **dataclasses.asdict(result)}),
-              file=out)
+        address = destination.model_dump(include={"ae_title", "host", "port", "url"})  # no credentials
+        print(json.dumps({"destination": args.destination, "kind": destination.kind, **address,
+                          "seconds": round(seconds, 3), **dataclasses.asdict(result)}), file=out)
     else:
-        status = "" if result.status is None else f", status 0x{result.status:04X}"
-        print(f"{args.destination} ({dispatch.kind_of(destination).describe(destination)}): "
-              f"{'C-ECHO ok' if result.ok else 'C-ECHO FAILED: ' + result.reason}{status}, {seconds:.2f} s", file=out)
+        status = "" if result.status is None else (
+            f", HTTP {result.status}" if result.check == "QIDO-RS" else f", status 0x{result.status:04X}")
+        print(f"{args.destination} ({described}): "
+              f"{result.check} {'ok' if result.ok else 'FAILED: ' + result.reason}{status}, {seconds:.2f} s", file=out)
     return 0 if result.ok else 1

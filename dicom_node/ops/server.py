@@ -92,6 +92,7 @@ def serve(config: Config, log_format: str = "text") -> None:
     journal = Journal(config.node.journal_url)
     reconcile(spool, journal)
     metrics = NodeMetrics()
+    metrics.describe_destinations({name: destination.kind for name, destination in config.destinations.items()})
     metrics.add_collector(JournalCollector(lambda: journal_counts(journal), spool.free_bytes,
                                            lambda: len(spool.quarantined())))
     pipeline = Pipeline(config, journal, metrics)

@@ -77,6 +77,15 @@ class OpenAssociation:
 
 
 @dataclass(frozen=True)
+class DestinationExports:
+    """One configured destination's exports by state, with its transport (`dimse` or `dicomweb`)."""
+
+    destination: str
+    transport: str
+    exports: dict[str, int]
+
+
+@dataclass(frozen=True)
 class NodeStatus:
     source: str  # "node" (its API answered) or "journal" (read directly; the node may be down)
     associations_open: int | None
@@ -93,6 +102,7 @@ class NodeStatus:
     # Instances and bytes stored since the node started, by transport (dimse: C-STORE, stow: STOW-RS);
     # None when read from the journal (only the running node counts them).
     received: dict[str, dict[str, int]] | None = None
+    destinations: list[DestinationExports] = field(default_factory=list)
 
 
 def journal_counts(journal: Journal) -> Counts:
@@ -163,7 +173,10 @@ def snapshot(config: Config, journal: Journal, ready: Readiness, pipelines: list
         jobs=job_states, jobs_by_pipeline=by_pipeline,
         dead_letters=sum(count for (_, state), count in counts["exports"].items() if state == ExportState.DEAD),
         quarantined_files=len(Spool(Path(config.node.storage_dir)).quarantined()), disk=disk_use(config),
-        ready=ready.ready, checks=list(ready.checks), pipelines=pipelines, received=received)
+        ready=ready.ready, checks=list(ready.checks), pipelines=pipelines, received=received,
+        destinations=[DestinationExports(name, destination.kind, {
+            state: count for (exported_to, state), count in counts["exports"].items() if exported_to == name})
+            for name, destination in config.destinations.items()])
 
 
 # --- `dicom-node status` -----------------------------------------------------------------------
@@ -260,6 +273,10 @@ def _print_status(status: dict, out: TextIO) -> None:
     for pipeline, counts in sorted(status["jobs_by_pipeline"].items()):
         line(f"  {pipeline}", states(counts))
     line("dead letters", status["dead_letters"])
+    if status.get("destinations"):  # a node of an earlier version does not report them
+        print("exports", file=out)
+    for destination in status.get("destinations", []):
+        line(f"  {destination['destination']} ({destination['transport']})", states(destination["exports"]))
     if status["quarantined_files"]:
         line("quarantined files", f"{status['quarantined_files']} in {status['disk']['storage_dir']}/quarantine "
                                   "(not journaled at restart; each with a .reason.txt)")
