@@ -23,7 +23,8 @@ import pydicom
 import pytest
 import yaml
 
-from dicom_node.config import Config, ConfigError, DicomwebDestinationConfig, load_config
+from dicom_node.config import Config, ConfigError, load_config
+from dicom_node.config.destinations import DicomwebDestinationConfig
 from dicom_node.dispatch import dicomweb, registry
 from dicom_node.dispatch.destinations import EchoResult, OutcomeKind, Refusal
 from tests.chest_phantoms import chest_case

@@ -12,7 +12,7 @@ import typing
 from dicom_node.dispatch import dimse
 
 from dicom_node.dispatch import registry as dispatch
-from dicom_node.config import DESTINATION_KINDS, DestinationConfig, RetryPolicy
+from dicom_node.config.destinations import DESTINATION_KINDS, DestinationConfig, RetryPolicy
 from dicom_node.dispatch.destinations import Refusal
 from tests.peers import SHARED_DATA, ManagedProcess, free_port, wait_for_port
 from tests.peers import dcmtk, dciodvfy
@@ -73,7 +73,8 @@ def test_status_classification(status, kind):
 
 
 def test_every_configurable_destination_kind_is_registered():
-    """config.py names the kinds a destination may have; dispatch.KINDS has an implementation for each."""
+    """dicom_node.config.destinations names the kinds a destination may have; dispatch.KINDS has an
+    implementation for each."""
     assert set(DESTINATION_KINDS) == set(dispatch.KINDS)
     for name, model in DESTINATION_KINDS.items():
         assert typing.get_args(model.model_fields["kind"].annotation) == (name,)

@@ -9,7 +9,7 @@ from pathlib import Path
 from tests.peers import REPO
 
 # A package may import the ones listed after it, never one before it (the entry point aside).
-ORDER = ("ops", "receive", "pipeline", "dispatch", "results", "store", "(base)")
+ORDER = ("ops", "receive", "pipeline", "dispatch", "results", "store", "config", "(base)")
 
 
 def _modules(package: str) -> dict[str, Path]:

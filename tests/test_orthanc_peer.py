@@ -6,7 +6,7 @@ import io
 import pydicom
 
 from dicom_node.dispatch import registry as dispatch
-from dicom_node.config import DestinationConfig
+from dicom_node.config.destinations import DestinationConfig
 from tests.peers import SHARED_DATA, orthanc
 from tests.series_factory import write_ct_series
 

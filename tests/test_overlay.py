@@ -81,7 +81,8 @@ def test_the_overlay_is_exported_only_instead_of_a_seg(tmp_path: Path, outputs, 
     """The outputs registry writes every listed output; the overlay series goes out only where no SEG does,
     and otherwise stays in the job folder for a destination that refuses SEG's SOP class. A segmentation
     whose step completed has nothing to report beyond its SEG: no SR."""
-    from dicom_node.config import PipelineConfig, ResultsConfig
+    from dicom_node.config.pipelines import PipelineConfig
+    from dicom_node.config.results import ResultsConfig
     from dicom_node.results.outputs import OUTPUTS, Produced, write_outputs
     assert set(typing.get_args(PipelineConfig.model_fields["outputs"].annotation.__args__[0])) == set(OUTPUTS)
     sources, labels, hu = real_sources(), lung_map(), real_hu()

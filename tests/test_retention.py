@@ -20,7 +20,7 @@ from sqlalchemy import select
 from dicom_node.ops import jobs as jobs_cli
 from dicom_node.pipeline.requeue import NotRetryable, requeue
 from dicom_node.store.audit import AuditLog
-from dicom_node.config import RetentionConfig
+from dicom_node.config.node import RetentionConfig
 from dicom_node.store.journal import Journal, NewInstance, utcnow
 from dicom_node.store.schema import exports, jobs, series
 from dicom_node.store.retention import Retention

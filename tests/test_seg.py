@@ -230,8 +230,8 @@ def test_derived_uids_are_valid_stable_and_distinct() -> None:
 
 
 def test_options_from_results_config() -> None:
-    from dicom_node import config
-    results = config.ResultsConfig(org_root="1.2.826.0.1.3680043.10.1234", compress_frames=False,
+    from dicom_node.config.results import ResultsConfig
+    results = ResultsConfig(org_root="1.2.826.0.1.3680043.10.1234", compress_frames=False,
                                    empty_segmentation="skip", seg_omit_empty_frames=True)
     series = OutputSeries.from_config(results, kind="seg", series_instance_uid="1.2.3", generation=1,
                                       pipeline="abdomen", position=0, description="spleen")
@@ -244,9 +244,9 @@ def test_options_from_results_config() -> None:
 def test_series_numbers_differ_per_pipeline_output_and_generation() -> None:
     """Two result series of one study never share a SeriesNumber: not two pipelines' SEGs, not a SEG and
     an SR, not the results of a series sent again; a job run again keeps its number."""
-    from dicom_node import config
+    from dicom_node.config.results import ResultsConfig
     from dicom_node.results import series_number
-    results = config.ResultsConfig()
+    results = ResultsConfig()
     numbers = {(kind, position, generation): series_number(results, kind, position, generation)
                for kind in ("seg", "sr", "overlay") for position in range(12) for generation in (1, 2, 3)}
     assert len(set(numbers.values())) == len(numbers)
@@ -254,6 +254,6 @@ def test_series_numbers_differ_per_pipeline_output_and_generation() -> None:
         9901, 9902, 9911, 9912)
     assert series_number(results, "seg", 1, 2) == numbers["seg", 1, 2] == 10911
     with pytest.raises(ValueError, match="within 10"):
-        config.ResultsConfig(seg_series_number=9901, sr_series_number=9911)
+        ResultsConfig(seg_series_number=9901, sr_series_number=9911)
     with pytest.raises(ValueError, match="must differ"):
-        config.ResultsConfig(seg_series_number=9901, sr_series_number=9901)
+        ResultsConfig(seg_series_number=9901, sr_series_number=9901)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
-    from dicom_node.config import AnyDestination as DestinationConfig
+    from dicom_node.config.destinations import AnyDestination as DestinationConfig
 
 
 class OutcomeKind(StrEnum):

@@ -41,7 +41,7 @@ from urllib.parse import quote, urlsplit
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.config import DicomwebDestinationConfig
+from dicom_node.config.destinations import DicomwebDestinationConfig
 from dicom_node.dispatch.destinations import DispatchReport, EchoResult, Outcome, OutcomeKind, Refusal
 from dicom_node.dispatch.dimse import SOP_CLASS_NOT_SUPPORTED, classify_status
 

@@ -30,7 +30,7 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
 from dicom_node import sop_classes
-from dicom_node.config import DestinationConfig
+from dicom_node.config.destinations import DestinationConfig
 from dicom_node.dispatch.destinations import DispatchReport, EchoResult, Outcome, OutcomeKind, Refusal
 from dicom_node.tls import client_context
 

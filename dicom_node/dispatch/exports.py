@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pydicom
 
-from dicom_node.config import Config, DestinationConfig
+from dicom_node.config import Config
+from dicom_node.config.destinations import DestinationConfig
 from dicom_node.dispatch import registry as dispatch
 from dicom_node.dispatch.destinations import Outcome, OutcomeKind, Refusal
 from dicom_node.metrics import NodeMetrics, failure_reason

@@ -3,7 +3,7 @@
 A destination's `kind` in the config (default `dimse`) picks its implementation
 from `KINDS` (`dimse`: C-STORE, `dicomweb`: STOW-RS); adding a kind is adding a module
 with a `destinations.DestinationKind` class, its line here and its config model in
-`config.DESTINATION_KINDS`. Every kind
+`dicom_node.config.destinations.DESTINATION_KINDS`. Every kind
 answers in the same `destinations.Outcome` values, so the retry policy, the
 dead letter and the overlay fallback (`dicom_node.dispatch.exports`) are one mechanism
 for all of them.
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dicom_node.config import AnyDestination
+from dicom_node.config.destinations import AnyDestination
 from dicom_node.dispatch.destinations import DestinationKind, DispatchReport, EchoResult, Outcome
 from dicom_node.dispatch.dicomweb import Dicomweb
 from dicom_node.dispatch.dimse import Dimse
@@ -23,7 +23,8 @@ KINDS: dict[str, DestinationKind] = {kind.name: kind() for kind in (Dimse, Dicom
 
 
 def kind_of(destination: AnyDestination) -> DestinationKind:
-    """The implementation of `destination.kind` (config.py accepts only registered names)."""
+    """The implementation of `destination.kind` (dicom_node.config.destinations accepts only registered
+    names)."""
     return KINDS[destination.kind]
 
 

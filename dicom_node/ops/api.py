@@ -1,7 +1,7 @@
 """The node's HTTP API for admins and monitoring: health, readiness, Prometheus metrics, jobs.
 
 Served by `dicom-node serve` (uvicorn in a thread) on `http.host:http.port`,
-loopback by default. With `http.bearer_token` set (config.py requires it off
+loopback by default. With `http.bearer_token` set (dicom_node.config.node requires it off
 loopback) every path except `/healthz` and the STOW-RS endpoints under
 `/dicomweb` (their senders have tokens of their own, dicom_node.receive.stow)
 needs `Authorization: Bearer <token>`:
@@ -30,7 +30,8 @@ from sqlalchemy import select
 
 from dicom_node import ListenError, __version__
 from dicom_node.store.audit import AUDIT_EVENTS, AuditLog, AuditRecord
-from dicom_node.config import Config, HttpTlsConfig
+from dicom_node.config import Config
+from dicom_node.config.node import HttpTlsConfig
 from dicom_node.store.journal import ExportRecord, JobRecord, Journal, SeriesRecord, StepOutcome
 from dicom_node.store.schema import exports, jobs, series
 from dicom_node.metrics import CONTENT_TYPE, NodeMetrics

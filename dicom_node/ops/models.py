@@ -158,7 +158,7 @@ def run_check(args: argparse.Namespace, config: Config | None, out: TextIO = sys
     from inference.backends import BackendError, open_backend
     from inference.repository import ModelRepository, RepositoryError
 
-    from dicom_node.config import InferenceConfig
+    from dicom_node.config.inference import InferenceConfig
     from dicom_node.pipeline.health import pipeline_health
 
     path = _repository_path(args, config)

@@ -25,7 +25,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.dispatch import registry as dispatch
-from dicom_node.config import Config, DestinationConfig
+from dicom_node.config import Config
+from dicom_node.config.destinations import DestinationConfig
 from dicom_node.dispatch.destinations import OutcomeKind
 from dicom_node.ops.tables import print_table
 

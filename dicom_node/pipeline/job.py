@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pydicom
 
-from dicom_node.config import Config, PipelineConfig, StepConfig
+from dicom_node.config import Config
+from dicom_node.config.pipelines import PipelineConfig, StepConfig
 from dicom_node.store.journal import JobRecord, StepOutcome
 from dicom_node.states import StepState
 from dicom_node.results.outputs import Produced, write_outputs

@@ -12,7 +12,7 @@ regex when any of their values does.
 
 Forward rules (`forward:` in config.yaml, plain auto-routing of the original
 series) use the same conditions; their jobs are of kind `forward`, named by the
-rule (config.py keeps pipeline and forward rule names apart).
+rule (dicom_node.config keeps pipeline and forward rule names apart).
 
 Pipelines see images only. A series without pixel data in any instance (an
 SR, KOS, presentation state, encapsulated PDF/CDA, RT Structure Set, waveform)
@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from dicom_node import sop_classes
-from dicom_node.config import (Config, ContainsAllCondition, ForwardConfig, PipelineConfig, RangeCondition,
-                               RegexCondition)
+from dicom_node.config import Config
+from dicom_node.config.pipelines import (ContainsAllCondition, ForwardConfig, PipelineConfig, RangeCondition,
+                                         RegexCondition)
 from dicom_node.states import JobKind
 from dicom_node.pipeline.volume import SeriesSummary
 

@@ -50,7 +50,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 from starlette.concurrency import run_in_threadpool
 
-from dicom_node.config import Config, StowSender
+from dicom_node.config import Config
+from dicom_node.config.node import StowSender
 from dicom_node.receive.header import HeaderError, InstanceHeader, read_header
 from dicom_node.receive.ingest import (STATUS_CANNOT_UNDERSTAND, STATUS_DATA_SET_DOES_NOT_MATCH, Delivery, Ingest,
                                        Outcome)

@@ -28,7 +28,7 @@ from pydicom.multival import MultiValue
 from dicom_node.results.uids import UidSeed
 
 if TYPE_CHECKING:
-    from dicom_node.config import ResultsConfig
+    from dicom_node.config.results import ResultsConfig
 
 try:
     from importlib.metadata import version as _version

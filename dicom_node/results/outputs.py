@@ -24,7 +24,7 @@ from dicom_node.results import OutputSeries
 if TYPE_CHECKING:
     import pydicom
 
-    from dicom_node.config import ResultsConfig
+    from dicom_node.config.results import ResultsConfig
     from dicom_node.store.journal import StepOutcome
     from inference.results import LabelMap
 

@@ -29,7 +29,7 @@ from inference.results import LabelMap
 from inference.volume import Volume
 
 if TYPE_CHECKING:
-    from dicom_node.config import ResultsConfig
+    from dicom_node.config.results import ResultsConfig
 
 OVERLAY_KIND = "overlay"
 # Distinct, saturated colours that stay visible on grey CT; segment n gets colour n-1 (cycling).

@@ -28,7 +28,7 @@ from dicom_node.results import OutputSeries, save_dataset, source_headers
 from inference.results import Algorithm, Code, LabelMap
 
 if TYPE_CHECKING:
-    from dicom_node.config import ResultsConfig
+    from dicom_node.config.results import ResultsConfig
 
 SEG_KIND = "seg"
 

@@ -402,7 +402,7 @@ class Journal:
     def add_job(self, series_instance_uid: str, generation: int, pipeline: str,
                 kind: JobKind = JobKind.PIPELINE) -> JobRecord:
         """Queue a job of `kind` for the pipeline or forward rule named `pipeline`; idempotent per (series,
-        generation, name): config.py keeps pipeline and forward rule names apart."""
+        generation, name): dicom_node.config keeps pipeline and forward rule names apart."""
         with self._write_lock, self.engine.begin() as conn:
             key = ((jobs.c.series_instance_uid == series_instance_uid) & (jobs.c.generation == generation)
                    & (jobs.c.pipeline == pipeline))

@@ -52,7 +52,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select
 
 from dicom_node.store.audit import AuditEvent, AuditLog
-from dicom_node.config import RetentionConfig
+from dicom_node.config.node import RetentionConfig
 from dicom_node.store.journal import JobRecord, Journal, SeriesRecord, SettledSeries, utcnow
 from dicom_node.store.schema import jobs
 from dicom_node.logs import series_context
