@@ -33,8 +33,8 @@ TOKEN = "s3cret-token-of-the-admin"
 
 
 def http(node: Node, path: str, method: str = "GET", token: str | None = None,
-         host: str = "127.0.0.1") -> tuple[int, bytes]:
-    request = urllib.request.Request(f"http://{host}:{node.http_port}{path}", method=method)
+         host: str = "127.0.0.1", headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(f"http://{host}:{node.http_port}{path}", method=method, headers=headers or {})
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -194,6 +194,22 @@ def test_bearer_token_guards_everything_but_healthz(tmp_path):
             assert http(node, path, token="wrong-token-wrong-token")[0] == 401, path
             assert http(node, path, token=TOKEN)[0] == 200, path
         assert http(node, "/v1/jobs/1/retry", method="POST")[0] == 401
+
+
+def test_a_web_page_cannot_drive_the_loopback_api(tmp_path):
+    """No token on loopback: a cross-site POST (its Origin) and a DNS-rebinding page (its Host) are refused;
+    the admin's own client, with no Origin or the API's own, gets through."""
+    with running_node(tmp_path / "node") as node:
+        own = f"127.0.0.1:{node.http_port}"
+        assert http(node, "/v1/jobs/1/retry", method="POST", headers={"Origin": "http://evil.example"})[0] == 403
+        assert http(node, "/v1/jobs/1/retry", method="POST", headers={"Origin": "null"})[0] == 403
+        assert http(node, "/v1/jobs", headers={"Host": f"evil.example:{node.http_port}"})[0] == 403
+        assert http(node, "/v1/jobs/1/retry", method="POST",
+                    headers={"Host": "evil.example", "Origin": "http://evil.example"})[0] == 403
+        assert http(node, "/v1/jobs/1/retry", method="POST", headers={"Origin": f"http://{own}"})[0] == 404
+        assert http(node, "/v1/jobs/1/retry", method="POST")[0] == 404  # no such job: the request got through
+        assert http(node, "/v1/jobs", headers={"Host": f"localhost:{node.http_port}"})[0] == 200
+        assert http(node, "/v1/jobs", headers={"Origin": "http://evil.example"})[0] == 200  # reads are not refused
 
 
 def test_off_loopback_the_token_is_required_and_no_path_reaches_a_file(tmp_path):
