@@ -18,19 +18,15 @@ MONAI and PyTorch stay out of the node's dependencies. They live in
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-VENV = REPO / ".venv-monai"
 REQUIREMENTS = ("torch==2.13.0", "monai==1.6.*", "nibabel", "scikit-image", "onnxruntime", "numpy")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM's patient axes to NIfTI's world, as MONAI's loaders give it
 
@@ -41,15 +37,8 @@ def monai_python() -> Path:
     `pip install torch==2.13.0` resolves to the CPU build; Orientation needs nibabel,
     KeepLargestConnectedComponent scikit-image on CPU.
     """
-    python = VENV / "bin" / "python"
-    probe = [str(python), "-c", "import monai, torch, nibabel, skimage, onnxruntime"]
-    with open(Path(tempfile.gettempdir()) / "dicom-node-venv-monai.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
-            return python
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *REQUIREMENTS], check=True, timeout=1200)
-    return python
+    from tests.peers import peer_venv  # node side only: the venv side imports neither pytest nor tests.peers
+    return peer_venv("monai", REQUIREMENTS, "monai, torch, nibabel, skimage, onnxruntime")
 
 
 # --- node side -----------------------------------------------------------------------------------

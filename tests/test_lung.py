@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from inference.lung import LEFT_LUNG, RIGHT_LUNG, LungParameters, fill_holes_slicewise, segment_lungs_classical
 from dicom_node.pipeline.volume import load_series
 from inference.volume import Volume
 from tests.peers import CT_J2K_SERIES
 from tests.chest_phantoms import chest_case
+from tests.volumes import dice, read_series
 from tests.phantoms import chest_phantom, write_ct_volume
 
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
-
-
-def read_series(folder) -> Volume:
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
-    return Volume.from_sitk(reader.Execute())
 
 
 @pytest.mark.parametrize("gap_mm", [40.0, -2.0], ids=["apart", "touching"])

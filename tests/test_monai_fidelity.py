@@ -27,6 +27,7 @@ from inference.volume import Volume
 from tests.model_repository import SPLEEN_ONNX, install_spleen_model
 from tests.monai_reference import recipe, run_reference
 from tests.peers import CT_J2K_SERIES
+from tests.volumes import dice, read_series
 
 AIR_HU = -1024
 
@@ -105,15 +106,10 @@ def grid_affine(grid: sitk.Image) -> np.ndarray:
     return affine
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
-
 
 @pytest.fixture(scope="module")
 def ct() -> Volume:
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(CT_J2K_SERIES)))
-    return Volume.from_sitk(reader.Execute())
+    return read_series(CT_J2K_SERIES)
 
 
 @pytest.fixture(scope="module")

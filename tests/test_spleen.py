@@ -22,6 +22,7 @@ from inference.transforms import to_model_space, to_source_grid
 from inference.volume import Volume
 from tests.model_repository import SPLEEN_ONNX, install_spleen_model
 from tests.peers import CT_J2K_SERIES, SHARED_DATA
+from tests.volumes import dice, read_series
 
 TOTALSEGMENTATOR_SPLEEN = SHARED_DATA / "ct" / "abdomen_siemens_20slices_spleen_ref_lpsgrid.nii.gz"
 
@@ -31,15 +32,10 @@ def make_repository(root):
     return ModelRepository(root)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
-
 
 @pytest.fixture(scope="module")
 def ct() -> Volume:
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(CT_J2K_SERIES)))
-    return Volume.from_sitk(reader.Execute())
+    return read_series(CT_J2K_SERIES)
 
 
 @pytest.fixture(scope="module")

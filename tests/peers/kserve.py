@@ -9,34 +9,21 @@ so its web stack stays out of the project's dependencies.
 
 from __future__ import annotations
 
-import fcntl
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-from tests.peers import REPO, ManagedProcess, free_port, peer_env, wait_for_port
+from tests.peers import REPO, ManagedProcess, free_port, peer_env, peer_venv, wait_for_port
 
-VENV = REPO / ".venv-kserve"
 SERVER_SCRIPT = REPO / "tests" / "kserve_server.py"
 REQUIREMENTS = ("kserve==0.21.*", "onnxruntime")
 GRPC_MAX_MESSAGE = 256 * 1024 * 1024  # a batch of four 96^3 fp32 patches is 14 MB, over KServe's 8 MiB default
 
 
 def kserve_python() -> Path:
-    """The KServe venv's interpreter, building the venv on first use (a file lock serialises builders)."""
-    python = VENV / "bin" / "python"
-    probe = [str(python), "-c", "import kserve, onnxruntime"]
-    with open(Path(tempfile.gettempdir()) / "dicom-node-venv-kserve.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
-            return python
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *REQUIREMENTS], check=True, timeout=1200)
-    return python
+    """The KServe venv's interpreter (`.venv-kserve`, built on first use)."""
+    return peer_venv("kserve", REQUIREMENTS, "kserve, onnxruntime")
 
 
 class KServeServer(ManagedProcess):
