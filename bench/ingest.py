@@ -12,7 +12,9 @@ a fresh storage folder per measurement; median of the rounds. The receivers:
 - dcmtk storescp -od: acknowledges once the file is in the page cache, no fsync.
 
 Rounds are interleaved (every receiver and sender count in each round) so all
-see the same machine load. Everyone runs with TCP_NODELAY=1 (Debian's dcmtk
+see the same machine load. For each sender count the run prints every
+receiver's rate, the node's rate over Orthanc's (of the medians, and round by
+round) and, with several counts, how the node's aggregate rate grows with them. Everyone runs with TCP_NODELAY=1 (Debian's dcmtk
 and Orthanc leave Nagle on, and each C-STORE then stalls ~40 ms).
 
 The run also measures, on the same disk and without any network or DICOM
@@ -158,11 +160,14 @@ def run_header() -> str:
             f"{os.cpu_count()} CPUs")
 
 
+NODE = "dicom-node (fsync+journal)"
+ORTHANC = "Orthanc (defaults, fsync)"
+
+
 def receivers() -> dict[str, Receiver]:
-    found: dict[str, Receiver] = {"dicom-node (fsync+journal)": node_receiver,
-                                  "pynetdicom AE (fsync)": pynetdicom_receiver}
+    found: dict[str, Receiver] = {NODE: node_receiver, "pynetdicom AE (fsync)": pynetdicom_receiver}
     if orthanc.available():
-        found["Orthanc (defaults, fsync)"] = orthanc_receiver
+        found[ORTHANC] = orthanc_receiver
     else:
         print("Orthanc not installed: left out of this run")
     found["dcmtk storescp -od"] = storescp_receiver
@@ -200,6 +205,14 @@ def main() -> None:
                 samples = times[(senders, name)]
                 print(f"  {name:28s} {rate:7.1f} instances/s  {megabytes * rate / args.instances:7.1f} MB/s  "
                       f"{rate / scp:5.2f}x storescp  (runs: {', '.join(f'{t:.2f}s' for t in samples)})")
+            if ORTHANC in rates:
+                per_round = [o / n for n, o in zip(times[(senders, NODE)], times[(senders, ORTHANC)])]
+                print(f"  dicom-node / Orthanc: {rates[NODE] / rates[ORTHANC]:.2f}x (medians; round by round "
+                      f"{', '.join(f'{r:.2f}x' for r in per_round)})")
+        if len(sender_counts) > 1:
+            growth = {n: args.instances / statistics.median(times[(n, NODE)]) for n in sender_counts}
+            print(f" dicom-node aggregate rate by associations: "
+                  f"{', '.join(f'{n}: {rate:.1f}/s' for n, rate in growth.items())}")
         cost = statistics.median(durability_cost(work / f"floor{i}", files) for i in range(args.rounds))
         durable_scp = 1 / (1 / scp_rate + cost)
         print(f" durability cost on this disk: {cost * 1000:.2f} ms/instance (write, fsync, link, dir fsync, "

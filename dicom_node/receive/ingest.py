@@ -128,7 +128,7 @@ class Ingest:
         meta = part10_header(delivery.sop_class_uid, key.sop_instance_uid, delivery.transfer_syntax,
                              IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, self.config.node.ae_title,
                              delivery.calling_ae)
-        with self.spool.series_lock(key.series_instance_uid):
+        with self.spool.receiving(key):
             return self._persist(delivery, key, header, meta)
 
     def _refused(self, delivery: Delivery, status: int, key: InstanceKey | None, reason: str) -> Outcome:

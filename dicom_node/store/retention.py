@@ -120,7 +120,7 @@ class Retention:
         now = now or utcnow()
         purged = []
         for record in self.journal.purged_with_instances():
-            with self.spool.series_lock(record.series_instance_uid):
+            with self.spool.purging(record.series_instance_uid):
                 purged.append(self._delete_files(record))
         early = []
         for candidate in self.journal.settled_series():
@@ -165,7 +165,7 @@ class Retention:
         record = candidate.series
         outcome = "failed or quarantined" if candidate.failed else "done"
         reason = f"retention: {outcome}, {why}"
-        with self.spool.series_lock(record.series_instance_uid):
+        with self.spool.purging(record.series_instance_uid):
             current = self.journal.settled_series(record.series_instance_uid, record.generation)
             if not current or not still_due(current[0]):
                 return None

@@ -10,6 +10,10 @@ crash), the file is fsynced, hard-linked to the final name (atomic on POSIX,
 and it never replaces a file already there) and the folder is fsynced so the
 new name survives a power cut. The storage dir must be on a file system with
 hard links (ext4, XFS, btrfs, NFS all have them).
+
+Writes of different instances, also of one series, run side by side: their
+fsyncs release the GIL and the disk takes them together, so nothing holds a
+lock across an fsync that another association's instance would wait for.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import struct
 import tempfile
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +34,7 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: 16 characters, no backslash or control
 TEMP_SUFFIX = ".tmp"
 REASON_SUFFIX = ".reason.txt"
-SERIES_LOCK_STRIPES = 64
+LOCK_STRIPES = 64
 
 
 class InvalidUID(ValueError):
@@ -122,6 +127,46 @@ def _reason_note(path: Path) -> Path:
     return path.with_name(path.name + REASON_SUFFIX)
 
 
+class SharedLock:
+    """Held shared by any number of threads or exclusively by one. A thread waiting for it exclusively
+    keeps new shared holders out, so a series that keeps arriving does not starve its purge."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition(threading.Lock())
+        self._shared = 0
+        self._exclusive = False
+        self._exclusive_waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._changed:
+            while self._exclusive or self._exclusive_waiting:
+                self._changed.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._shared -= 1
+                if not self._shared:
+                    self._changed.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._changed:
+            self._exclusive_waiting += 1
+            while self._exclusive or self._shared:
+                self._changed.wait()
+            self._exclusive_waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._exclusive = False
+                self._changed.notify_all()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -139,14 +184,25 @@ class Spool:
         self.quarantine_root = self.storage_dir / "quarantine"
         self.root.mkdir(parents=True, exist_ok=True)
         self.quarantine_root.mkdir(parents=True, exist_ok=True)
-        self._series_locks = tuple(threading.Lock() for _ in range(SERIES_LOCK_STRIPES))
+        self._series_locks = tuple(SharedLock() for _ in range(LOCK_STRIPES))
+        self._instance_locks = tuple(threading.Lock() for _ in range(LOCK_STRIPES))
 
-    def series_lock(self, series_instance_uid: str) -> threading.Lock:
+    @contextmanager
+    def receiving(self, key: InstanceKey) -> Iterator[None]:
         """Held by the receiver from writing an instance until its journal row (or its duplicate note) is
-        committed, and by retention while it deletes a series: a re-sent instance is then either a
-        duplicate of a series that stays, or stored anew after the purge, never acknowledged and then
-        deleted. Striped (one of SERIES_LOCK_STRIPES locks by UID hash), so other series never wait."""
-        return self._series_locks[hash(series_instance_uid) % SERIES_LOCK_STRIPES]
+        committed. Its series is held shared: instances of one series arriving over several associations
+        are written side by side, while a purge of the series (`purging`) waits for them, so a re-sent
+        instance is either a duplicate of a series that stays, or stored anew after the purge, never
+        acknowledged and then deleted. The instance is held exclusively: a second copy arriving at the same
+        time waits until the first is journaled, so it is never acknowledged as a duplicate of a first copy
+        whose journaling then fails. Both are striped (one of LOCK_STRIPES locks by UID hash)."""
+        with self._series_locks[hash(key.series_instance_uid) % LOCK_STRIPES].shared(), \
+                self._instance_locks[hash(key.sop_instance_uid) % LOCK_STRIPES]:
+            yield
+
+    def purging(self, series_instance_uid: str):
+        """Held by retention while it deletes a series: no instance of it is being received meanwhile."""
+        return self._series_locks[hash(series_instance_uid) % LOCK_STRIPES].exclusive()
 
     def path_for(self, key: InstanceKey) -> Path:
         return self.root / key.study_instance_uid / key.series_instance_uid / f"{key.sop_instance_uid}.dcm"
