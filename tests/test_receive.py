@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from dicom_node.store.journal import Journal
-from tests.peers import CT_J2K_SERIES, REPO, ManagedProcess, free_port, wait_for_port
+from tests.peers import CT_J2K_SERIES, REPO, ManagedProcess, free_port, peer_env, wait_for_port
 from tests.peers import dcmtk
 from tests.reliability.senders import raw_store
 from tests.series_factory import write_ct_series
@@ -182,6 +183,33 @@ def test_300_uncompressed_instances_stored_byte_for_byte(node, tmp_path):
     assert record.instance_count == 300
     assert "instances=300 bytes=" in node.log_text()
 
+
+
+def test_concurrent_associations_of_one_series_each_stored_and_counted_once(node, tmp_path):
+    """Four associations split one series while a fifth re-sends part of it at the same time: the node
+    writes them side by side and commits their rows in shared batches; every instance is acknowledged,
+    stored as sent and counted once, and a copy racing its first is a duplicate, not a second row."""
+    files = write_ct_series(tmp_path / "ct60", 60, rows=128, columns=128)
+    shares = [files[n::4] for n in range(4)] + [files[:10]]
+    outputs = [tmp_path / f"storescu{n}.log" for n in range(len(shares))]
+    senders = []
+    for share, out in zip(shares, outputs):
+        with open(out, "w") as log:
+            senders.append(subprocess.Popen(dcmtk.storescu_args(node.port, share), env=peer_env(), stdout=log,
+                                            stderr=subprocess.STDOUT))
+    for sender, share, out in zip(senders, shares, outputs):
+        result = dcmtk.StoreResult(sender.wait(timeout=120), out.read_text())
+        assert result.returncode == 0 and len(result.acknowledged) == len(share), result.output
+    assert_stored_as_sent(node, files)
+    series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    record = node.wait_for_completion(series_uid, timeout=15)
+    assert record.instance_count == 60 and record.generation == 1
+    journal = node.journal()
+    try:
+        assert len(journal.series_instances(series_uid, 1)) == 60
+    finally:
+        journal.close()
+    assert len(list(spool_path(node, files[0]).parent.glob("*.dcm"))) == 60
 
 
 def test_serve_on_a_postgresql_journal(tmp_path, postgres_server):

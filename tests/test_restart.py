@@ -118,3 +118,37 @@ def test_a_series_complete_but_not_routed_when_the_node_stopped_is_routed_at_sta
         node.stop()
     assert record.state == "unmatched" and record.reason == "no pipelines configured"
     assert f"series {uid} generation 1 has been complete since" in node.log_text()
+
+def test_kill_9_during_concurrent_associations_answered_only_what_is_journaled(tmp_path):
+    """Four associations store one series at once, so their journal rows are committed in shared batches;
+    kill -9 mid-send. Before any restart repairs anything, every instance a sender was answered success
+    for has its journal row and its file as sent: no answer goes out before its batch is committed."""
+    files = write_ct_series(tmp_path / "ct", 240)
+    node = Node(tmp_path / "n").start()
+    senders, outputs = [], [tmp_path / f"storescu{n}.log" for n in range(4)]
+    for n, out in enumerate(outputs):
+        with open(out, "w") as log:
+            senders.append(subprocess.Popen(dcmtk.storescu_args(node.port, files[n::4]), env=peer_env(), stdout=log,
+                                            stderr=subprocess.STDOUT))
+    try:
+        deadline = time.monotonic() + 60
+        while len(node.spool_files()) < 80:
+            assert time.monotonic() < deadline and all(s.poll() is None for s in senders), "sent before the crash"
+            time.sleep(0.01)
+        node.process.kill()
+        for sender in senders:
+            sender.wait(timeout=60)
+    finally:
+        node.stop()
+    acknowledged = [sent for sender, out in zip(senders, outputs)
+                    for sent in dcmtk.StoreResult(sender.returncode, out.read_text()).acknowledged]
+    assert 40 <= len(acknowledged) < 240, "the crash must land mid-series"
+    journal = node.journal()
+    try:
+        journaled = {row.sop_instance_uid: row for row in journal.all_instances()}
+    finally:
+        journal.close()
+    for sent in acknowledged:
+        sop = pydicom.dcmread(sent, stop_before_pixels=True).SOPInstanceUID
+        assert sop in journaled, f"{sent.name} was answered success but is not in the journal"
+        assert dataset_bytes(spool_path(node, sent)) == dataset_bytes(sent)
