@@ -25,6 +25,7 @@ both digests in its note, the log, the audit and a metric
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,6 +48,7 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATA_SET_DOES_NOT_MATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
+NAME_SYNC_THREADS = 8
 
 Transport = Literal["dimse", "stow"]
 TRANSPORT_VERB: dict[str, str] = {"dimse": "C-STORE", "stow": "STOW-RS"}
@@ -103,6 +105,8 @@ class Ingest:
         self.tracker = tracker
         self.metrics = metrics
         self.audit = audit
+        # Folder fsyncs (`_persist`) run here, beside the journal commit of the association's thread.
+        self._name_syncs = ThreadPoolExecutor(max_workers=NAME_SYNC_THREADS, thread_name_prefix="spool-name-fsync")
 
     def store(self, delivery: Delivery, header: InstanceHeader | None = None) -> Outcome:
         """Store one instance (`header`: already read by the transport, else read here)."""
@@ -136,20 +140,27 @@ class Ingest:
         return Outcome(status, key, reason=reason)
 
     def _persist(self, delivery: Delivery, key: InstanceKey, header: InstanceHeader, meta: bytes) -> Outcome:
-        """Spool file, then journal row (or, for a re-send, a note on the series that holds it)."""
+        """Spool file, then journal row (or, for a re-send, a note on the series that holds it).
+
+        The folder fsync that makes the file's name durable runs beside the journal commit (both are
+        waits on the disk, and the answer waits for both): a crash between them leaves a row without a
+        file, which restart reconciliation deletes, or a file without a row, which it journals; the
+        sender was answered neither. The file's content is on disk before it has its name."""
         try:
-            path = self.spool.write(key, (meta, delivery.data_set))
+            linked = self.spool.link(key, (meta, delivery.data_set))
         except OSError as error:
             return self._refused(delivery, STATUS_OUT_OF_RESOURCES, key,
                                  f"writing {key.sop_instance_uid} failed: {error}")
         size = len(meta) + len(delivery.data_set)
-        if path is None:  # the instance's file is already in the spool
+        if linked is None:  # the instance's file is already in the spool
             try:
                 existing = self.journal.find_instance(key.sop_instance_uid)
             except Exception as error:
                 return self._refused(delivery, STATUS_OUT_OF_RESOURCES, key,
                                      f"journaling {key.sop_instance_uid} failed: {error}")
             return self._duplicate(delivery, key, meta, self.spool.path_for(key), existing)
+        path = linked.path
+        naming = self._name_syncs.submit(self.spool.sync_name, linked)
         try:
             new = NewInstance(
                 sop_instance_uid=key.sop_instance_uid, sop_class_uid=delivery.sop_class_uid,
@@ -159,9 +170,17 @@ class Ingest:
                 series_description=header.series_description)
             record, is_new = self.journal.record_instance(new)
         except Exception as error:
+            wait((naming,))
             path.unlink(missing_ok=True)
             return self._refused(delivery, STATUS_OUT_OF_RESOURCES, key,
                                  f"journaling {key.sop_instance_uid} failed: {error}")
+        try:
+            naming.result()
+        except OSError as error:  # a new row stays: a re-send of the instance finds it, as a duplicate
+            if not is_new and record.path != str(path):
+                path.unlink(missing_ok=True)
+            return self._refused(delivery, STATUS_OUT_OF_RESOURCES, key,
+                                 f"writing {key.sop_instance_uid} failed: fsync of its folder: {error}")
         if not is_new:
             if record.path == str(path):  # its journaled file had gone missing: this copy takes its place
                 log.warning("instance %s from %s re-stored: its journaled file was missing", key.sop_instance_uid,

@@ -6,7 +6,9 @@ SQLite runs with `journal_mode=WAL` (readers never block the one writer) and
 loss, and the receiver acknowledges a C-STORE only after its row is
 committed, so the commit must be on disk. PostgreSQL works as well
 (`postgresql+psycopg://...`, its default synchronous commit; the tests run
-on both); one process-wide writer lock keeps writes serial.
+on both); one process-wide writer lock keeps writes serial, and the
+instances that concurrent associations record share one transaction and
+commit (`record_instance`, `dicom_node.store.group_commit`).
 
 Series identity is (Series Instance UID, generation): a new instance that
 arrives after a series was complete opens a new generation, so late data is

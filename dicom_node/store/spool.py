@@ -113,6 +113,14 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
 
 
 @dataclass(frozen=True)
+class Linked:
+    """An instance file on disk under its final name, the name not yet fsynced (`Spool.sync_name`)."""
+
+    path: Path
+    new_folder: bool  # its series folder was created for it
+
+
+@dataclass(frozen=True)
 class QuarantinedFile:
     """A file restart reconciliation moved to `<storage>/quarantine`; its note says why."""
     path: Path
@@ -207,11 +215,21 @@ class Spool:
     def path_for(self, key: InstanceKey) -> Path:
         return self.root / key.study_instance_uid / key.series_instance_uid / f"{key.sop_instance_uid}.dcm"
 
-    def write(self, key: InstanceKey, chunks: tuple[bytes, ...]) -> Path:
-        """Write `chunks` durably to the instance's path; returns it, or None when a file is already
-        there: the first copy stays, even when two associations deliver the same instance at once
-        (the temp file is hard-linked to the final name, which fails rather than replaces, where a
-        rename would overwrite). Raises OSError on any failure."""
+    def write(self, key: InstanceKey, chunks: tuple[bytes, ...]) -> Path | None:
+        """Write `chunks` durably to the instance's path (`link`, then `sync_name`); returns it, or None
+        when a file is already there. Raises OSError on any failure."""
+        linked = self.link(key, chunks)
+        if linked is None:
+            return None
+        self.sync_name(linked)
+        return linked.path
+
+    def link(self, key: InstanceKey, chunks: tuple[bytes, ...]) -> Linked | None:
+        """Write `chunks` to a temp file, fsync it and hard-link it to the instance's path; None when a
+        file is already there: the first copy stays, even when two associations deliver the same instance
+        at once (a hard link fails rather than replaces, where a rename would overwrite). The content is on
+        disk before it has its name, so the name never shows a torn file; the name itself is durable only
+        after `sync_name`. Raises OSError on any failure."""
         final = self.path_for(key)
         folder = final.parent
         created = not folder.exists()
@@ -229,11 +247,17 @@ class Spool:
                 return None
         finally:
             os.unlink(temp)
+        return Linked(final, created)
+
+    @staticmethod
+    def sync_name(linked: Linked) -> None:
+        """fsync the folder that holds the new name, and the study and spool folders when the series
+        folder is new, so the name survives a power cut. Raises OSError."""
+        folder = linked.path.parent
         _fsync_dir(folder)
-        if created:  # the new study/series folders must survive too
+        if linked.new_folder:
             _fsync_dir(folder.parent)
             _fsync_dir(folder.parent.parent)
-        return final
 
     def remove_empty_folders(self, key: InstanceKey) -> None:
         """The series folder of `key`, then its study folder, if nothing is left in them."""
