@@ -1,7 +1,7 @@
 """Group commit: writes that arrive together share one transaction and one commit.
 
 A C-STORE is answered only once its journal row is committed, and on a disk
-that honours fsync a commit costs about a millisecond whatever it holds. With
+that honours fsync a commit costs a disk flush whatever it holds. With
 one commit per instance the journal's single writer makes every association
 wait its turn for a full fsync, so receiving over several associations at once
 was no faster than over one. Here a caller queues its write and waits for the

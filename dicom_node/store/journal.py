@@ -183,8 +183,9 @@ class _PendingInstance:
 
 
 class _InstanceStatements:
-    """The statements that record an instance, as SQL for the driver itself (SQLAlchemy's Core costs
-    ~0.3 ms of CPU per instance for them, on the receive path of every association): its parameter
+    """The statements that record an instance, as SQL for the driver itself: they run for every
+    instance while its sender waits, and SQLAlchemy's Core cost more than twice the CPU for them
+    (docs/performance.md, "Where ingest time goes"). Built once per dialect: its parameter
     marker, and the SQLAlchemy column types' own conversion of timestamps, so rows read back the same
     through the rest of the journal."""
 
@@ -280,8 +281,8 @@ class Journal:
         supersedes the earlier ones (`_supersede`).
 
         Instances recorded at the same time by several associations share one
-        transaction and its one commit (`GroupCommit`): on this disk the
-        commit's fsync is most of what a row costs, and each caller returns only
+        transaction and its one commit (`GroupCommit`): on a disk that honours
+        fsync the commit is most of what a row costs, and each caller returns only
         once its batch is on disk. Rows are applied one after another in the
         transaction, so duplicates and generations come out as if recorded one
         by one.
