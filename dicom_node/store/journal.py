@@ -21,9 +21,10 @@ the journal holds opens nothing.
 An upgraded node opens the journal its older self wrote: the tables and their
 in-place upgrade are `dicom_node.store.schema`'s.
 
-Over 400 lines for a reason: each method of `Journal` is one transaction, and
-several span tables (superseding a generation touches four of them), so they
-stay together, beside the records they return.
+Over 400 lines for a reason: each method of `Journal` is one transaction
+(recording instances: one per batch), and several span tables (superseding a
+generation touches four of them, also from inside a batch of recorded
+instances), so they stay together, beside the records they return.
 """
 
 from __future__ import annotations
