@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -272,3 +273,43 @@ def test_serve_purges_on_schedule_and_takes_the_series_again(tmp_path):
         assert dcmtk.storescu(node.port, files).returncode == 0
         assert len(node.spool_files()) == 3
         assert [g["generation"] for g in get_json(node, f"/v1/series/{series_uid}")["generations"]] == [1, 2]
+
+
+def test_instances_of_one_series_are_received_side_by_side_and_a_purge_waits_for_them(tmp_path):
+    """Receiving holds its series shared: two instances of one series are inside at once. A purge of the
+    series waits until both have left, and an instance arriving while the purge waits comes after it."""
+    spool = Spool(tmp_path / "storage")
+    first, second, late = (InstanceKey("1.2", "1.2.3", f"1.2.3.{n}") for n in (1, 2, 3))
+    order: list[str] = []
+    both_inside, leave = threading.Barrier(2, timeout=10), threading.Event()
+
+    def receive(key: InstanceKey) -> None:
+        with spool.receiving(key):
+            if key is late:
+                order.append("late received")
+                return
+            both_inside.wait()  # fails unless the other instance of the series is inside too
+            leave.wait(10)
+            order.append(f"{key.sop_instance_uid} left")
+
+    def purge() -> None:
+        with spool.purging("1.2.3"):
+            order.append("purged")
+    receivers = [threading.Thread(target=receive, args=(key,)) for key in (first, second)]
+    for thread in receivers:
+        thread.start()
+    purger = threading.Thread(target=purge)
+    purger.start()
+    deadline = time.monotonic() + 10
+    while not spool._series_locks[hash("1.2.3") % len(spool._series_locks)]._exclusive_waiting:
+        assert time.monotonic() < deadline, "the purge never started waiting"
+        time.sleep(0.01)
+    late_receiver = threading.Thread(target=receive, args=(late,))
+    late_receiver.start()
+    time.sleep(0.2)
+    assert order == [], "nothing may pass while both instances are being received"
+    leave.set()
+    for thread in [*receivers, purger, late_receiver]:
+        thread.join(10)
+    assert sorted(order[:2]) == ["1.2.3.1 left", "1.2.3.2 left"]
+    assert order[2:] == ["purged", "late received"]
