@@ -9,7 +9,9 @@ target folder (named `.<sop>.<random>.tmp`, recognisable for clean-up after a
 crash), the file is fsynced, hard-linked to the final name (atomic on POSIX,
 and it never replaces a file already there) and the folder is fsynced so the
 new name survives a power cut. The storage dir must be on a file system with
-hard links (ext4, XFS, btrfs, NFS all have them).
+hard links (ext4, XFS, btrfs, NFS all have them). `write` does all of it;
+`link` and `sync_name` are its two halves, for a caller with another disk
+wait to run beside the folder fsync (the receiver's journal commit).
 
 Writes of different instances, also of one series, run side by side: their
 fsyncs release the GIL and the disk takes them together, so nothing holds a
