@@ -115,6 +115,8 @@ class JobRecord:
     finished_at: datetime | None
     output_dir: str | None
     kind: JobKind
+    lease_owner: str | None = None  # the node running it, on a shared journal (dicom_node.store.leases)
+    lease_until: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,8 @@ class ExportRecord:
     last_status: int | None
     reason: str | None
     sent_at: datetime | None
+    lease_owner: str | None = None  # the node sending it right now, on a shared journal
+    lease_until: datetime | None = None
 
 
 def as_record(cls, row):
