@@ -18,15 +18,18 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from sqlalchemy import select
 
 from dicom_node.cluster import COMPLETION, RECONCILE, RETENTION, SINGLETONS, Cluster
 from dicom_node.config import Config
 from dicom_node.states import JobState
-from dicom_node.store.journal import Journal
+from dicom_node.store.journal import Journal, SeriesRecord
+from dicom_node.store.schema import series
 from dicom_node.store.leases import Leases
 from tests.peers import dcmtk, needs, orthanc, peer_env, postgres, wait_for
 from tests.phantoms import chest_phantom, write_ct_volume
 from tests.test_end_to_end import LUNGS
+from tests.test_journal import instance as new_instance
 from tests.test_orthanc_end_to_end import overrides, study_series
 from tests.test_receive import Node
 
@@ -269,3 +272,33 @@ def test_an_advisory_lock_elects_one_member_and_passes_on_when_it_stops(postgres
         for member in members:
             member.stop()
         journal.close()
+
+
+def test_the_first_instances_of_a_series_at_two_nodes_at_once_open_one_generation(postgres_server):
+    """Two nodes (two journals, each with its own process lock) record the first instance of each of many
+    new series at the same moment: each series is one generation holding both."""
+    url = postgres_server.new_database()
+    journals = [Journal(url), Journal(url)]
+    try:
+        barrier = threading.Barrier(2)
+        failures: list[BaseException] = []
+
+        def record(journal: Journal, node: int) -> None:
+            for k in range(30):
+                barrier.wait(30)
+                try:
+                    journal.record_instance(new_instance(f"1.2.3.{k}.{node}", series=f"1.2.3.{k}"))
+                except Exception as error:
+                    failures.append(error)
+        threads = [threading.Thread(target=record, args=(journal, n)) for n, journal in enumerate(journals)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert failures == []
+        for k in range(30):
+            generations = journals[0].select(SeriesRecord, select(series).where(series.c.series_instance_uid == f"1.2.3.{k}"))
+            assert [(g.generation, g.instance_count) for g in generations] == [(1, 2)]
+    finally:
+        for journal in journals:
+            journal.close()

@@ -238,6 +238,7 @@ class Journal:
         """
         now = received_at or utcnow()
         with self._write_lock, self.engine.begin() as conn:
+            _lock_series(conn, new.series_instance_uid)
             existing = conn.execute(_FIND_INSTANCE, {"sop": new.sop_instance_uid}).first()
             if existing:
                 return as_record(InstanceRecord, existing), False
@@ -385,6 +386,7 @@ class Journal:
         if quiet_since is not None:
             condition = condition & (series.c.last_received_at <= quiet_since)
         with self._write_lock, self.engine.begin() as conn:
+            _lock_series(conn, series_instance_uid)
             result = conn.execute(series.update().where(condition).values(state=SeriesState.COMPLETE.value, completed_at=utcnow()))
             if result.rowcount == 0:
                 return None
@@ -552,6 +554,15 @@ def _supersede(conn: Connection, series_instance_uid: str, generation: int) -> t
     return earlier, conn.execute(instances.update().where(
         (instances.c.series_instance_uid == series_instance_uid) & instances.c.generation.in_(earlier))
         .values(generation=generation)).rowcount
+
+
+def _lock_series(conn: Connection, series_instance_uid: str) -> None:
+    """On PostgreSQL, where other nodes write the same series (dicom_node.cluster), hold the series'
+    transaction-level advisory lock: the first instances of a series arriving at two nodes at once open
+    one generation, not two inserts of one, and an instance is never counted into a generation another
+    node is completing at that moment. SQLite has one writer (this process's write lock) already."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(series_instance_uid, 0))))
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
