@@ -23,7 +23,7 @@ from sqlalchemy import select
 from dicom_node.cluster import COMPLETION, RECONCILE, RETENTION, SINGLETONS, Cluster
 from dicom_node.config import Config
 from dicom_node.states import JobState
-from dicom_node.store.journal import Journal, SeriesRecord
+from dicom_node.store.journal import Journal, SeriesRecord, utcnow
 from dicom_node.store.schema import series
 from dicom_node.store.leases import Leases
 from tests.peers import dcmtk, needs, orthanc, peer_env, postgres, wait_for
@@ -302,3 +302,23 @@ def test_the_first_instances_of_a_series_at_two_nodes_at_once_open_one_generatio
     finally:
         for journal in journals:
             journal.close()
+
+
+def test_a_live_lease_keeps_a_job_and_an_export_from_other_nodes_and_its_own_restart_takes_them_back(
+        postgres_server):
+    journal = Journal(postgres_server.new_database())
+    try:
+        journal.add_job("1.2.9", 1, "lungs_ct")
+        a, b = Leases(journal, "a", 30), Leases(journal, "b", 30)
+        (job,) = a.claim_jobs(5)
+        assert b.claim_jobs(5) == [] and b.abandoned_jobs() == []  # running under a's live lease
+        journal.add_export(job.id, "pacs", "1.2.9.1", "/results/1.dcm")
+        (export,) = a.claim_exports(due_before=utcnow())
+        assert b.claim_exports(due_before=utcnow()) == []
+        a.release_exports([export.id])
+        assert [e.id for e in b.claim_exports(due_before=utcnow())] == [export.id]  # released: any node sends it
+        restarted = Leases(journal, "a", 30)  # the same name after a crash: its running job is its own again
+        (abandoned,) = restarted.abandoned_jobs()
+        assert abandoned.id == job.id and not b.take_over_job(abandoned) and restarted.take_over_job(abandoned)
+    finally:
+        journal.close()

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, true
 from sqlalchemy.dialects.postgresql import insert
 
 from dicom_node.states import ExportState, JobState, SeriesState
@@ -107,9 +107,8 @@ class Leases:
         """Make an abandoned running job this node's (to requeue or fail it), unless another node did
         first or its owner renewed the lease meanwhile."""
         owner = jobs.c.lease_owner.is_(None) if job.lease_owner is None else jobs.c.lease_owner == job.lease_owner
-        expired = jobs.c.lease_until.is_(None) | (jobs.c.lease_until < func.now())
-        if job.lease_owner == self.owner:
-            expired = True
+        expired = (true() if job.lease_owner == self.owner  # its previous life's: no one else renews it
+                   else jobs.c.lease_until.is_(None) | (jobs.c.lease_until < func.now()))
         with self.journal.write() as conn:
             return conn.execute(jobs.update().where((jobs.c.id == job.id) & (jobs.c.state == JobState.RUNNING)
                                                     & owner & expired)
