@@ -90,9 +90,12 @@ def nodes(tmp_path_factory, postgres_server):
             for name in NAMES:
                 cluster.start(name)
             yield cluster
-        finally:
-            for node in cluster.nodes.values():
-                node.stop()
+        finally:  # all at once: each lets its running job finish
+            stops = [threading.Thread(target=node.stop) for node in cluster.nodes.values()]
+            for stop in stops:
+                stop.start()
+            for stop in stops:
+                stop.join(60)
 
 
 def chest_series(out_dir: Path, seed: int) -> tuple[list[Path], str, str]:
