@@ -28,6 +28,8 @@ from dicom_node.store.schema import series
 from dicom_node.store.leases import Leases
 from tests.peers import dcmtk, needs, orthanc, peer_env, postgres, wait_for
 from tests.phantoms import chest_phantom, write_ct_volume
+from tests.series_factory import write_ct_series
+from tests.test_completion import open_association
 from tests.test_end_to_end import LUNGS
 from tests.test_journal import instance as new_instance
 from tests.test_orthanc_end_to_end import overrides, study_series
@@ -49,7 +51,7 @@ class Nodes:
         self.pacs = pacs
         self.spool = root / "shared-storage"
         config = overrides(pacs, pipelines={"lungs_ct": LUNGS},
-                           completion={"stable_seconds": 4, "after_release_seconds": 2},
+                           completion={"stable_seconds": 10, "after_release_seconds": 2},
                            cluster={"lease_seconds": LEASE_S, "heartbeat_seconds": 0.5, "reconcile_interval_s": 2})
         self.nodes = {name: Node(root / name, node={"name": name, "journal_url": journal_url,
                                                     "storage_dir": str(self.spool)}, **config) for name in NAMES}
@@ -144,6 +146,32 @@ def test_one_series_sent_over_three_nodes_is_one_series_one_job_one_seg(nodes, t
     completed_on = [name for name, node in nodes.nodes.items() for line in node.log_text().splitlines()
                     if "series complete" in line and f"series={series_uid} generation=1 " in line]
     assert len(completed_on) == 1, completed_on  # one node completed and routed it
+
+
+def test_a_release_on_one_node_waits_for_a_sender_of_the_series_still_open_on_another(nodes, tmp_path):
+    """The release fast path of node-a sees node-b's association still open on the series (idle, within
+    stable_seconds): the series completes when node-b's association is released, not node-a's."""
+    files = write_ct_series(tmp_path / "ct", 6, rows=64, columns=64)
+    series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    journal = nodes.journal()
+    assoc = open_association(nodes.nodes["node-b"].port)
+    try:
+        assert assoc.send_c_store(files[0]).Status == 0
+        assert len(dcmtk.storescu(nodes.nodes["node-a"].port, files[1:]).acknowledged) == 5  # and released
+        hold_until = time.monotonic() + 2 * 2.5  # node-a's after_release_seconds and more, within stable_seconds
+        while time.monotonic() < hold_until:
+            assert journal.get_series(series_uid).state == "receiving", "completed while node-b still sends it"
+            time.sleep(0.2)
+    finally:
+        assoc.release()
+    try:
+        wait_for(lambda: journal.get_series(series_uid).completed_at, 20, "completion after node-b's release")
+        record = journal.get_series(series_uid)
+        assert (record.generation, record.instance_count) == (1, 6)
+    finally:
+        journal.close()
+    assert any("series complete (release)" in line and f"series={series_uid} " in line
+               for line in nodes.nodes["node-b"].log_text().splitlines())
 
 
 def test_eight_senders_over_three_nodes_store_every_instance_and_get_each_seg_once(nodes, tmp_path):
