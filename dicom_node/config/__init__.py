@@ -12,7 +12,7 @@ models live in the module named for it, in the order of the config.yaml
 reference, and are imported from there:
 
 - `base`: what the models share (`_Model`, path anchoring, TLS file sets);
-- `node`: `node`, `http` (with STOW-RS senders), `security`, `completion`, `retention`;
+- `node`: `node`, `http` (with STOW-RS senders), `security`, `completion`, `retention`, `cluster`;
 - `inference`: the inference backend (embedded or Triton);
 - `pipelines`: match conditions, pipelines and their steps, forward rules;
 - `destinations`: DIMSE and DICOMweb destinations and their retry policy;
@@ -30,7 +30,8 @@ from pydantic import Field, ValidationError, ValidationInfo, model_validator
 from dicom_node.config.base import _Model
 from dicom_node.config.destinations import AnyDestination
 from dicom_node.config.inference import InferenceConfig
-from dicom_node.config.node import CompletionConfig, HttpConfig, NodeConfig, RetentionConfig, SecurityConfig
+from dicom_node.config.node import (ClusterConfig, CompletionConfig, HttpConfig, NodeConfig, RetentionConfig,
+                                   SecurityConfig)
 from dicom_node.config.pipelines import ForwardConfig, PipelineConfig
 from dicom_node.config.results import ResultsConfig
 
@@ -49,6 +50,7 @@ class Config(_Model):
     security: SecurityConfig = SecurityConfig()
     completion: CompletionConfig = CompletionConfig()
     retention: RetentionConfig = RetentionConfig()
+    cluster: ClusterConfig = ClusterConfig()
     inference: InferenceConfig = InferenceConfig()
     pipelines: dict[str, PipelineConfig] = {}
     forward: dict[str, ForwardConfig] = {}

@@ -67,6 +67,9 @@ class SopClassFilter(_Model):
 
 
 class NodeConfig(_Model):
+    # This node's identity among the nodes sharing a PostgreSQL journal (its leases, heartbeat and
+    # singletons); None: "<host>:<pid>". A stable name lets a restarted node take its own jobs back at once.
+    name: str | None = Field(None, min_length=1, max_length=64)
     ae_title: str = Field("DICOMNODE", min_length=1, max_length=16)  # PS3.5 6.2: AE is at most 16 chars
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
@@ -183,6 +186,26 @@ class SecurityConfig(_Model):
 class CompletionConfig(_Model):
     stable_seconds: float = Field(30, gt=0)
     after_release_seconds: float = Field(2, ge=0)
+
+
+class ClusterConfig(_Model):
+    """Nodes sharing one PostgreSQL journal and one spool (dicom_node.cluster); unused on SQLite.
+
+    A job or export a node claims is leased to it for `lease_seconds`, renewed every
+    `heartbeat_seconds` while the node lives; a node that dies loses its leases when they run out and
+    another node takes the work over. `reconcile_interval_s`: how often the reconciliation singleton
+    looks for the half-written files and unjournaled instances of nodes that died."""
+
+    lease_seconds: float = Field(30, gt=0)
+    heartbeat_seconds: float = Field(5, gt=0)
+    reconcile_interval_s: float = Field(300, gt=0)
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> ClusterConfig:
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError(f"heartbeat_seconds ({self.heartbeat_seconds:g}) must be at most half of lease_seconds "
+                             f"({self.lease_seconds:g}): one late heartbeat must not lose a live node its leases")
+        return self
 
 
 class RetentionConfig(_Model):

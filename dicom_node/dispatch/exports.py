@@ -11,6 +11,11 @@ At-least-once to a PACS: an export marked `sent` is never sent again, but a
 crash between the C-STORE response and the journal update resends the same
 object, with the same SOP Instance UID (`dicom_node.results.uids`), which the
 PACS treats as the same instance (PS3.4 B.4.1).
+
+On a journal shared by several nodes (`dicom_node.cluster`) each pass claims
+the due exports under this node's lease (`dicom_node.store.leases`), so no
+two nodes send one export at once; a node that dies mid-send leaves its
+exports to another node once the lease has run out (the same at-least-once).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from dicom_node.metrics import NodeMetrics, failure_reason
 from dicom_node.states import ExportState, JobKind
 from dicom_node.store.audit import AuditEvent, AuditLog
 from dicom_node.store.journal import ExportRecord, Journal, utcnow
+from dicom_node.store.leases import Leases
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +51,9 @@ class ExportDispatcher:
     jobs there) and then every export whose time has come."""
 
     def __init__(self, config: Config, journal: Journal, metrics: NodeMetrics, audit: AuditLog,
-                 each_pass: Callable[[], None] = lambda: None) -> None:
+                 each_pass: Callable[[], None] = lambda: None, leases: Leases | None = None) -> None:
         self.config = config
+        self.leases = leases  # None: the only node, which sends every export due
         self.journal = journal
         self.metrics = metrics
         self.audit = audit
@@ -86,7 +93,16 @@ class ExportDispatcher:
 
     def dispatch_due(self) -> None:
         """Send every pending export whose time has come, one association per destination."""
-        due = self.journal.exports_in_state(ExportState.PENDING, due_before=utcnow())
+        if self.leases is None:
+            self._dispatch(self.journal.exports_in_state(ExportState.PENDING, due_before=utcnow()))
+            return
+        due = self.leases.claim_exports(due_before=utcnow())
+        try:
+            self._dispatch(due)
+        finally:
+            self.leases.release_exports([export.id for export in due])
+
+    def _dispatch(self, due: list[ExportRecord]) -> None:
         by_destination = defaultdict(list)
         for export in due:
             by_destination[export.destination].append(export)

@@ -37,6 +37,7 @@ from sqlalchemy import select
 
 from dicom_node import ListenError, __version__
 from dicom_node.store.audit import AUDIT_EVENTS, AuditLog, AuditRecord
+from dicom_node.cluster import ClusterStatus
 from dicom_node.config import Config
 from dicom_node.config.node import HttpTlsConfig
 from dicom_node.config.base import LOOPBACK_HOSTS
@@ -68,6 +69,7 @@ class NodeHandles:
     dicom_listening: Callable[[], bool]  # the DICOM port's accept loop runs
     pick_up_queued: Callable[[], None]  # the pipeline runs a requeued job without waiting for its next pass
     stow: StowReceiver  # STOW-RS receive: its own sender tokens, not the admin bearer token
+    cluster: Callable[[], ClusterStatus | None] = lambda: None  # the nodes sharing the journal, if it is shared
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,8 @@ def create_app(node: NodeHandles) -> FastAPI:
     def status() -> NodeStatus:
         return snapshot(node.config, node.journal, readiness(node.config, node.journal, node.dicom_listening),
                         pipeline_health(node.config, node.open_inference), source="node",
-                        associations=node.associations(), received=node.metrics.received_by_transport())
+                        associations=node.associations(), received=node.metrics.received_by_transport(),
+                        cluster=node.cluster())
 
     @app.get("/v1/models", summary="Models of the repository and the pipelines that use them")
     def models() -> list[ModelInfo]:

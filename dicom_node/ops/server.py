@@ -11,6 +11,12 @@ are answered 503), then completion stops,
 then the pipeline lets running jobs finish while queued jobs stay `queued` in
 the journal for the next start, the HTTP API stops, and the SQLite WAL is
 checkpointed into the database file before it is closed. The exit code is 0.
+
+On a PostgreSQL journal the node is a member of a cluster (`dicom_node.cluster`):
+other nodes may share the journal and the spool, so the reconciliation at
+start is not done by every node but by the `reconcile` singleton, every
+`cluster.reconcile_interval_s`, and only for what a dead node left: temp files
+of nodes without a live heartbeat, and unjournaled files older than a lease.
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from io import BytesIO
 from pathlib import Path
 
 import pydicom
 
 from dicom_node import logs
+from dicom_node.cluster import RECONCILE, RETENTION, Cluster
 from dicom_node.pipeline.complete import CompletionTracker
 from dicom_node.config import Config
 from dicom_node.pipeline.health import pipeline_health
@@ -40,15 +48,19 @@ from dicom_node.states import SeriesState
 log = logging.getLogger("dicom_node.ops.server")
 
 
-def reconcile(spool: Spool, journal: Journal) -> None:
+def reconcile(spool: Spool, journal: Journal, live_writers: frozenset[str] | None = None,
+              settled_for_s: float = 0) -> None:
     """Make journal and spool agree after a crash (PS-independent; the node's own invariant).
 
     - temp files (a write that never reached its rename) are deleted: never acknowledged;
     - a file without a row (linked, crash before commit) is journaled from its header;
     - a row without a file (file removed behind our back) is deleted and logged, unless its series
       is being purged (retention's next sweep finishes that purge).
+
+    On a shared spool, the temp files of `live_writers` are being written now, and a file younger
+    than `settled_for_s` may be a live node's, linked with its row about to be committed: both are left.
     """
-    for path in spool.remove_temp_files():
+    for path in spool.remove_temp_files(live_writers):
         log.info("reconcile: removed temp file %s", path)
     journaled = {record.path: record for record in journal.all_instances()}
     on_disk = {str(path) for path in spool.instance_files()}
@@ -60,13 +72,21 @@ def reconcile(spool: Spool, journal: Journal) -> None:
             journal.delete_instance(record.sop_instance_uid)
             log.warning("reconcile: instance %s of series %s has no file %s; row deleted",
                         record.sop_instance_uid, record.series_instance_uid, path)
-    for path in sorted(on_disk - journaled.keys()):
+    settled_before = time.time() - settled_for_s
+    for path in sorted(p for p in on_disk - journaled.keys() if settled_for_s <= 0 or _mtime(Path(p)) <= settled_before):
         try:
             _journal_file(Path(path), journal)
             log.info("reconcile: journaled %s from its header", path)
         except Exception as error:
             target = spool.quarantine(Path(path), f"reconcile could not journal it: {error}")
             log.error("reconcile: %s quarantined to %s: %s", path, target, error)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # purged meanwhile
+        return float("inf")
 
 
 def _journal_file(path: Path, journal: Journal) -> None:
@@ -88,24 +108,35 @@ def _journal_file(path: Path, journal: Journal) -> None:
 def serve(config: Config, log_format: str = "text") -> None:
     """Run the node until SIGTERM or SIGINT; then shut down as the module docstring says."""
     logs.configure(log_format)
-    spool = Spool(Path(config.node.storage_dir))
+    Path(config.node.storage_dir).mkdir(parents=True, exist_ok=True)  # the default SQLite journal lives there
     journal = Journal(config.node.journal_url)
-    reconcile(spool, journal)
+    cluster = Cluster(config, journal) if journal.engine.dialect.name == "postgresql" else None
+    spool = Spool(Path(config.node.storage_dir), writer_tag=cluster.spool_tag if cluster else "")
+    if cluster is None:
+        reconcile(spool, journal)
+    else:
+        cluster.start()
+        if cluster.runs(RECONCILE):  # before the port opens, as on a single node
+            _reconcile_shared(spool, journal, cluster)
+        cluster.every(RECONCILE, config.cluster.reconcile_interval_s, lambda: _reconcile_shared(spool, journal, cluster),
+                      at_once=False)
     metrics = NodeMetrics()
     metrics.describe_destinations({name: destination.kind for name, destination in config.destinations.items()})
     metrics.add_collector(JournalCollector(lambda: journal_counts(journal), spool.free_bytes,
                                            lambda: len(spool.quarantined())))
-    pipeline = Pipeline(config, journal, metrics)
+    pipeline = Pipeline(config, journal, metrics, leases=cluster.leases if cluster else None)
     metrics.add_collector(PipelineHealthCollector(lambda: pipeline_health(config, pipeline.inference)))
     pipeline.start()
     tracker = CompletionTracker(journal, config.completion.stable_seconds, config.completion.after_release_seconds,
-                                on_series_complete=pipeline.on_series_complete, metrics=metrics)
+                                on_series_complete=pipeline.on_series_complete, metrics=metrics, cluster=cluster)
     tracker.start()
-    tracker.hand_over_unrouted(complete_before=utcnow())  # complete, and the node stopped before routing them
+    if cluster is None:  # complete, and the node stopped before routing them (shared: the singleton's, in a minute)
+        tracker.hand_over_unrouted(complete_before=utcnow())
     receiver = Receiver(config, spool, journal, tracker, metrics)
-    retention = Retention(config.retention, journal, spool, metrics)
+    retention = Retention(config.retention, journal, spool, metrics,
+                          runs_here=(lambda: cluster.runs(RETENTION)) if cluster else (lambda: True))
     stow = StowReceiver(config, receiver.ingest)
-    api = _api_server(config, journal, metrics, receiver, stow, pipeline)
+    api = _api_server(config, journal, metrics, receiver, stow, pipeline, cluster)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stopping.set())
@@ -124,14 +155,25 @@ def serve(config: Config, log_format: str = "text") -> None:
         tracker.stop()
         log.info("waiting for running jobs; queued jobs stay queued in the journal")
         pipeline.stop()
+        if cluster is not None:
+            cluster.stop()
         api.stop()
         _checkpoint(journal)
         journal.close()
         log.info("stopped")
 
 
+def _reconcile_shared(spool: Spool, journal: Journal, cluster: Cluster) -> None:
+    """What dead nodes left in the shared spool and journal: their temp files, their files linked but
+    not journaled, their recorded senders."""
+    reconcile(spool, journal, live_writers=cluster.live_spool_tags(), settled_for_s=cluster.config.lease_seconds)
+    forgotten = cluster.leases.forget_dead_senders()
+    if forgotten:
+        log.info("reconcile: forgot %d open associations of nodes that died", forgotten)
+
+
 def _api_server(config: Config, journal: Journal, metrics: NodeMetrics, receiver: Receiver, stow: StowReceiver,
-                pipeline: Pipeline):
+                pipeline: Pipeline, cluster: Cluster | None):
     from dicom_node.ops.api import ApiServer, NodeHandles, create_app
     from dicom_node.store.audit import AuditLog
     from dicom_node.ops.status import OpenAssociation
@@ -142,7 +184,8 @@ def _api_server(config: Config, journal: Journal, metrics: NodeMetrics, receiver
     handles = NodeHandles(config=config, journal=journal, metrics=metrics, audit=AuditLog(journal),
                           open_inference=pipeline.inference, associations=associations,
                           dicom_listening=receiver.listening,
-                          pick_up_queued=pipeline.pick_up_queued, stow=stow)
+                          pick_up_queued=pipeline.pick_up_queued, stow=stow,
+                          cluster=cluster.status if cluster else lambda: None)
     return ApiServer(create_app(handles), config.http.host, config.http.port, config.http.tls)
 
 

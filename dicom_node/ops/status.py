@@ -29,6 +29,7 @@ from typing import TextIO
 
 from sqlalchemy import func, select
 
+from dicom_node.cluster import ClusterStatus
 from dicom_node.config import Config
 from dicom_node.pipeline.health import PipelineHealth, pipeline_health
 from dicom_node.store.journal import Journal
@@ -103,6 +104,8 @@ class NodeStatus:
     # None when read from the journal (only the running node counts them).
     received: dict[str, dict[str, int]] | None = None
     destinations: list[DestinationExports] = field(default_factory=list)
+    # On a journal shared by several nodes: this node, the singletons it runs, the live nodes.
+    cluster: ClusterStatus | None = None
 
 
 def journal_counts(journal: Journal) -> Counts:
@@ -159,7 +162,7 @@ def readiness(config: Config, journal: Journal, listening: Callable[[], bool] | 
 
 def snapshot(config: Config, journal: Journal, ready: Readiness, pipelines: list[PipelineHealth], *, source: str,
              associations: Iterable[OpenAssociation] | None,
-             received: dict[str, dict[str, int]] | None = None) -> NodeStatus:
+             received: dict[str, dict[str, int]] | None = None, cluster: ClusterStatus | None = None) -> NodeStatus:
     counts = journal_counts(journal)
     job_states: dict[str, int] = {}
     by_pipeline: dict[str, dict[str, int]] = {}
@@ -176,7 +179,7 @@ def snapshot(config: Config, journal: Journal, ready: Readiness, pipelines: list
         ready=ready.ready, checks=list(ready.checks), pipelines=pipelines, received=received,
         destinations=[DestinationExports(name, destination.kind, {
             state: count for (exported_to, state), count in counts["exports"].items() if exported_to == name})
-            for name, destination in config.destinations.items()])
+            for name, destination in config.destinations.items()], cluster=cluster)
 
 
 # --- `dicom-node status` -----------------------------------------------------------------------

@@ -26,6 +26,16 @@ Each series that becomes complete is logged and handed to the
 A series the router did not take (left `complete`: the journal refused its
 next write, or the node stopped first) is handed over again: at start, and by
 the periodic check once it has been complete for `UNROUTED_AFTER_S`.
+
+Nodes sharing a PostgreSQL journal (`dicom_node.cluster`) see one series
+whichever node each instance arrived at: `last_received_at` is the journal's,
+and each node records in the journal which of its open associations sends
+which series (`dicom_node.store.leases`), so the release fast path waits for
+the senders on every live node. The stable-timeout check and the second
+hand-over run on the node holding the `completion` singleton; completing is a
+conditional transition (receiving -> complete), so whichever node completes a
+series is the one node that routes it, and a second hand-over is claimed in
+the journal first.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from datetime import datetime, timedelta, timezone
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from dicom_node.cluster import COMPLETION, Cluster
 from dicom_node.store.journal import Journal, SeriesRecord
 from dicom_node.logs import series_context
 from dicom_node.metrics import NodeMetrics
@@ -56,8 +67,10 @@ class CompletionTracker:
     """Knows which open association is sending which series, and completes series."""
 
     def __init__(self, journal: Journal, stable_seconds: float, after_release_seconds: float,
-                 on_series_complete: Callable[[SeriesRecord], None] | None = None, metrics: NodeMetrics | None = None):
+                 on_series_complete: Callable[[SeriesRecord], None] | None = None, metrics: NodeMetrics | None = None,
+                 cluster: Cluster | None = None):
         self.journal = journal
+        self.cluster = cluster  # None: the only node
         self.metrics = metrics or NodeMetrics()
         self.stable_seconds = stable_seconds
         self.after_release_seconds = after_release_seconds
@@ -83,13 +96,26 @@ class CompletionTracker:
 
     def instance_received(self, association: SessionId, series_instance_uid: str, generation: int) -> None:
         """`association` (or a STOW-RS request) delivered an instance of the series generation, new or a re-sent copy."""
+        key = (series_instance_uid, generation)
         with self._lock:
-            self._sending[association].add((series_instance_uid, generation))
+            first = key not in self._sending[association]
+            self._sending[association].add(key)
+        if first and self.cluster is not None:
+            try:
+                self.cluster.leases.sending_started(str(association), series_instance_uid, generation)
+            except Exception as error:  # the instance is stored; only the other nodes' fast path misses it
+                log.warning("series %s: could not record its sender for the other nodes: %s", series_instance_uid,
+                            error)
 
     def association_closed(self, association: SessionId, released: bool) -> None:
         with self._lock:
             sent = self._sending.pop(association, set())
             still_open = set().union(*self._sending.values()) if self._sending else set()
+        if sent and self.cluster is not None:
+            try:
+                self.cluster.leases.sending_ended(str(association))
+            except Exception as error:  # its rows go with this node's heartbeat, or at its restart
+                log.warning("could not clear the senders of association %s: %s", association, error)
         if not released:
             return
         for key in sent - still_open:
@@ -100,10 +126,14 @@ class CompletionTracker:
         with self._lock:
             if any(key in sent for sent in self._sending.values()):
                 return  # another association started sending this series during the grace
+        if self.cluster is not None and self.cluster.leases.sending_anywhere(*key):
+            return  # an association on another node sends it: its release completes the series
         # An instance received during the grace (after release - grace) means more is coming.
         self._complete(key, quiet_since=due - timedelta(seconds=self.after_release_seconds), why="release")
 
     def check_stable(self) -> None:
+        if self.cluster is not None and not self.cluster.runs(COMPLETION):
+            return
         now = datetime.now(timezone.utc)
         quiet_since = now - timedelta(seconds=self.stable_seconds)
         if self.listening_since is not None and quiet_since >= self.listening_since:
@@ -122,6 +152,9 @@ class CompletionTracker:
                 busy = (record.series_instance_uid, record.generation) in self._handing_over
             if busy or record.completed_at is None or record.completed_at > complete_before:
                 continue
+            if self.cluster is not None and not self.cluster.leases.claim_unrouted(
+                    record.series_instance_uid, record.generation, record.completed_at):
+                continue  # another node routes it
             log.warning("series %s generation %d has been complete since %s UTC and is not routed; handing it over "
                         "again", record.series_instance_uid, record.generation, f"{record.completed_at:%H:%M:%S}")
             self.hand_over(record)

@@ -7,7 +7,10 @@ export row per (result, destination) queued for the export loop,
 
 Everything that matters survives a crash because it is in the journal first:
 a job is a row (queued -> running -> done | failed), so a restart requeues what
-was running. A series sent again with new instances supersedes its earlier
+was running. On a journal shared by several nodes (`dicom_node.cluster`) a job
+is claimed through the journal instead (`dicom_node.store.leases`): it becomes
+`running` under this node's lease, and a job whose node died is requeued by
+another node once its lease has run out. A series sent again with new instances supersedes its earlier
 generations (`dicom_node.store.journal`): their jobs not yet done end
 `superseded`, so one result covers the whole series.
 
@@ -33,6 +36,7 @@ from dicom_node.pipeline.workers import JobError, JobWorkers, WorkerDied
 from dicom_node.states import JobKind, JobState, SeriesState, StepState
 from dicom_node.store.audit import AuditEvent, AuditLog
 from dicom_node.store.journal import JobRecord, Journal, StepOutcome, utcnow
+from dicom_node.store.leases import Leases
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +56,9 @@ class JobRunner:
     (`dicom_node.pipeline.workers`); `on_done` is called when a job queued exports."""
 
     def __init__(self, config: Config, journal: Journal, metrics: NodeMetrics, audit: AuditLog,
-                 on_done: Callable[[], None] = lambda: None) -> None:
+                 on_done: Callable[[], None] = lambda: None, leases: Leases | None = None) -> None:
         self.config = config
+        self.leases = leases  # None: the only node, which runs every job queued
         self.journal = journal
         self.metrics = metrics
         self.audit = audit
@@ -65,6 +70,8 @@ class JobRunner:
         self._inference_lock = threading.Lock()
         self._submitted: set[int] = set()
         self._submitted_lock = threading.Lock()
+        self._slots = max(1, config.inference.workers)
+        self._claim_lock = threading.Lock()  # one claim pass at a time: its claims are on the pool before the next
 
     def start(self) -> None:
         """Start the job workers (when a pipeline may need them), requeue jobs a crash left running, run
@@ -80,15 +87,26 @@ class JobRunner:
         self._job_workers.close()
 
     def submit(self, job: JobRecord) -> None:
+        """Run a queued job (on a shared journal: claim queued jobs for the free worker slots, this one
+        among them unless another node claims it first)."""
+        if self.leases is not None:
+            self.pick_up_queued()
+            return
+        self._put_on_pool(job, claimed=False)
+
+    def _put_on_pool(self, job: JobRecord, claimed: bool) -> None:
         with self._submitted_lock:
             if job.id in self._submitted:
                 return
             self._submitted.add(job.id)
-        self._threads.submit(self._run_guarded, job.id)
+        self._threads.submit(self._run_guarded, job.id, claimed)
 
     def pick_up_queued(self, interrupted_by: str = "its run ended without its outcome in the journal") -> None:
         """Requeue jobs journaled `running` that no thread here runs (`interrupted_by` says why), then put
         queued jobs not yet on the pool there: after a restart, or requeued by `dicom-node jobs retry`."""
+        if self.leases is not None:
+            self._claim(interrupted_by)
+            return
         for job in self.journal.jobs_in_state(JobState.RUNNING):
             with self._submitted_lock:  # a run journals its outcome before it leaves `_submitted`
                 orphan = job.id not in self._submitted and self.journal.get_job(job.id).state == JobState.RUNNING
@@ -97,22 +115,40 @@ class JobRunner:
         for job in self.journal.jobs_in_state(JobState.QUEUED):
             self.submit(job)
 
-    def _run_guarded(self, job_id: int) -> None:
+    def _claim(self, interrupted_by: str) -> None:
+        """On a shared journal: requeue (or fail, see MAX_INTERRUPTED_RUNS) the running jobs whose lease
+        ran out, then claim queued jobs for the worker slots free here."""
+        with self._claim_lock:
+            for job in self.leases.abandoned_jobs():
+                with self._submitted_lock:
+                    if job.id in self._submitted:  # this node runs it: its lease is renewed
+                        continue
+                if self.leases.take_over_job(job):
+                    self._interrupted(job, interrupted_by if job.lease_owner == self.leases.owner else
+                                      f"its node {job.lease_owner or '(unnamed)'} stopped renewing its lease")
+            if self._stopping.is_set():
+                return
+            with self._submitted_lock:
+                free = self._slots - len(self._submitted)
+            for job in self.leases.claim_jobs(free):
+                log.info("job %d (%s) claimed by node %s (run %d)", job.id, job.pipeline, self.leases.owner,
+                         job.attempts)
+                self._put_on_pool(job, claimed=True)
+
+    def _run_guarded(self, job_id: int, claimed: bool) -> None:
         try:
             with self.journal.job_log_context(job_id):
-                self._run(job_id)
+                self._run(job_id, claimed)
         except Exception:  # the journal refused a write: the dispatch loop's pick_up_queued requeues the job
             log.exception("job %d: its outcome could not be journaled", job_id)
         finally:
             with self._submitted_lock:
                 self._submitted.discard(job_id)
 
-    def _run(self, job_id: int) -> None:
-        job = self.journal.get_job(job_id)
-        if job is None or job.state != JobState.QUEUED or self._stopping.is_set():
+    def _run(self, job_id: int, claimed: bool) -> None:
+        job = self._start(job_id, claimed)
+        if job is None:
             return
-        job = self.journal.update_job(job_id, state=JobState.RUNNING, started_at=utcnow(), attempts=job.attempts + 1,
-                                      error=None)
         try:
             written, steps = self.run_job(job)
         except Superseded:
@@ -155,6 +191,22 @@ class JobRunner:
                                      instance_count=len(written), status=JobState.DONE,
                                      detail=f"{detail}; steps not run: {not_run}" if not_run else detail))
         self.on_done()
+
+    def _start(self, job_id: int, claimed: bool) -> JobRecord | None:
+        """The job, now `running` here; None when it is not to run (no longer queued, or the node stops).
+        A claimed job is `running` under this node's lease already; one claimed as the node stops goes
+        back to the queue."""
+        job = self.journal.get_job(job_id)
+        if claimed:
+            if self._stopping.is_set():
+                self.leases.release_job(job_id)
+                return None
+            return job if job is not None and job.state == JobState.RUNNING and \
+                job.lease_owner == self.leases.owner else None
+        if job is None or job.state != JobState.QUEUED or self._stopping.is_set():
+            return None
+        return self.journal.update_job(job_id, state=JobState.RUNNING, started_at=utcnow(), attempts=job.attempts + 1,
+                                       error=None)
 
     def _series_superseded(self, job: JobRecord) -> bool:
         series = self.journal.get_series(job.series_instance_uid, job.generation)

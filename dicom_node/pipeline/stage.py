@@ -17,17 +17,21 @@ from dicom_node.pipeline.router import Router
 from dicom_node.pipeline.runner import JobRunner
 from dicom_node.store.audit import AuditLog
 from dicom_node.store.journal import Journal, SeriesRecord
+from dicom_node.store.leases import Leases
 
 
 class Pipeline:
     """Routing, the bounded inference worker pool and the dispatch loop of one node."""
 
-    def __init__(self, config: Config, journal: Journal, metrics: NodeMetrics | None = None) -> None:
+    def __init__(self, config: Config, journal: Journal, metrics: NodeMetrics | None = None,
+                 leases: Leases | None = None) -> None:
+        """`leases`: this node's claims on a journal shared with other nodes (dicom_node.cluster)."""
         metrics = metrics or NodeMetrics()
         audit = AuditLog(journal)
-        self.jobs = JobRunner(config, journal, metrics, audit)
+        self.jobs = JobRunner(config, journal, metrics, audit, leases=leases)
         # The export loop also picks up queued jobs each pass: requeued ones, and interrupted ones.
-        self.exports = ExportDispatcher(config, journal, metrics, audit, each_pass=self.jobs.pick_up_queued)
+        self.exports = ExportDispatcher(config, journal, metrics, audit, each_pass=self.jobs.pick_up_queued,
+                                        leases=leases)
         self.jobs.on_done = self.exports.wake
         self.router = Router(config, journal, audit, submit=self.jobs.submit)
 

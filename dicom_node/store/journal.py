@@ -112,6 +112,8 @@ class JobRecord:
     finished_at: datetime | None
     output_dir: str | None
     kind: JobKind
+    lease_owner: str | None = None  # the node running it, on a shared journal (dicom_node.store.leases)
+    lease_until: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,8 @@ class ExportRecord:
     last_status: int | None
     reason: str | None
     sent_at: datetime | None
+    lease_owner: str | None = None  # the node sending it right now, on a shared journal
+    lease_until: datetime | None = None
 
 
 def as_record(cls, row):
@@ -293,6 +297,8 @@ class Journal:
     def _record_batch(self, conn: Connection, batch: list[_PendingInstance]) -> list[tuple[InstanceRecord, bool]]:
         """Record each pending instance in order, in the caller's transaction. The hot statements go straight
         to the driver (`_InstanceStatements`); the series' open generation is read once per batch."""
+        for series_uid in sorted({pending.new.series_instance_uid for pending in batch}):
+            _lock_series(conn, series_uid)  # sorted: two nodes' batches never wait on each other in a cycle
         cursor = conn.connection.cursor()
         open_generations: dict[str, int] = {}
         results = []
@@ -462,6 +468,7 @@ class Journal:
         if quiet_since is not None:
             condition = condition & (series.c.last_received_at <= quiet_since)
         with self._write_lock, self.engine.begin() as conn:
+            _lock_series(conn, series_instance_uid)
             result = conn.execute(series.update().where(condition).values(state=SeriesState.COMPLETE.value, completed_at=utcnow()))
             if result.rowcount == 0:
                 return None
@@ -629,6 +636,15 @@ def _supersede(conn: Connection, series_instance_uid: str, generation: int) -> t
     return earlier, conn.execute(instances.update().where(
         (instances.c.series_instance_uid == series_instance_uid) & instances.c.generation.in_(earlier))
         .values(generation=generation)).rowcount
+
+
+def _lock_series(conn: Connection, series_instance_uid: str) -> None:
+    """On PostgreSQL, where other nodes write the same series (dicom_node.cluster), hold the series'
+    transaction-level advisory lock: the first instances of a series arriving at two nodes at once open
+    one generation, not two inserts of one, and an instance is never counted into a generation another
+    node is completing at that moment. SQLite has one writer (this process's write lock) already."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(series_instance_uid, 0))))
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -37,6 +37,9 @@ A purge is journaled (state `purged`) before any file is deleted and its
 instance rows are deleted last, so a purge the node stopped in the middle
 of is finished by the next sweep, and no instance file is ever left without
 a row (which restart reconciliation would take for a new arrival).
+
+Nodes sharing a PostgreSQL journal and spool (`dicom_node.cluster`) sweep on
+one node at a time: the one holding the `retention` singleton.
 """
 
 from __future__ import annotations
@@ -76,8 +79,11 @@ class Purged:
 class Retention:
     """Sweeps the journal every `sweep_interval_s` (apscheduler in the `serve` process)."""
 
-    def __init__(self, config: RetentionConfig, journal: Journal, spool: Spool, metrics: NodeMetrics | None = None):
+    def __init__(self, config: RetentionConfig, journal: Journal, spool: Spool, metrics: NodeMetrics | None = None,
+                 runs_here: Callable[[], bool] = lambda: True):
+        """`runs_here`: whether this node sweeps now (the retention singleton, on a shared journal)."""
         self.config = config
+        self.runs_here = runs_here
         self.journal = journal
         self.spool = spool
         self.metrics = metrics or NodeMetrics()
@@ -105,6 +111,8 @@ class Retention:
             self._sweep_logged()
 
     def _sweep_logged(self) -> None:
+        if not self.runs_here():
+            return
         try:
             self.sweep()
         except Exception:

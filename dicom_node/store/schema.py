@@ -74,6 +74,9 @@ jobs = Table(
     Column("finished_at", DateTime(timezone=True)),
     Column("output_dir", Text),
     Column("kind", String(16), nullable=False, server_default=JobKind.PIPELINE.value),
+    # The node running it and until when (dicom_node.cluster); unused on a single node's SQLite journal.
+    Column("lease_owner", String(64)),
+    Column("lease_until", DateTime(timezone=True)),
     UniqueConstraint("series_instance_uid", "generation", "pipeline"),
 )
 
@@ -101,7 +104,31 @@ exports = Table(
     Column("last_status", Integer),
     Column("reason", Text),
     Column("sent_at", DateTime(timezone=True)),
+    Column("lease_owner", String(64)),  # the node sending it right now, until lease_until (dicom_node.cluster)
+    Column("lease_until", DateTime(timezone=True)),
     UniqueConstraint("job_id", "destination", "sop_instance_uid"),
+)
+
+# The nodes sharing the journal (dicom_node.cluster): each writes its heartbeat (database clock) every
+# cluster.heartbeat_seconds; one whose heartbeat is older than cluster.lease_seconds is dead.
+nodes = Table(
+    "nodes", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("spool_tag", String(16), nullable=False),  # names its temp files in the shared spool
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False),
+)
+
+# Which open association (or STOW-RS request) of which node has delivered instances of which series
+# generation: the release fast path of completion waits for the other nodes' senders of a series too.
+sending = Table(
+    "sending", metadata,
+    Column("node", String(64), primary_key=True),
+    Column("session", String(32), primary_key=True),
+    Column("series_instance_uid", String(64), primary_key=True),
+    Column("generation", Integer, primary_key=True),
 )
 
 

@@ -5,8 +5,8 @@ anything else is refused, so no attribute value can reach the file system as
 a path component (no `..`, no `/`, no empty component).
 
 A write is durable before it returns: the bytes go to a temp file in the
-target folder (named `.<sop>.<random>.tmp`, recognisable for clean-up after a
-crash), the file is fsynced, hard-linked to the final name (atomic on POSIX,
+target folder (named `.<sop>.<random>.tmp`, or `.<sop>.<writer>.<random>.tmp`
+when nodes share the spool, recognisable for clean-up after a crash), the file is fsynced, hard-linked to the final name (atomic on POSIX,
 and it never replaces a file already there) and the folder is fsynced so the
 new name survives a power cut. The storage dir must be on a file system with
 hard links (ext4, XFS, btrfs, NFS all have them). `write` does all of it;
@@ -185,11 +185,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temp_file_writer(path: Path) -> str | None:
+    """The writer tag of a temp file `.<sop>.<writer>.<random>.tmp`, None for one without (a writer tag
+    starts with a letter, a SOP Instance UID component never does)."""
+    parts = path.name[1:-len(TEMP_SUFFIX)].rsplit(".", 2)
+    return parts[1] if len(parts) == 3 and parts[1][:1].isalpha() else None
+
+
 class Spool:
     """The spool and quarantine folders under the storage dir."""
 
-    def __init__(self, storage_dir: Path):
+    def __init__(self, storage_dir: Path, writer_tag: str = ""):
+        """`writer_tag` names this process's temp files when several nodes share the spool
+        (dicom_node.cluster), so only those of a node that died are cleaned up."""
         self.storage_dir = Path(storage_dir)
+        self.writer_tag = writer_tag
         self.root = self.storage_dir / "spool"
         self.quarantine_root = self.storage_dir / "quarantine"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -236,7 +246,8 @@ class Spool:
         folder = final.parent
         created = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=f".{key.sop_instance_uid}.", suffix=TEMP_SUFFIX, dir=folder)
+        writer = f"{self.writer_tag}." if self.writer_tag else ""
+        fd, temp = tempfile.mkstemp(prefix=f".{key.sop_instance_uid}.{writer}", suffix=TEMP_SUFFIX, dir=folder)
         try:
             with os.fdopen(fd, "wb") as f:
                 for chunk in chunks:
@@ -274,9 +285,11 @@ class Spool:
         """Every completed instance file (`*.dcm`, temp files excluded)."""
         yield from self.root.glob("*/*/*.dcm")
 
-    def remove_temp_files(self) -> list[Path]:
-        """Delete temp files a crash left behind; returns what was removed."""
-        removed = [p for p in self.root.glob(f"*/*/.*{TEMP_SUFFIX}")]
+    def remove_temp_files(self, live_writers: frozenset[str] | None = None) -> list[Path]:
+        """Delete temp files a crash left behind; returns what was removed. With `live_writers`, the
+        spool is shared: the temp files of those writers (nodes alive now, writing) are spared."""
+        removed = [p for p in self.root.glob(f"*/*/.*{TEMP_SUFFIX}")
+                   if live_writers is None or temp_file_writer(p) not in live_writers]
         for path in removed:
             path.unlink(missing_ok=True)
         return removed
