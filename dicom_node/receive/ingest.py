@@ -25,6 +25,7 @@ both digests in its note, the log, the audit and a metric
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -103,6 +104,9 @@ class Ingest:
         self.tracker = tracker
         self.metrics = metrics
         self.audit = audit
+        # Told of each new instance once it is stored and journaled, before its success is answered
+        # (dicom_node.pipeline.prepare queues it for decoding): must never block.
+        self.on_stored: Callable[[InstanceRecord], None] = lambda record: None
 
     def store(self, delivery: Delivery, header: InstanceHeader | None = None) -> Outcome:
         """Store one instance (`header`: already read by the transport, else read here)."""
@@ -174,6 +178,7 @@ class Ingest:
         self.metrics.instances_received.labels(**labels).inc()
         self.metrics.bytes_received.labels(**labels).inc(size)
         self.tracker.instance_received(delivery.session, record.series_instance_uid, record.generation)
+        self.on_stored(record)
         return Outcome(STATUS_SUCCESS, key, new=True, size=size)
 
     def _duplicate(self, delivery: Delivery, key: InstanceKey, meta: bytes, stored: Path,
