@@ -197,8 +197,12 @@ def _decoded(files: dict[Path, list[Frame]], prepared: PreparedStore | None,
     Given a path, pydicom reads one frame's bytes at a time, so a multi-frame
     instance never sits in memory whole; a deflated file (PS3.5 A.5) must be
     inflated whole first.
+
+    With `prepared`, each file is looked up just before it would be decoded, and the files go from the
+    far end of the order the decoder works through (arrival, which senders mostly keep in file order):
+    when the job starts before the decoder is done, both decode what is left, and meet in the middle.
     """
-    for path in sorted(files):
+    for path in sorted(files, reverse=prepared is not None):
         wanted = sorted(files[path], key=lambda f: f.source.frame_number or 1)
         indices = [(f.source.frame_number or 1) - 1 for f in wanted]
         ready = None if prepared is None else prepared.frames(path, wanted[0].pixel_data.frames, wanted[0].rows,
