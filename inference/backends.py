@@ -153,10 +153,6 @@ class EmbeddedBackend:
             if cached is None or cached[0] != identity:
                 options = self._ort.SessionOptions()
                 options.intra_op_num_threads = self.settings.cpu_threads
-                # No busy-waiting between operators: a spinning thread keeps a core from the node's
-                # receiving threads, its pixel decoder and other processes on a shared host, and on the
-                # 2-core VM of docs/performance.md it made the spleen model slower, not faster.
-                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 try:
                     session = self._ort.InferenceSession(str(entry.version_path), sess_options=options,
                                                          providers=self.providers)
