@@ -1,11 +1,12 @@
 """Decode while receiving: a series' pixels are decoded as its instances arrive, so its job starts with them.
 
-Decoding is most of a compressed series' load (JPEG 2000: ~45 ms a 512x512
-slice on this project's reference VM, 0.9-1.1 s of a 20-slice series' 1.0 s
-load), and it used to start only once the series was complete and its job
-had begun. Now `Ingest` tells the `Preparer` of every new instance it has
-stored (after the success is decided, so never before a C-STORE response);
-the preparer queues the file for one decoder child process, which writes the
+Decoding is most of a compressed series' load (the real 20-slice JPEG 2000
+series of docs/performance.md: 0.65-0.69 s from the spool, 0.11-0.12 s with
+its pixels decoded ahead), and it used to start only once the series was
+complete and its job had begun. Now `Ingest` tells the `Preparer` of every
+new instance once it is stored and journaled; the preparer only queues the
+file (never waiting, so no C-STORE response waits for a decode) for one
+decoder child process, which writes the
 instance's decoded frames, exactly as the loader's decoder gives them, to
 `<storage_dir>/prepared` as a .npy file, and the job's loader
 (`dicom_node.pipeline.volume.load_series`) memory-maps it instead of
