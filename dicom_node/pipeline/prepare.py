@@ -154,6 +154,8 @@ def _decoder_main(jobs, stopping, parent_pid: int, root: Path, max_bytes: int, m
             series, path = jobs.get(timeout=1.0)
         except queue.Empty:
             continue
+        except (EOFError, OSError):  # the node's end of the queue is gone: so is the node
+            break
         entry = store.entry_for(Path(path))
         if entry is None or entry.exists():
             continue
