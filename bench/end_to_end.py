@@ -14,7 +14,8 @@ instance to complete), route+queue (complete to job start), worker (handing
 the job to its worker process, started with the node, and back), load / inference / encode (job log; inference includes opening the
 model on the worker's first job),
 dispatch (job done to Orthanc's C-STORE response for the SEG) and the total
-from the moment storescu started. The SEG is then looked up in Orthanc's REST
+from the moment storescu started, and how many slices the job's load found
+decoded while the series arrived (dicom_node.pipeline.prepare). The SEG is then looked up in Orthanc's REST
 API, so a figure is printed only for a SEG Orthanc really holds.
 """
 
@@ -41,7 +42,8 @@ from tests.test_pipeline import real_series  # noqa: E402
 from tests.test_receive import running_node  # noqa: E402
 
 SHIPPED = yaml.safe_load((REPO / "config.yaml").read_text())
-JOB_LINE = re.compile(r"job (\d+) \(spleen_ct\) done: load ([\d.]+) s, inference ([\d.]+) s, encode ([\d.]+) s")
+JOB_LINE = re.compile(r"job (\d+) \(spleen_ct\) done: load ([\d.]+) s, inference ([\d.]+) s, encode ([\d.]+) s, "
+                      r"\d+ result files; (\d+) of (\d+) slices decoded while the series arrived")
 
 
 def run(root: Path, models: Path, files: list[Path], label: str, j2k: bool) -> None:
@@ -72,7 +74,8 @@ def run(root: Path, models: Path, files: list[Path], label: str, j2k: bool) -> N
         if timings is None:
             print(f"{label}: the job's timing line is missing from the node log\n{node.log_text()[-3000:]}")
             return
-        load, inference, encode = map(float, timings.groups()[1:])
+        load, inference, encode = map(float, timings.groups()[1:4])
+        prepared = f"{timings[5]} of {timings[6]} slices decoded while receiving"
     first = min(i.received_at for i in instances)
     last = max(i.received_at for i in instances)
     stages = {
@@ -84,8 +87,8 @@ def run(root: Path, models: Path, files: list[Path], label: str, j2k: bool) -> N
         "dispatch": (sent[0].sent_at - job.finished_at).total_seconds(),
     }
     total = (sent[0].sent_at - started).total_seconds()
-    print(f"{label}: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()) + f"; total {total:.2f} s",
-          flush=True)
+    print(f"{label}: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()) + f"; total {total:.2f} s "
+          f"({prepared})", flush=True)
 
 
 def main() -> None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import highdicom as hd
@@ -126,6 +128,15 @@ def test_real_series_gets_its_spleen_seg_in_orthanc(tmp_path):
         assert seg_series["MainDicomTags"]["SeriesInstanceUID"] not in ("", series_uid)
         (seg_path,) = download(pacs, seg_series, tmp_path / "from_orthanc")
         assert node.process.alive()
+        # Decoded while receiving: every instance prepared before the job started was used by its load.
+        journal = node.journal()
+        (job,) = journal.jobs_in_state("done")
+        journal.close()
+        ready = sum(1 for entry in (node.storage / "prepared").glob("*.npy")
+                    if datetime.fromtimestamp(entry.stat().st_mtime, timezone.utc) < job.started_at)
+        used = re.search(r"(\d+) of 20 slices decoded while the series arrived", node.log_text())
+        assert used is not None, node.log_text()[-3000:]
+        assert ready <= int(used[1]) <= 20
 
     loaded, repository, backend = expected_inference(files, tmp_path / "models")
     try:

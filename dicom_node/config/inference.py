@@ -22,12 +22,20 @@ class EmbeddedConfig(_Model):
     providers: list[str] = []  # empty = CUDA if present else CPU
 
 
+class PrepareConfig(_Model):
+    """Decode while receiving (dicom_node.pipeline.prepare): how much decoded pixel data the node keeps."""
+
+    max_mb: float = Field(1024, ge=0)  # 0 turns it off: jobs decode every instance from the spool
+    max_series: int = Field(4, ge=1)
+
+
 class InferenceConfig(_Model):
     backend: Literal["embedded", "triton"] = "embedded"
     model_repository: Path = Path("models")
     triton: TritonConfig = TritonConfig()
     embedded: EmbeddedConfig = EmbeddedConfig()
     workers: int = Field(1, ge=1)
+    prepare: PrepareConfig = PrepareConfig()
 
     @field_validator("model_repository")
     @classmethod

@@ -185,7 +185,7 @@ class SecurityConfig(_Model):
 
 class CompletionConfig(_Model):
     stable_seconds: float = Field(30, gt=0)
-    after_release_seconds: float = Field(2, ge=0)
+    after_release_seconds: float = Field(1, ge=0)  # docs/reliability.md says why 1 s
 
 
 class ClusterConfig(_Model):

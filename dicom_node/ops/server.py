@@ -37,6 +37,7 @@ from dicom_node.config import Config
 from dicom_node.pipeline.health import pipeline_health
 from dicom_node.store.journal import Journal, NewInstance, utcnow
 from dicom_node.metrics import JournalCollector, NodeMetrics, PipelineHealthCollector
+from dicom_node.pipeline.prepare import Preparer, prepared_store
 from dicom_node.pipeline.stage import Pipeline
 from dicom_node.receive.scp import Receiver
 from dicom_node.receive.stow import StowReceiver
@@ -133,6 +134,12 @@ def serve(config: Config, log_format: str = "text") -> None:
     if cluster is None:  # complete, and the node stopped before routing them (shared: the singleton's, in a minute)
         tracker.hand_over_unrouted(complete_before=utcnow())
     receiver = Receiver(config, spool, journal, tracker, metrics)
+    store = prepared_store(config)
+    preparer = Preparer(store, int(config.inference.prepare.max_mb * (1 << 20)),
+                        config.inference.prepare.max_series) if store is not None else None
+    if preparer is not None:
+        preparer.start()
+        receiver.ingest.on_stored = preparer.instance_stored
     retention = Retention(config.retention, journal, spool, metrics,
                           runs_here=(lambda: cluster.runs(RETENTION)) if cluster else (lambda: True))
     stow = StowReceiver(config, receiver.ingest)
@@ -151,6 +158,8 @@ def serve(config: Config, log_format: str = "text") -> None:
         log.info("shutting down: no new associations or STOW-RS requests")
         stow.stop()
         receiver.stop()
+        if preparer is not None:
+            preparer.stop()
         retention.stop()
         tracker.stop()
         log.info("waiting for running jobs; queued jobs stay queued in the journal")

@@ -39,6 +39,8 @@ class JobOutput:
     sop_instance_uids: tuple[str, ...]  # of `exported`
     seconds: dict[str, float]  # load, inference, encode
     steps: tuple[StepOutcome, ...] = ()  # each step's outcome, in pipeline order
+    prepared_frames: int = 0  # of `frames`, decoded while the series arrived (dicom_node.pipeline.prepare)
+    frames: int = 0  # slices of the loaded volume
 
 
 log = logging.getLogger(__name__)
@@ -91,11 +93,12 @@ def produce(request: JobRequest) -> JobOutput:
 
     A step that fails takes only itself and the steps that need its mask with it (`run_steps`); with
     no step left that gave a result there is nothing to write, and the caller fails the job."""
+    from dicom_node.pipeline.prepare import prepared_store
     from dicom_node.pipeline.volume import load_series
     job, config = request.job, request.config
     pipeline = config.pipelines[job.pipeline]
     started = time.monotonic()
-    loaded = load_series([Path(p) for p in request.instance_paths])
+    loaded = load_series([Path(p) for p in request.instance_paths], prepared=prepared_store(config))
     loaded_at = time.monotonic()
     ran = run_steps(config, pipeline, loaded.volume, job)
     inferred_at = time.monotonic()
@@ -114,7 +117,8 @@ def produce(request: JobRequest) -> JobOutput:
                  for path in exported)
     return JobOutput(tuple(str(p) for p in exported), uids,
                      {"load": loaded_at - started, "inference": inferred_at - loaded_at,
-                      "encode": encoded_at - inferred_at}, ran.outcomes)
+                      "encode": encoded_at - inferred_at}, ran.outcomes,
+                     prepared_frames=loaded.prepared_frames, frames=len(loaded.slices))
 
 
 @dataclass(frozen=True)

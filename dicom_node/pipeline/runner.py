@@ -259,9 +259,10 @@ class JobRunner:
         if not self.journal.add_exports(job, [(destination, uid, path) for path, uid in zip(
                 output.exported, output.sop_instance_uids) for destination in pipeline.destinations]):
             raise Superseded()
-        log.info("job %d (%s) done: load %.2f s, inference %.2f s, encode %.2f s, %d result files",
-                 job.id, job.pipeline, output.seconds["load"], output.seconds["inference"],
-                 output.seconds["encode"], len(output.exported))
+        log.info("job %d (%s) done: load %.2f s, inference %.2f s, encode %.2f s, %d result files; %d of %d "
+                 "slices decoded while the series arrived", job.id, job.pipeline, output.seconds["load"],
+                 output.seconds["inference"], output.seconds["encode"], len(output.exported),
+                 output.prepared_frames, output.frames)
         return [Path(p) for p in output.exported], output.steps
 
     def _forward(self, job: JobRecord) -> list[Path]:

@@ -32,6 +32,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicom_node.pipeline.checks import AXIS_COSINE, ORIENTATION_TOLERANCE, VolumeOptions, check_headers, position_text
 from dicom_node.pipeline.frames import Frame, Headers, SeriesGeometryError, SourceSlice, read_headers
+from dicom_node.pipeline.prepare import PreparedStore
 from inference.volume import Volume
 
 __all__ = ["LoadedSeries", "SeriesGeometryError", "SeriesHeaders", "SeriesSummary", "SourceSlice", "check_series",
@@ -77,6 +78,7 @@ class LoadedSeries:
     slices: tuple[SourceSlice, ...]
     summary: SeriesSummary
     warnings: tuple[str, ...]
+    prepared_frames: int = 0  # frames whose pixels were decoded while the series arrived (pipeline.prepare)
 
 
 def _orientation_name(orientations: Sequence[np.ndarray]) -> str:
@@ -187,16 +189,29 @@ def _by_file(frames: Iterable[Frame]) -> dict[Path, list[Frame]]:
     return files
 
 
-def _decoded(files: dict[Path, list[Frame]]) -> Iterator[tuple[Frame, np.ndarray]]:
-    """Decode only the wanted frames, one file and one frame at a time (pydicom pixel plugins).
+def _decoded(files: dict[Path, list[Frame]], prepared: PreparedStore | None,
+             used: list[int]) -> Iterator[tuple[Frame, np.ndarray]]:
+    """Decode only the wanted frames, one file and one frame at a time (pydicom pixel plugins), or take
+    them from what `prepared` holds for the file as it is now (`used[0]` counts those frames).
 
     Given a path, pydicom reads one frame's bytes at a time, so a multi-frame
     instance never sits in memory whole; a deflated file (PS3.5 A.5) must be
     inflated whole first.
+
+    With `prepared`, each file is looked up just before it would be decoded, and the files go from the
+    far end of the order the decoder works through (arrival, which senders mostly keep in file order):
+    when the job starts before the decoder is done, both decode what is left, and meet in the middle.
     """
-    for path in sorted(files):
+    for path in sorted(files, reverse=prepared is not None):
         wanted = sorted(files[path], key=lambda f: f.source.frame_number or 1)
         indices = [(f.source.frame_number or 1) - 1 for f in wanted]
+        ready = None if prepared is None else prepared.frames(path, wanted[0].pixel_data.frames, wanted[0].rows,
+                                                              wanted[0].columns)
+        if ready is not None:
+            used[0] += len(wanted)
+            for frame, index in zip(wanted, indices):
+                yield frame, ready[index]
+            continue
         source = pydicom.dcmread(path) if wanted[0].transfer_syntax == DeflatedExplicitVRLittleEndian else path
         try:
             for frame, pixels in zip(wanted, iter_pixels(source, indices=indices)):
@@ -212,8 +227,13 @@ def check_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions()
     return SeriesHeaders.read(paths).check(options)
 
 
-def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions()) -> LoadedSeries:
+def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions(),
+                prepared: PreparedStore | None = None) -> LoadedSeries:
     """Read, check and stack one series; raises `SeriesGeometryError` for a series that would give a wrong volume.
+
+    `prepared`: pixels decoded while the series arrived (`dicom_node.pipeline.prepare`), used for each
+    instance file they were decoded from, as it is now; every other file is decoded here. The headers
+    are read and checked either way.
 
     Volume axes follow SimpleITK: i along the row direction (Image Orientation
     (Patient)[0:3]), j along the column direction ([3:6]), k along their cross
@@ -235,10 +255,11 @@ def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions())
 
     # First the frame that fills each slice, then any duplicates, compared with what they would duplicate.
     slice_of = {frame: k for k, group in enumerate(groups) for frame in group}
-    for frame, pixels in _decoded(_by_file(group[0] for group in groups)):
+    used = [0]
+    for frame, pixels in _decoded(_by_file(group[0] for group in groups), prepared, used):
         _fill(array[slice_of[frame]], frame, pixels)
     scratch = np.empty(array.shape[1:], dtype=dtype)
-    for frame, pixels in _decoded(_by_file(f for group in groups for f in group[1:])):
+    for frame, pixels in _decoded(_by_file(f for group in groups for f in group[1:]), prepared, used):
         k = slice_of[frame]
         _fill(scratch, frame, pixels)
         if not np.array_equal(scratch, array[k]):
@@ -258,4 +279,4 @@ def load_series(paths: Iterable[Path], options: VolumeOptions = VolumeOptions())
     volume = Volume(array=array, spacing=(column_spacing, row_spacing, checked.spacing_k),
                     origin=tuple(float(v) for v in first.position), direction=direction)
     return LoadedSeries(volume=volume, slices=tuple(f.source for f in kept),
-                        summary=_summary(headers, kept), warnings=tuple(check.warnings))
+                        summary=_summary(headers, kept), warnings=tuple(check.warnings), prepared_frames=used[0])

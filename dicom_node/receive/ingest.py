@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -107,6 +108,9 @@ class Ingest:
         self.audit = audit
         # Folder fsyncs (`_persist`) run here, beside the journal commit of the association's thread.
         self._name_syncs = ThreadPoolExecutor(max_workers=NAME_SYNC_THREADS, thread_name_prefix="spool-name-fsync")
+        # Told of each new instance once it is stored and journaled, before its success is answered
+        # (dicom_node.pipeline.prepare queues it for decoding): must never block.
+        self.on_stored: Callable[[InstanceRecord], None] = lambda record: None
 
     def store(self, delivery: Delivery, header: InstanceHeader | None = None) -> Outcome:
         """Store one instance (`header`: already read by the transport, else read here)."""
@@ -193,6 +197,7 @@ class Ingest:
         self.metrics.instances_received.labels(**labels).inc()
         self.metrics.bytes_received.labels(**labels).inc(size)
         self.tracker.instance_received(delivery.session, record.series_instance_uid, record.generation)
+        self.on_stored(record)
         return Outcome(STATUS_SUCCESS, key, new=True, size=size)
 
     def _duplicate(self, delivery: Delivery, key: InstanceKey, meta: bytes, stored: Path,

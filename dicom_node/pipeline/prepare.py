@@ -1,0 +1,224 @@
+"""Decode while receiving: a series' pixels are decoded as its instances arrive, so its job starts with them.
+
+Decoding is most of a compressed series' load (the real 20-slice JPEG 2000
+series of docs/performance.md: 0.65-0.69 s from the spool, 0.11-0.12 s with
+its pixels decoded ahead), and it used to start only once the series was
+complete and its job had begun. Now `Ingest` tells the `Preparer` of every
+new instance once it is stored and journaled; the preparer only queues the
+file (never waiting, so no C-STORE response waits for a decode) for one
+decoder child process, which writes the
+instance's decoded frames, exactly as the loader's decoder gives them, to
+`<storage_dir>/prepared` as a .npy file, and the job's loader
+(`dicom_node.pipeline.volume.load_series`) memory-maps it instead of
+decoding the file again.
+
+Nothing is trusted blindly: a prepared file is named after the instance
+file's path, inode, size and modification time, so the loader uses it only
+for the very file it came from (a re-stored or replaced instance has a new
+inode, an instance added to the series has none and is decoded from the
+spool), and only when its frame count, rows and columns are the header's.
+The loader still reads every header and runs every check
+(`dicom_node.pipeline.checks`) on the instance set the journal gives the
+job; only the pixel decode is taken from here.
+
+Bounded: the decoder keeps at most `inference.prepare.max_mb` of decoded
+pixels and `inference.prepare.max_series` series, evicting the series it
+touched least recently; an instance that would not fit even then is not
+prepared, and the job decodes it from the spool as before. The folder is
+emptied when the node starts. The decoder runs in its own process, so it
+never holds the receiving threads' interpreter lock, at a lower CPU priority
+(nice +5: the receiving threads and the jobs come first when the cores are
+short; +10 left it almost no CPU beside other busy processes of a shared
+host, 7 of 20 slices ready at completion). A job that starts before the
+decoder is done decodes what is left itself, from the other end; a full
+queue or a dead decoder only means the job decodes from the spool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import os
+import queue
+import shutil
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dicom_node import logs
+
+log = logging.getLogger(__name__)
+
+_CONTEXT = multiprocessing.get_context("spawn")
+QUEUE_LIMIT = 100_000  # instance notifications waiting for the decoder; beyond it they are dropped
+STOP_TIMEOUT_S = 10
+
+
+@dataclass(frozen=True)
+class PreparedStore:
+    """The folder of decoded instances, as the decoder writes it and the loader reads it."""
+
+    root: Path
+
+    def entry_for(self, path: Path) -> Path | None:
+        """Where the decoded frames of the instance file `path`, as it is now, are (or go); None when the
+        file is gone. The name holds the file's identity, so a replaced file never meets stale pixels."""
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        digest = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:24]
+        return self.root / f"{digest}-{stat.st_ino}-{stat.st_size}-{stat.st_mtime_ns}.npy"
+
+    def frames(self, path: Path, frames: int, rows: int, columns: int) -> np.ndarray | None:
+        """The decoded frames [frame, row, column(, sample)] of `path`, memory-mapped, or None when none were
+        prepared for the file as it is now or they do not have the header's shape."""
+        entry = self.entry_for(path)
+        if entry is None:
+            return None
+        try:
+            array = np.load(entry, mmap_mode="r")
+        except (OSError, ValueError):  # not prepared (or evicted meanwhile): decode from the spool
+            return None
+        return array if array.shape[:3] == (frames, rows, columns) else None
+
+
+def prepared_store(config) -> PreparedStore | None:
+    """The store `config` (a `dicom_node.config.Config`) has the decoder fill, or None when it is off:
+    decoding while receiving is on when `inference.prepare.max_mb` is above 0 and a pipeline is enabled
+    (a node that only forwards never loads a volume)."""
+    if config.inference.prepare.max_mb <= 0 or not any(p.enabled for p in config.pipelines.values()):
+        return None
+    return PreparedStore(Path(config.node.storage_dir) / "prepared")
+
+
+def decode_instance(path: Path) -> np.ndarray:
+    """Every frame of the instance file, stacked, as the loader's decoder gives them (pydicom's pixel
+    plugins; a deflated file is inflated whole first, PS3.5 A.5)."""
+    import pydicom
+    from pydicom.pixels import iter_pixels
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    deflated = header.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    source = pydicom.dcmread(path) if deflated else path
+    return np.stack(list(iter_pixels(source)))
+
+
+class _Budget:
+    """The decoder's account of what it keeps: series in least-recently-touched order, each with its files."""
+
+    def __init__(self, store: PreparedStore, max_bytes: int, max_series: int):
+        self.store = store
+        self.max_bytes = max_bytes
+        self.max_series = max_series
+        self.series: OrderedDict[str, list[tuple[Path, int]]] = OrderedDict()
+        self.total = 0
+
+    def make_room(self, series: str, size: int) -> bool:
+        """Evict other series until `size` more bytes of `series` fit; False when they cannot."""
+        def over() -> bool:
+            new_series = series not in self.series
+            return self.total + size > self.max_bytes or (new_series and len(self.series) >= self.max_series)
+
+        while over():
+            victim = next((uid for uid in self.series if uid != series), None)
+            if victim is None:
+                return False
+            for entry, nbytes in self.series.pop(victim):
+                entry.unlink(missing_ok=True)
+                self.total -= nbytes
+        return True
+
+    def add(self, series: str, entry: Path, size: int) -> None:
+        self.series.setdefault(series, []).append((entry, size))
+        self.series.move_to_end(series)
+        self.total += size
+
+
+def _decoder_main(jobs, stopping, parent_pid: int, root: Path, max_bytes: int, max_series: int,
+                  log_format: str) -> None:
+    """The decoder process: decode each queued instance file into the store until told to stop, or until
+    the node is gone (killed with -9, it cannot tell)."""
+    os.nice(5)
+    logs.configure(log_format)
+    import pydicom.pixels  # noqa: F401  imported now, not on the first instance of the first series
+    store = PreparedStore(root)
+    budget = _Budget(store, max_bytes, max_series)
+    refused: set[str] = set()
+    while not stopping.is_set() and os.getppid() == parent_pid:
+        try:
+            series, path = jobs.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        except (EOFError, OSError):  # the node's end of the queue is gone: so is the node
+            break
+        entry = store.entry_for(Path(path))
+        if entry is None or entry.exists():
+            continue
+        try:
+            frames = decode_instance(Path(path))
+        except Exception as error:  # the job's loader decodes it again and reports what is wrong
+            log.debug("not prepared: %s: %s: %s", path, type(error).__name__, error)
+            continue
+        if not budget.make_room(series, frames.nbytes):
+            if series not in refused:
+                refused.add(series)
+                log.info("series %s: over the prepared-pixel cap (%d MB, %d series); its job decodes the rest "
+                         "from the spool", series, max_bytes // (1 << 20), max_series)
+            continue
+        partial = entry.with_suffix(".part")
+        with open(partial, "wb") as out:
+            np.save(out, frames)
+        os.replace(partial, entry)
+        budget.add(series, entry, frames.nbytes)
+
+
+class Preparer:
+    """The node's side: queues each stored instance for the decoder process, started with the node."""
+
+    def __init__(self, store: PreparedStore, max_bytes: int, max_series: int):
+        self.store = store
+        self.max_bytes = max_bytes
+        self.max_series = max_series
+        self._jobs = None
+        self._stopping = None
+        self._process = None
+
+    def start(self) -> None:
+        """Empty the store (what a previous run kept is not in the new decoder's account) and start decoding."""
+        shutil.rmtree(self.store.root, ignore_errors=True)
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        self._jobs = _CONTEXT.Queue(QUEUE_LIMIT)
+        self._stopping = _CONTEXT.Event()
+        self._process = _CONTEXT.Process(target=_decoder_main, name="prepare-decoder", daemon=True,
+                                         args=(self._jobs, self._stopping, os.getpid(), self.store.root, self.max_bytes, self.max_series,
+                                               logs.current_format()))
+        self._process.start()
+        log.info("decoding while receiving: up to %d MB of decoded pixels, %d series, in %s (pid %d)",
+                 self.max_bytes // (1 << 20), self.max_series, self.store.root, self._process.pid)
+
+    def instance_stored(self, record) -> None:
+        """`Ingest`'s notification of a new instance (`store.journal.InstanceRecord`): queue it, never wait."""
+        if self._jobs is None:
+            return
+        try:
+            self._jobs.put_nowait((record.series_instance_uid, record.path))
+        except (queue.Full, ValueError, OSError):  # full, or the queue closed by stop(): the job decodes it
+            pass
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        jobs, process = self._jobs, self._process
+        self._jobs = self._process = None
+        self._stopping.set()  # what is still queued is not decoded: no job needs it from this run
+        process.join(STOP_TIMEOUT_S)
+        if process.is_alive():
+            process.kill()
+            process.join(STOP_TIMEOUT_S)
+        jobs.cancel_join_thread()
+        jobs.close()
