@@ -11,9 +11,10 @@ time from the first association's start to the last acknowledgement, median
 of `--rounds` interleaved rounds; a round counts only once the journal holds
 every instance sent and the spool every file.
 
-Also printed per configuration: CPU seconds the nodes and PostgreSQL used
-during the send, and how busy the machine's CPUs were (other load included:
-on a shared machine that is part of the answer).
+Also printed per configuration: CPU seconds the nodes, PostgreSQL and the
+senders used during the send, and how busy the machine's CPUs were and how
+much of their time was waiting for the disk (other load included: on a
+shared machine that is part of the answer).
 
     .venv/bin/python bench/scale_out.py [--nodes 1,2,3] [--instances 300] [--senders 6] [--rounds 3]
 """
@@ -21,6 +22,7 @@ on a shared machine that is part of the answer).
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import statistics
 import subprocess
@@ -50,7 +52,9 @@ class Measurement:
     seconds: float
     node_cpu_s: float  # user + system of every node process during the send
     postgres_cpu_s: float  # the PostgreSQL server and its backends
+    senders_cpu_s: float  # the storescu processes
     machine_busy: float  # fraction of all CPUs busy during the send, any process
+    machine_iowait: float  # fraction of all CPUs' time idle waiting for the disk
 
 
 def cpu_seconds(processes: list[psutil.Process]) -> float:
@@ -62,6 +66,12 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
         except psutil.NoSuchProcess:
             pass
     return total
+
+
+def children_cpu_seconds() -> float:
+    """User + system time of this process's children that ended and were waited for (the senders)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def postgres_processes(server: PostgresServer) -> list[psutil.Process]:
@@ -103,11 +113,12 @@ def measure(server: PostgresServer, count: int, series: list[list[Path]], root: 
         node_processes = [psutil.Process(node.process.pid) for node in nodes]
         node_processes += [child for p in node_processes for child in p.children(recursive=True)]
         pg = postgres_processes(server)
-        node_before, pg_before = cpu_seconds(node_processes), cpu_seconds(pg)
-        psutil.cpu_percent(interval=None)
+        node_before, pg_before, senders_before = cpu_seconds(node_processes), cpu_seconds(pg), children_cpu_seconds()
+        psutil.cpu_times_percent(interval=None)
         seconds = send(nodes, series, root / "logs")
-        busy = psutil.cpu_percent(interval=None) / 100
+        machine = psutil.cpu_times_percent(interval=None)
         node_cpu, pg_cpu = cpu_seconds(node_processes) - node_before, cpu_seconds(pg) - pg_before
+        senders_cpu = children_cpu_seconds() - senders_before
     sent = sum(len(files) for files in series)
     journal = Journal(journal_url)
     try:
@@ -119,7 +130,8 @@ def measure(server: PostgresServer, count: int, series: list[list[Path]], root: 
     if journaled != sent or spooled != sent:
         raise RuntimeError(f"{count} node(s): {sent} instances acknowledged, {journaled} in the journal, "
                            f"{spooled} in the spool")
-    return Measurement(seconds, node_cpu, pg_cpu, busy)
+    return Measurement(seconds, node_cpu, pg_cpu, senders_cpu, 1 - (machine.idle + machine.iowait) / 100,
+                       machine.iowait / 100)
 
 
 def main() -> None:
@@ -151,8 +163,10 @@ def main() -> None:
             base = base or rate
             print(f"  {count} node{'s' if count > 1 else ' '}  {rate:7.1f} instances/s  {megabytes * rate / total:6.1f} MB/s"
                   f"  {rate / base:4.2f}x  nodes {statistics.median(m.node_cpu_s for m in runs):5.1f} CPU s, "
-                  f"PostgreSQL {statistics.median(m.postgres_cpu_s for m in runs):4.1f} CPU s, machine "
-                  f"{statistics.median(m.machine_busy for m in runs):4.0%} busy  "
+                  f"PostgreSQL {statistics.median(m.postgres_cpu_s for m in runs):4.1f}, senders "
+                  f"{statistics.median(m.senders_cpu_s for m in runs):4.1f}; machine "
+                  f"{statistics.median(m.machine_busy for m in runs):4.0%} busy, "
+                  f"{statistics.median(m.machine_iowait for m in runs):4.0%} iowait  "
                   f"(runs: {', '.join(f'{m.seconds:.2f}s' for m in runs)})")
 
 
