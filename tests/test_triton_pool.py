@@ -1,11 +1,13 @@
 """The triton backend over a pool of two independent KServe v2 servers (tests/kserve_server.py).
 
 Every sliding-window batch is one request: the pool sends them round-robin,
-so both servers serve one series; one server killed by pid in the middle of a
-series costs that series one failed request, which goes to the other server,
-and the mask is still exactly the embedded backend's; the killed server,
-started again on its ports, gets requests again once its readiness probe
-answers. `models check` and the server metric report each server.
+so both servers serve one series, and the mask is exactly the embedded
+backend's. Through a node with Orthanc as the PACS, one server killed by pid
+while it serves the node's job costs the series one failed request, which goes
+to the other server: the SEG still arrives, with the same mask, and the node's
+metrics and status say which server is down, as `models check` does. The killed
+server, started again on its ports, gets requests again once its readiness
+probe answers.
 """
 
 from __future__ import annotations
@@ -15,17 +17,26 @@ import io
 import threading
 
 import numpy as np
+import psutil
+import pydicom
 import pytest
 
 from dicom_node.config import load_config
 from dicom_node.metrics import InferenceServerCollector, NodeMetrics
 from dicom_node.ops import models
 from dicom_node.pipeline.health import inference_servers
+from dicom_node.pipeline.volume import load_series
+from dicom_node.results.segread import read_seg
 from inference import tasks
 from inference.backends import BackendSettings, open_backend
 from inference.repository import ModelRepository
-from tests.peers import wait_for
+from tests.peers import dcmtk, orthanc, wait_for
 from tests.peers.kserve import KServeServer
+from tests.test_api import get_json, samples
+from tests.test_orthanc_end_to_end import (SHIPPED_PIPELINES, download, needs_peers, overrides, study_series,
+                                          uid_of)
+from tests.test_pipeline import real_series
+from tests.test_receive import running_node
 from tests.test_spleen import ct, embedded_mask, make_repository  # noqa: F401  (module fixtures)
 
 BACKOFF_S = 1.0
@@ -63,17 +74,15 @@ def pool(tmp_path_factory):
                 server.stop()
 
 
-def segment_counting(ct, entry, backend, on_request=None):  # noqa: F811
-    """tasks.segment through the pool, with `on_request(n)` called before the n-th request (from 1);
-    returns the label map, the number of requests and the requests per (server, outcome) the pool sent."""
+def segment_counting(ct, entry, backend):  # noqa: F811
+    """tasks.segment through the pool; the label map, the number of requests it made and the requests per
+    (server, outcome) the pool sent."""
     backend.drain_counts()
     calls = [0]
 
     class Counting:
         def infer(self, entry, inputs):
             calls[0] += 1
-            if on_request is not None:
-                on_request(calls[0])
             return backend.infer(entry, inputs)
 
     labels = tasks.segment(ct, entry, Counting())
@@ -89,26 +98,45 @@ def test_requests_go_round_robin_to_both_servers(pool, ct, embedded_mask):  # no
     assert not any(outcome == "failed" for _, outcome in counts)
 
 
-def test_server_killed_mid_series_the_series_finishes(pool, ct, embedded_mask):  # noqa: F811
-    """Server B is killed (SIGKILL, by pid) as the third request goes out, concurrently with it."""
-    repository, servers, backend, _ = pool
-    killer: list[threading.Thread] = []
-
-    def kill_b(n: int) -> None:
-        if n == 3:
-            killer.append(threading.Thread(target=servers[1].kill))
-            killer[0].start()
-
-    labels, requests, counts = segment_counting(ct, repository.get("spleen_ct"), backend, kill_b)
-    killer[0].join()
-    np.testing.assert_array_equal(labels.volume.array, embedded_mask.volume.array)
+@needs_peers
+def test_node_on_the_pool_delivers_the_seg_to_orthanc_while_a_server_is_killed(pool, embedded_mask, tmp_path):  # noqa: F811
+    """A node with the pool as its backend and Orthanc as its PACS: server B is killed by pid once it is
+    busy with the job's requests; the SEG still arrives with the embedded backend's mask, and the node's
+    metrics and status say which server failed and is down."""
+    repository, servers, _, _ = pool
     a_url, b_url = (s.grpc_url for s in servers)
-    assert counts.get((b_url, "failed"), 0) >= 1, counts
-    assert counts.get((a_url, "ok"), 0) + counts.get((b_url, "ok"), 0) == requests, counts
-    assert counts.get((a_url, "ok"), 0) > requests // 2 + 1, counts  # A took over B's share
-    state = {s.url: s for s in backend.servers()}
-    assert state[a_url].up and not state[b_url].up
-    assert "connect" in state[b_url].reason.lower() or "unavailable" in state[b_url].reason.lower(), state[b_url]
+    files = real_series(tmp_path / "series")
+    study_uid = uid_of(files[0], "StudyInstanceUID")
+    inference = {"backend": "triton", "model_repository": str(repository.path),
+                 "triton": {"urls": [a_url, b_url], "timeout_s": 120, "backoff_s": BACKOFF_S}}
+    b_process = psutil.Process(servers[1].pid)
+    b_idle_cpu = sum(b_process.cpu_times()[:2])
+    with orthanc.Orthanc(tmp_path / "orthanc") as pacs, running_node(
+            tmp_path / "node", **overrides(pacs, pipelines={"spleen_ct": SHIPPED_PIPELINES["spleen_ct"]}),
+            inference=inference) as node:
+        result = dcmtk.storescu(node.port, files, extra=["-xv"])
+        assert result.returncode == 0, result.output
+        # B is mid-series once it has spent CPU on the job's patches: then it is killed.
+        wait_for(lambda: sum(b_process.cpu_times()[:2]) - b_idle_cpu > 0.5, 120, "server B serving the job")
+        servers[1].kill()
+        (seg_series,) = wait_for(lambda: study_series(pacs, study_uid).get("SEG"), 240, "a SEG series in Orthanc")
+        (seg_path,) = download(pacs, seg_series, tmp_path / "from_orthanc")
+        metrics = samples(node)
+        status = get_json(node, "/v1/status")
+    loaded = load_series(files)
+    seg = read_seg(seg_path, [pydicom.dcmread(s.path, stop_before_pixels=True) for s in loaded.slices])
+    np.testing.assert_array_equal(seg.masks[1].array, embedded_mask.volume.array == 1)
+
+    def requests(server: str, outcome: str) -> float:
+        return metrics.get(("dicom_node_inference_requests_total", (("outcome", outcome), ("server", server))), 0)
+
+    assert requests(b_url, "failed") >= 1, metrics
+    assert requests(a_url, "ok") > requests(b_url, "ok") > 0, metrics
+    assert metrics[("dicom_node_inference_server_up", (("server", a_url),))] == 1
+    assert metrics[("dicom_node_inference_server_up", (("server", b_url),))] == 0
+    servers_state = {s["url"]: s for s in status["inference_servers"]}
+    assert servers_state[a_url]["up"] and not servers_state[b_url]["up"]
+    assert [p["state"] for p in status["pipelines"]] == ["ready"]  # A serves every model
 
 
 def test_models_check_and_metrics_report_each_server(pool, tmp_path):
@@ -150,14 +178,18 @@ destinations:
     assert f'dicom_node_inference_server_up{{server="{b_url}"}} 0.0' in text
 
 
-def test_restarted_server_gets_requests_again(pool, ct, embedded_mask):  # noqa: F811
+def test_restarted_server_gets_requests_again(pool):
     repository, servers, backend, root = pool
     servers[1] = KServeServer(repository.path, root / "kserve1-again.log",
                               ports=(servers[1].http_port, servers[1].grpc_port))
     # Its back-off passes (nothing probes it meanwhile): the first request that finds it due probes it.
     wait_for(lambda: backend.pool.states()[1].probe_in_s == 0, 30, "server B's back-off to pass")
-    labels, requests, counts = segment_counting(ct, repository.get("spleen_ct"), backend)
-    np.testing.assert_array_equal(labels.volume.array, embedded_mask.volume.array)
-    b_url = servers[1].grpc_url
-    assert counts.get((b_url, "ok"), 0) >= requests // 2 - 1, counts
-    wait_for(lambda: all(s.up for s in backend.servers()), 10, "both servers up")
+    entry = repository.get("spleen_ct")
+    patch = {entry.pipeline.input.name: np.zeros((1, 1, 96, 96, 96), np.float32)}
+    backend.drain_counts()
+    for _ in range(4):
+        backend.infer(entry, patch)
+    counts = backend.drain_counts()
+    assert set(counts) == {(servers[0].grpc_url, "ok"), (servers[1].grpc_url, "ok")}, counts  # both serve
+    assert sum(counts.values()) == 4, counts
+    assert all(s.up for s in backend.pool.states())
