@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 MAX_BACKOFF_FACTOR = 12  # 5 s first back-off: a dead server is probed at most once a minute
@@ -28,10 +27,10 @@ class ServerState:
     url: str
     up: bool
     reason: str = ""  # why it is down ("" when up)
-    probe_in_s: float = 0.0  # seconds until it is probed again (0 when up or due)
+    probe_in_s: float = 0.0  # this process's back-off left before a request probes it (0 when up or due)
 
     def describe(self) -> str:
-        return "up" if self.up else f"down ({self.reason}; probed again in {self.probe_in_s:.0f} s)"
+        return "up" if self.up else f"down ({self.reason})"
 
 
 @dataclass(frozen=True)
@@ -51,13 +50,11 @@ class _Server:
 class ServerPool:
     """The servers' up/down marks and the round-robin cursor, shared by the threads of one process."""
 
-    def __init__(self, urls: tuple[str, ...], backoff_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, urls: tuple[str, ...], backoff_s: float) -> None:
         if not urls:
             raise ValueError("a server pool needs at least one url")
         self._servers = [_Server(url) for url in urls]
         self._first_backoff_s = backoff_s
-        self._clock = clock
         self._next = 0
         self._lock = threading.Lock()
 
@@ -70,7 +67,7 @@ class ServerPool:
         passed, to be probed (a ready one takes this request: that is how a server comes back), then the
         up servers from the round-robin cursor (which moves on by one per request); with `every` (a retry
         after all failed) the down servers still in back-off last."""
-        now = self._clock()
+        now = time.monotonic()
         with self._lock:
             count = len(self._servers)
             rotated = [self._servers[(self._next + i) % count] for i in range(count)]
@@ -91,7 +88,7 @@ class ServerPool:
             was_up = server.down_until is None
             server.backoff_s = (self._first_backoff_s if was_up
                                 else min(server.backoff_s * 2, self._first_backoff_s * MAX_BACKOFF_FACTOR))
-            server.down_until = self._clock() + server.backoff_s
+            server.down_until = time.monotonic() + server.backoff_s
             server.reason = reason
             return was_up
 
@@ -104,7 +101,7 @@ class ServerPool:
             return was_down
 
     def states(self) -> list[ServerState]:
-        now = self._clock()
+        now = time.monotonic()
         with self._lock:
             return [ServerState(s.url, s.down_until is None, s.reason,
                                 0.0 if s.down_until is None else max(s.down_until - now, 0.0))
