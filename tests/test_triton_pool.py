@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import subprocess
 import threading
 
 import numpy as np
@@ -30,7 +31,7 @@ from dicom_node.results.segread import read_seg
 from inference import tasks
 from inference.backends import BackendSettings, open_backend
 from inference.repository import ModelRepository
-from tests.peers import dcmtk, orthanc, wait_for
+from tests.peers import REPO, dcmtk, orthanc, wait_for
 from tests.peers.kserve import KServeServer
 from tests.test_api import get_json, samples
 from tests.test_orthanc_end_to_end import (SHIPPED_PIPELINES, download, needs_peers, overrides, study_series,
@@ -102,7 +103,7 @@ def test_requests_go_round_robin_to_both_servers(pool, ct, embedded_mask):  # no
 def test_node_on_the_pool_delivers_the_seg_to_orthanc_while_a_server_is_killed(pool, embedded_mask, tmp_path):  # noqa: F811
     """A node with the pool as its backend and Orthanc as its PACS: server B is killed by pid once it is
     busy with the job's requests; the SEG still arrives with the embedded backend's mask, and the node's
-    metrics and status say which server failed and is down."""
+    metrics, /v1/status and `dicom-node status` say which server failed and is down."""
     repository, servers, _, _ = pool
     a_url, b_url = (s.grpc_url for s in servers)
     files = real_series(tmp_path / "series")
@@ -123,6 +124,8 @@ def test_node_on_the_pool_delivers_the_seg_to_orthanc_while_a_server_is_killed(p
         (seg_path,) = download(pacs, seg_series, tmp_path / "from_orthanc")
         metrics = samples(node)
         status = get_json(node, "/v1/status")
+        printed = subprocess.run([REPO / ".venv" / "bin" / "dicom-node", "status", "--config", node.config_path],
+                                 capture_output=True, text=True, timeout=120)
     loaded = load_series(files)
     seg = read_seg(seg_path, [pydicom.dcmread(s.path, stop_before_pixels=True) for s in loaded.slices])
     np.testing.assert_array_equal(seg.masks[1].array, embedded_mask.volume.array == 1)
@@ -137,6 +140,10 @@ def test_node_on_the_pool_delivers_the_seg_to_orthanc_while_a_server_is_killed(p
     servers_state = {s["url"]: s for s in status["inference_servers"]}
     assert servers_state[a_url]["up"] and not servers_state[b_url]["up"]
     assert [p["state"] for p in status["pipelines"]] == ["ready"]  # A serves every model
+    lines = printed.stdout.splitlines()
+    assert "inference servers" in lines, printed.stdout + printed.stderr
+    assert any(line.split() == [a_url, "up"] for line in lines), printed.stdout
+    assert any(line.split()[:2] == [b_url, "down"] for line in lines), printed.stdout
 
 
 def test_models_check_and_metrics_report_each_server(pool, tmp_path):
