@@ -62,6 +62,10 @@ class NodeMetrics:
         # so each transport is counted apart without a second label on every counter.
         self.destination_info = Gauge(f"{PREFIX}_destination_info", "Configured destinations, by transport",
                                       ["destination", "transport"], registry=r)
+        self.inference_requests = Counter(f"{PREFIX}_inference_requests", "Inference requests of jobs to each "
+                                          "triton server, by outcome: ok, or failed (connection error or not "
+                                          "ready: the request went to another server)",
+                                          ["server", "outcome"], registry=r)
         self.series_purged = Counter(f"{PREFIX}_series_purged", "Series generations retention deleted from the spool",
                                      ["outcome"], registry=r)
 
@@ -148,3 +152,18 @@ class PipelineHealthCollector(Collector):
         for pipeline in self._health():
             ready.add_metric([pipeline.pipeline], 1 if pipeline.ready else 0)
         yield ready
+
+
+class InferenceServerCollector(Collector):
+    """`dicom_node_inference_server_up{server}`: 1 up, 0 down, each triton server probed at scrape time
+    (dicom_node.pipeline.health.inference_servers); nothing with the embedded backend."""
+
+    def __init__(self, servers: Callable[[], list]) -> None:
+        self._servers = servers
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily(f"{PREFIX}_inference_server_up", "1 when the triton server answers ready, 0 when "
+                               "it is down (no requests until a readiness probe succeeds)", labels=["server"])
+        for server in self._servers():
+            up.add_metric([server.url], 1 if server.up else 0)
+        yield up

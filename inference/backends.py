@@ -29,6 +29,7 @@ from typing import Literal, Protocol, TypeVar
 import numpy as np
 
 from inference.repository import ModelEntry
+from inference.server_pool import ServerPool, ServerState
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ ONNX_DATATYPES = {
     "tensor(int32)": "INT32", "tensor(int64)": "INT64", "tensor(bool)": "BOOL",
 }
 FLOAT_DATATYPES = ("FP32", "FP16", "FP64")
+PROBE_TIMEOUT_S = 5.0  # a readiness probe (gRPC deadline): a server that cannot answer that is not ready
 DESCRIBE_TIMEOUT_S = 300  # a large model on a busy CPU; only the first check of each model file waits
 
 
@@ -58,12 +60,18 @@ class BackendSettings:
     """What config.yaml's `inference` section says about the backend."""
 
     kind: Literal["embedded", "triton"] = "embedded"
-    url: str = "127.0.0.1:8001"
+    url: str = "127.0.0.1:8001"  # one triton server ...
+    urls: tuple[str, ...] = ()  # ... or a pool of them (this wins when given)
     protocol: Literal["grpc", "http"] = "grpc"
     timeout_s: float = 60.0
     retries: int = 3
+    backoff_s: float = 5.0  # a failed server's first back-off (inference.server_pool)
     cpu_threads: int = 0
     providers: list[str] = field(default_factory=list)
+
+    @property
+    def servers(self) -> tuple[str, ...]:
+        return self.urls or (self.url,)
 
 
 class Backend(Protocol):
@@ -231,11 +239,15 @@ def _describe_in_child(entry: ModelEntry) -> tuple[list[TensorSignature], list[T
 
 
 class TritonBackend:
-    """tritonclient against a KServe v2 server (Triton, KServe, MLServer) over gRPC or HTTP.
+    """tritonclient against one KServe v2 server (Triton, KServe, MLServer) or a pool of them, over gRPC
+    or HTTP.
 
-    One client per thread (tritonclient's HTTP client is not thread-safe);
-    transient failures (server unavailable, connection refused or reset) are
-    retried `retries` times with exponential backoff, anything else fails at once.
+    One client per thread and server (tritonclient's HTTP client is not thread-safe). Each request
+    (one sliding-window batch, one classifier input) goes to the next server that is up
+    (inference.server_pool); a transient failure (server unavailable, connection refused or reset)
+    marks that server down and sends the same request to the next one, so a server stopped mid-series
+    does not fail the job. When every server failed, the request is tried again `retries` times with
+    exponential backoff, down servers included (probed first); anything else fails at once.
     """
 
     def __init__(self, settings: BackendSettings) -> None:
@@ -248,33 +260,50 @@ class TritonBackend:
         self._module = client_module
         self._server_error = InferenceServerException
         self.settings = settings
-        self.where = f"on triton at {settings.url}"
+        self.pool = ServerPool(settings.servers, settings.backoff_s)
         self._local = threading.local()
         self._clients: list = []
         self._lock = threading.Lock()
         self._entries: dict[str, ModelEntry] = {}
-        live = self._call(lambda c: c.is_server_live(**self._timeout()), "server live")
-        ready = live and self._call(lambda c: c.is_server_ready(**self._timeout()), "server ready")
-        if not ready:
-            raise BackendError(f"triton at {settings.url} is {'not ready' if live else 'not live'}")
+        self._counts: dict[tuple[str, str], int] = {}  # (server, ok|failed) -> requests since the last drain
+        for attempt in range(settings.retries + 1):
+            if any(self._probe(url) is None for url in self.pool.urls):
+                return
+            if attempt < settings.retries:
+                time.sleep(min(0.5 * 2 ** attempt, 10.0))
+        raise BackendError(self._none_ready("server live", settings.retries + 1))
+
+    def _none_ready(self, what: str, attempts: int) -> str:
+        states = self.pool.states()
+        unreachable = all(not s.reason.startswith("not ") for s in states)
+        reasons = "; ".join(s.reason if len(states) == 1 else f"{s.url}: {s.reason}" for s in states)
+        return (f"triton at {', '.join(self.pool.urls)} is {'unreachable' if unreachable else 'not ready'} "
+                f"({what}, {attempts} attempts): {reasons}")
 
     def _timeout(self) -> dict[str, float]:
         """gRPC takes a per-call deadline; the HTTP client has its network timeout set once."""
         return {"client_timeout": self.settings.timeout_s} if self.settings.protocol == "grpc" else {}
 
-    def _client(self):
-        client = getattr(self._local, "client", None)
+    def _client(self, url: str):
+        clients = self._local.__dict__.setdefault("clients", {})
+        client = clients.get(url)
         if client is None:
             if self.settings.protocol == "grpc":
-                client = self._module.InferenceServerClient(self.settings.url)
+                client = self._module.InferenceServerClient(url, channel_args=_grpc_channel_args())
             else:
                 client = self._module.InferenceServerClient(
-                    self.settings.url, connection_timeout=self.settings.timeout_s,
-                    network_timeout=self.settings.timeout_s)
-            self._local.client = client
+                    url, connection_timeout=self.settings.timeout_s, network_timeout=self.settings.timeout_s)
+            clients[url] = client
             with self._lock:
                 self._clients.append(client)
         return client
+
+    def _discard_client(self, url: str) -> None:
+        client = self._local.__dict__.get("clients", {}).pop(url, None)
+        if client is not None:
+            with self._lock:
+                self._clients.remove(client)
+            client.close()
 
     def _transient(self, error: Exception) -> bool:
         if isinstance(error, self._server_error):
@@ -282,53 +311,106 @@ class TritonBackend:
             return status in ("StatusCode.UNAVAILABLE", "503") or "connection" in str(error).lower()
         return isinstance(error, OSError)
 
-    def _call(self, request: Callable[[object], T], what: str) -> T:
-        """One request with bounded retry on transient errors; BackendError after the last attempt."""
-        for attempt in range(self.settings.retries + 1):
-            try:
-                return request(self._client())
-            except Exception as error:  # tritonclient raises its own and the transport's exceptions
-                if not self._transient(error):
-                    raise BackendError(f"{what} failed {self.where}: {_message(error)}") from None
-                if attempt == self.settings.retries:
-                    raise BackendError(f"triton at {self.settings.url} is unreachable ({what}, "
-                                       f"{attempt + 1} attempts): {_message(error)}") from None
-                self._discard_client()
-                time.sleep(min(0.5 * 2 ** attempt, 10.0))
-        raise AssertionError("unreachable")
+    def _probe(self, url: str) -> str | None:
+        """Readiness of one server (KServe v2 server live, then server ready); None when ready, else why
+        not. Marks the server up or down accordingly."""
+        timeout = {"client_timeout": min(self.settings.timeout_s, PROBE_TIMEOUT_S)} if self._timeout() else {}
+        try:
+            client = self._client(url)
+            reason = (None if client.is_server_ready(**timeout) else "not ready") if client.is_server_live(**timeout) \
+                else "not live"
+        except Exception as error:  # tritonclient raises its own and the transport's exceptions
+            self._discard_client(url)
+            reason = _message(error)
+        if reason is None:
+            if self.pool.mark_up(url):
+                log.info("triton at %s is ready again: it gets requests", url)
+        elif self.pool.mark_down(url, reason):
+            log.warning("triton at %s is down (%s): requests go to the other servers", url, reason)
+        return reason
 
-    def _discard_client(self) -> None:
-        client = getattr(self._local, "client", None)
-        if client is not None:
-            self._local.client = None
-            with self._lock:
-                self._clients.remove(client)
-            client.close()
+    def _call(self, request: Callable[[object], T], what: str, counted: bool = False) -> T:
+        """One request on the first server in the pool's order that answers (`counted`: in the per-server
+        request counts, which are a job's inference requests)."""
+        return self._sweep(request, what, first=True, counted=counted)[0][1]
+
+    def _sweep(self, request: Callable[[object], T], what: str, *, first: bool,
+               counted: bool = False) -> list[tuple[str, T]]:
+        """(server, answer) of the first server that answers, or of every one that does (`first` False):
+        a server failing transiently is marked down and the next tried; when none answered, the round
+        again after a backoff, `retries` times, down servers included; BackendError after the last."""
+        for attempt in range(self.settings.retries + 1):
+            answers: list[tuple[str, T]] = []
+            for candidate in self.pool.candidates(every=attempt > 0):
+                if candidate.probe and self._probe(candidate.url) is not None:
+                    continue
+                try:
+                    result = request(self._client(candidate.url))
+                except Exception as error:  # tritonclient raises its own and the transport's exceptions
+                    if not self._transient(error):
+                        raise BackendError(f"{what} failed on triton at {candidate.url}: {_message(error)}") from None
+                    self._discard_client(candidate.url)
+                    if counted:
+                        self._count(candidate.url, "failed")
+                    if self.pool.mark_down(candidate.url, _message(error)):
+                        log.warning("triton at %s is down (%s: %s): requests go to the other servers",
+                                    candidate.url, what, _message(error))
+                    continue
+                if counted:
+                    self._count(candidate.url, "ok")
+                answers.append((candidate.url, result))
+                if first:
+                    return answers
+            if answers:
+                return answers
+            if attempt < self.settings.retries:
+                time.sleep(min(0.5 * 2 ** attempt, 10.0))
+        raise BackendError(self._none_ready(what, self.settings.retries + 1))
+
+    def _count(self, url: str, outcome: str) -> None:
+        with self._lock:
+            self._counts[url, outcome] = self._counts.get((url, outcome), 0) + 1
+
+    def drain_counts(self) -> dict[tuple[str, str], int]:
+        """Requests per (server, outcome `ok` or `failed`) since the last call: a job's worker hands them to
+        the node's process, which owns the metrics (dicom_node.pipeline.job)."""
+        with self._lock:
+            counts, self._counts = self._counts, {}
+        return counts
+
+    def servers(self) -> list[ServerState]:
+        """Every server probed now: what health views and the server metric report."""
+        for url in self.pool.urls:
+            self._probe(url)
+        return self.pool.states()
 
     def check(self, entry: ModelEntry) -> None:
-        def ready(client) -> bool:
+        """The model ready with the pipeline.yaml signature on every server that answers (a pool serves
+        one repository: a server that lacks the model would fail the jobs it gets)."""
+        grpc = self.settings.protocol == "grpc"
+
+        def metadata(client) -> dict | None:
             try:
-                return client.is_model_ready(entry.name, **self._timeout())
+                if not client.is_model_ready(entry.name, **self._timeout()):
+                    return None
             except self._server_error as error:
                 if str(error.status()) in ("StatusCode.NOT_FOUND", "404"):
-                    return False  # gRPC answers an unknown model with NOT_FOUND, HTTP with a 404 status
+                    return None  # gRPC answers an unknown model with NOT_FOUND, HTTP with a 404 status
                 raise
+            return (client.get_model_metadata(entry.name, as_json=True, **self._timeout()) if grpc
+                    else client.get_model_metadata(entry.name))
 
-        if not self._call(ready, "model ready"):
-            raise BackendError(f"model {entry.name!r} is not ready {self.where}")
-        if self.settings.protocol == "grpc":
-            metadata = self._call(lambda c: c.get_model_metadata(entry.name, as_json=True, **self._timeout()),
-                                  "model metadata")
-        else:
-            metadata = self._call(lambda c: c.get_model_metadata(entry.name), "model metadata")
-
-        def signature(key: str) -> list[TensorSignature]:
+        def signature(described: dict, key: str) -> list[TensorSignature]:
             # gRPC's JSON form writes int64 dims as strings; `versions` may be [] or absent.
             return [TensorSignature(t["name"], t["datatype"],
                                     tuple(int(d) for d in t["shape"]) if t.get("shape") is not None else None)
-                    for t in metadata.get(key) or []]
+                    for t in described.get(key) or []]
 
-        compare_signature(entry, signature("inputs"), signature("outputs"), self.where)
+        for url, described in self._sweep(metadata, "model metadata", first=False):
+            if described is None:
+                raise BackendError(f"model {entry.name!r} is not ready on triton at {url}")
+            compare_signature(entry, signature(described, "inputs"), signature(described, "outputs"),
+                              f"on triton at {url}")
         with self._lock:
             self._entries[entry.name] = entry
 
@@ -352,13 +434,30 @@ class TritonBackend:
             result = client.infer(model, tensors, outputs=outputs, **self._timeout())
             return {entry.pipeline.output.name: result.as_numpy(entry.pipeline.output.name)}
 
-        return self._call(request, f"inference of model {model!r}")
+        return self._call(request, f"inference of model {model!r}", counted=True)
 
     def close(self) -> None:
         with self._lock:
             clients, self._clients = self._clients, []
         for client in clients:
             client.close()
+
+
+def _grpc_channel_args() -> list[tuple[str, object]]:
+    """tritonclient's default channel options, and a subchannel pool of the channel's own: gRPC otherwise
+    shares one connection per address between channels, with its reconnect back-off, so a client made
+    afresh for a restarted server would wait out the back-off the dead one's failures had grown."""
+    from tritonclient.grpc import KeepAliveOptions
+    from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
+
+    keepalive = KeepAliveOptions()
+    return [("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+            ("grpc.use_local_subchannel_pool", 1)]
 
 
 def _message(error: Exception) -> str:

@@ -51,6 +51,25 @@ def test_triton_config_points_at_the_compose_services():
     assert config.destinations["pacs"].host == "orthanc"
 
 
+def test_triton_pool_urls(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("inference:\n  backend: triton\n  triton:\n    urls: [a:8001, b:8001]\n    backoff_s: 2\n")
+    settings = load_config(path).inference.backend_settings()
+    assert (settings.servers, settings.backoff_s) == (("a:8001", "b:8001"), 2)
+    path.write_text("inference:\n  triton:\n    url: a:8001\n")
+    assert load_config(path).inference.backend_settings().servers == ("a:8001",)
+    assert Config().inference.backend_settings().servers == ("127.0.0.1:8001",)
+    assert errors_of(tmp_path, """
+        inference:
+          triton: {url: a:8001, urls: [b:8001]}
+        """) == ["config.yaml:3 inference.triton: give url (one server) or urls (a pool), not both"]
+    assert errors_of(tmp_path, """
+        inference:
+          triton:
+            urls: [a:8001, a:8001]
+        """) == ["config.yaml:4 inference.triton.urls: urls lists a:8001 more than once"]
+
+
 def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
     folder = tmp_path / "etc"
     folder.mkdir()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.peers import REPO, ManagedProcess, free_port, peer_env, wait_for_port
+from tests.peers import REPO, ManagedProcess, free_port, needs, peer_env, wait_for_port
 
 from dicom_node.config import load_config
 
@@ -120,3 +120,72 @@ def test_compose_runs_the_node_on_triton_with_a_gpu_and_orthanc():
     modalities = json.loads(services["orthanc"]["environment"]["ORTHANC__DICOM_MODALITIES"])
     assert modalities["dicomnode"] == [config.node.ae_title, "node", config.node.port]
     assert shlex.join(services["node"]["command"]).startswith("serve --config /etc/dicom-node/config.yaml")
+
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+required_haproxy = needs(Path(HAPROXY).exists(), "haproxy not installed (scripts/install-peers.sh installs it)")
+
+
+def haproxy_servers(text: str) -> dict[str, list[tuple[str, str]]]:
+    """backend name -> [(server name, address)] of an haproxy.cfg."""
+    backends: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if words[:1] == ["backend"]:
+            current = backends.setdefault(words[1], [])
+        elif words[:1] and not line.startswith((" ", "\t")):
+            current = None
+        elif words[:1] == ["server"] and current is not None:
+            current.append((words[1], words[2]))
+    return backends
+
+
+def test_scale_compose_runs_two_replicas_behind_haproxy_on_one_journal_and_spool():
+    compose = yaml.safe_load((REPO / "docker-compose.scale.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"node-1", "node-2", "haproxy", "postgres", "tritonserver", "orthanc"}
+    replicas = [services["node-1"], services["node-2"]]
+    assert replicas[0] == replicas[1]  # one definition (a YAML anchor), two replicas
+    config = load_config(REPO / "deploy" / "config.scale.yaml")
+    [config_mount] = [v for v in replicas[0]["volumes"] if v.endswith(":/etc/dicom-node/config.yaml:ro")]
+    assert config_mount.startswith("./deploy/config.scale.yaml:")
+    [spool] = [v for v in replicas[0]["volumes"] if v.split(":")[1] == str(config.node.storage_dir)]
+    assert spool.split(":")[0] in compose["volumes"]  # a named volume both replicas mount
+    assert "ports" not in replicas[0]  # reached through HAProxy only
+
+    # The journal is the compose PostgreSQL, with its user, database and password.
+    postgres = services["postgres"]["environment"]
+    assert config.node.journal_url == (f"postgresql+psycopg://{postgres['POSTGRES_USER']}:{postgres['POSTGRES_PASSWORD']}"
+                                       f"@postgres:5432/{postgres['POSTGRES_DB']}")
+    assert config.inference.triton.servers == ("tritonserver:8001",)
+    [device] = services["tritonserver"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert config.destinations["pacs"].host == "orthanc"
+    modalities = json.loads(services["orthanc"]["environment"]["ORTHANC__DICOM_MODALITIES"])
+    assert modalities["dicomnode"] == [config.node.ae_title, "haproxy", config.node.port]
+
+    # HAProxy: its config mounted, DICOM and API ports published, every replica in both backends on the
+    # config's ports, DICOM in TCP mode and the API in HTTP mode.
+    haproxy = services["haproxy"]
+    assert "./deploy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in haproxy["volumes"]
+    assert sorted(haproxy["ports"]) == sorted([f"{config.node.port}:{config.node.port}",
+                                               f"{config.http.port}:{config.http.port}"])
+    text = (REPO / "deploy" / "haproxy.cfg").read_text()
+    backends = haproxy_servers(text)
+    assert backends["dicom_nodes"] == [(name, f"{name}:{config.node.port}") for name in ("node-1", "node-2")]
+    assert backends["api_nodes"] == [(name, f"{name}:{config.http.port}") for name in ("node-1", "node-2")]
+    sections = re.split(r"\n(?=\S)", text)
+    modes = {s.split()[0] + " " + s.split()[1]: re.search(r"^\s+mode (\w+)", s, re.M).group(1)
+             for s in sections if s.startswith(("frontend", "backend"))}
+    assert modes == {"frontend dicom": "tcp", "backend dicom_nodes": "tcp", "frontend api": "http",
+                     "backend api_nodes": "http"}
+    assert f"check port {config.http.port}" in text and "uri /healthz" in text  # /healthz needs no token
+
+
+@required_haproxy
+def test_haproxy_accepts_its_config():
+    result = subprocess.run([HAPROXY, "-c", "-f", str(REPO / "deploy" / "haproxy.cfg")], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Configuration file is valid" in result.stdout + result.stderr

@@ -44,7 +44,7 @@ from dicom_node.config.base import LOOPBACK_HOSTS
 from dicom_node.store.journal import ExportRecord, JobRecord, Journal, SeriesRecord, StepOutcome
 from dicom_node.store.schema import exports, jobs, series
 from dicom_node.metrics import CONTENT_TYPE, NodeMetrics
-from dicom_node.pipeline.health import InferenceOpener, configured_models, pipeline_health
+from dicom_node.pipeline.health import InferenceOpener, configured_models, inference_servers, pipeline_health
 from dicom_node.states import JobKind, JobState
 from dicom_node.pipeline.requeue import NotRetryable, requeue
 from dicom_node.ops.status import NodeStatus, OpenAssociation, readiness, snapshot
@@ -182,7 +182,8 @@ def create_app(node: NodeHandles) -> FastAPI:
         return snapshot(node.config, node.journal, readiness(node.config, node.journal, node.dicom_listening),
                         pipeline_health(node.config, node.open_inference), source="node",
                         associations=node.associations(), received=node.metrics.received_by_transport(),
-                        cluster=node.cluster())
+                        cluster=node.cluster(),
+                        servers=inference_servers(node.config, node.open_inference))
 
     @app.get("/v1/models", summary="Models of the repository and the pipelines that use them")
     def models() -> list[ModelInfo]:

@@ -152,14 +152,14 @@ def run_list(args: argparse.Namespace, config: Config | None, out: TextIO = sys.
 
 def run_check(args: argparse.Namespace, config: Config | None, out: TextIO = sys.stdout) -> int:
     """Each repository entry `ok` or `FAILED`, then each enabled pipeline `ready` or `degraded (why)` as
-    /v1/status says it (dicom_node.pipeline.health). Exit 0 when the check ran, whatever it found: a pipeline
+    /v1/status says it (dicom_node.pipeline.health), then each triton server up or down. Exit 0 when the check ran, whatever it found: a pipeline
     naming a model the site has not installed is a state, not an error; `--strict` exits 1 on any
     failed entry or degraded pipeline (for an install script or CI)."""
     from inference.backends import BackendError, open_backend
     from inference.repository import ModelRepository, RepositoryError
 
     from dicom_node.config.inference import InferenceConfig
-    from dicom_node.pipeline.health import pipeline_health
+    from dicom_node.pipeline.health import inference_servers, pipeline_health
 
     path = _repository_path(args, config)
     repository = ModelRepository(path)
@@ -193,6 +193,8 @@ def run_check(args: argparse.Namespace, config: Config | None, out: TextIO = sys
         health = pipeline_health(config, open_inference) if config is not None else []
         for pipeline in health:
             print(f"pipeline {pipeline.pipeline}: {pipeline.describe()}", file=out)
+        for server in inference_servers(config, open_inference) if config is not None and backend is not None else ():
+            print(f"triton server {server.url}: {server.describe()}", file=out)
     finally:
         if backend is not None:
             backend.close()

@@ -34,9 +34,9 @@ from dicom_node import logs
 from dicom_node.cluster import RECONCILE, RETENTION, Cluster
 from dicom_node.pipeline.complete import CompletionTracker
 from dicom_node.config import Config
-from dicom_node.pipeline.health import pipeline_health
+from dicom_node.pipeline.health import inference_servers, pipeline_health
 from dicom_node.store.journal import Journal, NewInstance, utcnow
-from dicom_node.metrics import JournalCollector, NodeMetrics, PipelineHealthCollector
+from dicom_node.metrics import InferenceServerCollector, JournalCollector, NodeMetrics, PipelineHealthCollector
 from dicom_node.pipeline.prepare import Preparer, prepared_store
 from dicom_node.pipeline.stage import Pipeline
 from dicom_node.receive.scp import Receiver
@@ -127,6 +127,7 @@ def serve(config: Config, log_format: str = "text") -> None:
                                            lambda: len(spool.quarantined())))
     pipeline = Pipeline(config, journal, metrics, leases=cluster.leases if cluster else None)
     metrics.add_collector(PipelineHealthCollector(lambda: pipeline_health(config, pipeline.inference)))
+    metrics.add_collector(InferenceServerCollector(lambda: inference_servers(config, pipeline.inference)))
     pipeline.start()
     tracker = CompletionTracker(journal, config.completion.stable_seconds, config.completion.after_release_seconds,
                                 on_series_complete=pipeline.on_series_complete, metrics=metrics, cluster=cluster)

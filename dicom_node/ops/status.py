@@ -31,11 +31,12 @@ from sqlalchemy import func, select
 
 from dicom_node.cluster import ClusterStatus
 from dicom_node.config import Config
-from dicom_node.pipeline.health import PipelineHealth, pipeline_health
+from dicom_node.pipeline.health import PipelineHealth, inference_servers, pipeline_health
 from dicom_node.store.journal import Journal
 from dicom_node.store.schema import exports, jobs, series
 from dicom_node.store.spool import Spool
 from dicom_node.states import ExportState
+from inference.server_pool import ServerState
 
 Counts = dict[str, dict[tuple[str, ...], int]]
 
@@ -106,6 +107,7 @@ class NodeStatus:
     destinations: list[DestinationExports] = field(default_factory=list)
     # On a journal shared by several nodes: this node, the singletons it runs, the live nodes.
     cluster: ClusterStatus | None = None
+    inference_servers: list[ServerState] = field(default_factory=list)  # triton backend: each server up or down
 
 
 def journal_counts(journal: Journal) -> Counts:
@@ -162,7 +164,8 @@ def readiness(config: Config, journal: Journal, listening: Callable[[], bool] | 
 
 def snapshot(config: Config, journal: Journal, ready: Readiness, pipelines: list[PipelineHealth], *, source: str,
              associations: Iterable[OpenAssociation] | None,
-             received: dict[str, dict[str, int]] | None = None, cluster: ClusterStatus | None = None) -> NodeStatus:
+             received: dict[str, dict[str, int]] | None = None, cluster: ClusterStatus | None = None,
+             servers: list[ServerState] | None = None) -> NodeStatus:
     counts = journal_counts(journal)
     job_states: dict[str, int] = {}
     by_pipeline: dict[str, dict[str, int]] = {}
@@ -179,7 +182,8 @@ def snapshot(config: Config, journal: Journal, ready: Readiness, pipelines: list
         ready=ready.ready, checks=list(ready.checks), pipelines=pipelines, received=received,
         destinations=[DestinationExports(name, destination.kind, {
             state: count for (exported_to, state), count in counts["exports"].items() if exported_to == name})
-            for name, destination in config.destinations.items()], cluster=cluster)
+            for name, destination in config.destinations.items()], cluster=cluster,
+        inference_servers=servers or [])
 
 
 # --- `dicom-node status` -----------------------------------------------------------------------
@@ -245,12 +249,13 @@ def _offline_status(config: Config) -> NodeStatus:
         from inference.backends import open_backend
         from inference.repository import ModelRepository
         repository = ModelRepository(config.inference.model_repository)
-        backends.append(open_backend(config.inference.backend_settings()))
+        if not backends:  # opened once for the pipelines and the servers
+            backends.append(open_backend(config.inference.backend_settings()))
         return repository, backends[-1]
 
     try:
         return snapshot(config, journal, readiness(config, journal, None), pipeline_health(config, open_inference),
-                        source="journal", associations=None)
+                        source="journal", associations=None, servers=inference_servers(config, open_inference))
     finally:
         for backend in backends:
             backend.close()
@@ -295,3 +300,7 @@ def _print_status(status: dict, out: TextIO) -> None:
         line("pipelines", "none enabled")
     for pipeline in status["pipelines"]:
         line(f"  {pipeline['pipeline']}", PipelineHealth(**pipeline).describe())
+    if status.get("inference_servers"):  # triton backend only (and not from a node of an earlier version)
+        print("inference servers", file=out)
+    for server in status.get("inference_servers", []):
+        line(f"  {server['url']}", ServerState(**server).describe())

@@ -12,6 +12,10 @@ A pipeline is `ready` when the backend serves every model its steps name;
 otherwise `degraded`, with a reason per unavailable model. A degraded pipeline
 still runs: its steps fail alone (`dicom_node.pipeline.job.run_steps`), the others
 deliver, and the SR says which did not run.
+
+With the triton backend, each server of the pool is reported beside the
+pipelines (`inference_servers`): up, or down with the reason. A pipeline stays
+ready while one server serves its models; the server list says which is down.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dicom_node.config import Config
+from inference.server_pool import ServerState
 
 InferenceOpener = Callable[[], tuple[object, object]]  # () -> (ModelRepository, Backend)
 READY, DEGRADED = "ready", "degraded"
@@ -81,3 +86,15 @@ def pipeline_health(config: Config, open_inference: InferenceOpener) -> list[Pip
                    for step in pipeline.steps if step.model in problems]
         health.append(PipelineHealth(name, DEGRADED if reasons else READY, reasons))
     return health
+
+
+def inference_servers(config: Config, open_inference: InferenceOpener) -> list[ServerState]:
+    """Each server of the triton backend's pool, probed now: up, or down and why (a down server found
+    ready here gets requests again); [] with the embedded backend."""
+    if config.inference.backend != "triton":
+        return []
+    try:
+        _, backend = open_inference()
+    except Exception as error:  # no server ready: the error says, server by server, why
+        return [ServerState(url, False, str(error).replace("\n", "; ")) for url in config.inference.triton.servers]
+    return backend.servers()

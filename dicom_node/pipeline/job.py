@@ -41,6 +41,9 @@ class JobOutput:
     steps: tuple[StepOutcome, ...] = ()  # each step's outcome, in pipeline order
     prepared_frames: int = 0  # of `frames`, decoded while the series arrived (dicom_node.pipeline.prepare)
     frames: int = 0  # slices of the loaded volume
+    # Inference requests per (server, outcome: ok or failed) of a triton backend since the worker's
+    # previous job; the node's process counts them in its metrics (the worker owns none).
+    inference_requests: tuple[tuple[str, str, int], ...] = ()
 
 
 log = logging.getLogger(__name__)
@@ -55,8 +58,8 @@ def open_inference(config: Config):
         from inference.backends import open_backend
         from inference.repository import ModelRepository
         repository = ModelRepository(config.inference.model_repository)
-        _opened["repository"] = repository
-        _opened["backend"] = open_backend(config.inference.backend_settings())
+        backend = open_backend(config.inference.backend_settings())  # may raise: nothing kept, the next call tries again
+        _opened.update(repository=repository, backend=backend)
     return _opened["repository"], _opened["backend"]
 
 
@@ -118,7 +121,16 @@ def produce(request: JobRequest) -> JobOutput:
     return JobOutput(tuple(str(p) for p in exported), uids,
                      {"load": loaded_at - started, "inference": inferred_at - loaded_at,
                       "encode": encoded_at - inferred_at}, ran.outcomes,
+                     inference_requests=_inference_requests(),
                      prepared_frames=loaded.prepared_frames, frames=len(loaded.slices))
+
+
+def _inference_requests() -> tuple[tuple[str, str, int], ...]:
+    from inference.backends import TritonBackend
+    backend = _opened.get("backend")
+    if not isinstance(backend, TritonBackend):
+        return ()
+    return tuple((server, outcome, count) for (server, outcome), count in sorted(backend.drain_counts().items()))
 
 
 @dataclass(frozen=True)

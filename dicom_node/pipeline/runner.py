@@ -256,6 +256,8 @@ class JobRunner:
             instance_paths=tuple(i.path for i in instances), out_dir=str(out_dir)))
         for stage, seconds in output.seconds.items():
             self.metrics.observe_stage(stage, seconds)
+        for server, outcome, count in output.inference_requests:
+            self.metrics.inference_requests.labels(server=server, outcome=outcome).inc(count)
         if not self.journal.add_exports(job, [(destination, uid, path) for path, uid in zip(
                 output.exported, output.sop_instance_uids) for destination in pipeline.destinations]):
             raise Superseded()
