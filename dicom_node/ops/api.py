@@ -68,6 +68,8 @@ class NodeHandles:
     dicom_listening: Callable[[], bool]  # the DICOM port's accept loop runs
     pick_up_queued: Callable[[], None]  # the pipeline runs a requeued job without waiting for its next pass
     stow: StowReceiver  # STOW-RS receive: its own sender tokens, not the admin bearer token
+    # Runs an inference request of the API in a job worker (dicom_node.pipeline.runner.JobRunner.run_infer).
+    run_in_worker: Callable[[object, float | None], object] | None = None
 
 
 @dataclass(frozen=True)
@@ -251,6 +253,10 @@ def create_app(node: NodeHandles) -> FastAPI:
     async def stow_study_instances(study: str, request: Request) -> Response:
         return await node.stow.receive(request, study)
 
+    from dicom_node.ops.infer_api import infer_routes
+    from dicom_node.ops.model_admin import admin_routes
+    app.include_router(admin_routes(node))  # PUT/DELETE /admin/model/{name}
+    app.include_router(infer_routes(node))  # POST /v1/infer/{pipeline_or_model}, GET /logs
     return app
 
 

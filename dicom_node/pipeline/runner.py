@@ -224,6 +224,11 @@ class JobRunner:
                  ", ".join(rule.destinations))
         return [Path(i.path) for i in instances]
 
+    def run_infer(self, request, timeout: float | None):
+        """An inference request of the HTTP API (dicom_node.pipeline.infer), in the job workers: it takes the
+        next free slot in turn with the jobs (dicom_node.pipeline.workers)."""
+        return self._job_workers.run(request, timeout)
+
     def inference(self):
         """The model repository and backend for the readiness checks (/readyz, `dicom-node status`),
         opened once on first use; jobs use their worker process's own."""
