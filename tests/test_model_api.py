@@ -12,7 +12,9 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from sqlalchemy import select
 
 from dicom_node.pipeline.job import source_headers
 from dicom_node.pipeline.volume import load_series
+from dicom_node.pipeline.workers import _FirstComeSlots
 from dicom_node.results.segread import read_seg
 from dicom_node.states import JobState
 from dicom_node.store.journal import JobRecord, Journal
@@ -79,7 +82,7 @@ def send_and_wait(node: Node, files: list[Path]):
 def api(tmp_path_factory) -> Iterator[ApiNode]:
     root = tmp_path_factory.mktemp("api-node")
     install_spleen_model(root / "models")
-    node = Node(root, http={"bearer_token": TOKEN, "infer": {"max_upload_mb": MAX_UPLOAD_MB}},
+    node = Node(root, http={"bearer_token": TOKEN, "infer": {"max_upload_mb": MAX_UPLOAD_MB, "max_queued": 0}},
                 inference={"model_repository": str(root / "models"), "workers": 1},
                 pipelines={"spleen_ct": SPLEEN})
     node.start()
@@ -192,6 +195,50 @@ def test_bad_uploads_get_4xx_and_the_node_keeps_answering(api, tmp_path):
     audit = requests.get(f"{api.url}/v1/audit?event=inferred&limit=20", headers=AUTH, timeout=10).json()
     assert {"413", "415", "422", "200"} <= {row["status"] for row in audit}
     assert all(row["detail"].startswith("by token: ") for row in audit)
+
+
+def test_a_request_beyond_the_cap_gets_503_with_retry_after(api):
+    """max_concurrent 1 + max_queued 0: while one request is admitted (its body still uploading),
+    the next is refused at once, before its body is read."""
+    release = threading.Event()
+
+    def slow_body():
+        yield b"\0" * 1024
+        release.wait(60)
+        yield b"\0" * 1024
+
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(requests.post, f"{api.url}/v1/infer/spleen_ct", data=slow_body(), headers=AUTH,
+                            timeout=120)
+        try:
+            (busy,) = wait_for(lambda: (r := api.post("/v1/infer/spleen_ct", b"\0" * 1024)).status_code == 503
+                               and (r,), 30, "a request beyond http.infer.max_concurrent refused")  # a 503 is falsy
+        finally:
+            release.set()
+        assert busy.headers["Retry-After"] == "30" and "max_concurrent" in busy.json()["detail"]
+        assert first.result().status_code == 415  # the admitted one was read to its end: zeros, no volume
+
+
+def test_worker_slots_go_to_whoever_asked_first():
+    """A job waiting for the one worker gets it before inference requests that asked after it."""
+    slots = _FirstComeSlots(["the worker"])
+    held = slots.take()
+    order: list[str] = []
+
+    def wait_turn(who: str) -> None:
+        slot = slots.take()
+        order.append(who)
+        slots.give_back(slot)
+
+    threads = []
+    for who in ("job", "request 1", "request 2"):
+        threads.append(threading.Thread(target=wait_turn, args=(who,)))
+        threads[-1].start()
+        wait_for(lambda: len(slots._waiting) == len(threads), 10, f"{who} waiting")
+    slots.give_back(held)
+    for thread in threads:
+        thread.join(10)
+    assert order == ["job", "request 1", "request 2"]
 
 
 def put_model(api: ApiNode, name: str, files: dict) -> requests.Response:

@@ -37,7 +37,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import pydicom
 from fastapi import APIRouter, Query, Request, Response
@@ -50,10 +50,10 @@ from dicom_node.ops.model_admin import Actor
 from dicom_node.ops.uploads import MB, UploadRefused, extract, open_zip, sniff, spool_stream
 from dicom_node.pipeline.infer import InferOutput, InferRequest
 from dicom_node.pipeline.workers import JobError, WorkerDied
-from dicom_node.store.audit import AuditEvent
+from dicom_node.config import Config
+from dicom_node.store.audit import AuditEvent, AuditLog
 
-if TYPE_CHECKING:
-    from dicom_node.ops.api import NodeHandles
+RunInWorker = Callable[[InferRequest, float | None], InferOutput]  # JobRunner.run_infer
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,12 @@ class _Upload:
     series_instance_uid: str | None
 
 
-def infer_routes(node: NodeHandles) -> APIRouter:
+def infer_routes(config: Config, audit: AuditLog, run_in_worker: RunInWorker) -> APIRouter:
     router = APIRouter()
-    settings = node.config.http.infer
+    settings = config.http.infer
     admission = _Admission(settings.max_concurrent + settings.max_queued)
     running = threading.BoundedSemaphore(settings.max_concurrent)
-    work_root = Path(node.config.node.storage_dir) / "infer"
+    work_root = Path(config.node.storage_dir) / "infer"
 
     @router.post("/v1/infer/{pipeline_or_model}", summary="Run a pipeline or a segmentation model on an uploaded "
                  "NIfTI volume or zipped DICOM series", response_class=Response, responses={
@@ -108,10 +108,10 @@ def infer_routes(node: NodeHandles) -> APIRouter:
                      503: {"description": "too many requests (Retry-After)"},
                      504: {"description": "inference passed http.infer.timeout_s"}})
     async def infer(pipeline_or_model: str, request: Request) -> Response:
-        actor = Actor.of(request, node)
+        actor = Actor.of(request, config, audit)
         try:
             answer = _answer_kind(request.headers.get("accept", ""))
-            pipeline, position = _target(node, pipeline_or_model)
+            pipeline, position = _target(config, pipeline_or_model)
             if answer == "nifti" and not any(s.task in ("segmentation", "lung_classical") for s in pipeline.steps):
                 raise UploadRefused(406, f"{pipeline_or_model} makes no mask; ask for {JSON}")
         except UploadRefused as refused:
@@ -132,9 +132,9 @@ def infer_routes(node: NodeHandles) -> APIRouter:
             if answer == "dicom" and upload.nifti is not None:
                 raise UploadRefused(406, "a DICOM SEG references its source images: send a zip of the DICOM "
                                          "series for application/dicom")
-            work = InferRequest(node.config, pipeline_or_model, pipeline, position, request_id, upload.nifti,
+            work = InferRequest(config, pipeline_or_model, pipeline, position, request_id, upload.nifti,
                                 upload.dicom_files, str(folder / "out"), seg=answer == "dicom")
-            output = await run_in_threadpool(_run, node, running, work, settings.timeout_s)
+            output = await run_in_threadpool(_run, run_in_worker, running, work, settings.timeout_s)
             response = _response(answer, output)
             _audit(actor, pipeline_or_model, upload, f"{response.status_code}", f"{output.seconds:.1f} s")
             return response
@@ -166,17 +166,17 @@ def _answer_kind(accept: str) -> str:
     raise UploadRefused(406, f"Accept {accept!r}: the answer is NIfTI ({NIFTI}), {DICOM} or {JSON}")
 
 
-def _target(node: NodeHandles, name: str) -> tuple[PipelineConfig, int]:
+def _target(config: Config, name: str) -> tuple[PipelineConfig, int]:
     """The pipeline to run and its place in the config: an enabled pipeline of that name, else a one-step
     pipeline of the repository's segmentation model of that name."""
-    pipelines = node.config.pipelines
+    pipelines = config.pipelines
     if name in pipelines:
         if not pipelines[name].enabled:
             raise UploadRefused(404, f"pipeline {name!r} is disabled in the config")
         return pipelines[name], list(pipelines).index(name)
     from inference.repository import ModelRepository, RepositoryError
     try:
-        entry = ModelRepository(node.config.inference.model_repository).get(name)
+        entry = ModelRepository(config.inference.model_repository).get(name)
     except RepositoryError:
         raise UploadRefused(404, f"no pipeline or model {name!r} (pipelines: {', '.join(pipelines) or 'none'}; "
                                  "models: GET /v1/models)") from None
@@ -219,12 +219,13 @@ def _unpack(body: Path, folder: Path, max_unzipped: int) -> _Upload:
     return _Upload(None, tuple(sorted(files)), series_uid)
 
 
-def _run(node: NodeHandles, running: threading.BoundedSemaphore, work: InferRequest, timeout_s: float) -> InferOutput:
+def _run(run_in_worker: RunInWorker, running: threading.BoundedSemaphore, work: InferRequest,
+         timeout_s: float) -> InferOutput:
     """Run the request in a job worker; the worker's failures as the client's status."""
     with running:
         started = time.monotonic()
         try:
-            return node.run_in_worker(work, timeout_s)
+            return run_in_worker(work, timeout_s)
         except JobError as error:
             if error.series_unusable or error.kind == "InputUnusable":
                 raise UploadRefused(422, str(error)) from None

@@ -42,18 +42,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
-
 from fastapi import APIRouter, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from dicom_node.ops.uploads import MB, UploadRefused, extract, open_zip, spool_stream
+from dicom_node.config import Config
 from dicom_node.store.audit import AuditEvent, AuditLog
-
-if TYPE_CHECKING:
-    from dicom_node.ops.api import NodeHandles
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +89,10 @@ class Actor:
     audit: AuditLog | None
 
     @classmethod
-    def of(cls, request: Request, node: NodeHandles) -> Actor:
+    def of(cls, request: Request, config: Config, audit: AuditLog) -> Actor:
         """The HTTP client: the token's holder, or with no token configured any client of the loopback API."""
-        return cls("token" if node.config.http.bearer_token else "loopback client",
-                   request.client.host if request.client else None, node.audit)
+        return cls("token" if config.http.bearer_token else "loopback client",
+                   request.client.host if request.client else None, audit)
 
 
 def install_model(repository: Path, name: str, config_pbtxt: Path, model: Path, pipeline_yaml: Path | None = None,
@@ -364,13 +360,13 @@ FORM_OVERHEAD = MB  # multipart boundaries, headers, config.pbtxt and pipeline.y
 FORM_FILES = ("config", "model", "pipeline", "archive")
 
 
-def admin_routes(node: NodeHandles) -> APIRouter:
+def admin_routes(config: Config, audit: AuditLog) -> APIRouter:
     """`PUT` and `DELETE /admin/model/{name}` over the functions above."""
     from dicom_node.pipeline.health import configured_models
 
     router = APIRouter()
-    repository = Path(node.config.inference.model_repository)
-    max_mb = node.config.http.admin.max_model_mb
+    repository = Path(config.inference.model_repository)
+    max_mb = config.http.admin.max_model_mb
     refusals = {status: {"description": text} for status, text in (
         (404, "no such model or version"), (409, "an enabled pipeline needs it (see force)"),
         (413, "over http.admin.max_model_mb"), (415, "neither multipart/form-data nor a zip, or not ONNX"),
@@ -382,7 +378,7 @@ def admin_routes(node: NodeHandles) -> APIRouter:
                         "(config.pbtxt), `model` (model.onnx) and optionally `pipeline` (pipeline.yaml), or "
                         "a zip of the model folder (as the form file `archive` or the body, application/zip)")
     async def put_model(name: str, request: Request) -> JSONResponse:
-        actor = Actor.of(request, node)
+        actor = Actor.of(request, config, audit)
         try:
             _check_name(name)
             repository.mkdir(parents=True, exist_ok=True)
@@ -421,8 +417,8 @@ def admin_routes(node: NodeHandles) -> APIRouter:
     def delete_model(name: str, request: Request, version: int | None = Query(None, ge=1),
                      force: bool = False) -> JSONResponse:
         try:
-            removed = remove_model(repository, name, configured_models(node.config), version=version, force=force,
-                                   actor=Actor.of(request, node))
+            removed = remove_model(repository, name, configured_models(config), version=version, force=force,
+                                   actor=Actor.of(request, config, audit))
         except ModelRefused as refused:
             return JSONResponse({"detail": refused.detail}, status_code=refused.status)
         return JSONResponse(jsonable_encoder(removed))
