@@ -25,6 +25,7 @@ import requests
 import SimpleITK as sitk
 from sqlalchemy import select
 
+from dicom_node.ops.model_admin import InstalledModel, ModelRefused, install_model, remove_model
 from dicom_node.pipeline.job import source_headers
 from dicom_node.pipeline.volume import load_series
 from dicom_node.pipeline.workers import _FirstComeSlots
@@ -261,6 +262,7 @@ def test_a_model_version_put_is_run_by_the_next_job_and_a_broken_one_installs_no
                                            "model": ("model.onnx", SPLEEN_ONNX.read_bytes())})
     assert renamed.status_code == 422 and "'liver'" in renamed.json()["detail"], renamed.text
     assert versions(api) == ["1"]
+    assert (api.repository / "spleen_ct" / "config.pbtxt").read_bytes() == config  # the live entry untouched
     assert not [p for p in api.repository.iterdir() if p.name.startswith(".")]  # no staging left behind
 
     installed = put_model(api, "spleen_ct", {"config": ("config.pbtxt", config),
@@ -322,3 +324,23 @@ def test_zipped_model_folders_and_delete(api):
     assert requests.delete(delete + "spleen_copy", headers=AUTH, timeout=30).status_code == 404
     audit = requests.get(f"{api.url}/v1/audit?event=model_removed", headers=AUTH, timeout=10).json()
     assert [row["status"] for row in audit] == ["refused", "ok", "ok", "refused", "refused"]
+
+
+def test_install_and_remove_without_http(tmp_path):
+    """The functions an admin page calls: typed results, ModelRefused with the status, the versions
+    already there kept as the same files (a worker that loaded them does not load them again)."""
+    repository = tmp_path / "models"
+    entry = install_spleen_model(repository)
+    first = (entry / "1" / "model.onnx").stat().st_ino
+    installed = install_model(repository, "spleen_ct", entry / "config.pbtxt", SPLEEN_ONNX, max_model_mb=100)
+    assert installed == InstalledModel("spleen_ct", 2, entry, entry / "2" / "model.onnx", installed.sha256, False)
+    assert (entry / "1" / "model.onnx").stat().st_ino == first
+    with pytest.raises(ModelRefused) as refused:
+        install_model(repository, "spleen_ct", entry / "config.pbtxt", SPLEEN_ONNX, max_model_mb=1)
+    assert refused.value.status == 413 and "http.admin.max_model_mb" in refused.value.detail
+    with pytest.raises(ModelRefused) as refused:
+        remove_model(repository, "spleen_ct", {"spleen_ct": ["spleen_ct"]})
+    assert refused.value.status == 409
+    removed = remove_model(repository, "spleen_ct", {"spleen_ct": ["spleen_ct"]}, force=True)
+    assert (removed.versions, removed.whole_model, removed.degraded_pipelines) == ((1, 2), True, ("spleen_ct",))
+    assert list(repository.iterdir()) == []

@@ -47,7 +47,7 @@ from dicom_node.pipeline.health import InferenceOpener, configured_models, pipel
 from dicom_node.states import JobKind, JobState
 from dicom_node.pipeline.requeue import NotRetryable, requeue
 from dicom_node.ops.infer_api import RunInWorker, infer_routes
-from dicom_node.ops.model_admin import admin_routes
+from dicom_node.ops.model_admin_api import admin_routes
 from dicom_node.ops.status import NodeStatus, OpenAssociation, readiness, snapshot
 from dicom_node.receive.stow import DICOM_JSON, PREFIX as STOW_PREFIX, StowReceiver
 

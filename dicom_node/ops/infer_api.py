@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -48,7 +47,7 @@ from dicom_node import logs
 from dicom_node.config.pipelines import PipelineConfig, StepConfig
 from dicom_node.ops.model_admin import Actor
 from dicom_node.ops.uploads import MB, UploadRefused, extract, open_zip, sniff, spool_stream
-from dicom_node.pipeline.infer import InferOutput, InferRequest
+from dicom_node.pipeline.infer import InferOutput, InferRequest, InputUnusable, nifti_voxels
 from dicom_node.pipeline.workers import JobError, WorkerDied
 from dicom_node.config import Config
 from dicom_node.store.audit import AuditEvent, AuditLog
@@ -192,7 +191,15 @@ def _unpack(body: Path, folder: Path, max_unzipped: int) -> _Upload:
     """The uploaded NIfTI file renamed so SimpleITK knows it, or the files of the zip's one DICOM series."""
     kind = sniff(body)
     if kind in ("nii", "nii.gz"):
-        return _Upload(str(body.rename(folder / f"volume.{kind}")), (), None)
+        nifti = body.rename(folder / f"volume.{kind}")
+        try:
+            voxels = nifti_voxels(nifti)
+        except InputUnusable as error:
+            raise UploadRefused(422, str(error)) from None
+        if voxels * 4 > max_unzipped:  # float32, as the steps compute
+            raise UploadRefused(413, f"the NIfTI volume has {voxels} voxels, over http.infer.max_unzipped_mb "
+                                     f"({max_unzipped / MB:g} MB as float32)")
+        return _Upload(str(nifti), (), None)
     if kind != "zip":
         raise UploadRefused(415, "the body is neither a NIfTI volume (.nii, .nii.gz) nor a zip of a DICOM series")
     archive, members = open_zip(body, max_unzipped, "http.infer.max_unzipped_mb")

@@ -3,7 +3,7 @@
 In the spirit of Clara AIAA's model admin API. The core is two functions,
 `install_model` (or `install_model_zip`) and `remove_model`, that raise
 `ModelRefused` with an HTTP status and a reason an admin can act on; the HTTP
-routes and any other admin page call them.
+routes (dicom_node.ops.model_admin_api) and any other admin page call them.
 
 An upload becomes the model's **next version** (one above its latest; 1 for a
 new model), with the uploaded config.pbtxt (and pipeline.yaml, which a new model
@@ -42,12 +42,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from fastapi import APIRouter, Query, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
+from fastapi import Request
 
-from dicom_node.ops.uploads import MB, UploadRefused, extract, open_zip, spool_stream
+from dicom_node.ops.uploads import MB, UploadRefused, extract, open_zip
 from dicom_node.config import Config
 from dicom_node.store.audit import AuditEvent, AuditLog
 
@@ -112,7 +109,7 @@ def install_model_zip(repository: Path, name: str, archive_path: Path, *, max_mo
     (`<n>/model.onnx`, plus any file next to it such as external tensor data), at the top of the
     archive or inside one folder. The version folder's number is ignored: it becomes the next version."""
     def install() -> InstalledModel:
-        _check_name(name)
+        check_name(name)
         Path(repository).mkdir(parents=True, exist_ok=True)
         archive, members = open_zip(archive_path, int(max_model_mb * MB), "http.admin.max_model_mb")
         with archive, tempfile.TemporaryDirectory(prefix=f".upload-{name}-", dir=repository) as unpacked:
@@ -158,7 +155,7 @@ def _install(repository: Path, name: str, config_path: Path, pipeline_path: Path
              fill_version: Callable[[Path, str], None]) -> InstalledModel:
     from inference.repository import ModelRepository, RepositoryError, parse_config_pbtxt
 
-    _check_name(name)
+    check_name(name)
     try:
         config = parse_config_pbtxt(config_path)
     except RepositoryError as error:
@@ -181,9 +178,10 @@ def _install(repository: Path, name: str, config_path: Path, pipeline_path: Path
                 shutil.copytree(target, staged, copy_function=_link_or_copy, symlinks=False)
             else:
                 staged.mkdir()
-            shutil.copyfile(config_path, staged / "config.pbtxt")
-            if pipeline_path is not None:
-                shutil.copyfile(pipeline_path, staged / "pipeline.yaml")
+            for source, file_name in ((config_path, "config.pbtxt"), (pipeline_path, "pipeline.yaml")):
+                if source is not None:  # unlinked first: the staged copy is a hard link to the live file
+                    (staged / file_name).unlink(missing_ok=True)
+                    shutil.copyfile(source, staged / file_name)
             version = max(_versions(staged), default=0) + 1
             filename = config.default_model_filename or "model.onnx"
             (staged / str(version)).mkdir()
@@ -206,7 +204,7 @@ def _install(repository: Path, name: str, config_path: Path, pipeline_path: Path
 
 def _remove(repository: Path, name: str, used_by: dict[str, list[str]], version: int | None,
             force: bool) -> RemovedModel:
-    _check_name(name)
+    check_name(name)
     target = repository / name
     with _changing:
         if not target.is_dir():
@@ -296,7 +294,7 @@ def _audited(actor: Actor | None, event: str, name: str, action: Callable, versi
     try:
         result = action()
     except UploadRefused as refused:
-        _refused(actor, event, name, refused)
+        audit_refusal(actor, event, name, refused)
         raise ModelRefused(refused.status, refused.detail) from None
     if actor is not None and actor.audit is not None:
         if isinstance(result, InstalledModel):
@@ -309,7 +307,8 @@ def _audited(actor: Actor | None, event: str, name: str, action: Callable, versi
     return result
 
 
-def _refused(actor: Actor | None, event: str, name: str, refused: UploadRefused) -> None:
+def audit_refusal(actor: Actor | None, event: str, name: str, refused: UploadRefused) -> None:
+    """Audit and log a refused install or removal: a refusal is an admin action too (who tried what)."""
     if actor is not None and actor.audit is not None:
         actor.audit.record(AuditEvent(event, host=actor.host, status="refused",
                                       detail=f"by {actor.who}: {name}: {refused.detail}"))
@@ -317,7 +316,7 @@ def _refused(actor: Actor | None, event: str, name: str, refused: UploadRefused)
     log.warning("model %s: %s refused (%d): %s", name, action, refused.status, refused.detail)
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
     if not NAME.match(name):
         raise ModelRefused(422, f"model name {name!r} must be a plain folder name: letters, digits, '_', '.', "
                                 "'-', at most 64, not starting with '.'")
@@ -352,104 +351,3 @@ def _sha256(path: Path) -> str:
 def _without_folder(error: Exception, folder: Path) -> str:
     """The parser's message without the staging folder's path (the admin never saw that folder)."""
     return str(error).replace(f"{folder}/", "").replace(str(folder), "config.pbtxt")
-
-
-# --- HTTP ------------------------------------------------------------------------------------
-
-FORM_OVERHEAD = MB  # multipart boundaries, headers, config.pbtxt and pipeline.yaml beside the model file
-FORM_FILES = ("config", "model", "pipeline", "archive")
-
-
-def admin_routes(config: Config, audit: AuditLog) -> APIRouter:
-    """`PUT` and `DELETE /admin/model/{name}` over the functions above."""
-    from dicom_node.pipeline.health import configured_models
-
-    router = APIRouter()
-    repository = Path(config.inference.model_repository)
-    max_mb = config.http.admin.max_model_mb
-    refusals = {status: {"description": text} for status, text in (
-        (404, "no such model or version"), (409, "an enabled pipeline needs it (see force)"),
-        (413, "over http.admin.max_model_mb"), (415, "neither multipart/form-data nor a zip, or not ONNX"),
-        (422, "bad config.pbtxt or pipeline.yaml, name mismatch, a model that does not load or does not match "
-              "its config, an unsafe zip"))}
-
-    @router.put("/admin/model/{name}", status_code=201, responses=refusals,
-                summary="Install the next version of a model: multipart/form-data with files `config` "
-                        "(config.pbtxt), `model` (model.onnx) and optionally `pipeline` (pipeline.yaml), or "
-                        "a zip of the model folder (as the form file `archive` or the body, application/zip)")
-    async def put_model(name: str, request: Request) -> JSONResponse:
-        actor = Actor.of(request, config, audit)
-        try:
-            _check_name(name)
-            repository.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix=f".upload-{name}-", dir=repository) as folder:
-                body = Path(folder) / "body"
-                await spool_stream(request.stream(), body, int(max_mb * MB) + FORM_OVERHEAD,
-                                   request.headers.get("content-length"), "http.admin.max_model_mb")
-                media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-                if media in ("application/zip", "application/x-zip-compressed"):
-                    files = {"archive": body}
-                elif media == "multipart/form-data":
-                    files = await _form_files(request, body, Path(folder))
-                else:
-                    raise UploadRefused(415, f"Content-Type {media or 'none'}: send multipart/form-data (config, "
-                                             "model, pipeline) or application/zip")
-                if "archive" in files:
-                    installed = await run_in_threadpool(install_model_zip, repository, name, files["archive"],
-                                                        max_model_mb=max_mb, actor=actor)
-                elif {"config", "model"} <= files.keys():
-                    installed = await run_in_threadpool(install_model, repository, name, files["config"],
-                                                        files["model"], files.get("pipeline"),
-                                                        max_model_mb=max_mb, actor=actor)
-                else:
-                    raise UploadRefused(422, "the form needs the files config (config.pbtxt) and model "
-                                             f"(model.onnx), or archive (a zip); it has {', '.join(files) or 'none'}")
-        except ModelRefused as refused:  # audited where it was raised
-            return JSONResponse({"detail": refused.detail}, status_code=refused.status)
-        except UploadRefused as refused:
-            _refused(actor, "model_installed", name, refused)
-            return JSONResponse({"detail": refused.detail}, status_code=refused.status)
-        return JSONResponse(jsonable_encoder(installed), status_code=201)
-
-    @router.delete("/admin/model/{name}", responses=refusals,
-                   summary="Remove a model (every version) or one version; refused while an enabled pipeline "
-                           "would be left without it, unless force=true")
-    def delete_model(name: str, request: Request, version: int | None = Query(None, ge=1),
-                     force: bool = False) -> JSONResponse:
-        try:
-            removed = remove_model(repository, name, configured_models(config), version=version, force=force,
-                                   actor=Actor.of(request, config, audit))
-        except ModelRefused as refused:
-            return JSONResponse({"detail": refused.detail}, status_code=refused.status)
-        return JSONResponse(jsonable_encoder(removed))
-
-    return router
-
-
-async def _form_files(request: Request, body: Path, folder: Path) -> dict[str, Path]:
-    """The form's files saved under `folder`, from the spooled body (the size was bounded while spooling)."""
-    from starlette.requests import Request as StarletteRequest
-
-    with body.open("rb") as handle:
-        async def receive() -> dict:
-            chunk = handle.read(MB)
-            return {"type": "http.request", "body": chunk, "more_body": bool(chunk)}
-
-        try:
-            form = await StarletteRequest(request.scope, receive).form(max_files=len(FORM_FILES), max_fields=8)
-        except Exception as error:  # python-multipart's and Starlette's own parse errors
-            raise UploadRefused(422, f"unreadable multipart/form-data: {error}") from None
-        files: dict[str, Path] = {}
-        for key in FORM_FILES:
-            value = form.get(key)
-            if value is None or isinstance(value, str):
-                continue
-            files[key] = folder / key
-            with files[key].open("wb") as out:
-                shutil.copyfileobj(value.file, out)
-        await form.close()
-        unknown = set(form.keys()) - set(FORM_FILES)
-    if unknown:
-        raise UploadRefused(422, f"unknown form field(s) {', '.join(sorted(unknown))}; the files are "
-                                 f"{', '.join(FORM_FILES)}")
-    return files

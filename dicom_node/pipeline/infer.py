@@ -91,21 +91,37 @@ def produce(request: InferRequest) -> InferOutput:
                        measurements(ran, volume.spacing), ran.outcomes, time.monotonic() - started)
 
 
+def nifti_voxels(path: Path) -> int:
+    """The voxel count of a NIfTI volume the pipeline can take, from its header alone (the API checks an
+    upload with this before a worker allocates what the header declares); InputUnusable otherwise."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise InputUnusable(f"not a readable NIfTI volume: {str(error).strip().splitlines()[-1]}") from None
+    size = reader.GetSize()
+    if reader.GetDimension() != 3 or min(size) < 2:
+        raise InputUnusable(f"a NIfTI volume must be 3-D with 2 or more voxels along each axis; this one is "
+                            f"{reader.GetDimension()}-D, size {list(size)}")
+    if reader.GetNumberOfComponents() != 1:
+        raise InputUnusable(f"a NIfTI volume must have one value per voxel (Hounsfield units); this one has "
+                            f"{reader.GetNumberOfComponents()}")
+    return size[0] * size[1] * size[2]
+
+
 def read_nifti(path: Path):
     """The NIfTI volume as the pipeline's Volume (SimpleITK maps NIfTI's RAS to DICOM's LPS)."""
     import SimpleITK as sitk
 
     from inference.volume import Volume
+    nifti_voxels(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise InputUnusable(f"not a readable NIfTI volume: {str(error).strip().splitlines()[-1]}") from None
-    if image.GetDimension() != 3 or min(image.GetSize()) < 2:
-        raise InputUnusable(f"a NIfTI volume must be 3-D with 2 or more voxels along each axis; this one is "
-                            f"{image.GetDimension()}-D, size {list(image.GetSize())}")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputUnusable(f"a NIfTI volume must have one value per voxel (Hounsfield units); this one has "
-                            f"{image.GetNumberOfComponentsPerPixel()}")
     return Volume.from_sitk(image)
 
 
