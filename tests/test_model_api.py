@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import subprocess
 import threading
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -199,25 +199,17 @@ def test_bad_uploads_get_4xx_and_the_node_keeps_answering(api, tmp_path):
 
 
 def test_a_request_beyond_the_cap_gets_503_with_retry_after(api):
-    """max_concurrent 1 + max_queued 0: while one request is admitted (its body still uploading),
-    the next is refused at once, before its body is read."""
-    release = threading.Event()
-
-    def slow_body():
-        yield b"\0" * 1024
-        release.wait(60)
-        yield b"\0" * 1024
-
-    with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(requests.post, f"{api.url}/v1/infer/spleen_ct", data=slow_body(), headers=AUTH,
-                            timeout=120)
-        try:
-            (busy,) = wait_for(lambda: (r := api.post("/v1/infer/spleen_ct", b"\0" * 1024)).status_code == 503
-                               and (r,), 30, "a request beyond http.infer.max_concurrent refused")  # a 503 is falsy
-        finally:
-            release.set()
+    """max_concurrent 1 + max_queued 0: while one request is admitted (half its body sent, over a raw
+    socket so no client library buffers it), the next is refused at once, before its body is read."""
+    with socket.create_connection(("127.0.0.1", api.node.http_port), timeout=60) as first:
+        first.sendall(f"POST /v1/infer/spleen_ct HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+                      f"Content-Length: 2048\r\n\r\n".encode() + b"\0" * 1024)
+        (busy,) = wait_for(lambda: (r := api.post("/v1/infer/spleen_ct", b"\0" * 1024)).status_code == 503
+                           and (r,), 30, "a request beyond http.infer.max_concurrent refused")  # a 503 is falsy
         assert busy.headers["Retry-After"] == "30" and "max_concurrent" in busy.json()["detail"]
-        assert first.result().status_code == 415  # the admitted one was read to its end: zeros, no volume
+        first.sendall(b"\0" * 1024)
+        answer = first.makefile("rb").readline()
+    assert answer.startswith(b"HTTP/1.1 415 "), answer  # the admitted one was read to its end: zeros, no volume
 
 
 def test_worker_slots_go_to_whoever_asked_first():
@@ -276,7 +268,8 @@ def test_a_model_version_put_is_run_by_the_next_job_and_a_broken_one_installs_no
     lines = requests.get(f"{api.url}/logs?lines=500", headers=AUTH, timeout=10).text.splitlines()
     assert any(f"job {job.id} (spleen_ct): step spleen runs model spleen_ct version 2" in line for line in lines), \
         "\n".join(lines[-40:])
-    assert requests.get(f"{api.url}/logs?lines=100000", headers=AUTH, timeout=10).status_code == 422  # capped
+    everything = requests.get(f"{api.url}/logs?lines=100000", headers=AUTH, timeout=10)
+    assert everything.status_code == 200 and len(lines) <= len(everything.text.splitlines()) <= 5000  # capped
 
     audit = requests.get(f"{api.url}/v1/audit?event=model_installed", headers=AUTH, timeout=10).json()
     assert [row["status"] for row in audit] == ["ok", "refused", "refused", "refused"]

@@ -152,7 +152,8 @@ class InferApiConfig(_Model):
     (or a zip that unpacks to more than `max_unzipped_mb`) is refused with 413. At most `max_concurrent`
     requests hold a job worker at a time and `max_queued` more wait; beyond that the answer is 503 with
     Retry-After, so requests never crowd out the jobs of received series (they share the workers FIFO).
-    A request whose inference passes `timeout_s` ends with 504 (its worker process is replaced)."""
+    A request whose upload takes longer than `timeout_s` ends with 408, one whose inference does with 504
+    (its worker process is replaced)."""
 
     max_upload_mb: float = Field(1024, gt=0)
     max_unzipped_mb: float = Field(4096, gt=0)

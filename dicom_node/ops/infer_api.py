@@ -28,6 +28,7 @@ get 503 with Retry-After before their body is read. Every request is audited
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
@@ -48,6 +49,7 @@ from dicom_node.config.pipelines import PipelineConfig, StepConfig
 from dicom_node.ops.model_admin import Actor
 from dicom_node.ops.uploads import MB, UploadRefused, extract, open_zip, sniff, spool_stream
 from dicom_node.pipeline.infer import InferOutput, InferRequest, InputUnusable, nifti_voxels
+from dicom_node.pipeline.runner import NodeStopping
 from dicom_node.pipeline.workers import JobError, WorkerDied
 from dicom_node.config import Config
 from dicom_node.store.audit import AuditEvent, AuditLog
@@ -101,10 +103,11 @@ def infer_routes(config: Config, audit: AuditLog, run_in_worker: RunInWorker) ->
                      204: {"description": "Accept: application/dicom and the mask is empty"},
                      404: {"description": "no such pipeline or model"},
                      406: {"description": "the answer asked for cannot be made from this input or pipeline"},
+                     408: {"description": "the upload did not arrive within http.infer.timeout_s"},
                      413: {"description": "over http.infer.max_upload_mb or max_unzipped_mb"},
                      415: {"description": "neither NIfTI nor zip"},
                      422: {"description": "unreadable volume, not one series, not 3-D"},
-                     503: {"description": "too many requests (Retry-After)"},
+                     503: {"description": "too many requests (Retry-After), or the node is shutting down"},
                      504: {"description": "inference passed http.infer.timeout_s"}})
     async def infer(pipeline_or_model: str, request: Request) -> Response:
         actor = Actor.of(request, config, audit)
@@ -125,8 +128,13 @@ def infer_routes(config: Config, audit: AuditLog, run_in_worker: RunInWorker) ->
         try:
             folder.mkdir(parents=True)
             body = folder / "upload"
-            await spool_stream(request.stream(), body, int(settings.max_upload_mb * MB),
-                               request.headers.get("content-length"), "http.infer.max_upload_mb")
+            try:
+                async with asyncio.timeout(settings.timeout_s):  # a trickling client holds an admission
+                    await spool_stream(request.stream(), body, int(settings.max_upload_mb * MB),
+                                       request.headers.get("content-length"), "http.infer.max_upload_mb")
+            except TimeoutError:
+                raise UploadRefused(408, f"the upload did not arrive within http.infer.timeout_s "
+                                         f"({settings.timeout_s:g} s)") from None
             upload = await run_in_threadpool(_unpack, body, folder, int(settings.max_unzipped_mb * MB))
             if answer == "dicom" and upload.nifti is not None:
                 raise UploadRefused(406, "a DICOM SEG references its source images: send a zip of the DICOM "
@@ -146,8 +154,9 @@ def infer_routes(config: Config, audit: AuditLog, run_in_worker: RunInWorker) ->
 
     @router.get("/logs", summary="The node's recent log lines (job workers' included), oldest first",
                 response_class=PlainTextResponse)
-    def recent_logs(lines: int = Query(200, ge=1, le=logs.RECENT_LINES)) -> PlainTextResponse:
-        return PlainTextResponse("".join(line + "\n" for line in logs.recent.tail(lines)))
+    def recent_logs(lines: int = Query(200, ge=1, description=f"at most {logs.RECENT_LINES} are kept")
+                    ) -> PlainTextResponse:
+        return PlainTextResponse("".join(line + "\n" for line in logs.recent.tail(min(lines, logs.RECENT_LINES))))
 
     return router
 
@@ -238,6 +247,8 @@ def _run(run_in_worker: RunInWorker, running: threading.BoundedSemaphore, work: 
                 raise UploadRefused(422, str(error)) from None
             log.error("inference request %s (%s) failed: %s: %s", work.request_id, work.target, error.kind, error)
             raise UploadRefused(500, f"inference failed: {error.kind}: {error}") from None
+        except NodeStopping:
+            raise UploadRefused(503, "the node is shutting down") from None
         except WorkerDied as died:
             if time.monotonic() - started >= timeout_s:
                 raise UploadRefused(504, f"inference did not finish within http.infer.timeout_s ({timeout_s:g} s)") \

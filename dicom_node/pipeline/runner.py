@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 MAX_INTERRUPTED_RUNS = 3
 
 
+class NodeStopping(Exception):
+    """The node is shutting down: its job workers take no new inference request."""
+
+
 class Superseded(Exception):
     """The job's series generation was superseded by a newer one (`Journal.add_exports`)."""
 
@@ -227,6 +231,8 @@ class JobRunner:
     def run_infer(self, request, timeout: float | None):
         """An inference request of the HTTP API (dicom_node.pipeline.infer), in the job workers: it takes the
         next free slot in turn with the jobs (dicom_node.pipeline.workers)."""
+        if self._stopping.is_set():  # the workers are closing: a request must not start a fresh one
+            raise NodeStopping()
         return self._job_workers.run(request, timeout)
 
     def inference(self):
