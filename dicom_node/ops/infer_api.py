@@ -13,8 +13,12 @@ repository (its one step runs). The answer follows `Accept`:
   `X-Measurements` header;
 - `application/dicom`: the DICOM SEG the pipeline would send (DICOM input only,
   406 for NIfTI: a SEG references its source images), measurements in the same
-  header; 204 when the mask is empty (no SEG is written for an empty mask);
+  header;
 - `application/json`: the measurements only.
+
+A mask or SEG answer is 204 (with the header) when there is none to send: no SEG
+is written for an empty mask, and no mask is made when the segmenting step
+failed while another step ran.
 
 The measurements: each segment's voxels and volume (mL) with the model version
 that made it, lung involvement figures, class probabilities, each step's outcome.
@@ -100,7 +104,7 @@ def infer_routes(config: Config, audit: AuditLog, run_in_worker: RunInWorker) ->
                  "NIfTI volume or zipped DICOM series", response_class=Response, responses={
                      200: {"content": {NIFTI: {}, DICOM: {}, JSON: {}},
                            "description": "the mask (NIfTI), the SEG, or the measurements; X-Measurements header"},
-                     204: {"description": "Accept: application/dicom and the mask is empty"},
+                     204: {"description": "no SEG (empty mask) or no mask (its step failed); X-Measurements"},
                      404: {"description": "no such pipeline or model"},
                      406: {"description": "the answer asked for cannot be made from this input or pipeline"},
                      408: {"description": "the upload did not arrive within http.infer.timeout_s"},
@@ -261,13 +265,11 @@ def _response(answer: str, output: InferOutput) -> Response:
     if answer == "json":
         return Response(measurements, media_type=JSON)
     headers = {"X-Measurements": measurements}
-    if answer == "dicom":
-        if output.seg is None:
-            return Response(status_code=204, headers=headers)
-        headers["Content-Disposition"] = 'attachment; filename="seg.dcm"'
-        return Response(Path(output.seg).read_bytes(), media_type=DICOM, headers=headers)
-    headers["Content-Disposition"] = 'attachment; filename="mask.nii.gz"'
-    return Response(Path(output.mask).read_bytes(), media_type=NIFTI, headers=headers)
+    made, name, media = (output.seg, "seg.dcm", DICOM) if answer == "dicom" else (output.mask, "mask.nii.gz", NIFTI)
+    if made is None:  # an empty mask makes no SEG; a segmenting step that failed while others ran, no mask
+        return Response(status_code=204, headers=headers)
+    headers["Content-Disposition"] = f'attachment; filename="{name}"'
+    return Response(Path(made).read_bytes(), media_type=media, headers=headers)
 
 
 def _refusal(refused: UploadRefused) -> JSONResponse:
