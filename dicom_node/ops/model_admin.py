@@ -148,7 +148,7 @@ def remove_model(repository: Path, name: str, used_by: dict[str, list[str]], *, 
     pipelines that name them (dicom_node.pipeline.health.configured_models). The module docstring gives
     the rule."""
     return _audited(actor, "model_removed", name,
-                    lambda: _remove(Path(repository), name, used_by, version, force), version)
+                    lambda: _remove(Path(repository), name, used_by, version, force))
 
 
 def _install(repository: Path, name: str, config_path: Path, pipeline_path: Path | None,
@@ -289,7 +289,7 @@ def _zip_layout(names: list[str]) -> dict[str, str]:
     return layout
 
 
-def _audited(actor: Actor | None, event: str, name: str, action: Callable, version: int | None = None):
+def _audited(actor: Actor | None, event: str, name: str, action: Callable):
     """Run the admin action; the audit log gets what happened, or why it was refused, and who asked."""
     try:
         result = action()
