@@ -20,8 +20,8 @@ A mask or SEG answer is 204 (with the header) when there is none to send: no SEG
 is written for an empty mask, and no mask is made when the segmenting step
 failed while another step ran.
 
-The measurements: each segment's voxels and volume (mL) with the model version
-that made it, lung involvement figures, class probabilities, each step's outcome.
+The measurements: each segment's voxels and volume (mL) with the algorithm the
+SEG names, lung involvement figures, class probabilities, each step's outcome.
 
 Requests run in the job workers, first come first served with the jobs of
 received series (dicom_node.pipeline.workers); at most
