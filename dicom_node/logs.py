@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -75,6 +77,40 @@ class TextFormatter(logging.Formatter):
         return f"{first} [{suffix}]{newline}{rest}"
 
 
+RECENT_LINES = 5000  # what GET /logs can show; a line is ~200 bytes, so about 1 MB
+
+
+class RecentLines(logging.Handler):
+    """The last RECENT_LINES formatted lines, for `GET /logs`: the node logs to stderr only (its
+    supervisor, systemd or the container runtime, keeps the file), and an admin at the API should not
+    need shell access to see why a model upload was refused. Job workers' lines come through their
+    pipe (dicom_node.pipeline.workers) and are added with `add`."""
+
+    def __init__(self, capacity: int = RECENT_LINES) -> None:
+        super().__init__()
+        self._lines: deque[str] = deque(maxlen=capacity)
+        self._guard = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.add(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+    def add(self, line: str) -> None:
+        with self._guard:
+            self._lines.append(line)
+
+    def tail(self, count: int) -> list[str]:
+        """The newest `count` lines, oldest first."""
+        with self._guard:
+            lines = list(self._lines)
+        return lines[-count:] if count > 0 else []
+
+
+recent = RecentLines()
+
+
 def current_format() -> str:
     """The format `configure` set up ("text" when it was not called), for worker processes to match."""
     handlers = logging.getLogger().handlers
@@ -86,8 +122,10 @@ def configure(log_format: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(ContextFilter())
+    recent.setFormatter(handler.formatter)
+    recent.addFilter(ContextFilter())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [handler, recent]
     root.setLevel(logging.INFO)
     # openjpeg logs every encoded tile at INFO; highdicom every copied module.
     for noisy in ("pynetdicom", "apscheduler", "uvicorn", "uvicorn.access", "uvicorn.error", "highdicom",

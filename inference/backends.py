@@ -181,7 +181,7 @@ class EmbeddedBackend:
         key = _file_identity(entry)
         with self._check_lock:
             if key not in self._signatures:
-                self._signatures[key] = _describe_in_child(entry)
+                self._signatures[key] = describe_in_child(entry)
         inputs, outputs = self._signatures[key]
         compare_signature(entry, inputs, outputs, f"in {path.name}")
 
@@ -216,7 +216,7 @@ def _file_identity(entry: ModelEntry) -> tuple:
     return str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
-def _describe_in_child(entry: ModelEntry) -> tuple[list[TensorSignature], list[TensorSignature]]:
+def describe_in_child(entry: ModelEntry) -> tuple[list[TensorSignature], list[TensorSignature]]:
     """The model's tensors as `python -m inference.describe` reports them."""
     command = [sys.executable, "-m", "inference.describe", str(entry.version_path)]
     try:

@@ -150,6 +150,29 @@ class StowConfig(_Model):
         return self
 
 
+class InferApiConfig(_Model):
+    """`POST /v1/infer/{pipeline_or_model}` (dicom_node.ops.infer_api): an upload over `max_upload_mb`
+    (or a zip that unpacks to more than `max_unzipped_mb`) is refused with 413. At most `max_concurrent`
+    requests hold a job worker at a time and `max_queued` more wait; beyond that the answer is 503 with
+    Retry-After, so requests never crowd out the jobs of received series (they share the workers FIFO).
+    A request whose upload takes longer than `timeout_s` ends with 408, one whose inference does with 504
+    (its worker process is replaced)."""
+
+    max_upload_mb: float = Field(1024, gt=0)
+    max_unzipped_mb: float = Field(4096, gt=0)
+    max_concurrent: int = Field(1, ge=1)
+    max_queued: int = Field(4, ge=0)
+    timeout_s: float = Field(600, gt=0)
+    retry_after_s: int = Field(30, ge=1)
+
+
+class ModelAdminConfig(_Model):
+    """`PUT /admin/model/{name}` (dicom_node.ops.model_admin): an upload, or the unpacked size of a zipped
+    model folder, over `max_model_mb` is refused with 413."""
+
+    max_model_mb: float = Field(2048, gt=0)
+
+
 class HttpConfig(_Model):
     """The status API (/healthz, /readyz, /metrics, /v1/...).
 
@@ -162,6 +185,8 @@ class HttpConfig(_Model):
     bearer_token: str | None = Field(None, min_length=16)
     tls: HttpTlsConfig | None = None
     stow: StowConfig = StowConfig()
+    infer: InferApiConfig = InferApiConfig()
+    admin: ModelAdminConfig = ModelAdminConfig()
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> HttpConfig:

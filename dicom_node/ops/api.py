@@ -47,6 +47,8 @@ from dicom_node.metrics import CONTENT_TYPE, NodeMetrics
 from dicom_node.pipeline.health import InferenceOpener, configured_models, inference_servers, pipeline_health
 from dicom_node.states import JobKind, JobState
 from dicom_node.pipeline.requeue import NotRetryable, requeue
+from dicom_node.ops.infer_api import RunInWorker, infer_routes
+from dicom_node.ops.model_admin_api import admin_routes
 from dicom_node.ops.status import NodeStatus, OpenAssociation, readiness, snapshot
 from dicom_node.receive.stow import DICOM_JSON, PREFIX as STOW_PREFIX, StowReceiver
 
@@ -69,6 +71,7 @@ class NodeHandles:
     dicom_listening: Callable[[], bool]  # the DICOM port's accept loop runs
     pick_up_queued: Callable[[], None]  # the pipeline runs a requeued job without waiting for its next pass
     stow: StowReceiver  # STOW-RS receive: its own sender tokens, not the admin bearer token
+    run_in_worker: RunInWorker  # an inference request of the API, in a job worker (JobRunner.run_infer)
     cluster: Callable[[], ClusterStatus | None] = lambda: None  # the nodes sharing the journal, if it is shared
 
 
@@ -255,6 +258,8 @@ def create_app(node: NodeHandles) -> FastAPI:
     async def stow_study_instances(study: str, request: Request) -> Response:
         return await node.stow.receive(request, study)
 
+    app.include_router(admin_routes(node.config, node.audit))  # PUT/DELETE /admin/model/{name}
+    app.include_router(infer_routes(node.config, node.audit, node.run_in_worker))  # /v1/infer/..., /logs
     return app
 
 

@@ -194,7 +194,7 @@ def _api_server(config: Config, journal: Journal, metrics: NodeMetrics, receiver
     handles = NodeHandles(config=config, journal=journal, metrics=metrics, audit=AuditLog(journal),
                           open_inference=pipeline.inference, associations=associations,
                           dicom_listening=receiver.listening,
-                          pick_up_queued=pipeline.pick_up_queued, stow=stow,
+                          pick_up_queued=pipeline.pick_up_queued, stow=stow, run_in_worker=pipeline.run_infer,
                           cluster=cluster.status if cluster else lambda: None)
     return ApiServer(create_app(handles), config.http.host, config.http.port, config.http.tls)
 

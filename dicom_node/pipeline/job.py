@@ -103,15 +103,11 @@ def produce(request: JobRequest) -> JobOutput:
     started = time.monotonic()
     loaded = load_series([Path(p) for p in request.instance_paths], prepared=prepared_store(config))
     loaded_at = time.monotonic()
-    ran = run_steps(config, pipeline, loaded.volume, job)
+    ran = run_steps(config, pipeline, loaded.volume, f"job {job.id} ({job.pipeline})")
     inferred_at = time.monotonic()
     exported: list[Path] = []
     if any(outcome.state == StepState.OK for outcome in ran.outcomes):
-        # Each file's header read once: a multi-frame instance is the source of every slice.
-        headers = {path: pydicom.dcmread(path, stop_before_pixels=True)
-                   for path in dict.fromkeys(s.path for s in loaded.slices)}
-        sources = [headers[s.path] for s in loaded.slices]
-        frame_numbers = [s.frame_number for s in loaded.slices]
+        sources, frame_numbers = source_headers(loaded)
         out_dir = Path(request.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         exported = write_results(config, job, pipeline, ran, sources, frame_numbers, loaded.volume, out_dir)
@@ -133,6 +129,14 @@ def _inference_requests() -> tuple[tuple[str, str, int], ...]:
     return tuple((server, outcome, count) for (server, outcome), count in sorted(backend.drain_counts().items()))
 
 
+def source_headers(loaded) -> tuple[list[pydicom.Dataset], list[int | None]]:
+    """The header of each volume slice's instance and its frame number (None in a single-frame instance),
+    each file's header read once: a multi-frame instance is the source of every slice."""
+    headers = {path: pydicom.dcmread(path, stop_before_pixels=True)
+               for path in dict.fromkeys(s.path for s in loaded.slices)}
+    return [headers[s.path] for s in loaded.slices], [s.frame_number for s in loaded.slices]
+
+
 @dataclass(frozen=True)
 class StepResults:
     """What the steps of one run gave: label maps by step name, classifier outputs, each step's outcome."""
@@ -143,8 +147,9 @@ class StepResults:
     outcomes: tuple[StepOutcome, ...]
 
 
-def run_steps(config: Config, pipeline: PipelineConfig, volume, job: JobRecord) -> StepResults:
-    """Each step in order; a classifier crops by an earlier step's label map.
+def run_steps(config: Config, pipeline: PipelineConfig, volume, what: str) -> StepResults:
+    """Each step in order; a classifier crops by an earlier step's label map. `what` names the run in log
+    lines ("job 12 (spleen_ct)", "inference request ...").
 
     A step that raises fails alone: the steps whose `input_mask` it should have made are skipped, the
     others run. A model that is not there (no repository entry, an entry that does not parse, no
@@ -162,14 +167,13 @@ def run_steps(config: Config, pipeline: PipelineConfig, volume, job: JobRecord) 
                                         f"needs step {step.input_mask}, which did not run"))
             continue
         try:
-            _run_step(config, step, volume, masks, probabilities, involvements)
+            _run_step(config, step, volume, masks, probabilities, involvements, what)
         except (RepositoryError, ModelFileMissing) as error:
             reason = f"model {step.model} is not installed or not usable: {error}"
-            log.warning("job %d (%s): step %s not run: %s", job.id, job.pipeline, step.name,
-                        reason.replace("\n", "; "))
+            log.warning("%s: step %s not run: %s", what, step.name, reason.replace("\n", "; "))
         except Exception as error:
             reason = f"{type(error).__name__}: {error}"
-            log.exception("job %d (%s): step %s failed", job.id, job.pipeline, step.name)
+            log.exception("%s: step %s failed", what, step.name)
         else:
             outcomes.append(StepOutcome(step.name, StepState.OK))
             continue
@@ -179,8 +183,10 @@ def run_steps(config: Config, pipeline: PipelineConfig, volume, job: JobRecord) 
 
 
 def _run_step(config: Config, step: StepConfig, volume, masks: dict, probabilities: list,
-              involvements: list) -> None:
-    """One step; its label map, probabilities or involvement figures go where the outputs look for them."""
+              involvements: list, what: str) -> None:
+    """One step; its label map, probabilities or involvement figures go where the outputs look for them.
+    The model version it runs is logged: the repository's latest at this moment (a version installed
+    since the last job is loaded now, inference.backends), so a log line says which version made a result."""
     if step.task == "lung_classical":
         from inference.lung import segment_lungs_classical
         masks[step.name] = segment_lungs_classical(volume, step.parameters())
@@ -192,6 +198,7 @@ def _run_step(config: Config, step: StepConfig, volume, masks: dict, probabiliti
     from inference import tasks
     repository, backend = open_inference(config)
     entry = repository.get(step.model)
+    log.info("%s: step %s runs model %s version %s", what, step.name, entry.name, entry.version)
     if step.task == "segmentation":
         masks[step.name] = tasks.segment(volume, entry, backend)
     else:

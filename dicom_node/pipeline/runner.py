@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 MAX_INTERRUPTED_RUNS = 3
 
 
+class NodeStopping(Exception):
+    """The node is shutting down: its job workers take no new inference request."""
+
+
 class Superseded(Exception):
     """The job's series generation was superseded by a newer one (`Journal.add_exports`)."""
 
@@ -278,6 +282,13 @@ class JobRunner:
         log.info("job %d (%s): %d original instances queued for %s", job.id, job.pipeline, len(instances),
                  ", ".join(rule.destinations))
         return [Path(i.path) for i in instances]
+
+    def run_infer(self, request, timeout: float | None):
+        """An inference request of the HTTP API (dicom_node.pipeline.infer), in the job workers: it takes the
+        next free slot in turn with the jobs (dicom_node.pipeline.workers)."""
+        if self._stopping.is_set():  # the workers are closing: a request must not start a fresh one
+            raise NodeStopping()
+        return self._job_workers.run(request, timeout)
 
     def inference(self):
         """The model repository and backend for the readiness checks (/readyz, `dicom-node status`),

@@ -52,5 +52,8 @@ class Pipeline:
     def pick_up_queued(self) -> None:
         self.jobs.pick_up_queued()
 
+    def run_infer(self, request, timeout: float | None):
+        return self.jobs.run_infer(request, timeout)
+
     def inference(self):
         return self.jobs.inference()

@@ -11,6 +11,12 @@ keeps running. A child acknowledges each job as it takes it, so one that died
 while idle is replaced without the next job being blamed for it. A child
 watches its parent and exits when the node is gone, so a node killed with -9
 leaves no orphan writing results behind its restarted self.
+
+The same slots run the inference API's requests (dicom_node.pipeline.infer): a
+slot goes to whoever asked first, job or request, so a run of requests cannot
+starve the jobs of received series (the API also caps how many requests wait,
+dicom_node.ops.infer_api). A child's log lines also travel up its pipe into the
+node's recent lines (`GET /logs`, dicom_node.logs.RecentLines).
 """
 
 from __future__ import annotations
@@ -18,15 +24,16 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import queue
 import signal
 import threading
 import time
 import traceback
+from collections import deque
 from multiprocessing.connection import Connection, wait
 
 from dicom_node import logs
 from dicom_node.config import Config
+from dicom_node.pipeline.infer import InferOutput, InferRequest
 from dicom_node.pipeline.job import JobOutput, JobRequest
 from dicom_node.pipeline.volume import SeriesGeometryError
 
@@ -82,27 +89,56 @@ def _watch_parent(parent_pid: int) -> None:
         time.sleep(PARENT_CHECK_S)
 
 
+class _PipeLines(logging.Handler):
+    """Sends each formatted log line of the worker up its pipe as ("log", line); `send` shares its lock,
+    since a multiprocessing Connection is not safe to write from two threads."""
+
+    def __init__(self, connection: Connection) -> None:
+        super().__init__()
+        self.connection = connection
+        self.guard = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.send(("log", self.format(record)))
+        except (OSError, ValueError):
+            pass  # the node is gone; the watcher thread ends this process
+
+    def send(self, message: tuple) -> None:
+        with self.guard:
+            self.connection.send(message)
+
+
 def _child_main(connection: Connection, parent_pid: int, log_format: str, config: Config) -> None:
-    """A worker's life: answer JobRequests until the node closes the pipe."""
+    """A worker's life: answer JobRequests and InferRequests until the node closes the pipe."""
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="watch-node", daemon=True).start()
     for stop in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and systemd signal the whole group; the node
         signal.signal(stop, signal.SIG_IGN)        # lets the running job finish, then closes the pipe
     logs.configure(log_format)
-    from dicom_node.pipeline import job
+    pipe = _PipeLines(connection)
+    pipe.setFormatter(logs.recent.formatter)
+    pipe.addFilter(logs.ContextFilter())
+    logging.getLogger().handlers[1:] = [pipe]  # stderr stays; the ring of this process would be unread
+    from dicom_node.pipeline import infer, job
     job.preload(config)
     while True:
         try:
-            request: JobRequest = connection.recv()
+            request: JobRequest | InferRequest = connection.recv()
         except (EOFError, OSError):
             break
-        connection.send(("started",))  # so the node can tell a death during this job from one before it
-        with logs.series_context(request.study_instance_uid, request.job.series_instance_uid, request.job.id):
+        pipe.send(("started",))  # so the node can tell a death during this job from one before it
+        if isinstance(request, JobRequest):
+            context = logs.series_context(request.study_instance_uid, request.job.series_instance_uid, request.job.id)
+            produce = job.produce
+        else:
+            context, produce = logs.series_context(), infer.produce
+        with context:
             try:
-                answer = ("done", job.produce(request))
+                answer = ("done", produce(request))
             except Exception as error:
                 answer = ("error", type(error).__name__, str(error), traceback.format_exc(),
                           isinstance(error, SeriesGeometryError))
-        connection.send(answer)
+        pipe.send(answer)
     job.close_inference()
 
 
@@ -135,10 +171,13 @@ class _Slot:
             ready = wait([self.connection, self.process.sentinel], timeout=1.0)
             if self.connection in ready:
                 try:
-                    return self.connection.recv()
+                    message = self.connection.recv()
                 except (EOFError, OSError):
                     raise _Gone from None
-            if ready or not _exists(self.process.pid):
+                if message[0] != "log":
+                    return message
+                logs.recent.add(message[1])
+            elif ready or not _exists(self.process.pid):
                 raise _Gone
             if deadline is not None and time.monotonic() > deadline:
                 log.error("job worker %d (pid %d) did not answer within %.0f s; killing it", self.number,
@@ -159,12 +198,12 @@ class _Slot:
             self.close()
             return False
 
-    def run(self, request: JobRequest) -> JobOutput:
+    def run(self, request: JobRequest | InferRequest, timeout: float | None = None) -> JobOutput | InferOutput:
         if not self._hand_over(request) and not self._hand_over(request):  # a fresh worker gets a second go
             raise WorkerDied("two fresh job worker processes died before starting the job")
         assert self.process is not None
         try:
-            answer = self._receive(timeout=None)
+            answer = self._receive(timeout=timeout)
         except _Gone:
             self.process.join(10)
             code = self.process.exitcode
@@ -187,14 +226,41 @@ class _Slot:
             self.process = None
 
 
+class _FirstComeSlots:
+    """Free slots handed to waiting threads strictly in the order they asked (a queue.Queue lets a thread
+    that asks just as a slot comes back take it before one that has waited longer)."""
+
+    def __init__(self, slots: list[_Slot]) -> None:
+        self._free = deque(slots)
+        self._waiting: deque[tuple[threading.Event, list[_Slot]]] = deque()
+        self._guard = threading.Lock()
+
+    def take(self) -> _Slot:
+        with self._guard:
+            if self._free and not self._waiting:
+                return self._free.popleft()
+            turn: tuple[threading.Event, list[_Slot]] = (threading.Event(), [])
+            self._waiting.append(turn)
+        turn[0].wait()
+        return turn[1][0]
+
+    def give_back(self, slot: _Slot) -> None:
+        with self._guard:
+            if self._waiting:
+                event, handed = self._waiting.popleft()
+                handed.append(slot)
+                event.set()
+            else:
+                self._free.append(slot)
+
+
 class JobWorkers:
-    """`inference.workers` worker slots; `run` blocks the calling thread until its job is done in a free slot."""
+    """`inference.workers` worker slots; `run` blocks the calling thread until its job (or inference request)
+    is done in a slot, taken first come, first served."""
 
     def __init__(self, config: Config):
-        self._free: queue.Queue[_Slot] = queue.Queue()
         self._slots = [_Slot(number, config) for number in range(1, max(1, config.inference.workers) + 1)]
-        for slot in self._slots:
-            self._free.put(slot)
+        self._free = _FirstComeSlots(self._slots)
 
     def start(self) -> None:
         """Start every slot's process now, while the node is idle: a worker imports numpy, pydicom,
@@ -203,12 +269,14 @@ class JobWorkers:
         for slot in self._slots:
             slot.start()
 
-    def run(self, request: JobRequest) -> JobOutput:
-        slot = self._free.get()
+    def run(self, request: JobRequest | InferRequest, timeout: float | None = None) -> JobOutput | InferOutput:
+        """Run `request` in the next free slot; with `timeout`, a worker that has not answered by then is
+        killed (WorkerDied) and replaced for the next request."""
+        slot = self._free.take()
         try:
-            return slot.run(request)
+            return slot.run(request, timeout)
         finally:
-            self._free.put(slot)
+            self._free.give_back(slot)
 
     def close(self) -> None:
         for slot in self._slots:

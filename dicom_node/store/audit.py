@@ -12,7 +12,12 @@ audit`. Events:
 - `retry`: an admin requeued a job through `POST /v1/jobs/{id}/retry`;
 - `purged`: retention deleted a series' files (instance count, why);
 - `quarantined`: a received instance was kept in the quarantine instead of the spool (another payload
-  under a stored SOP Instance UID), with why and where.
+  under a stored SOP Instance UID), with why and where;
+- `model_installed` / `model_removed`: an admin installed a model version or removed a model or version
+  (`PUT`/`DELETE /admin/model/{name}`, dicom_node.ops.model_admin), or was refused (status `refused`, the
+  reason in detail); detail starts with who (`by token`: the bearer token's holder);
+- `inferred`: an inference request of the HTTP API (dicom_node.ops.infer_api): the pipeline or model, the
+  series for DICOM input, and the outcome.
 
 The table is created here, not in journal.py, so the journal's schema for the
 stages stays what the stages need; it lives on the same engine.
@@ -29,7 +34,8 @@ from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text,
 from dicom_node.store.journal import Journal, utcnow
 from dicom_node.store.schema import ensure_tables
 
-AUDIT_EVENTS = ("received", "produced", "sent", "failed", "retry", "purged", "quarantined")
+AUDIT_EVENTS = ("received", "produced", "sent", "failed", "retry", "purged", "quarantined", "model_installed",
+                "model_removed", "inferred")
 
 _metadata = MetaData()
 audit = Table(
