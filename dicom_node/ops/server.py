@@ -80,7 +80,8 @@ def _journal_file(path: Path, journal: Journal) -> None:
         series_instance_uid=key.series_instance_uid, study_instance_uid=key.study_instance_uid,
         path=str(path), calling_ae="", called_ae="", transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
         size=len(data), modality=str(ds.get("Modality", "") or ""),
-        series_description=str(ds.get("SeriesDescription", "") or "")))
+        series_description=str(ds.get("SeriesDescription", "") or ""), patient_id=str(ds.get("PatientID", "") or ""),
+        accession_number=str(ds.get("AccessionNumber", "") or ""), study_date=str(ds.get("StudyDate", "") or "")))
     if not is_new and record.path != str(path):
         raise ValueError(f"SOP Instance UID {key.sop_instance_uid} is already stored as {record.path}")
 

@@ -99,6 +99,9 @@ class SeriesRecord:
     series_description: str
     completed_at: datetime | None
     reason: str | None
+    patient_id: str | None = None  # None: written by a version that did not record it
+    accession_number: str | None = None
+    study_date: str | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,9 @@ class NewInstance:
     size: int
     modality: str
     series_description: str
+    patient_id: str = ""
+    accession_number: str = ""
+    study_date: str = ""
 
 
 @dataclass(frozen=True)
@@ -251,7 +257,8 @@ class Journal:
                     series_instance_uid=new.series_instance_uid, generation=generation,
                     study_instance_uid=new.study_instance_uid, state=SeriesState.RECEIVING.value, instance_count=taken_over + 1,
                     first_received_at=now, last_received_at=now, calling_ae=new.calling_ae,
-                    called_ae=new.called_ae, modality=new.modality, series_description=new.series_description))
+                    called_ae=new.called_ae, modality=new.modality, series_description=new.series_description,
+                    patient_id=new.patient_id, accession_number=new.accession_number, study_date=new.study_date))
             values = dict(sop_instance_uid=new.sop_instance_uid, sop_class_uid=new.sop_class_uid,
                           series_instance_uid=new.series_instance_uid, study_instance_uid=new.study_instance_uid,
                           generation=generation, path=new.path, calling_ae=new.calling_ae,
