@@ -82,7 +82,7 @@ def router(node: NodeHandles, access: Access) -> APIRouter:
     def page(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
         caller: Caller = request.state.caller
         return TEMPLATES.TemplateResponse(request, template, {
-            "caller": caller, "csrf_token": caller.session.csrf_token if caller.session else "",
+            "viewer": caller, "csrf_token": caller.session.csrf_token if caller.session else "",
             "csrf_field": CSRF_FIELD, "ae_title": node.config.node.ae_title, **context}, status_code=status_code)
 
     def acting(request: Request, csrf_token: str | None) -> Caller:
@@ -227,7 +227,9 @@ def router(node: NodeHandles, access: Access) -> APIRouter:
                                    .order_by(exports.c.id.desc()).limit(500))
         return page(request, "failures.html", failed_jobs=failed_jobs, dead=dead, message=message)
 
-    def act(request: Request, csrf_token: str | None, action, record, what: str, after=None) -> RedirectResponse:
+    def act(request: Request, csrf_token: str | None, action, record, what: str, done: str,
+            after=None) -> RedirectResponse:
+        """Run a requeue or discard `action` on `record` for the caller (CSRF checked), then back to failures."""
         caller = acting(request, csrf_token)
         if record is None:
             raise HTTPException(404, f"no {what}")
@@ -237,16 +239,17 @@ def router(node: NodeHandles, access: Access) -> APIRouter:
             return back("/console/failures", str(error))
         if after is not None:
             after()
-        log.info("console: %s %s by %s", action.__name__, what, caller.actor)
-        return back("/console/failures", f"{what}: {action.__name__.replace('_', ' ')} done")
+        log.info("console: %s %s by %s", what, done, caller.actor)
+        return back("/console/failures", f"{what} {done}")
 
     @routes.post("/console/jobs/{job_id}/retry")
     def retry_job(request: Request, job_id: int, csrf_token: str | None = Form(None)):
-        return act(request, csrf_token, requeue, node.journal.get_job(job_id), f"job {job_id}", node.pick_up_queued)
+        return act(request, csrf_token, requeue, node.journal.get_job(job_id), f"job {job_id}", "requeued",
+                   node.pick_up_queued)
 
     @routes.post("/console/jobs/{job_id}/discard")
     def discard_failed_job(request: Request, job_id: int, csrf_token: str | None = Form(None)):
-        return act(request, csrf_token, discard_job, node.journal.get_job(job_id), f"job {job_id}")
+        return act(request, csrf_token, discard_job, node.journal.get_job(job_id), f"job {job_id}", "discarded")
 
     def export(export_id: int) -> ExportRecord | None:
         found = node.journal.select(ExportRecord, select(exports).where(exports.c.id == export_id))
@@ -254,11 +257,11 @@ def router(node: NodeHandles, access: Access) -> APIRouter:
 
     @routes.post("/console/exports/{export_id}/retry")
     def retry_export(request: Request, export_id: int, csrf_token: str | None = Form(None)):
-        return act(request, csrf_token, requeue_export, export(export_id), f"export {export_id}")
+        return act(request, csrf_token, requeue_export, export(export_id), f"export {export_id}", "requeued")
 
     @routes.post("/console/exports/{export_id}/discard")
     def discard_dead_export(request: Request, export_id: int, csrf_token: str | None = Form(None)):
-        return act(request, csrf_token, discard_export, export(export_id), f"export {export_id}")
+        return act(request, csrf_token, discard_export, export(export_id), f"export {export_id}", "discarded")
 
     # --- models and config ---------------------------------------------------------------------------
 
