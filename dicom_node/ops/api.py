@@ -11,8 +11,8 @@ The OpenAPI description is at `/openapi.json` (browsable at `/docs`).
 
 Who may call what (Host names, Origin, bearer token, the console's login
 sessions and CSRF tokens) is one check for the API and the console, before
-every route: `dicom_node.ops.console.access`. The console's pages are mounted
-from `dicom_node.ops.console`.
+every route: `dicom_node.ops.console.access`. `dicom-node serve` mounts the
+console's pages on this app (`dicom_node.ops.console.mount_console`).
 """
 
 from __future__ import annotations
@@ -221,8 +221,7 @@ def create_app(node: NodeHandles) -> FastAPI:
     async def stow_study_instances(study: str, request: Request) -> Response:
         return await node.stow.receive(request, study)
 
-    from dicom_node.ops.console import mount_console
-    mount_console(app, node, access)
+    app.state.access = access  # the console's login shares its sessions (dicom_node.ops.console)
     return app
 
 

@@ -134,6 +134,7 @@ def serve(config: Config, log_format: str = "text") -> None:
 def _api_server(config: Config, journal: Journal, metrics: NodeMetrics, receiver: Receiver, stow: StowReceiver,
                 pipeline: Pipeline):
     from dicom_node.ops.api import ApiServer, NodeHandles, create_app
+    from dicom_node.ops.console import mount_console
     from dicom_node.store.audit import AuditLog
     from dicom_node.ops.status import OpenAssociation
 
@@ -144,7 +145,9 @@ def _api_server(config: Config, journal: Journal, metrics: NodeMetrics, receiver
                           open_inference=pipeline.inference, associations=associations,
                           dicom_listening=receiver.listening,
                           pick_up_queued=pipeline.pick_up_queued, stow=stow)
-    return ApiServer(create_app(handles), config.http.host, config.http.port, config.http.tls)
+    app = create_app(handles)
+    mount_console(app, handles)
+    return ApiServer(app, config.http.host, config.http.port, config.http.tls)
 
 
 def _checkpoint(journal: Journal) -> None:
