@@ -30,6 +30,16 @@ def test_a_password_hash_verifies_its_password_only():
             parse_hash(broken)
 
 
+def test_hash_password_prints_a_hash_of_the_line_it_reads(monkeypatch, capsys):
+    from dicom_node.ops import cli
+    monkeypatch.setattr("sys.stdin", io.StringIO("pass phrase with spaces\n"))
+    assert cli.main(["hash-password"]) == 0
+    assert verify_password("pass phrase with spaces", capsys.readouterr().out.strip())
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
+    assert cli.main(["hash-password"]) == 1
+    assert "empty password" in capsys.readouterr().err
+
+
 def test_console_config_keys_are_checked():
     user = {"name": "ann", "password_hash": hash_password("pw", FAST)}
     config = Config.model_validate({"http": {"allowed_hosts": ["Node.Example", "[::1]"],

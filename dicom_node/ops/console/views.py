@@ -191,7 +191,9 @@ def router(node: NodeHandles, access: Access) -> APIRouter:
         in_progress = latest.state in (SeriesState.RECEIVING, SeriesState.COMPLETE) or any(
             job.state in (JobState.QUEUED, JobState.RUNNING) for job in job_list) or any(
             e.state == ExportState.PENDING for es in job_exports.values() for e in es)
+        purged = {g.generation for g in generations if g.state == SeriesState.PURGED}
         results = {job.id: {"seg": find_seg(job.output_dir) is not None, "report": sr_figures(job.output_dir),
+                            "purged": job.generation in purged,
                             "timings": job_timings(job), "lung": _has_involvement_step(node, job)}
                    for job in job_list}
         return page(request, "series.html", refresh=REFRESH_S if in_progress else None, uid=series_instance_uid,
