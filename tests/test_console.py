@@ -118,3 +118,60 @@ def test_lungs_drawn_by_hu_band():
     assert consolidation[0] > consolidation[1] + 50 and consolidation[0] > consolidation[2] + 50  # red
     assert normal[0] == normal[1] == normal[2]  # normal parenchyma stays grey
     assert set(BAND_COLOURS) == {"emphysema", "ground_glass", "consolidation"}
+
+
+def _request(method: str, path: str, host: str = "127.0.0.1:8080", **headers: str):
+    from starlette.requests import Request
+    raw = [(b"host", host.encode())] + [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
+    return Request({"type": "http", "method": method, "path": path, "query_string": b"", "headers": raw})
+
+
+def _access(**http):
+    from dicom_node.ops.console.access import Access
+    return Access(Config.model_validate({"http": http}).http)
+
+
+def test_access_on_loopback_without_token_or_users():
+    from dicom_node.ops.console.access import Caller
+    access = _access()
+    assert access.check(_request("GET", "/v1/jobs"), False) == Caller("anonymous")  # local scripts, as before
+    assert access.check(_request("POST", "/v1/jobs/1/retry"), False) == Caller("anonymous")
+    assert access.check(_request("GET", "/v1/jobs", host="evil.example:8080"), False).status_code == 403
+    refused = access.check(_request("POST", "/v1/jobs/1/retry", origin="http://evil.example"), False)
+    assert refused.status_code == 403
+    assert access.check(_request("GET", "/console/series"), False).status_code == 303  # to the login page
+    assert access.check(_request("POST", "/console/jobs/1/retry", origin="http://127.0.0.1:8080"),
+                        False).status_code == 403  # no session
+
+
+def test_read_only_pages_without_login_only_where_enabled():
+    access = _access(console={"read_only_without_login": True})
+    caller = access.check(_request("GET", "/console/series"), False)
+    assert caller.actor == "anonymous" and not caller.may_act
+    assert access.check(_request("POST", "/console/jobs/1/retry", origin="http://127.0.0.1:8080"),
+                        False).status_code == 403
+
+
+def test_off_loopback_the_host_must_be_allowed_and_the_token_is_needed():
+    access = _access(host="0.0.0.0", bearer_token="t" * 20, allowed_hosts=["node.example"])
+    assert access.check(_request("GET", "/v1/jobs", host="node.example:8080"), False).status_code == 401
+    assert access.check(_request("GET", "/v1/jobs", host="node.example:8080", authorization="Bearer " + "t" * 20),
+                        False).actor == "token"
+    assert access.check(_request("GET", "/v1/jobs", host="127.0.0.1:8080", authorization="Bearer " + "t" * 20),
+                        False).status_code == 403  # not a name of this server
+    assert access.check(_request("GET", "/healthz", host="node.example"), True).actor == "anonymous"
+
+
+def test_a_session_needs_its_csrf_token_and_origin_for_the_api():
+    from dicom_node.ops.console.access import SESSION_COOKIE
+    access = _access()
+    session = access.sessions.start("ann")
+    cookie = f"{SESSION_COOKIE}={session.id}"
+    assert access.check(_request("GET", "/v1/jobs", cookie=cookie), False).actor == "ann"
+    assert access.check(_request("POST", "/v1/jobs/1/retry", cookie=cookie), False).status_code == 403  # no Origin
+    own = "http://127.0.0.1:8080"
+    assert access.check(_request("POST", "/v1/jobs/1/retry", cookie=cookie, origin=own), False).status_code == 403
+    assert access.check(_request("POST", "/v1/jobs/1/retry", cookie=cookie, origin=own,
+                                 x_csrf_token=session.csrf_token), False).actor == "ann"
+    access.sessions.end(session.id)
+    assert access.check(_request("GET", "/console/series", cookie=cookie), False).status_code == 303
