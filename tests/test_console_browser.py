@@ -197,6 +197,7 @@ def test_preview_shows_the_seg_where_pydicom_reads_it(env):
     images = env.driver.find_elements("css selector", "img.preview")
     assert {(i.get_attribute("data-plane"), i.get_attribute("data-window")) for i in images} == {
         (plane, window) for plane in ("axial", "coronal", "sagittal") for window in ("soft", "lung")}
+    assert env.driver.find_element("css selector", ".legend").text.strip() == "Spleen"
     wait_for(lambda: all(env.driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i)
                          for i in images), 60, "the previews loaded in the browser")
     env.driver.execute_script("arguments[0].scrollIntoView()", images[0])

@@ -43,10 +43,6 @@ class SegmentView:
     colour: tuple[int, int, int]
     voxels: int
 
-    @property
-    def css(self) -> str:
-        return "#%02x%02x%02x" % self.colour
-
 
 @dataclass(frozen=True, eq=False)
 class JobResult:
@@ -83,6 +79,15 @@ def find_seg(output_dir: str | None) -> Path | None:
         except Exception:
             continue
     return None
+
+
+def legend(seg_path: Path) -> list[tuple[str, str]]:
+    """(segment label, CSS colour) of each segment of the SEG, in the colours its previews draw them."""
+    import pydicom
+    segments = pydicom.dcmread(seg_path, stop_before_pixels=True).get("SegmentSequence", [])
+    numbered = sorted((int(item.SegmentNumber), str(item.get("SegmentLabel", ""))) for item in segments)
+    return [(label, "#%02x%02x%02x" % SEGMENT_COLOURS[index % len(SEGMENT_COLOURS)])
+            for index, (_, label) in enumerate(numbered)]
 
 
 def load_result(seg_path: Path, instance_paths: list[Path], bands: object | None) -> JobResult:

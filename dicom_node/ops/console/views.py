@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -18,9 +20,9 @@ from sqlalchemy.engine import make_url
 from dicom_node.ops.api import NodeHandles, list_models
 from dicom_node.ops.console.access import (CSRF_FIELD, LOGIN_PATH, SESSION_COOKIE, Access, Caller, csrf_ok)
 from dicom_node.ops.console.png import encode_png
-from dicom_node.ops.console.preview import PLANES, WINDOWS, PreviewError, ResultCache, find_seg, render
+from dicom_node.ops.console.preview import PLANES, WINDOWS, PreviewError, ResultCache, find_seg, legend, render
 from dicom_node.ops.status import readiness, snapshot
-from dicom_node.passwords import verify_password
+from dicom_node.passwords import hash_password, verify_password
 from dicom_node.pipeline.health import pipeline_health
 from dicom_node.pipeline.requeue import NotRetryable, discard_export, discard_job, requeue, requeue_export
 from dicom_node.states import ExportState, JobState, SeriesState
@@ -33,7 +35,6 @@ log = logging.getLogger("dicom_node.ops.console")
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 REFRESH_S = 5  # the overview and a series still in progress reload themselves
 SECRET_WORDS = ("token", "password", "secret")
-SERIES_FILTERS = ("patient_id", "accession_number", "study_date", "calling_ae", "state")
 VIA = "the console"
 
 
@@ -78,6 +79,8 @@ def router(node: NodeHandles, access: Access) -> APIRouter:
     routes = APIRouter(include_in_schema=False)
     previews = ResultCache()
     users = {user.name: user.password_hash for user in node.config.http.console.users}
+    # An unknown name is checked against this, so a login takes as long whether or not the name exists.
+    nobody = hash_password(secrets.token_urlsafe(16))
 
     def page(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
         caller: Caller = request.state.caller
@@ -95,9 +98,8 @@ def router(node: NodeHandles, access: Access) -> APIRouter:
     def client_host(request: Request) -> str | None:
         return request.client.host if request.client else None
 
-    def back(to: str, message: str) -> RedirectResponse:
-        from urllib.parse import quote
-        return RedirectResponse(f"{to}{'&' if '?' in to else '?'}message={quote(message)}", status_code=303)
+    def back(message: str) -> RedirectResponse:
+        return RedirectResponse(f"/console/failures?message={quote(message)}", status_code=303)
 
     # --- login ---------------------------------------------------------------------------------------
 
@@ -108,7 +110,7 @@ def router(node: NodeHandles, access: Access) -> APIRouter:
     @routes.post(LOGIN_PATH)
     def login(request: Request, username: str = Form(...), password: str = Form(...), next: str = Form("/")):
         stored = users.get(username)
-        if stored is None or not verify_password(password, stored):
+        if not verify_password(password, stored or nobody) or stored is None:
             node.audit.record(AuditEvent("login-failed", host=client_host(request), actor=username[:64],
                                          detail="unknown user or wrong password"))
             log.warning("console: failed login for %r from %s", username, client_host(request))
@@ -192,7 +194,9 @@ def router(node: NodeHandles, access: Access) -> APIRouter:
             job.state in (JobState.QUEUED, JobState.RUNNING) for job in job_list) or any(
             e.state == ExportState.PENDING for es in job_exports.values() for e in es)
         purged = {g.generation for g in generations if g.state == SeriesState.PURGED}
-        results = {job.id: {"seg": find_seg(job.output_dir) is not None, "report": sr_figures(job.output_dir),
+        segs = {job.id: find_seg(job.output_dir) for job in job_list}
+        results = {job.id: {"seg": segs[job.id] is not None, "report": sr_figures(job.output_dir),
+                            "legend": legend(segs[job.id]) if segs[job.id] else [],
                             "purged": job.generation in purged,
                             "timings": job_timings(job), "lung": _has_involvement_step(node, job)}
                    for job in job_list}
@@ -238,11 +242,11 @@ def router(node: NodeHandles, access: Access) -> APIRouter:
         try:
             action(node.audit, record, VIA, host=client_host(request), actor=caller.actor)
         except NotRetryable as error:
-            return back("/console/failures", str(error))
+            return back(str(error))
         if after is not None:
             after()
         log.info("console: %s %s by %s", what, done, caller.actor)
-        return back("/console/failures", f"{what} {done}")
+        return back(f"{what} {done}")
 
     @routes.post("/console/jobs/{job_id}/retry")
     def retry_job(request: Request, job_id: int, csrf_token: str | None = Form(None)):
