@@ -16,7 +16,6 @@ import http.client
 import http.server
 import io
 import threading
-import time
 import urllib.parse
 from pathlib import Path
 
@@ -298,7 +297,7 @@ def test_foreign_host_and_missing_or_wrong_csrf_token_are_refused(env):
     assert status == 403 and b"CSRF" in body
     status, body, _ = env.request("POST", f"/v1/jobs/{job.id}/retry", headers=origin)  # the API: header token
     assert status == 403 and b"CSRF" in body
-    env.open(f"/console/failures")  # a right token without Origin (not a browser's request) is refused too
+    env.open("/console/failures")  # a right token without Origin (not a browser's request) is refused too
     token = env.driver.find_element("name", "csrf_token").get_attribute("value")
     status, body, _ = env.request("POST", f"/console/jobs/{job.id}/retry", body={"csrf_token": token})
     assert status == 403 and b"without Origin" in body
