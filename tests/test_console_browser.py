@@ -143,13 +143,13 @@ def test_login_sets_a_strict_httponly_session_cookie(env):
     env.driver.find_element("id", "username").send_keys(USER)
     env.driver.find_element("id", "password").send_keys("wrong")
     env.driver.find_element("id", "login").click()
-    assert env.driver.find_element("id", "login-failed").is_displayed()
+    wait_for(lambda: texts(env, "#login-failed"), 20, "the failed login said on the login page")
     assert env.driver.get_cookie("dicom_node_session") is None
     env.driver.find_element("id", "username").send_keys(USER)
     env.driver.find_element("id", "password").send_keys(PASSWORD)
     env.driver.find_element("id", "login").click()
-    assert env.driver.current_url == env.base + "/"
-    assert env.driver.find_element("id", "ready").text == "ready"
+    wait_for(lambda: env.driver.current_url == env.base + "/" and texts(env, "#ready") == ["ready"], 20,
+             "the overview, ready, after logging in")
     cookie = env.driver.get_cookie("dicom_node_session")
     assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict" and cookie["path"] == "/"
     assert env.driver.execute_script("return document.cookie") == ""  # HttpOnly: not readable by scripts
@@ -165,7 +165,7 @@ def test_series_arrives_and_finishes_on_its_series_page(env):
                      "the series in the search")
     assert ACCESSION in text and "STORESCU" in text
     env.driver.find_element("link text", env.series_uid).click()
-    assert env.driver.find_element("id", "series-uid").text == env.series_uid
+    wait_for(lambda: texts(env, "#series-uid") == [env.series_uid], 20, "the series page")
     # The job runs, its SEG goes to the PACS, which is down: two attempts, then the dead letter.
     wait_for(lambda: texts(env, ".export-state") == [ExportState.DEAD], 150,
              "the SEG's export dead-lettered on the self-refreshing series page", interval=1.0)
@@ -234,7 +234,7 @@ def test_dead_letter_retried_from_the_console_reaches_orthanc(env):
     buttons = env.driver.find_elements("css selector", "button[id^=retry-export-]")
     assert len(buttons) == 1
     buttons[0].click()
-    assert "export 1 requeued" in env.driver.find_element("id", "message").text
+    wait_for(lambda: texts(env, "#message") == ["export 1 requeued"], 20, "the retry confirmed on the page")
     env.shot("04-dead-letter-retried")
     seg = wait_for(lambda: study_series(env.pacs, env.study_uid).get("SEG"), 60, "the SEG in Orthanc")
     assert len(seg) == 1
@@ -274,8 +274,9 @@ def test_a_form_on_another_origin_is_refused(env):
     try:
         retries = sum(a.event == "retry" for a in env.audit())
         env.driver.get(f"http://localhost:{server.server_port}/")  # another site, with the session cookie set
-        wait_for(lambda: env.driver.current_url.startswith(env.base), 20, "the form posted to the node")
-        assert "cross-origin POST" in env.text() or "log in first" in env.text()
+        wait_for(lambda: env.driver.current_url.startswith(env.base)
+                 and any("cross-origin POST" in text for text in texts(env, "body")), 20,
+                 "the node's refusal of the form another origin posted")
         env.shot("06-foreign-form-refused")
         assert [j.state for j in env.jobs() if j.id == job.id] == [JobState.DONE]
         assert sum(a.event == "retry" for a in env.audit()) == retries
@@ -308,7 +309,7 @@ def test_logout_ends_the_session(env):
     old = env.session()
     env.open("/")
     env.driver.find_element("id", "logout").click()
-    assert env.driver.current_url.startswith(env.base + "/login")
+    wait_for(lambda: env.driver.current_url.startswith(env.base + "/login"), 20, "the login page after logout")
     assert env.driver.get_cookie("dicom_node_session") is None
     status, _, response = env.request("GET", "/console/failures", cookie=old)  # the old cookie is dead
     assert status == 303 and response.getheader("Location").startswith("/login")
