@@ -31,6 +31,7 @@ class JobState(StrEnum):
     DONE = "done"
     FAILED = "failed"
     SUPERSEDED = "superseded"  # its series generation was superseded: it delivers nothing
+    DISCARDED = "discarded"  # an admin gave a failed job up (the console): it is not retried or counted as failing
 
 
 class JobKind(StrEnum):
@@ -48,6 +49,7 @@ class ExportState(StrEnum):
     SENT = "sent"
     DEAD = "dead"
     SUPERSEDED = "superseded"  # not sent: a newer generation's result replaces it
+    DISCARDED = "discarded"  # dead-lettered, then given up by an admin (the console): never sent
 
 
 class StepState(StrEnum):

@@ -144,7 +144,7 @@ def quantify_involvement(volume: Volume, lungs: LabelMap,
         values = hu[box].astype(np.float32)
         vessels = _vessels(mask, values, volume, parameters)
         parenchyma = mask & ~vessels
-        band_of = _band_index(values, parameters)
+        band_of = band_index(values, parameters)
         opacity_view = opacities[box]
         opacity_view[parenchyma & (band_of == 2)] = GROUND_GLASS.value
         opacity_view[parenchyma & (band_of == 3)] = CONSOLIDATION.value
@@ -161,7 +161,7 @@ def quantify_involvement(volume: Volume, lungs: LabelMap,
                            parameters)
 
 
-def _band_index(values: np.ndarray, p: InvolvementParameters) -> np.ndarray:
+def band_index(values: np.ndarray, p: InvolvementParameters) -> np.ndarray:
     """Index into BANDS of each voxel's band; -1 outside every band."""
     index = np.full(values.shape, -1, dtype=np.int8)
     for i, (low, high) in enumerate((p.emphysema_hu, p.normal_hu, p.ground_glass_hu, p.consolidation_hu)):

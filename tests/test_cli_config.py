@@ -22,6 +22,7 @@ REQUIRED = {
     ("models", "list"): [], ("models", "check"): [], ("models", "import"): ["m.onnx", "--name", "m", "--preset",
                                                                          "monai-spleen"],
     ("jobs", "list"): [], ("jobs", "show"): ["1"], ("jobs", "retry"): ["--failed"], ("jobs", "dead-letter"): [],
+    ("hash-password",): [],
 }
 
 

@@ -40,7 +40,8 @@ def _expected(ds: Dataset) -> InstanceHeader:
         sop_class_uid=str(ds.get("SOPClassUID", "")), sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
         study_instance_uid=str(ds.get("StudyInstanceUID", "")),
         series_instance_uid=str(ds.get("SeriesInstanceUID", "")), modality=str(ds.get("Modality", "")),
-        series_description=str(ds.get("SeriesDescription", "")))
+        series_description=str(ds.get("SeriesDescription", "")), patient_id=str(ds.get("PatientID", "")),
+        accession_number=str(ds.get("AccessionNumber", "")), study_date=str(ds.get("StudyDate", "")))
 
 
 def _with_nested_sequences(ds: Dataset) -> Dataset:
@@ -112,8 +113,11 @@ def test_series_description_is_decoded_in_the_data_sets_character_set(charset, d
     (ds,) = ct_datasets(1, rows=16, columns=16)
     ds.SpecificCharacterSet = charset
     ds.SeriesDescription = description
+    ds.PatientID, ds.AccessionNumber, ds.StudyDate = f"PID-{description[:3]}", "ACC42", "20260315"
     header = read_header(_encode(ds, ExplicitVRLittleEndian), ExplicitVRLittleEndian)
     assert header.series_description == description
+    assert (header.patient_id, header.accession_number, header.study_date) == (
+        f"PID-{description[:3]}", "ACC42", "20260315")
 
 
 def test_missing_attributes_are_empty():

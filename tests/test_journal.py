@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from datetime import timedelta
 
 import pytest
@@ -120,6 +122,7 @@ def test_an_older_versions_journal_is_upgraded_in_place(journal_url, caplog):
     AuditLog(old).record(AuditEvent("received", series_instance_uid="1.2.3", instance_count=1))
     old.close()
     _alter(journal_url, "DROP TABLE job_steps", "ALTER TABLE series DROP COLUMN reason",
+           "DROP INDEX ix_series_patient_id", "ALTER TABLE series DROP COLUMN patient_id",
            "ALTER TABLE jobs DROP COLUMN output_dir",
            "DROP INDEX ix_audit_series_instance_uid", "ALTER TABLE audit DROP COLUMN series_instance_uid")
     with caplog.at_level("WARNING", logger="dicom_node.store.schema"):
@@ -128,6 +131,10 @@ def test_an_older_versions_journal_is_upgraded_in_place(journal_url, caplog):
     try:
         assert "journal upgraded in place: added " in caplog.text
         assert "series.reason" in caplog.text and "jobs.output_dir" in caplog.text
+        assert "series.patient_id" in caplog.text
+        assert upgraded.get_series("1.2.3", 1).patient_id is None  # an older version did not record it
+        upgraded.record_instance(dataclasses.replace(instance("9.1", series="9.9"), patient_id="P-9"))
+        assert upgraded.get_series("9.9").patient_id == "P-9"
         assert "audit.series_instance_uid" in caplog.text
         assert "ix_audit_series_instance_uid" in {i["name"] for i in inspect(upgraded.engine).get_indexes("audit")}
         audit.record(AuditEvent("received", series_instance_uid="1.2.3", instance_count=2))

@@ -3,6 +3,7 @@ and STOW-RS receive), `security` (calling AEs), `completion` and `retention`."""
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from dicom_node import sop_classes, tls
 from dicom_node.config.base import LOOPBACK_HOSTS, _Model, _resolve, _TlsFiles
+from dicom_node.config.console import ConsoleConfig
 
 
 class NodeTlsConfig(_TlsFiles):
@@ -174,27 +176,57 @@ class ModelAdminConfig(_Model):
 
 
 class HttpConfig(_Model):
-    """The status API (/healthz, /readyz, /metrics, /v1/...).
+    """The status API (/healthz, /readyz, /metrics, /v1/...) and the admin console (`/`).
 
     Loopback by default; bound anywhere else it carries job and patient-study
-    identifiers off the machine, so it then requires a bearer token.
+    identifiers off the machine, so it then requires a bearer token. The Host
+    header of every request must name one of `allowed_hosts` (on loopback also
+    a loopback name), so a page under another DNS name cannot reach the API
+    through DNS rebinding; off loopback with console users, `allowed_hosts`
+    must be set (the names people type in their browser).
     """
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     bearer_token: str | None = Field(None, min_length=16)
+    allowed_hosts: list[str] = []
     tls: HttpTlsConfig | None = None
     stow: StowConfig = StowConfig()
     infer: InferApiConfig = InferApiConfig()
     admin: ModelAdminConfig = ModelAdminConfig()
+    console: ConsoleConfig = ConsoleConfig()
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _names_only(cls, names: list[str]) -> list[str]:
+        """Names as the Host header carries them, without port or scheme (an IPv6 address bare or in [])."""
+        bare = [name.strip().lower().removeprefix("[").removesuffix("]") for name in names]
+        for name in bare:
+            if not name or "/" in name or ":" in name and not _ipv6(name):
+                raise ValueError(f"allowed_hosts: {name!r} is not a host name or address (no port or scheme)")
+        return bare
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> HttpConfig:
-        if self.host not in LOOPBACK_HOSTS and self.bearer_token is None:
+        loopback = self.host in LOOPBACK_HOSTS
+        if not loopback and self.bearer_token is None:
             raise ValueError(f"host {self.host} is not loopback: set bearer_token (16 characters or more)")
+        if self.console.read_only_without_login and not loopback:
+            raise ValueError(f"console.read_only_without_login needs a loopback host, not {self.host}: off loopback "
+                             "every page needs a login")
+        if self.console.users and not loopback and not self.allowed_hosts:
+            raise ValueError(f"host {self.host} is not loopback and console users are set: list the names the "
+                             "console is reached by in allowed_hosts")
         if self.bearer_token is not None and any(s.token == self.bearer_token for s in self.stow.senders):
             raise ValueError("a stow sender's token is the admin bearer_token: a sender could read the API")
         return self
+
+
+def _ipv6(name: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(name), ipaddress.IPv6Address)
+    except ValueError:
+        return False
 
 
 class CallingAE(_Model):

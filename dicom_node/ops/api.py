@@ -9,18 +9,15 @@ the API names studies, series and jobs. `/healthz` stays open because it says
 nothing but "the process answers", and container health checks carry no token.
 The OpenAPI description is at `/openapi.json` (browsable at `/docs`).
 
-A browser on the node's host can reach a loopback API without a token, so two
-checks come before the token's: bound to loopback, a request must name a
-loopback host in `Host` (a DNS-rebinding page names its own), and a
-state-changing request (POST, PUT, PATCH, DELETE) that carries an `Origin` must
-come from the API's own origin (a cross-site form or fetch carries the
-attacker's). Scripts and DICOMweb clients send no `Origin` and pass.
+Who may call what (Host names, Origin, bearer token, the console's login
+sessions and CSRF tokens) is one check for the API and the console, before
+every route: `dicom_node.ops.console.access`. `dicom-node serve` mounts the
+console's pages on this app (`dicom_node.ops.console.mount_console`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import json
 import logging
 import threading
@@ -40,7 +37,7 @@ from dicom_node.store.audit import AUDIT_EVENTS, AuditLog, AuditRecord
 from dicom_node.cluster import ClusterStatus
 from dicom_node.config import Config
 from dicom_node.config.node import HttpTlsConfig
-from dicom_node.config.base import LOOPBACK_HOSTS
+from dicom_node.ops.console.access import Access, Caller
 from dicom_node.store.journal import ExportRecord, JobRecord, Journal, SeriesRecord, StepOutcome
 from dicom_node.store.schema import exports, jobs, series
 from dicom_node.metrics import CONTENT_TYPE, NodeMetrics
@@ -123,45 +120,18 @@ def _involvement(output_dir: str | None) -> dict | None:
     return {**uids, **figures[0]} if figures else None
 
 
-UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-
-
-def _host_name(authority: str) -> str:
-    """`host` of `host:port`, `[::1]:port` or `host`."""
-    if authority.startswith("["):
-        return authority[1:].partition("]")[0]
-    return authority.rpartition(":")[0] if authority.count(":") == 1 else authority
-
-
-def foreign_request(method: str, host: str, origin: str | None, loopback: bool) -> str | None:
-    """Why a request may come from a web page rather than the admin's client, or None (module docstring)."""
-    if loopback and _host_name(host.lower()) not in LOOPBACK_HOSTS:
-        return f"Host {host!r} is not this loopback API"
-    if method.upper() in UNSAFE_METHODS and origin is not None:
-        if origin.lower().partition("://")[2].rstrip("/") != host.lower():
-            return f"cross-origin {method.upper()} from {origin!r}"
-    return None
-
-
 def create_app(node: NodeHandles) -> FastAPI:
     app = FastAPI(title="dicom-node", version=__version__,
                   description="Status, metrics and jobs of a DICOM node that runs AI pipelines on CT series.")
-    token = node.config.http.bearer_token
-    loopback = node.config.http.host in LOOPBACK_HOSTS
+    access = Access(node.config.http)
 
     @app.middleware("http")
-    async def bearer_token(request: Request, call_next):
-        refusal = foreign_request(request.method, request.headers.get("host", ""), request.headers.get("origin"),
-                                  loopback)
-        if refusal is not None:
-            log.warning("HTTP %s %s refused: %s", request.method, request.url.path, refusal)
-            return JSONResponse({"detail": refusal}, status_code=403)
+    async def access_control(request: Request, call_next):
         path = request.url.path
-        if token is not None and path not in OPEN_PATHS and not path.startswith(STOW_PREFIX + "/"):
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-                return JSONResponse({"detail": "bearer token required"}, status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"})
+        caller = access.check(request, open_path=path in OPEN_PATHS or path.startswith(STOW_PREFIX + "/"))
+        if not isinstance(caller, Caller):
+            return caller
+        request.state.caller = caller
         return await call_next(request)
 
     @app.get("/healthz", summary="Liveness: the process answers")
@@ -214,7 +184,7 @@ def create_app(node: NodeHandles) -> FastAPI:
     def retry_job(job_id: int, request: Request) -> JobRecord:
         try:
             job = requeue(node.audit, _job_or_404(node.journal, job_id), "the HTTP API",
-                                   host=request.client.host if request.client else None)
+                          host=request.client.host if request.client else None, actor=request.state.caller.actor)
         except NotRetryable as error:
             raise HTTPException(409, str(error)) from None
         log.info("job %d (%s) requeued through the API", job_id, job.pipeline)
@@ -260,6 +230,7 @@ def create_app(node: NodeHandles) -> FastAPI:
 
     app.include_router(admin_routes(node.config, node.audit))  # PUT/DELETE /admin/model/{name}
     app.include_router(infer_routes(node.config, node.audit, node.run_in_worker))  # /v1/infer/..., /logs
+    app.state.access = access  # the console's login shares its sessions (dicom_node.ops.console)
     return app
 
 

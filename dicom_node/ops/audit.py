@@ -12,7 +12,7 @@ from dicom_node.store.audit import AUDIT_EVENTS, AuditLog
 from dicom_node.store.journal import Journal
 
 AUDIT_COLUMNS = ("id", "time", "event", "calling_ae", "host", "series_instance_uid", "job_id", "destination",
-                 "instance_count", "status", "detail")
+                 "instance_count", "status", "detail", "actor")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

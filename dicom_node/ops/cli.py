@@ -148,8 +148,35 @@ def register_demo_series(subparsers: argparse._SubParsersAction) -> None:
     demo.add_parser(subparsers).set_defaults(handler=demo.run)
 
 
+def _hash_password(args: argparse.Namespace) -> int:
+    """Read the password from the terminal (twice) or one line of stdin; print its hash for config.yaml."""
+    import getpass
+
+    from dicom_node.passwords import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("dicom-node hash-password: the two passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("dicom-node hash-password: empty password", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0
+
+
+def register_hash_password(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("hash-password", help="print a password hash for http.console.users (reads the "
+                                                         "password from the terminal or one line of stdin)")
+    parser.set_defaults(handler=_hash_password)
+
+
 REGISTRARS: tuple[Registrar, ...] = (register_serve, register_check_config, register_status, register_models,
-                                     register_jobs, register_send, register_audit, register_demo_series)
+                                     register_jobs, register_send, register_audit, register_demo_series,
+                                     register_hash_password)
 
 
 def build_parser(registrars: Sequence[Registrar] = REGISTRARS) -> argparse.ArgumentParser:

@@ -279,6 +279,6 @@ def _refusal(refused: UploadRefused) -> JSONResponse:
 
 def _audit(actor: Actor, target: str, upload: _Upload | None, status: str, detail: str) -> None:
     kind = "no volume" if upload is None else "NIfTI" if upload.nifti else f"DICOM ({len(upload.dicom_files)} files)"
-    actor.audit.record(AuditEvent("inferred", host=actor.host, status=status,
+    actor.audit.record(AuditEvent("inferred", host=actor.host, actor=actor.who, status=status,
                                   series_instance_uid=upload.series_instance_uid if upload else None,
                                   detail=f"by {actor.who}: {target}, {kind}: {detail}"))

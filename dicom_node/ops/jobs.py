@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import getpass
 import json
 import sys
-from pathlib import Path
 from typing import TextIO
 
 from dicom_node.config import Config
 from dicom_node.ops.tables import cell, print_table, to_json
 from dicom_node.store.audit import AuditLog
-from dicom_node.pipeline.requeue import NotRetryable, requeue
-from dicom_node.store.journal import Journal, StepOutcome, utcnow
+from dicom_node.pipeline.requeue import NotRetryable, requeue, requeue_export
+from dicom_node.store.journal import Journal, StepOutcome
 from dicom_node.states import ExportState, JobState
 
 JOB_COLUMNS = ("id", "state", "kind", "pipeline", "series_instance_uid", "generation", "attempts", "created_at",
@@ -90,6 +90,11 @@ def run_show(args, journal: Journal, out: TextIO) -> int:
     return 0
 
 
+def cli_actor() -> str:
+    """Who an admin action of the CLI is audited as: the OS user who ran it."""
+    return f"cli:{getpass.getuser()}"
+
+
 def run_retry(args, journal: Journal, out: TextIO) -> int:
     jobs = journal.jobs_in_state(JobState.FAILED) if args.failed else [j for j in [journal.get_job(args.id)] if j]
     if not args.failed and not jobs:
@@ -98,7 +103,7 @@ def run_retry(args, journal: Journal, out: TextIO) -> int:
     audit = AuditLog(journal)
     for job in jobs:
         try:
-            requeue(audit, job, "the CLI")
+            requeue(audit, job, "the CLI", actor=cli_actor())
         except NotRetryable as error:
             print(error, file=sys.stderr)
             return 1
@@ -114,9 +119,10 @@ def run_dead_letter(args, journal: Journal, out: TextIO) -> int:
     if args.id not in dead:
         print(f"no dead-lettered export {args.id}", file=sys.stderr)
         return 1
-    if not Path(dead[args.id].path).exists():
-        print(f"export {args.id}: {dead[args.id].path} is no longer on disk (deleted by retention?)", file=sys.stderr)
+    try:
+        requeue_export(AuditLog(journal), dead[args.id], "the CLI", actor=cli_actor())
+    except NotRetryable as error:
+        print(error, file=sys.stderr)
         return 1
-    journal.update_export(args.id, state=ExportState.PENDING, attempts=0, reason=None, next_attempt_at=utcnow())
     print(f"export {args.id} to {dead[args.id].destination} requeued", file=out)
     return 0

@@ -87,9 +87,11 @@ class Actor:
 
     @classmethod
     def of(cls, request: Request, config: Config, audit: AuditLog) -> Actor:
-        """The HTTP client: the token's holder, or with no token configured any client of the loopback API."""
-        return cls("token" if config.http.bearer_token else "loopback client",
-                   request.client.host if request.client else None, audit)
+        """The HTTP client as the API's access check named it (a console user, `token`, or `anonymous` on a
+        loopback API without a token)."""
+        caller = getattr(request.state, "caller", None)
+        who = caller.actor if caller is not None else ("token" if config.http.bearer_token else "anonymous")
+        return cls(who, request.client.host if request.client else None, audit)
 
 
 def install_model(repository: Path, name: str, config_pbtxt: Path, model: Path, pipeline_yaml: Path | None = None,
@@ -303,14 +305,14 @@ def _audited(actor: Actor | None, event: str, name: str, action: Callable):
             detail = (f"by {actor.who}: {name} version(s) {', '.join(map(str, result.versions)) or 'none'}"
                       + (f"; degraded pipeline(s) {', '.join(result.degraded_pipelines)}"
                          if result.degraded_pipelines else ""))
-        actor.audit.record(AuditEvent(event, host=actor.host, status="ok", detail=detail))
+        actor.audit.record(AuditEvent(event, host=actor.host, actor=actor.who, status="ok", detail=detail))
     return result
 
 
 def audit_refusal(actor: Actor | None, event: str, name: str, refused: UploadRefused) -> None:
     """Audit and log a refused install or removal: a refusal is an admin action too (who tried what)."""
     if actor is not None and actor.audit is not None:
-        actor.audit.record(AuditEvent(event, host=actor.host, status="refused",
+        actor.audit.record(AuditEvent(event, host=actor.host, actor=actor.who, status="refused",
                                       detail=f"by {actor.who}: {name}: {refused.detail}"))
     action = {"model_installed": "install", "model_removed": "removal"}[event]
     log.warning("model %s: %s refused (%d): %s", name, action, refused.status, refused.detail)

@@ -101,7 +101,8 @@ def _journal_file(path: Path, journal: Journal) -> None:
         series_instance_uid=key.series_instance_uid, study_instance_uid=key.study_instance_uid,
         path=str(path), calling_ae="", called_ae="", transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
         size=len(data), modality=str(ds.get("Modality", "") or ""),
-        series_description=str(ds.get("SeriesDescription", "") or "")))
+        series_description=str(ds.get("SeriesDescription", "") or ""), patient_id=str(ds.get("PatientID", "") or ""),
+        accession_number=str(ds.get("AccessionNumber", "") or ""), study_date=str(ds.get("StudyDate", "") or "")))
     if not is_new and record.path != str(path):
         raise ValueError(f"SOP Instance UID {key.sop_instance_uid} is already stored as {record.path}")
 
@@ -185,6 +186,7 @@ def _reconcile_shared(spool: Spool, journal: Journal, cluster: Cluster) -> None:
 def _api_server(config: Config, journal: Journal, metrics: NodeMetrics, receiver: Receiver, stow: StowReceiver,
                 pipeline: Pipeline, cluster: Cluster | None):
     from dicom_node.ops.api import ApiServer, NodeHandles, create_app
+    from dicom_node.ops.console import mount_console
     from dicom_node.store.audit import AuditLog
     from dicom_node.ops.status import OpenAssociation
 
@@ -196,7 +198,9 @@ def _api_server(config: Config, journal: Journal, metrics: NodeMetrics, receiver
                           dicom_listening=receiver.listening,
                           pick_up_queued=pipeline.pick_up_queued, stow=stow, run_in_worker=pipeline.run_infer,
                           cluster=cluster.status if cluster else lambda: None)
-    return ApiServer(create_app(handles), config.http.host, config.http.port, config.http.tls)
+    app = create_app(handles)
+    mount_console(app, handles)
+    return ApiServer(app, config.http.host, config.http.port, config.http.tls)
 
 
 def _checkpoint(journal: Journal) -> None:

@@ -23,6 +23,8 @@ series), is `failed`.
 
 from __future__ import annotations
 
+import json
+
 import logging
 import threading
 from collections.abc import Callable
@@ -262,6 +264,7 @@ class JobRunner:
             self.metrics.observe_stage(stage, seconds)
         for server, outcome, count in output.inference_requests:
             self.metrics.inference_requests.labels(server=server, outcome=outcome).inc(count)
+        _write_timings(out_dir, output.seconds)
         if not self.journal.add_exports(job, [(destination, uid, path) for path, uid in zip(
                 output.exported, output.sop_instance_uids) for destination in pipeline.destinations]):
             raise Superseded()
@@ -295,3 +298,13 @@ class JobRunner:
         opened once on first use; jobs use their worker process's own."""
         with self._inference_lock:
             return open_inference(self.config)
+
+
+def _write_timings(out_dir: Path, seconds: dict[str, float]) -> None:
+    """The stage times of the job's run beside its results (`timings.json`), for the console's series page;
+    a job whose folder cannot be written still delivers."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "timings.json").write_text(json.dumps({k: round(v, 3) for k, v in seconds.items()}))
+    except OSError as error:
+        log.warning("job timings not written to %s: %s", out_dir, error)

@@ -171,7 +171,8 @@ class Ingest:
                 series_instance_uid=key.series_instance_uid, study_instance_uid=key.study_instance_uid,
                 path=str(path), calling_ae=delivery.calling_ae, called_ae=delivery.called_ae,
                 transfer_syntax=delivery.transfer_syntax, size=size, modality=header.modality,
-                series_description=header.series_description)
+                series_description=header.series_description, patient_id=header.patient_id,
+                accession_number=header.accession_number, study_date=header.study_date)
             record, is_new = self.journal.record_instance(new)
         except Exception as error:
             wait((naming,))

@@ -9,7 +9,10 @@ audit`. Events:
 - `produced`: a job finished and wrote result instances (or failed, with why);
 - `sent` / `failed`: one dispatch pass to one destination for one job, with the
   instance count and the DIMSE status or association failure;
-- `retry`: an admin requeued a job through `POST /v1/jobs/{id}/retry`;
+- `retry`: an admin requeued a job (`POST /v1/jobs/{id}/retry`, the CLI, the console) or a dead-lettered
+  export;
+- `discard`: an admin gave a failed job or a dead-lettered export up (the console);
+- `login` / `logout` / `login-failed`: a person and the console (who, from which host);
 - `purged`: retention deleted a series' files (instance count, why);
 - `quarantined`: a received instance was kept in the quarantine instead of the spool (another payload
   under a stored SOP Instance UID), with why and where;
@@ -19,7 +22,9 @@ audit`. Events:
 - `inferred`: an inference request of the HTTP API (dicom_node.ops.infer_api): the pipeline or model, the
   series for DICOM input, and the outcome.
 
-The table is created here, not in journal.py, so the journal's schema for the
+Every admin action names who did it in `actor`: a console user's name,
+`token` (the bearer token), `cli:<OS user>`, or `anonymous` (a loopback API
+without a token). The table is created here, not in journal.py, so the journal's schema for the
 stages stays what the stages need; it lives on the same engine.
 """
 
@@ -34,8 +39,8 @@ from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text,
 from dicom_node.store.journal import Journal, utcnow
 from dicom_node.store.schema import ensure_tables
 
-AUDIT_EVENTS = ("received", "produced", "sent", "failed", "retry", "purged", "quarantined", "model_installed",
-                "model_removed", "inferred")
+AUDIT_EVENTS = ("received", "produced", "sent", "failed", "retry", "discard", "purged", "quarantined", "login",
+                "logout", "login-failed", "model_installed", "model_removed", "inferred")
 
 _metadata = MetaData()
 audit = Table(
@@ -52,6 +57,7 @@ audit = Table(
     Column("instance_count", Integer),
     Column("status", String(64)),
     Column("detail", Text),
+    Column("actor", String(64)),  # who did an admin action (module docstring)
 )
 
 
@@ -67,6 +73,7 @@ class AuditEvent:
     instance_count: int | None = None
     status: str | None = None
     detail: str | None = None
+    actor: str | None = None
 
 
 @dataclass(frozen=True)

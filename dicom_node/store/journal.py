@@ -96,6 +96,9 @@ class SeriesRecord:
     series_description: str
     completed_at: datetime | None
     reason: str | None
+    patient_id: str | None = None  # None: written by a version that did not record it
+    accession_number: str | None = None
+    study_date: str | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,9 @@ class NewInstance:
     size: int
     modality: str
     series_description: str
+    patient_id: str = ""
+    accession_number: str = ""
+    study_date: str = ""
 
 
 @dataclass
@@ -198,7 +204,7 @@ class _InstanceStatements:
     _INSTANCE_COLUMNS = tuple(InstanceRecord.__dataclass_fields__)
     _SERIES_COLUMNS = ("series_instance_uid", "generation", "study_instance_uid", "state", "instance_count",
                        "first_received_at", "last_received_at", "calling_ae", "called_ae", "modality",
-                       "series_description")
+                       "series_description", "patient_id", "accession_number", "study_date")
 
     def __init__(self, dialect: Dialect):
         if dialect.paramstyle not in self._MARKERS:
@@ -333,7 +339,8 @@ class Journal:
                 pending.taken_over = taken_over
             cursor.execute(sql.insert_series, (
                 series_uid, generation, new.study_instance_uid, SeriesState.RECEIVING.value, pending.taken_over + 1,
-                sql.time(now), sql.time(now), new.calling_ae, new.called_ae, new.modality, new.series_description))
+                sql.time(now), sql.time(now), new.calling_ae, new.called_ae, new.modality, new.series_description,
+                new.patient_id, new.accession_number, new.study_date))
         open_generations[series_uid] = generation
         record = InstanceRecord(
             sop_instance_uid=new.sop_instance_uid, sop_class_uid=new.sop_class_uid, series_instance_uid=series_uid,

@@ -58,6 +58,11 @@ series = Table(
     Column("series_description", Text, nullable=False),
     Column("completed_at", DateTime(timezone=True)),
     Column("reason", Text),
+    # What an admin finds a study by (the console's search), from the first instance's header; NULL in
+    # rows an older version wrote.
+    Column("patient_id", String(64), index=True),
+    Column("accession_number", String(16), index=True),
+    Column("study_date", String(8)),
 )
 
 jobs = Table(
