@@ -4,7 +4,8 @@ One node for the module: a person logs in, the real 20-slice CT is sent with
 dcmtk storescu while Orthanc is down, the series page shows it arrive, its
 spleen job finish and its SEG dead-lettered; the preview PNG is checked
 against the SEG read with pydicom; Orthanc is started and the dead letter
-retried from the failures page reaches it. Then what must be refused is:
+retried from the failures page reaches it; a model version uploaded on the
+models page runs the next series' job. Then what must be refused is:
 a form on a page of another origin, a foreign Host, a POST with a missing
 or wrong CSRF token, and the session after logout. Screenshots are kept in
 `test-artifacts/console/` (printed; ignored by git).
@@ -24,6 +25,7 @@ import pydicom
 import pytest
 import yaml
 from PIL import Image
+from pydicom.uid import generate_uid
 
 from dicom_node.passwords import hash_password
 from dicom_node.states import ExportState, JobState
@@ -43,8 +45,8 @@ ARTIFACTS = REPO / "test-artifacts" / "console"
 
 
 class Env:
-    def __init__(self, node, pacs, driver, files):
-        self.node, self.pacs, self.driver, self.files = node, pacs, driver, files
+    def __init__(self, node, pacs, driver, files, root):
+        self.node, self.pacs, self.driver, self.files, self.root = node, pacs, driver, files, root
         self.base = f"http://127.0.0.1:{node.http_port}"
         self.study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
         self.series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
@@ -113,7 +115,7 @@ def env(tmp_path_factory):
                                  "embedded": {"cpu_threads": 2}}) as node:
         driver = browser.chromium()
         try:
-            yield Env(node, pacs, driver, files)
+            yield Env(node, pacs, driver, files, root)
         finally:
             driver.quit()
             pacs.stop()
@@ -244,6 +246,41 @@ def test_dead_letter_retried_from_the_console_reaches_orthanc(env):
     audit = env.driver.find_element("id", "audit").text
     assert f"retry {USER}" in audit  # who did it
     env.shot("05-delivered")
+
+
+def _as_new_series(files: list[Path], folder: Path) -> tuple[list[Path], str]:
+    """The series again under a new Series Instance UID and new SOP Instance UIDs (the same study)."""
+    folder.mkdir(parents=True)
+    series_uid, copies = generate_uid(), []
+    for index, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        copies.append(folder / f"{index:03d}.dcm")
+        ds.save_as(copies[-1])
+    return copies, series_uid
+
+
+def test_a_model_version_uploaded_from_the_console_runs_the_next_job(env):
+    entry = env.root / "models" / "spleen_ct"
+    env.open("/console/models")
+    env.driver.find_element("name", "name").send_keys("spleen_ct")
+    env.driver.find_element("name", "config").send_keys(str(entry / "config.pbtxt"))
+    env.driver.find_element("name", "model").send_keys(str(entry / "1" / "model.onnx"))
+    env.driver.find_element("css selector", "#upload-form button").click()
+    wait_for(lambda: any("version 2 installed" in text for text in texts(env, "#message")), 120,
+             "the new version confirmed on the models page (after its check in a child process)")
+    env.shot("08-model-installed")
+    assert (entry / "2" / "model.onnx").read_bytes() == (entry / "1" / "model.onnx").read_bytes()
+    assert ("model_installed", USER) in [(a.event, a.actor) for a in env.audit()]
+
+    files, series_uid = _as_new_series(env.files, env.root / "again")
+    result = dcmtk.storescu(env.node.port, files)
+    assert result.returncode == 0, result.output
+    wait_for(lambda: [j.state for j in env.jobs() if j.series_instance_uid == series_uid] == [JobState.DONE], 150,
+             "the next series' job done")
+    (job,) = [j for j in env.jobs() if j.series_instance_uid == series_uid]
+    assert f"job {job.id} (spleen_ct): step spleen runs model spleen_ct version 2" in env.node.log_text()
 
 
 class _ForeignPage(http.server.BaseHTTPRequestHandler):

@@ -20,7 +20,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from dicom_node.cluster import COMPLETION, RECONCILE, RETENTION, SINGLETONS, Cluster
+from dicom_node.store.cluster import COMPLETION, RECONCILE, RETENTION, SINGLETONS, Cluster
 from dicom_node.config import Config
 from dicom_node.states import JobState
 from dicom_node.store.journal import Journal, SeriesRecord, utcnow

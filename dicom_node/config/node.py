@@ -246,7 +246,7 @@ class CompletionConfig(_Model):
 
 
 class ClusterConfig(_Model):
-    """Nodes sharing one PostgreSQL journal and one spool (dicom_node.cluster); unused on SQLite.
+    """Nodes sharing one PostgreSQL journal and one spool (dicom_node.store.cluster); unused on SQLite.
 
     A job or export a node claims is leased to it for `lease_seconds`, renewed every
     `heartbeat_seconds` while the node lives; a node that dies loses its leases when they run out and

@@ -12,7 +12,7 @@ crash between the C-STORE response and the journal update resends the same
 object, with the same SOP Instance UID (`dicom_node.results.uids`), which the
 PACS treats as the same instance (PS3.4 B.4.1).
 
-On a journal shared by several nodes (`dicom_node.cluster`) each pass claims
+On a journal shared by several nodes (`dicom_node.store.cluster`) each pass claims
 the due exports under this node's lease (`dicom_node.store.leases`), so no
 two nodes send one export at once; a node that dies mid-send leaves its
 exports to another node once the lease has run out (the same at-least-once).

@@ -34,7 +34,7 @@ from sqlalchemy import select
 
 from dicom_node import ListenError, __version__
 from dicom_node.store.audit import AUDIT_EVENTS, AuditLog, AuditRecord
-from dicom_node.cluster import ClusterStatus
+from dicom_node.store.cluster import ClusterStatus
 from dicom_node.config import Config
 from dicom_node.config.node import HttpTlsConfig
 from dicom_node.ops.console.access import Access, Caller

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import APIRouter, Query, Request
@@ -17,13 +18,14 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from dicom_node.config import Config
-from dicom_node.ops.model_admin import (Actor, ModelRefused, audit_refusal, check_name, install_model,
+from dicom_node.ops.model_admin import (Actor, InstalledModel, ModelRefused, audit_refusal, check_name, install_model,
                                         install_model_zip, remove_model)
 from dicom_node.ops.uploads import MB, UploadRefused, spool_stream
 from dicom_node.store.audit import AuditLog
 
 FORM_OVERHEAD = MB  # multipart boundaries, headers, config.pbtxt and pipeline.yaml beside the model file
 FORM_FILES = ("config", "model", "pipeline", "archive")
+FORM_FIELDS = ("name", "csrf_token")  # the console's form: which model, and the session's CSRF token
 
 
 def admin_routes(config: Config, audit: AuditLog) -> APIRouter:
@@ -32,7 +34,6 @@ def admin_routes(config: Config, audit: AuditLog) -> APIRouter:
 
     router = APIRouter()
     repository = Path(config.inference.model_repository)
-    max_mb = config.http.admin.max_model_mb
     refusals = {status: {"description": text} for status, text in (
         (404, "no such model or version"), (409, "an enabled pipeline needs it (see force)"),
         (413, "over http.admin.max_model_mb"), (415, "neither multipart/form-data nor a zip, or not ONNX"),
@@ -47,29 +48,7 @@ def admin_routes(config: Config, audit: AuditLog) -> APIRouter:
         actor = Actor.of(request, config, audit)
         try:
             check_name(name)
-            repository.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix=f".upload-{name}-", dir=repository) as folder:
-                body = Path(folder) / "body"
-                await spool_stream(request.stream(), body, int(max_mb * MB) + FORM_OVERHEAD,
-                                   request.headers.get("content-length"), "http.admin.max_model_mb")
-                media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-                if media in ("application/zip", "application/x-zip-compressed"):
-                    files = {"archive": body}
-                elif media == "multipart/form-data":
-                    files = await _form_files(request, body, Path(folder))
-                else:
-                    raise UploadRefused(415, f"Content-Type {media or 'none'}: send multipart/form-data (config, "
-                                             "model, pipeline) or application/zip")
-                if "archive" in files:
-                    installed = await run_in_threadpool(install_model_zip, repository, name, files["archive"],
-                                                        max_model_mb=max_mb, actor=actor)
-                elif {"config", "model"} <= files.keys():
-                    installed = await run_in_threadpool(install_model, repository, name, files["config"],
-                                                        files["model"], files.get("pipeline"),
-                                                        max_model_mb=max_mb, actor=actor)
-                else:
-                    raise UploadRefused(422, "the form needs the files config (config.pbtxt) and model "
-                                             f"(model.onnx), or archive (a zip); it has {', '.join(files) or 'none'}")
+            installed = await install_upload(request, config, actor, lambda fields: name)
         except ModelRefused as refused:  # audited where it was raised
             return JSONResponse({"detail": refused.detail}, status_code=refused.status)
         except UploadRefused as refused:
@@ -92,8 +71,43 @@ def admin_routes(config: Config, audit: AuditLog) -> APIRouter:
     return router
 
 
-async def _form_files(request: Request, body: Path, folder: Path) -> dict[str, Path]:
-    """The form's files saved under `folder`, from the spooled body (the size was bounded while spooling)."""
+async def install_upload(request: Request, config: Config, actor: Actor,
+                         name_of: Callable[[dict[str, str]], str]) -> InstalledModel:
+    """Spool the request body (bounded by `http.admin.max_model_mb`), read it as a zip or a form, and install
+    it as the next version of the model `name_of` names, given the form's text fields (the API takes the
+    name from its URL; the console from a field, once it has checked the field with its CSRF token).
+    Raises ModelRefused (audited where raised) or UploadRefused (not yet audited)."""
+    repository = Path(config.inference.model_repository)
+    max_mb = config.http.admin.max_model_mb
+    repository.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".upload-", dir=repository) as folder:
+        body = Path(folder) / "body"
+        await spool_stream(request.stream(), body, int(max_mb * MB) + FORM_OVERHEAD,
+                           request.headers.get("content-length"), "http.admin.max_model_mb")
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        fields: dict[str, str] = {}
+        if media in ("application/zip", "application/x-zip-compressed"):
+            files = {"archive": body}
+        elif media == "multipart/form-data":
+            files, fields = await _form(request, body, Path(folder))
+        else:
+            raise UploadRefused(415, f"Content-Type {media or 'none'}: send multipart/form-data (config, "
+                                     "model, pipeline) or application/zip")
+        name = name_of(fields)
+        check_name(name)
+        if "archive" in files:
+            return await run_in_threadpool(install_model_zip, repository, name, files["archive"],
+                                           max_model_mb=max_mb, actor=actor)
+        if {"config", "model"} <= files.keys():
+            return await run_in_threadpool(install_model, repository, name, files["config"], files["model"],
+                                           files.get("pipeline"), max_model_mb=max_mb, actor=actor)
+        raise UploadRefused(422, "the form needs the files config (config.pbtxt) and model "
+                                 f"(model.onnx), or archive (a zip); it has {', '.join(files) or 'none'}")
+
+
+async def _form(request: Request, body: Path, folder: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """The form's files saved under `folder`, and its text fields (the console's model name and CSRF token),
+    from the spooled body (the size was bounded while spooling)."""
     from starlette.requests import Request as StarletteRequest
 
     with body.open("rb") as handle:
@@ -106,16 +120,17 @@ async def _form_files(request: Request, body: Path, folder: Path) -> dict[str, P
         except Exception as error:  # python-multipart's and Starlette's own parse errors
             raise UploadRefused(422, f"unreadable multipart/form-data: {error}") from None
         files: dict[str, Path] = {}
+        fields = {key: value for key in FORM_FIELDS if isinstance(value := form.get(key), str)}
         for key in FORM_FILES:
             value = form.get(key)
-            if value is None or isinstance(value, str):
-                continue
+            if value is None or isinstance(value, str) or not (value.filename or value.size):
+                continue  # a browser sends a file input left empty as an empty part without a file name
             files[key] = folder / key
             with files[key].open("wb") as out:
                 shutil.copyfileobj(value.file, out)
         await form.close()
-        unknown = set(form.keys()) - set(FORM_FILES)
+        unknown = set(form.keys()) - set(FORM_FILES) - set(FORM_FIELDS)
     if unknown:
         raise UploadRefused(422, f"unknown form field(s) {', '.join(sorted(unknown))}; the files are "
                                  f"{', '.join(FORM_FILES)}")
-    return files
+    return files, fields

@@ -12,7 +12,7 @@ then the pipeline lets running jobs finish while queued jobs stay `queued` in
 the journal for the next start, the HTTP API stops, and the SQLite WAL is
 checkpointed into the database file before it is closed. The exit code is 0.
 
-On a PostgreSQL journal the node is a member of a cluster (`dicom_node.cluster`):
+On a PostgreSQL journal the node is a member of a cluster (`dicom_node.store.cluster`):
 other nodes may share the journal and the spool, so the reconciliation at
 start is not done by every node but by the `reconcile` singleton, every
 `cluster.reconcile_interval_s`, and only for what a dead node left: temp files
@@ -31,7 +31,7 @@ from pathlib import Path
 import pydicom
 
 from dicom_node import logs
-from dicom_node.cluster import RECONCILE, RETENTION, Cluster
+from dicom_node.store.cluster import RECONCILE, RETENTION, Cluster
 from dicom_node.pipeline.complete import CompletionTracker
 from dicom_node.config import Config
 from dicom_node.pipeline.health import inference_servers, pipeline_health

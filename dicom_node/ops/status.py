@@ -29,7 +29,7 @@ from typing import TextIO
 
 from sqlalchemy import func, select
 
-from dicom_node.cluster import ClusterStatus
+from dicom_node.store.cluster import ClusterStatus
 from dicom_node.config import Config
 from dicom_node.pipeline.health import PipelineHealth, inference_servers, pipeline_health
 from dicom_node.store.journal import Journal

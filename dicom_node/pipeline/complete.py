@@ -27,7 +27,7 @@ A series the router did not take (left `complete`: the journal refused its
 next write, or the node stopped first) is handed over again: at start, and by
 the periodic check once it has been complete for `UNROUTED_AFTER_S`.
 
-Nodes sharing a PostgreSQL journal (`dicom_node.cluster`) see one series
+Nodes sharing a PostgreSQL journal (`dicom_node.store.cluster`) see one series
 whichever node each instance arrived at: `last_received_at` is the journal's,
 and each node records in the journal which of its open associations sends
 which series (`dicom_node.store.leases`), so the release fast path waits for
@@ -48,7 +48,7 @@ from datetime import datetime, timedelta, timezone
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicom_node.cluster import COMPLETION, Cluster
+from dicom_node.store.cluster import COMPLETION, Cluster
 from dicom_node.store.journal import Journal, SeriesRecord
 from dicom_node.logs import series_context
 from dicom_node.metrics import NodeMetrics

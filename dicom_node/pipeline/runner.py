@@ -7,7 +7,7 @@ export row per (result, destination) queued for the export loop,
 
 Everything that matters survives a crash because it is in the journal first:
 a job is a row (queued -> running -> done | failed), so a restart requeues what
-was running. On a journal shared by several nodes (`dicom_node.cluster`) a job
+was running. On a journal shared by several nodes (`dicom_node.store.cluster`) a job
 is claimed through the journal instead (`dicom_node.store.leases`): it becomes
 `running` under this node's lease, and a job whose node died is requeued by
 another node once its lease has run out. A series sent again with new instances supersedes its earlier

@@ -25,7 +25,7 @@ class Pipeline:
 
     def __init__(self, config: Config, journal: Journal, metrics: NodeMetrics | None = None,
                  leases: Leases | None = None) -> None:
-        """`leases`: this node's claims on a journal shared with other nodes (dicom_node.cluster)."""
+        """`leases`: this node's claims on a journal shared with other nodes (dicom_node.store.cluster)."""
         metrics = metrics or NodeMetrics()
         audit = AuditLog(journal)
         self.jobs = JobRunner(config, journal, metrics, audit, leases=leases)

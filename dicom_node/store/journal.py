@@ -646,7 +646,7 @@ def _supersede(conn: Connection, series_instance_uid: str, generation: int) -> t
 
 
 def _lock_series(conn: Connection, series_instance_uid: str) -> None:
-    """On PostgreSQL, where other nodes write the same series (dicom_node.cluster), hold the series'
+    """On PostgreSQL, where other nodes write the same series (dicom_node.store.cluster), hold the series'
     transaction-level advisory lock: the first instances of a series arriving at two nodes at once open
     one generation, not two inserts of one, and an instance is never counted into a generation another
     node is completing at that moment. SQLite has one writer (this process's write lock) already."""

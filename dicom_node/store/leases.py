@@ -1,7 +1,7 @@
 """The journal's side of several nodes sharing it: node heartbeats, leased claims of jobs and exports,
 the senders of each series on every node, and the conditional transitions that let one node act.
 
-PostgreSQL only (`dicom_node.cluster` runs on a PostgreSQL journal). Every
+PostgreSQL only (`dicom_node.store.cluster` runs on a PostgreSQL journal). Every
 time here is the database's clock (`now()`), never a node's: leases are
 compared across hosts, and their clocks differ. A claim is
 `SELECT ... FOR UPDATE SKIP LOCKED` then an UPDATE in the same transaction,

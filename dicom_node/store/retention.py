@@ -38,7 +38,7 @@ instance rows are deleted last, so a purge the node stopped in the middle
 of is finished by the next sweep, and no instance file is ever left without
 a row (which restart reconciliation would take for a new arrival).
 
-Nodes sharing a PostgreSQL journal and spool (`dicom_node.cluster`) sweep on
+Nodes sharing a PostgreSQL journal and spool (`dicom_node.store.cluster`) sweep on
 one node at a time: the one holding the `retention` singleton.
 """
 

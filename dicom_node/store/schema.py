@@ -79,7 +79,7 @@ jobs = Table(
     Column("finished_at", DateTime(timezone=True)),
     Column("output_dir", Text),
     Column("kind", String(16), nullable=False, server_default=JobKind.PIPELINE.value),
-    # The node running it and until when (dicom_node.cluster); unused on a single node's SQLite journal.
+    # The node running it and until when (dicom_node.store.cluster); unused on a single node's SQLite journal.
     Column("lease_owner", String(64)),
     Column("lease_until", DateTime(timezone=True)),
     UniqueConstraint("series_instance_uid", "generation", "pipeline"),
@@ -109,12 +109,12 @@ exports = Table(
     Column("last_status", Integer),
     Column("reason", Text),
     Column("sent_at", DateTime(timezone=True)),
-    Column("lease_owner", String(64)),  # the node sending it right now, until lease_until (dicom_node.cluster)
+    Column("lease_owner", String(64)),  # the node sending it right now, until lease_until (dicom_node.store.cluster)
     Column("lease_until", DateTime(timezone=True)),
     UniqueConstraint("job_id", "destination", "sop_instance_uid"),
 )
 
-# The nodes sharing the journal (dicom_node.cluster): each writes its heartbeat (database clock) every
+# The nodes sharing the journal (dicom_node.store.cluster): each writes its heartbeat (database clock) every
 # cluster.heartbeat_seconds; one whose heartbeat is older than cluster.lease_seconds is dead.
 nodes = Table(
     "nodes", metadata,

@@ -197,7 +197,7 @@ class Spool:
 
     def __init__(self, storage_dir: Path, writer_tag: str = ""):
         """`writer_tag` names this process's temp files when several nodes share the spool
-        (dicom_node.cluster), so only those of a node that died are cleaned up."""
+        (dicom_node.store.cluster), so only those of a node that died are cleaned up."""
         self.storage_dir = Path(storage_dir)
         self.writer_tag = writer_tag
         self.root = self.storage_dir / "spool"

@@ -20,6 +20,9 @@ from sqlalchemy.engine import make_url
 from dicom_node.ops.api import NodeHandles, list_models
 from dicom_node.ops.console.access import (CSRF_FIELD, LOGIN_PATH, SESSION_COOKIE, Access, Caller, csrf_ok)
 from dicom_node.ops.console.png import encode_png
+from dicom_node.ops.model_admin import Actor, ModelRefused, audit_refusal
+from dicom_node.ops.model_admin_api import install_upload
+from dicom_node.ops.uploads import UploadRefused
 from dicom_node.ops.console.preview import PLANES, WINDOWS, PreviewError, ResultCache, find_seg, legend, render
 from dicom_node.ops.status import readiness, snapshot
 from dicom_node.passwords import hash_password, verify_password
@@ -272,9 +275,35 @@ def router(node: NodeHandles, access: Access) -> APIRouter:
     # --- models and config ---------------------------------------------------------------------------
 
     @routes.get("/console/models", response_class=HTMLResponse)
-    def models(request: Request) -> HTMLResponse:
+    def models(request: Request, message: str = "") -> HTMLResponse:
         return page(request, "models.html", models=list_models(node.config, node.open_inference),
-                    repository=str(node.config.inference.model_repository), backend=node.config.inference.backend)
+                    repository=str(node.config.inference.model_repository), backend=node.config.inference.backend,
+                    message=message, max_model_mb=node.config.http.admin.max_model_mb)
+
+    @routes.post("/console/models")
+    async def upload_model(request: Request):
+        """A new version of a model from the page's form: the API's one install path (checked in a child
+        process before it replaces anything), once the form's CSRF token is the session's."""
+        actor = Actor.of(request, node.config, node.audit)
+        name = "(unnamed)"
+
+        def checked(fields: dict[str, str]) -> str:
+            nonlocal name
+            acting(request, fields.get("csrf_token"))
+            name = fields.get("name", "").strip()
+            return name
+
+        try:
+            installed = await install_upload(request, node.config, actor, checked)
+        except ModelRefused as refused:  # audited where it was raised
+            message = f"{name}: not installed: {refused.detail}"
+        except UploadRefused as refused:
+            audit_refusal(actor, "model_installed", name, refused)
+            message = f"{name}: not installed: {refused.detail}"
+        else:
+            message = f"{installed.name}: version {installed.version} installed (sha256 {installed.sha256[:12]}…)"
+            log.info("console: model %s version %d installed by %s", installed.name, installed.version, actor.who)
+        return RedirectResponse(f"/console/models?message={quote(message)}", status_code=303)
 
     @routes.get("/console/config", response_class=HTMLResponse)
     def config(request: Request) -> HTMLResponse:
