@@ -275,7 +275,7 @@ def test_a_model_version_uploaded_from_the_console_runs_the_next_job(env):
     assert ("model_installed", USER) in [(a.event, a.actor) for a in env.audit()]
 
     files, series_uid = _as_new_series(env.files, env.root / "again")
-    result = dcmtk.storescu(env.node.port, files)
+    result = dcmtk.storescu(env.node.port, files, extra=["-xv"])  # JPEG 2000, as stored
     assert result.returncode == 0, result.output
     wait_for(lambda: [j.state for j in env.jobs() if j.series_instance_uid == series_uid] == [JobState.DONE], 150,
              "the next series' job done")

@@ -79,11 +79,15 @@ def send_and_wait(node: Node, files: list[Path]):
     return wait_for(lambda: finished_job(url, series_uid), 120, f"the job of {series_uid}\n{node.log_text()}")
 
 
+ADMIN_UPLOAD_TIMEOUT_S = 8  # long enough for the tests' real uploads on a loaded machine
+
+
 @pytest.fixture(scope="module")
 def api(tmp_path_factory) -> Iterator[ApiNode]:
     root = tmp_path_factory.mktemp("api-node")
     install_spleen_model(root / "models")
-    node = Node(root, http={"bearer_token": TOKEN, "infer": {"max_upload_mb": MAX_UPLOAD_MB, "max_queued": 0}},
+    node = Node(root, http={"bearer_token": TOKEN, "infer": {"max_upload_mb": MAX_UPLOAD_MB, "max_queued": 0},
+                                 "admin": {"upload_timeout_s": ADMIN_UPLOAD_TIMEOUT_S}},
                 inference={"model_repository": str(root / "models"), "workers": 1},
                 pipelines={"spleen_ct": SPLEEN})
     node.start()
@@ -337,3 +341,17 @@ def test_install_and_remove_without_http(tmp_path):
     removed = remove_model(repository, "spleen_ct", {"spleen_ct": ["spleen_ct"]}, force=True)
     assert (removed.versions, removed.whole_model, removed.degraded_pipelines) == ((1, 2), True, ("spleen_ct",))
     assert list(repository.iterdir()) == []
+
+
+def test_a_model_upload_that_stops_arriving_gets_408_and_installs_nothing(api):
+    entry = api.repository / "spleen_ct"
+    versions = sorted(p.name for p in entry.iterdir() if p.name.isdigit())
+    with socket.create_connection(("127.0.0.1", api.node.http_port), timeout=60) as client:
+        client.sendall(f"PUT /admin/model/spleen_ct HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+                       f"Content-Type: application/zip\r\nContent-Length: 4096\r\n\r\n".encode() + b"PK" * 512)
+        answer = client.makefile("rb").readline()  # the rest of the body never comes
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert sorted(p.name for p in entry.iterdir() if p.name.isdigit()) == versions
+    assert requests.get(api.url + "/healthz", timeout=30).status_code == 200
+    (latest, *_) = requests.get(f"{api.url}/v1/audit?event=model_installed", headers=AUTH, timeout=10).json()
+    assert latest["status"] == "refused" and "upload_timeout_s" in latest["detail"]

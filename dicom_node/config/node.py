@@ -170,9 +170,11 @@ class InferApiConfig(_Model):
 
 class ModelAdminConfig(_Model):
     """`PUT /admin/model/{name}` (dicom_node.ops.model_admin): an upload, or the unpacked size of a zipped
-    model folder, over `max_model_mb` is refused with 413."""
+    model folder, over `max_model_mb` is refused with 413; one that has not arrived within `upload_timeout_s`
+    with 408 (a client trickling its body would otherwise hold a spool file and a connection)."""
 
     max_model_mb: float = Field(2048, gt=0)
+    upload_timeout_s: float = Field(600, gt=0)
 
 
 class HttpConfig(_Model):

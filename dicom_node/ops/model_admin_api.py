@@ -7,6 +7,7 @@ Refusals are JSON `{"detail": ...}` with the status `ModelRefused` carries.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -36,7 +37,7 @@ def admin_routes(config: Config, audit: AuditLog) -> APIRouter:
     repository = Path(config.inference.model_repository)
     refusals = {status: {"description": text} for status, text in (
         (404, "no such model or version"), (409, "an enabled pipeline needs it (see force)"),
-        (413, "over http.admin.max_model_mb"), (415, "neither multipart/form-data nor a zip, or not ONNX"),
+        (408, "the upload did not arrive within http.admin.upload_timeout_s"), (413, "over http.admin.max_model_mb"), (415, "neither multipart/form-data nor a zip, or not ONNX"),
         (422, "bad config.pbtxt or pipeline.yaml, name mismatch, a model that does not load or does not match "
               "its config, an unsafe zip"))}
 
@@ -82,8 +83,14 @@ async def install_upload(request: Request, config: Config, actor: Actor,
     repository.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".upload-", dir=repository) as folder:
         body = Path(folder) / "body"
-        await spool_stream(request.stream(), body, int(max_mb * MB) + FORM_OVERHEAD,
-                           request.headers.get("content-length"), "http.admin.max_model_mb")
+        timeout_s = config.http.admin.upload_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await spool_stream(request.stream(), body, int(max_mb * MB) + FORM_OVERHEAD,
+                                   request.headers.get("content-length"), "http.admin.max_model_mb")
+        except TimeoutError:
+            raise UploadRefused(408, f"the upload did not arrive within http.admin.upload_timeout_s "
+                                     f"({timeout_s:g} s)") from None
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         fields: dict[str, str] = {}
         if media in ("application/zip", "application/x-zip-compressed"):
