@@ -109,22 +109,27 @@ def storescp_receiver(root: Path) -> Iterator[tuple[int, str]]:
 
 def timed_send(port: int, called_ae: str, files: list[Path], senders: int, logs: Path) -> float:
     """Seconds for `senders` concurrent storescu associations to store `files` (split round robin)."""
+    return send_at_once([(port, files[n::senders]) for n in range(senders)], logs, called_ae)
+
+
+def send_at_once(sends: list[tuple[int, list[Path]]], logs: Path, called_ae: str = "DICOMNODE") -> float:
+    """Seconds for one storescu per (port, files), all started together, until the last is acknowledged;
+    RuntimeError when any instance was not."""
     logs.mkdir(parents=True, exist_ok=True)
-    shares = [files[n::senders] for n in range(senders)]
-    outputs = [logs / f"storescu{n}.log" for n in range(senders)]
+    outputs = [logs / f"storescu{n}.log" for n in range(len(sends))]
     start = time.perf_counter()
     processes = []
-    for share, output in zip(shares, outputs):
+    for (port, files), output in zip(sends, outputs):
         with open(output, "w") as log:
-            processes.append(subprocess.Popen(dcmtk.storescu_args(port, share, called_ae=called_ae), env=peer_env(),
+            processes.append(subprocess.Popen(dcmtk.storescu_args(port, files, called_ae=called_ae), env=peer_env(),
                                               stdout=log, stderr=subprocess.STDOUT))
     codes = [process.wait(timeout=900) for process in processes]
     elapsed = time.perf_counter() - start
-    for code, share, output in zip(codes, shares, outputs):
+    for code, (port, files), output in zip(codes, sends, outputs):
         result = dcmtk.StoreResult(code, output.read_text(errors="replace"))
-        if code != 0 or len(result.acknowledged) != len(share):
-            raise RuntimeError(f"send to {called_ae} failed ({len(result.acknowledged)}/{len(share)} stored):\n"
-                               f"{result.output[-2000:]}")
+        if code != 0 or len(result.acknowledged) != len(files):
+            raise RuntimeError(f"send to {called_ae} on port {port} failed ({len(result.acknowledged)}/{len(files)} "
+                               f"stored):\n{result.output[-2000:]}")
     return elapsed
 
 

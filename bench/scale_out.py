@@ -25,10 +25,8 @@ import argparse
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +36,9 @@ from sqlalchemy import func, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.ingest import run_header  # noqa: E402
+from bench.ingest import run_header, send_at_once  # noqa: E402
 from dicom_node.store.journal import Journal  # noqa: E402
 from dicom_node.store.schema import instances  # noqa: E402
-from tests.peers import dcmtk, peer_env  # noqa: E402
 from tests.peers.postgres import PostgresServer, postgres_server  # noqa: E402
 from tests.series_factory import write_ct_series  # noqa: E402
 from tests.test_receive import Node  # noqa: E402
@@ -81,21 +78,7 @@ def postgres_processes(server: PostgresServer) -> list[psutil.Process]:
 
 def send(nodes: list[Node], series: list[list[Path]], logs: Path) -> float:
     """Seconds for one storescu per series, series k to node k mod N, all at once, to be acknowledged."""
-    logs.mkdir(parents=True, exist_ok=True)
-    outputs = [logs / f"storescu{k}.log" for k in range(len(series))]
-    start = time.perf_counter()
-    processes = []
-    for k, (files, output) in enumerate(zip(series, outputs)):
-        with open(output, "w") as log:
-            processes.append(subprocess.Popen(dcmtk.storescu_args(nodes[k % len(nodes)].port, files), env=peer_env(),
-                                              stdout=log, stderr=subprocess.STDOUT))
-    codes = [process.wait(timeout=900) for process in processes]
-    elapsed = time.perf_counter() - start
-    for code, files, output in zip(codes, series, outputs):
-        result = dcmtk.StoreResult(code, output.read_text(errors="replace"))
-        if code != 0 or len(result.acknowledged) != len(files):
-            raise RuntimeError(f"send failed ({len(result.acknowledged)}/{len(files)} stored):\n{result.output[-2000:]}")
-    return elapsed
+    return send_at_once([(nodes[k % len(nodes)].port, files) for k, files in enumerate(series)], logs)
 
 
 def measure(server: PostgresServer, count: int, series: list[list[Path]], root: Path) -> Measurement:
