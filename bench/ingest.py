@@ -12,7 +12,9 @@ a fresh storage folder per measurement; median of the rounds. The receivers:
 - dcmtk storescp -od: acknowledges once the file is in the page cache, no fsync.
 
 Rounds are interleaved (every receiver and sender count in each round) so all
-see the same machine load. For each sender count the run prints every
+see the same machine load, and the disk is synced before each measurement so
+that none pays for the writeback the one before left behind (storescp's files,
+never fsynced, are still being written out when the next receiver starts). For each sender count the run prints every
 receiver's rate, the node's rate over Orthanc's (of the medians, and round by
 round) and, with several counts, how the node's aggregate rate grows with them. Everyone runs with TCP_NODELAY=1 (Debian's dcmtk
 and Orthanc leave Nagle on, and each C-STORE then stalls ~40 ms).
@@ -197,6 +199,7 @@ def main() -> None:
             for senders in sender_counts:
                 for number, (name, receiver) in enumerate(peers.items()):
                     root = work / f"r{round_index}-s{senders}-{number}"
+                    os.sync()  # no receiver pays for writeback another left behind (storescp never fsyncs)
                     with receiver(root) as (port, called_ae):
                         times[(senders, name)].append(timed_send(port, called_ae, files, senders, root / "logs"))
         print(f"{args.instances} instances, {megabytes:.1f} MB, median of {args.rounds} interleaved rounds")

@@ -58,22 +58,23 @@ def reconcile(spool: Spool, journal: Journal, live_writers: frozenset[str] | Non
     - a row without a file (file removed behind our back) is deleted and logged, unless its series
       is being purged (retention's next sweep finishes that purge).
 
-    On a shared spool, the temp files of `live_writers` are being written now, and a file younger
-    than `settled_for_s` may be a live node's, linked with its row about to be committed: both are left.
+    On a shared spool, the temp files of `live_writers` are being written now, and a file or a row
+    younger than `settled_for_s` may be a live node's, with its row or its file a moment away (the
+    receiver commits the row beside the file's fsyncs): all are left.
     """
     for path in spool.remove_temp_files(live_writers):
         log.info("reconcile: removed temp file %s", path)
+    settled_before = time.time() - settled_for_s
     journaled = {record.path: record for record in journal.all_instances()}
     on_disk = {str(path) for path in spool.instance_files()}
     for path, record in journaled.items():
-        if path not in on_disk:
+        if path not in on_disk and (settled_for_s <= 0 or record.received_at.timestamp() <= settled_before):
             series = journal.get_series(record.series_instance_uid, record.generation)
             if series is not None and series.state == SeriesState.PURGED:
                 continue
             journal.delete_instance(record.sop_instance_uid)
             log.warning("reconcile: instance %s of series %s has no file %s; row deleted",
                         record.sop_instance_uid, record.series_instance_uid, path)
-    settled_before = time.time() - settled_for_s
     for path in sorted(p for p in on_disk - journaled.keys() if settled_for_s <= 0 or _mtime(Path(p)) <= settled_before):
         try:
             _journal_file(Path(path), journal)
@@ -176,8 +177,12 @@ def serve(config: Config, log_format: str = "text") -> None:
 
 def _reconcile_shared(spool: Spool, journal: Journal, cluster: Cluster) -> None:
     """What dead nodes left in the shared spool and journal: their temp files, their files linked but
-    not journaled, their recorded senders."""
-    reconcile(spool, journal, live_writers=cluster.live_spool_tags(), settled_for_s=cluster.config.lease_seconds)
+    not journaled, their rows whose files never came, their recorded senders. Files and rows younger
+    than a lease are left while another node is alive: they may be its instance being stored now."""
+    live = cluster.live_spool_tags()
+    others_writing = bool(live - {cluster.spool_tag})
+    reconcile(spool, journal, live_writers=live,
+              settled_for_s=cluster.config.lease_seconds if others_writing else 0)
     forgotten = cluster.leases.forget_dead_senders()
     if forgotten:
         log.info("reconcile: forgot %d open associations of nodes that died", forgotten)

@@ -49,7 +49,7 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATA_SET_DOES_NOT_MATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
-NAME_SYNC_THREADS = 8
+SETTLE_THREADS = 8
 
 Transport = Literal["dimse", "stow"]
 TRANSPORT_VERB: dict[str, str] = {"dimse": "C-STORE", "stow": "STOW-RS"}
@@ -106,8 +106,8 @@ class Ingest:
         self.tracker = tracker
         self.metrics = metrics
         self.audit = audit
-        # Folder fsyncs (`_persist`) run here, beside the journal commit of the association's thread.
-        self._name_syncs = ThreadPoolExecutor(max_workers=NAME_SYNC_THREADS, thread_name_prefix="spool-name-fsync")
+        # A stored file's fsyncs (`_persist`) run here, beside the journal commit of the association's thread.
+        self._settles = ThreadPoolExecutor(max_workers=SETTLE_THREADS, thread_name_prefix="spool-fsync")
         # Told of each new instance once it is stored and journaled, before its success is answered
         # (dicom_node.pipeline.prepare queues it for decoding): must never block.
         self.on_stored: Callable[[InstanceRecord], None] = lambda record: None
@@ -144,62 +144,78 @@ class Ingest:
         return Outcome(status, key, reason=reason)
 
     def _persist(self, delivery: Delivery, key: InstanceKey, header: InstanceHeader, meta: bytes) -> Outcome:
-        """Spool file, then journal row (or, for a re-send, a note on the series that holds it).
+        """Spool file and journal row side by side (or, for a re-send, a note on the series that holds it).
 
-        The folder fsync that makes the file's name durable runs beside the journal commit (both are
-        waits on the disk, and the answer waits for both): a crash between them leaves a row without a
-        file, which restart reconciliation deletes, or a file without a row, which it journals; the
-        sender was answered neither. The file's content is on disk before it has its name."""
-        try:
-            linked = self.spool.link(key, (meta, delivery.data_set))
-        except OSError as error:
-            return self._refused(delivery, STATUS_OUT_OF_RESOURCES, key,
-                                 f"writing {key.sop_instance_uid} failed: {error}")
-        size = len(meta) + len(delivery.data_set)
-        if linked is None:  # the instance's file is already in the spool
+        The file's fsyncs (content, then its name once linked) run beside the journal commit: both are waits
+        on the disk, and the answer waits for both. A crash between them leaves a row without a file, which
+        restart reconciliation deletes, or a file without a row, which it journals; the sender was answered
+        neither. The file's content is on disk before it has its name, so a name never shows a torn file."""
+        final = self.spool.path_for(key)
+        if final.exists():  # the instance's file is already in the spool: a re-send
             try:
                 existing = self.journal.find_instance(key.sop_instance_uid)
             except Exception as error:
                 return self._refused(delivery, STATUS_OUT_OF_RESOURCES, key,
                                      f"journaling {key.sop_instance_uid} failed: {error}")
-            return self._duplicate(delivery, key, meta, self.spool.path_for(key), existing)
-        path = linked.path
-        naming = self._name_syncs.submit(self.spool.sync_name, linked)
+            return self._duplicate(delivery, key, meta, final, existing)
+        try:
+            staged = self.spool.stage(key, (meta, delivery.data_set))
+        except OSError as error:
+            return self._refused(delivery, STATUS_OUT_OF_RESOURCES, key,
+                                 f"writing {key.sop_instance_uid} failed: {error}")
+        size = len(meta) + len(delivery.data_set)
+        settling = self._settles.submit(self.spool.settle, staged)
         try:
             new = NewInstance(
                 sop_instance_uid=key.sop_instance_uid, sop_class_uid=delivery.sop_class_uid,
                 series_instance_uid=key.series_instance_uid, study_instance_uid=key.study_instance_uid,
-                path=str(path), calling_ae=delivery.calling_ae, called_ae=delivery.called_ae,
+                path=str(final), calling_ae=delivery.calling_ae, called_ae=delivery.called_ae,
                 transfer_syntax=delivery.transfer_syntax, size=size, modality=header.modality,
                 series_description=header.series_description, patient_id=header.patient_id,
                 accession_number=header.accession_number, study_date=header.study_date)
             record, is_new = self.journal.record_instance(new)
         except Exception as error:
-            wait((naming,))
-            path.unlink(missing_ok=True)
+            wait((settling,))
+            if settling.exception() is None and settling.result() is not None:
+                final.unlink(missing_ok=True)
             return self._refused(delivery, STATUS_OUT_OF_RESOURCES, key,
                                  f"journaling {key.sop_instance_uid} failed: {error}")
         try:
-            naming.result()
-        except OSError as error:  # a new row stays: a re-send of the instance finds it, as a duplicate
-            if not is_new and record.path != str(path):
-                path.unlink(missing_ok=True)
+            path = settling.result()
+        except OSError as error:
+            if is_new:
+                self._forget(record)
             return self._refused(delivery, STATUS_OUT_OF_RESOURCES, key,
-                                 f"writing {key.sop_instance_uid} failed: fsync of its folder: {error}")
+                                 f"writing {key.sop_instance_uid} failed: {error}")
         if not is_new:
-            if record.path == str(path):  # its journaled file had gone missing: this copy takes its place
+            if record.path == str(final):  # its journaled file had gone missing: this copy takes its place
                 log.warning("instance %s from %s re-stored: its journaled file was missing", key.sop_instance_uid,
                             delivery.calling_ae)
                 return Outcome(STATUS_SUCCESS, key)
             # The SOP Instance UID is journaled under other study/series UIDs: that copy stays.
-            path.unlink(missing_ok=True)
+            if path is not None:
+                final.unlink(missing_ok=True)
             return self._duplicate(delivery, key, meta, Path(record.path), record)
+        if path is None:
+            # Another node sharing the spool linked the same instance between the check above and the link:
+            # its file is the stored copy and this row stands for it (that node finds the row, a duplicate).
+            log.info("instance %s from %s was stored by another node at the same time; journaled once",
+                     key.sop_instance_uid, delivery.calling_ae)
         labels = {"calling_ae": delivery.calling_ae, "transport": delivery.transport}
         self.metrics.instances_received.labels(**labels).inc()
         self.metrics.bytes_received.labels(**labels).inc(size)
         self.tracker.instance_received(delivery.session, record.series_instance_uid, record.generation)
         self.on_stored(record)
         return Outcome(STATUS_SUCCESS, key, new=True, size=size)
+
+    def _forget(self, record: InstanceRecord) -> None:
+        """Take back the row of an instance whose file could not be made durable: its sender is refused and
+        will send it again. If the journal fails too, restart reconciliation deletes the row without a file."""
+        try:
+            self.journal.delete_instance(record.sop_instance_uid)
+        except Exception as error:
+            log.error("the row of %s stays until restart (its file was not stored): %s", record.sop_instance_uid,
+                      error)
 
     def _duplicate(self, delivery: Delivery, key: InstanceKey, meta: bytes, stored: Path,
                    record: InstanceRecord | None) -> Outcome:

@@ -214,16 +214,20 @@ class _InstanceStatements:
         timestamp = instances.c.received_at.type
         self.time = timestamp.dialect_impl(dialect).bind_processor(dialect) or (lambda value: value)
         self._read_time = timestamp.dialect_impl(dialect).result_processor(dialect, None) or (lambda value: value)
-        self.find_instance = (f"SELECT {', '.join(self._INSTANCE_COLUMNS)} FROM instances "
-                              f"WHERE sop_instance_uid = {mark}")
+        self._mark = mark
         self.latest_generation = (f"SELECT generation, state FROM series WHERE series_instance_uid = {mark} "
                                   f"ORDER BY generation DESC LIMIT 1")
-        self.count_in_generation = (f"UPDATE series SET instance_count = instance_count + 1, last_received_at = "
+        self.count_in_generation = (f"UPDATE series SET instance_count = instance_count + {mark}, last_received_at = "
                                     f"{mark} WHERE series_instance_uid = {mark} AND generation = {mark}")
         self.insert_series = (f"INSERT INTO series ({', '.join(self._SERIES_COLUMNS)}) "
                               f"VALUES ({', '.join([mark] * len(self._SERIES_COLUMNS))})")
         self.insert_instance = (f"INSERT INTO instances ({', '.join(self._INSTANCE_COLUMNS)}) "
                                 f"VALUES ({', '.join([mark] * len(self._INSTANCE_COLUMNS))})")
+
+    def find_instances(self, count: int) -> str:
+        """The rows of `count` SOP Instance UIDs, sop_instance_uid first."""
+        return (f"SELECT {', '.join(self._INSTANCE_COLUMNS)} FROM instances "
+                f"WHERE sop_instance_uid IN ({', '.join([self._mark] * count)})")
 
     def instance_row(self, record: InstanceRecord) -> tuple:
         return tuple(self.time(getattr(record, name)) if name == "received_at" else getattr(record, name)
@@ -301,53 +305,70 @@ class Journal:
         return self._recorder.submit(_PendingInstance(new, received_at or utcnow()))
 
     def _record_batch(self, conn: Connection, batch: list[_PendingInstance]) -> list[tuple[InstanceRecord, bool]]:
-        """Record each pending instance in order, in the caller's transaction. The hot statements go straight
-        to the driver (`_InstanceStatements`); the series' open generation is read once per batch."""
+        """Record the pending instances in order, in the caller's transaction, with a few statements for the
+        whole batch: one look-up of their SOP Instance UIDs, one of each series' latest generation, one count
+        per series generation and one insert of all the rows. Each statement gives the GIL up while the
+        database works and must win it back from the receiving threads, so it is the number of statements,
+        not their size, that holds the journal's lock longest. The hot statements go straight to the driver
+        (`_InstanceStatements`)."""
+        sql = self._sql
         for series_uid in sorted({pending.new.series_instance_uid for pending in batch}):
             _lock_series(conn, series_uid)  # sorted: two nodes' batches never wait on each other in a cycle
         cursor = conn.connection.cursor()
-        open_generations: dict[str, int] = {}
-        results = []
         try:
+            uids = [pending.new.sop_instance_uid for pending in batch]
+            cursor.execute(sql.find_instances(len(uids)), uids)
+            existing = {row[0]: sql.instance_record(row) for row in cursor.fetchall()}
+            open_generations: dict[str, int] = {}
+            counted: dict[tuple[str, int], tuple[int, datetime]] = {}  # (series, generation) -> (new rows, latest)
+            results: list[tuple[InstanceRecord, bool]] = []
+            rows = []
             for pending in batch:
-                results.append(self._record_one(conn, cursor, pending, open_generations))
+                pending.superseded, pending.taken_over = [], 0  # a batch retried one by one records it again
+                found = existing.get(pending.new.sop_instance_uid)
+                if found is not None:
+                    results.append((found, False))
+                    continue
+                record = self._place(conn, cursor, pending, open_generations)
+                key = (record.series_instance_uid, record.generation)
+                count, _ = counted.get(key, (0, pending.received_at))
+                counted[key] = (count + 1, pending.received_at)
+                existing[record.sop_instance_uid] = record  # the same UID twice in one batch: a duplicate
+                rows.append(sql.instance_row(record))
+                results.append((record, True))
+            for (series_uid, generation), (count, latest) in counted.items():
+                cursor.execute(sql.count_in_generation, (count, sql.time(latest), series_uid, generation))
+            if rows:
+                cursor.executemany(sql.insert_instance, rows)
         finally:
             cursor.close()
         return results
 
-    def _record_one(self, conn: Connection, cursor, pending: _PendingInstance,
-                    open_generations: dict[str, int]) -> tuple[InstanceRecord, bool]:
+    def _place(self, conn: Connection, cursor, pending: _PendingInstance,
+               open_generations: dict[str, int]) -> InstanceRecord:
+        """The record of a new instance in its series' open generation; opens one (superseding the earlier
+        ones) when the latest is no longer receiving."""
         new, now, sql = pending.new, pending.received_at, self._sql
-        pending.superseded, pending.taken_over = [], 0  # a batch retried one by one records it again
-        cursor.execute(sql.find_instance, (new.sop_instance_uid,))
-        existing = cursor.fetchone()
-        if existing:
-            return sql.instance_record(existing), False
-        series_uid, latest = new.series_instance_uid, None
+        series_uid = new.series_instance_uid
         generation = open_generations.get(series_uid)
         if generation is None:
             cursor.execute(sql.latest_generation, (series_uid,))
             latest = cursor.fetchone()
             if latest is not None and latest[1] == SeriesState.RECEIVING:
                 generation = latest[0]
-        if generation is not None:
-            cursor.execute(sql.count_in_generation, (sql.time(now), series_uid, generation))
-        else:
-            generation = 1 if latest is None else latest[0] + 1
-            if latest is not None:
-                pending.superseded, taken_over = _supersede(conn, series_uid, generation)
-                pending.taken_over = taken_over
-            cursor.execute(sql.insert_series, (
-                series_uid, generation, new.study_instance_uid, SeriesState.RECEIVING.value, pending.taken_over + 1,
-                sql.time(now), sql.time(now), new.calling_ae, new.called_ae, new.modality, new.series_description,
-                new.patient_id, new.accession_number, new.study_date))
-        open_generations[series_uid] = generation
-        record = InstanceRecord(
+            else:
+                generation = 1 if latest is None else latest[0] + 1
+                if latest is not None:
+                    pending.superseded, pending.taken_over = _supersede(conn, series_uid, generation)
+                cursor.execute(sql.insert_series, (
+                    series_uid, generation, new.study_instance_uid, SeriesState.RECEIVING.value, pending.taken_over,
+                    sql.time(now), sql.time(now), new.calling_ae, new.called_ae, new.modality,
+                    new.series_description, new.patient_id, new.accession_number, new.study_date))
+            open_generations[series_uid] = generation
+        return InstanceRecord(
             sop_instance_uid=new.sop_instance_uid, sop_class_uid=new.sop_class_uid, series_instance_uid=series_uid,
             study_instance_uid=new.study_instance_uid, generation=generation, path=new.path,
             calling_ae=new.calling_ae, transfer_syntax=new.transfer_syntax, size=new.size, received_at=now)
-        cursor.execute(sql.insert_instance, sql.instance_row(record))
-        return record, True
 
     def _recorded(self, pending: _PendingInstance, result: tuple[InstanceRecord, bool]) -> None:
         """Once its batch is committed: a generation that superseded others says so."""

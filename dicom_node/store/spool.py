@@ -10,8 +10,9 @@ when nodes share the spool, recognisable for clean-up after a crash), the file i
 and it never replaces a file already there) and the folder is fsynced so the
 new name survives a power cut. The storage dir must be on a file system with
 hard links (ext4, XFS, btrfs, NFS all have them). `write` does all of it;
-`link` and `sync_name` are its two halves, for a caller with another disk
-wait to run beside the folder fsync (the receiver's journal commit).
+`stage` (into the page cache) and `settle` (the fsyncs and the link) are its
+two halves, for a caller with another disk wait to run beside the fsyncs (the
+receiver's journal commit).
 
 Writes of different instances, also of one series, run side by side: their
 fsyncs release the GIL and the disk takes them together, so nothing holds a
@@ -115,10 +116,13 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
 
 
 @dataclass(frozen=True)
-class Linked:
-    """An instance file on disk under its final name, the name not yet fsynced (`Spool.sync_name`)."""
+class Staged:
+    """An instance's bytes in a temp file beside its final name, written but not yet durable (`Spool.settle`
+    fsyncs and names it, and closes `fd`)."""
 
-    path: Path
+    fd: int
+    temp: Path
+    final: Path
     new_folder: bool  # its series folder was created for it
 
 
@@ -228,20 +232,14 @@ class Spool:
         return self.root / key.study_instance_uid / key.series_instance_uid / f"{key.sop_instance_uid}.dcm"
 
     def write(self, key: InstanceKey, chunks: tuple[bytes, ...]) -> Path | None:
-        """Write `chunks` durably to the instance's path (`link`, then `sync_name`); returns it, or None
+        """Write `chunks` durably to the instance's path (`stage`, then `settle`); returns it, or None
         when a file is already there. Raises OSError on any failure."""
-        linked = self.link(key, chunks)
-        if linked is None:
-            return None
-        self.sync_name(linked)
-        return linked.path
+        return self.settle(self.stage(key, chunks))
 
-    def link(self, key: InstanceKey, chunks: tuple[bytes, ...]) -> Linked | None:
-        """Write `chunks` to a temp file, fsync it and hard-link it to the instance's path; None when a
-        file is already there: the first copy stays, even when two associations deliver the same instance
-        at once (a hard link fails rather than replaces, where a rename would overwrite). The content is on
-        disk before it has its name, so the name never shows a torn file; the name itself is durable only
-        after `sync_name`. Raises OSError on any failure."""
+    def stage(self, key: InstanceKey, chunks: tuple[bytes, ...]) -> Staged:
+        """Write `chunks` to a temp file beside the instance's path, not yet fsynced: the page-cache half of
+        a write, for a caller that runs `settle` (the disk waits) beside other work. Raises OSError (the
+        temp file removed)."""
         final = self.path_for(key)
         folder = final.parent
         created = not folder.exists()
@@ -249,28 +247,38 @@ class Spool:
         writer = f"{self.writer_tag}." if self.writer_tag else ""
         fd, temp = tempfile.mkstemp(prefix=f".{key.sop_instance_uid}.{writer}", suffix=TEMP_SUFFIX, dir=folder)
         try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+        except BaseException:
+            os.close(fd)
+            os.unlink(temp)
+            raise
+        return Staged(fd, Path(temp), final, created)
+
+    @staticmethod
+    def settle(staged: Staged) -> Path | None:
+        """Make a staged file durable under its final name: fsync it, hard-link it to the name (atomic, and
+        it never replaces a file already there: the first copy stays, even when two writers deliver the same
+        instance at once), then fsync the folder so the name survives a power cut (and the study and spool
+        folders when the series folder is new). The content is on disk before it has its name, so the name
+        never shows a torn file. Returns the path, or None when a file was already there. Raises OSError."""
+        try:
+            os.fsync(staged.fd)
             try:
-                os.link(temp, final)
+                os.link(staged.temp, staged.final)
             except FileExistsError:
                 return None
         finally:
-            os.unlink(temp)
-        return Linked(final, created)
-
-    @staticmethod
-    def sync_name(linked: Linked) -> None:
-        """fsync the folder that holds the new name, and the study and spool folders when the series
-        folder is new, so the name survives a power cut. Raises OSError."""
-        folder = linked.path.parent
+            os.close(staged.fd)
+            os.unlink(staged.temp)
+        folder = staged.final.parent
         _fsync_dir(folder)
-        if linked.new_folder:
+        if staged.new_folder:
             _fsync_dir(folder.parent)
             _fsync_dir(folder.parent.parent)
+        return staged.final
 
     def remove_empty_folders(self, key: InstanceKey) -> None:
         """The series folder of `key`, then its study folder, if nothing is left in them."""
