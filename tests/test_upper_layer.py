@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from io import BytesIO
 
@@ -22,6 +23,7 @@ from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotifi
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from dicom_node.receive.upper_layer import NegotiationCache
 from tests.peers import wait_for
 from tests.test_api import samples
 from tests.test_receive import NODE_AE, Node, running_node
@@ -51,12 +53,13 @@ def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
 
 
 def _associate(port: int, max_pdu: int, application_context: str = "1.2.840.10008.3.1.1.1",
-               contexts: list[PresentationContext] | None = None) -> tuple[socket.socket, int, bytes]:
-    """Open a connection and send an A-ASSOCIATE-RQ for `contexts` (IDs 1, 3, 5...); by default
+               contexts: list[PresentationContext] | None = None, calling_ae: str = "STORESCU",
+               source: str = "127.0.0.1") -> tuple[socket.socket, int, bytes]:
+    """Open a connection from `source` and send an A-ASSOCIATE-RQ for `contexts` (IDs 1, 3, 5...); by default
     Verification (context 1) and CT (context 3)."""
     request = A_ASSOCIATE()
     request.application_context_name = application_context
-    request.calling_ae_title, request.called_ae_title = "STORESCU", NODE_AE
+    request.calling_ae_title, request.called_ae_title = calling_ae, NODE_AE
     contexts = contexts or [build_context(Verification), build_context(CTImageStorage)]
     for index, context in enumerate(contexts):
         context.context_id = 2 * index + 1
@@ -68,7 +71,7 @@ def _associate(port: int, max_pdu: int, application_context: str = "1.2.840.1000
     request.user_information = [max_length, implementation]
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(request)
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
     sock.sendall(pdu.encode())
     pdu_type, body = _read_pdu(sock)
     return sock, pdu_type, body
@@ -120,6 +123,50 @@ def test_association_is_accepted_with_our_implementation_and_limits(node):
         assert results == {1: 0x00, 3: 0x00}
         sock.sendall(struct.pack(">BBII", 0x05, 0, 4, 0))  # A-RELEASE-RQ
         assert _read_pdu(sock)[0] == 0x06  # A-RELEASE-RP
+
+
+def test_a_repeated_request_gets_the_first_answer_and_each_connection_is_checked(node):
+    """A sender's associations all send the same A-ASSOCIATE-RQ, negotiated once: the second is accepted with
+    the first's A-ASSOCIATE-AC, and the same bytes from a host the calling AE is not allowed from are still
+    rejected (the allow-list entry for ECHOSCU names 127.0.0.1)."""
+    answers = []
+    for _ in range(2):
+        sock, pdu_type, body = _associate(node.port, 0, calling_ae="ECHOSCU")
+        with sock:
+            assert pdu_type == 0x02
+            answers.append(body)
+            sock.sendall(struct.pack(">BBII", 0x05, 0, 4, 0))  # A-RELEASE-RQ
+            assert _read_pdu(sock)[0] == 0x06
+    assert answers[0] == answers[1]
+    sock, pdu_type, body = _associate(node.port, 0, calling_ae="ECHOSCU", source="127.0.0.2")
+    with sock:
+        assert pdu_type == 0x03 and body[1:4] == bytes([0x01, 0x01, 0x03])  # calling AE title not recognized
+
+
+def test_the_negotiation_cache_works_a_request_out_once_keeps_no_failure_and_stays_bounded():
+    """Eight connections sending one request at once share one negotiation; a request that failed is worked
+    out again; the oldest request is dropped past the cache's size."""
+    calls: list[bytes] = []
+
+    def negotiate(body: bytes) -> str:
+        calls.append(body)
+        time.sleep(0.2)  # the other seven arrive while the first is being worked out
+        if body == b"bad":
+            raise ValueError("does not decode")
+        return f"answer to {body!r}"
+
+    cache = NegotiationCache(2)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: cache.get(b"rq", negotiate), range(8)))
+    assert answers == ["answer to b'rq'"] * 8 and calls == [b"rq"]
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            cache.get(b"bad", negotiate)
+    assert calls.count(b"bad") == 2
+    cache.get(b"other", negotiate)
+    cache.get(b"third", negotiate)  # past the size of 2: b"rq", the least recently used, is dropped
+    cache.get(b"rq", negotiate)
+    assert calls.count(b"rq") == 2
 
 
 def test_responses_respect_a_small_peer_maximum_pdu(node):

@@ -9,7 +9,9 @@ reads whole PDUs with `recv_into`, reassembles the data set from the PDV
 fragments and answers on the same thread. pynetdicom still does what it is
 good at: the A-ASSOCIATE-RQ/AC codecs and presentation context negotiation
 (with SCP/SCU role selection) are its own, so the association wire format
-is the one the node's SCU side (pynetdicom) speaks.
+is the one the node's SCU side (pynetdicom) speaks. They cost ~20 ms of CPU
+for a request of 128 presentation contexts (storescu's), so each distinct
+request is negotiated once and its answer kept (`NegotiationCache`).
 
 States, reduced to what an acceptor meets (PS3.8 9.2): waiting for the
 A-ASSOCIATE-RQ under the ACSE timeout (ARTIM), then data transfer (C-ECHO,
@@ -35,6 +37,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
 import socket
 import ssl
 import struct
@@ -61,6 +66,8 @@ from dicom_node.receive.pdu import (ABORT_SOURCE_PROVIDER, A_ABORT_PDU, A_ASSOCI
 from dicom_node.tls import peer_subject
 
 log = logging.getLogger("dicom_node.receive.upper_layer")
+
+NEGOTIATIONS_KEPT = 64
 
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"  # PS3.7 A.2.1
 IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["dicom-node", __version__])
@@ -155,6 +162,56 @@ class AcceptorSettings:
     tls_context: ssl.SSLContext | None = None
 
 
+@dataclass(frozen=True)
+class Negotiation:
+    """An A-ASSOCIATE-RQ decoded and negotiated: its checks' inputs, and the A-ASSOCIATE-AC that accepts it.
+    `contexts` (accepted, by presentation context ID) is shared by every association that sent the request."""
+
+    protocol_version: int
+    application_context: str
+    calling_ae: str
+    called_ae: str
+    contexts: dict[int, PresentationContext]
+    refused: tuple[RefusedContext, ...]
+    peer_max_pdu: int  # 0: unlimited
+    accept_pdu: bytes
+
+
+class NegotiationCache:
+    """Negotiations by the A-ASSOCIATE-RQ's bytes, the `size` latest.
+
+    The same request always negotiates to the same answer, and a sender sends the same request for every
+    association: dcmtk's storescu proposes 128 presentation contexts, which pynetdicom's codecs take
+    about 20 ms of CPU to decode, negotiate and answer, under the GIL the receiving associations share.
+    A request arriving while its first copy is being worked out waits for that answer."""
+
+    def __init__(self, size: int):
+        self._size = size
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[bytes, Future[Negotiation]] = OrderedDict()
+
+    def get(self, body: bytes, negotiate: Callable[[bytes], Negotiation]) -> Negotiation:
+        """The negotiation of `body`, from `negotiate` the first time; raises what it raised."""
+        with self._lock:
+            entry = self._entries.get(body)
+            first = entry is None
+            if first:
+                entry = self._entries[body] = Future()
+                if len(self._entries) > self._size:
+                    self._entries.popitem(last=False)
+            else:
+                self._entries.move_to_end(body)
+        if first:
+            try:
+                entry.set_result(negotiate(body))
+            except BaseException as error:  # not kept: the next copy is worked out again
+                entry.set_exception(error)
+                with self._lock:
+                    if self._entries.get(body) is entry:
+                        del self._entries[body]
+        return entry.result()
+
+
 class Acceptor:
     """Listens on the node's port (and its TLS port) and runs each association on its own thread."""
 
@@ -170,6 +227,7 @@ class Acceptor:
         self._accept_threads: list[threading.Thread] = []
         self._supported = {str(cx.abstract_syntax): frozenset(str(ts) for ts in cx.transfer_syntax)
                            for cx in settings.contexts}
+        self._negotiations = NegotiationCache(NEGOTIATIONS_KEPT)
 
     def start(self) -> None:
         settings = self.settings
@@ -306,15 +364,10 @@ class Acceptor:
                                              settings.acse_timeout_s, MAX_ASSOCIATION_PDU)
         if pdu_type != A_ASSOCIATE_RQ_PDU:
             raise Abort(UNEXPECTED_PDU, f"PDU type 0x{pdu_type:02X} before an association")
-        pdu = A_ASSOCIATE_RQ()
-        try:
-            pdu.decode(PDU_HEADER.pack(pdu_type, 0, len(body)) + bytes(body))
-            request = pdu.to_primitive()
-        except Exception as error:
-            raise Abort(INVALID_PDU_PARAMETER_VALUE, f"A-ASSOCIATE-RQ does not decode: {error}") from None
-        calling, called = request.calling_ae_title.strip(), request.called_ae_title.strip()
+        negotiation = self._negotiations.get(bytes(body), self._negotiate)
+        calling, called = negotiation.calling_ae, negotiation.called_ae
         subject = peer_subject(connection.sock) if isinstance(connection.sock, ssl.SSLSocket) else None
-        rejection = self._rejection(pdu, request, AssociationRequest(calling, called, host, port, subject))
+        rejection = self._rejection(negotiation, AssociationRequest(calling, called, host, port, subject))
         if rejection is not None:
             log.info("A-ASSOCIATE-RJ to %s from %s:%d (called %r): %s", calling, host, port, called, rejection.text)
             connection.send(struct.pack(">BBIBBBB", A_ASSOCIATE_RJ_PDU, 0, 4, 0, rejection.result,
@@ -322,26 +375,39 @@ class Acceptor:
             connection.linger_until_closed(settings.acse_timeout_s)
             return None
         try:  # the slot counted for us in _rejection is ours until _serve gives it back; free it on failure
-            roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in request.user_information
-                     if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
-            proposed = request.presentation_context_definition_list
-            results, role_replies = negotiate_as_acceptor(proposed, settings.contexts, roles)
-            self._keep_requestor_preference(proposed, results)
-            transfer_syntaxes = {cx.context_id: tuple(str(ts) for ts in cx.transfer_syntax) for cx in proposed}
             association = Association(id=number, calling_ae=calling, called_ae=called, host=host, port=port,
-                                      contexts={cx.context_id: cx for cx in results if cx.result == 0x00},
-                                      peer_max_pdu=request.maximum_length_received or 0,
-                                      refused=tuple(RefusedContext(str(cx.abstract_syntax),
-                                                                   transfer_syntaxes.get(cx.context_id, ()),
-                                                                   cx.result)
-                                                    for cx in results if cx.result != 0x00))
-            connection.send(self._accept_pdu(request, results, role_replies))
+                                      contexts=negotiation.contexts, peer_max_pdu=negotiation.peer_max_pdu,
+                                      refused=negotiation.refused)
+            connection.send(negotiation.accept_pdu)
             self.handler.accepted(association)
         except BaseException:
             with self._lock:
                 self._established -= 1
             raise
         return association
+
+    def _negotiate(self, body: bytes) -> Negotiation:
+        """Decode an A-ASSOCIATE-RQ's body and work out the A-ASSOCIATE-AC that accepts it."""
+        pdu = A_ASSOCIATE_RQ()
+        try:
+            pdu.decode(PDU_HEADER.pack(A_ASSOCIATE_RQ_PDU, 0, len(body)) + body)
+            request = pdu.to_primitive()
+        except Exception as error:
+            raise Abort(INVALID_PDU_PARAMETER_VALUE, f"A-ASSOCIATE-RQ does not decode: {error}") from None
+        roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in request.user_information
+                 if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
+        proposed = request.presentation_context_definition_list
+        results, role_replies = negotiate_as_acceptor(proposed, self.settings.contexts, roles)
+        self._keep_requestor_preference(proposed, results)
+        transfer_syntaxes = {cx.context_id: tuple(str(ts) for ts in cx.transfer_syntax) for cx in proposed}
+        return Negotiation(
+            protocol_version=pdu.protocol_version, application_context=str(request.application_context_name),
+            calling_ae=request.calling_ae_title.strip(), called_ae=request.called_ae_title.strip(),
+            contexts={cx.context_id: cx for cx in results if cx.result == 0x00},
+            refused=tuple(RefusedContext(str(cx.abstract_syntax), transfer_syntaxes.get(cx.context_id, ()), cx.result)
+                          for cx in results if cx.result != 0x00),
+            peer_max_pdu=request.maximum_length_received or 0,
+            accept_pdu=self._accept_pdu(request, results, role_replies))
 
     def _keep_requestor_preference(self, proposed: list[PresentationContext],
                                    results: list[PresentationContext]) -> None:
@@ -356,11 +422,11 @@ class Acceptor:
             if result.result == 0x00 and first is not None:
                 result.transfer_syntax = [first]
 
-    def _rejection(self, pdu: A_ASSOCIATE_RQ, request: A_ASSOCIATE, asked: AssociationRequest) -> Rejection | None:
+    def _rejection(self, negotiation: Negotiation, asked: AssociationRequest) -> Rejection | None:
         """PS3.8 checks first, then the application's, then the association limit (which counts us in)."""
-        if not pdu.protocol_version & 0x01:
+        if not negotiation.protocol_version & 0x01:
             return PROTOCOL_VERSION_NOT_SUPPORTED
-        if request.application_context_name != APPLICATION_CONTEXT_NAME:
+        if negotiation.application_context != APPLICATION_CONTEXT_NAME:
             return APPLICATION_CONTEXT_NOT_SUPPORTED
         rejection = self.handler.requested(asked)
         if rejection is not None:
