@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 from sqlalchemy import event
 
+from dicom_node.states import SeriesState
 from dicom_node.store.journal import Journal
 from tests.test_journal import instance
 
@@ -104,3 +105,25 @@ def test_a_write_the_database_refuses_fails_only_its_own_caller(journal):
         assert new and journal.find_instance(f"1.{n}") == record
     assert journal.find_instance("1.9") is None
     assert journal.get_series("1.2.3", 1).instance_count == 5
+
+
+def test_one_batch_opens_a_new_generation_and_a_new_series_and_counts_each(journal):
+    """A batch holding three new instances of a series already complete and two of a series never seen:
+    the first opens generation 2, which takes over generation 1's instances, the second opens its
+    generation 1; one commit, each generation counted for exactly what it holds."""
+    for n in range(2):
+        journal.record_instance(instance(f"1.7.{n}", series="1.2.7"))
+    assert journal.complete_series("1.2.7", 1) is not None
+    commits = counting_commits(journal)
+    calls = {f"again{n}": (lambda n=n: journal.record_instance(instance(f"1.7.{n + 2}", series="1.2.7")))
+             for n in range(3)}
+    calls.update({f"new{n}": (lambda n=n: journal.record_instance(instance(f"1.8.{n}", series="1.2.8")))
+                  for n in range(2)})
+    outcomes = queued_behind_the_lock(journal, calls)
+    assert commits[0] == 1
+    assert all(outcomes[f"again{n}"][1] and outcomes[f"again{n}"][0].generation == 2 for n in range(3))
+    assert all(outcomes[f"new{n}"][1] and outcomes[f"new{n}"][0].generation == 1 for n in range(2))
+    reopened = journal.get_series("1.2.7", 2)
+    assert (reopened.state, reopened.instance_count) == (SeriesState.RECEIVING, 5)
+    assert journal.get_series("1.2.7", 1).state == SeriesState.SUPERSEDED
+    assert journal.get_series("1.2.8", 1).instance_count == 2

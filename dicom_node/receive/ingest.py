@@ -150,19 +150,19 @@ class Ingest:
         on the disk, and the answer waits for both. A crash between them leaves a row without a file, which
         restart reconciliation deletes, or a file without a row, which it journals; the sender was answered
         neither. The file's content is on disk before it has its name, so a name never shows a torn file."""
-        final = self.spool.path_for(key)
-        if final.exists():  # the instance's file is already in the spool: a re-send
-            try:
-                existing = self.journal.find_instance(key.sop_instance_uid)
-            except Exception as error:
-                return self._refused(delivery, STATUS_OUT_OF_RESOURCES, key,
-                                     f"journaling {key.sop_instance_uid} failed: {error}")
-            return self._duplicate(delivery, key, meta, final, existing)
         try:
             staged = self.spool.stage(key, (meta, delivery.data_set))
         except OSError as error:
             return self._refused(delivery, STATUS_OUT_OF_RESOURCES, key,
                                  f"writing {key.sop_instance_uid} failed: {error}")
+        if staged is None:  # the instance's file is already in the spool: a re-send
+            try:
+                existing = self.journal.find_instance(key.sop_instance_uid)
+            except Exception as error:
+                return self._refused(delivery, STATUS_OUT_OF_RESOURCES, key,
+                                     f"journaling {key.sop_instance_uid} failed: {error}")
+            return self._duplicate(delivery, key, meta, self.spool.path_for(key), existing)
+        final = staged.final
         size = len(meta) + len(delivery.data_set)
         settling = self._settles.submit(self.spool.settle, staged)
         try:

@@ -397,15 +397,17 @@ class Journal:
                 & (instances.c.generation == generation))).rowcount
 
     def delete_instance(self, sop_instance_uid: str) -> InstanceRecord | None:
-        """Remove an instance row (its file is gone) and uncount it from its series."""
+        """Remove an instance row (its file is gone) and uncount it from its series. A generation still
+        receiving that is left with nothing goes too: there is nothing for it to complete."""
         with self._write_lock, self.engine.begin() as conn:
             row = conn.execute(select(instances).where(instances.c.sop_instance_uid == sop_instance_uid)).first()
             if row is None:
                 return None
             conn.execute(instances.delete().where(instances.c.sop_instance_uid == sop_instance_uid))
-            conn.execute(series.update().where(
-                (series.c.series_instance_uid == row.series_instance_uid) & (series.c.generation == row.generation))
-                .values(instance_count=series.c.instance_count - 1))
+            generation = (series.c.series_instance_uid == row.series_instance_uid) & (series.c.generation == row.generation)
+            conn.execute(series.update().where(generation).values(instance_count=series.c.instance_count - 1))
+            conn.execute(series.delete().where(generation & (series.c.instance_count == 0)
+                                               & (series.c.state == SeriesState.RECEIVING)))
         return as_record(InstanceRecord, row)
 
     def all_instances(self) -> list[InstanceRecord]:

@@ -234,16 +234,25 @@ class Spool:
     def write(self, key: InstanceKey, chunks: tuple[bytes, ...]) -> Path | None:
         """Write `chunks` durably to the instance's path (`stage`, then `settle`); returns it, or None
         when a file is already there. Raises OSError on any failure."""
-        return self.settle(self.stage(key, chunks))
+        staged = self.stage(key, chunks)
+        return None if staged is None else self.settle(staged)
 
-    def stage(self, key: InstanceKey, chunks: tuple[bytes, ...]) -> Staged:
+    def stage(self, key: InstanceKey, chunks: tuple[bytes, ...]) -> Staged | None:
         """Write `chunks` to a temp file beside the instance's path, not yet fsynced: the page-cache half of
-        a write, for a caller that runs `settle` (the disk waits) beside other work. Raises OSError (the
-        temp file removed)."""
+        a write, for a caller that runs `settle` (the disk waits) beside other work. None when the instance's
+        file is already there (a re-send). Raises OSError (the temp file removed)."""
         final = self.path_for(key)
         folder = final.parent
-        created = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(folder)
+            created = True
+        except FileExistsError:
+            if final.exists():
+                return None
+            created = False
+        except FileNotFoundError:  # the study's first series
+            folder.mkdir(parents=True, exist_ok=True)
+            created = True
         writer = f"{self.writer_tag}." if self.writer_tag else ""
         fd, temp = tempfile.mkstemp(prefix=f".{key.sop_instance_uid}.{writer}", suffix=TEMP_SUFFIX, dir=folder)
         try:

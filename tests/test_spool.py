@@ -1,0 +1,84 @@
+"""The spool's two-step write (staged in the page cache, then settled: fsync, link, folder fsync) and what
+the receiver does when the second step fails after the journal row is committed."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pydicom
+
+from dicom_node.config import Config
+from dicom_node.metrics import NodeMetrics
+from dicom_node.pipeline.complete import CompletionTracker
+from dicom_node.receive.ingest import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Delivery, Ingest
+from dicom_node.store.audit import AuditLog
+from dicom_node.store.journal import Journal
+from dicom_node.store.spool import TEMP_SUFFIX, InstanceKey, Spool, Staged, data_set_of
+from tests.series_factory import write_ct_series
+
+KEY = InstanceKey("1.2.3", "1.2.3.4", "1.2.3.4.5")
+
+
+def temp_files(spool: Spool) -> list[Path]:
+    return list(spool.root.glob(f"*/*/.*{TEMP_SUFFIX}"))
+
+
+def test_a_staged_file_has_no_name_until_it_is_settled(tmp_path):
+    spool = Spool(tmp_path)
+    staged = spool.stage(KEY, (b"preamble", b" and data set"))
+    assert staged is not None and not staged.final.exists() and temp_files(spool) == [staged.temp]
+    assert spool.settle(staged) == staged.final == spool.path_for(KEY)
+    assert staged.final.read_bytes() == b"preamble and data set" and temp_files(spool) == []
+    assert spool.stage(KEY, (b"a re-send",)) is None  # already stored: nothing written
+    assert staged.final.read_bytes() == b"preamble and data set" and temp_files(spool) == []
+
+
+def test_of_two_copies_staged_at_once_the_first_settled_stays(tmp_path):
+    spool = Spool(tmp_path)
+    first, second = spool.stage(KEY, (b"first",)), spool.stage(KEY, (b"second",))
+    assert spool.settle(first) == spool.path_for(KEY)
+    assert spool.settle(second) is None
+    assert spool.path_for(KEY).read_bytes() == b"first" and temp_files(spool) == []
+
+
+class FsyncFailing(Spool):
+    """A disk that fails the fsync (EIO) while `failing`: no real part here can make fsync fail on demand."""
+
+    failing = True
+
+    def settle(self, staged: Staged) -> Path | None:
+        if self.failing:
+            os.close(staged.fd)
+            os.unlink(staged.temp)
+            raise OSError(errno.EIO, "Input/output error")
+        return super().settle(staged)
+
+
+def test_a_file_that_cannot_be_made_durable_takes_its_row_back_and_is_refused(tmp_path):
+    """The file's fsyncs run beside the journal commit: when they fail after the row is committed, the
+    C-STORE is refused 0xA700, the row and its count are taken back, no file is left, and a re-send of the
+    instance is then stored as new."""
+    path = write_ct_series(tmp_path / "series", 2, rows=32, columns=32)[0]
+    part10 = path.read_bytes()
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    config = Config.model_validate({"node": {"storage_dir": str(tmp_path / "var"), "min_free_disk_mb": 0}})
+    journal = Journal(f"sqlite:///{tmp_path / 'journal.sqlite'}")
+    spool = FsyncFailing(tmp_path / "var")
+    ingest = Ingest(config, spool, journal, CompletionTracker(journal, 3600, 1), NodeMetrics(), AuditLog(journal))
+    try:
+        delivery = Delivery("dimse", 1, "STORESCU", "DICOMNODE", "127.0.0.1", str(header.SOPClassUID),
+                            str(header.SOPInstanceUID), str(header.file_meta.TransferSyntaxUID), data_set_of(part10))
+        refused = ingest.store(delivery)
+        assert refused.status == STATUS_OUT_OF_RESOURCES and "Input/output error" in refused.reason
+        assert journal.find_instance(str(header.SOPInstanceUID)) is None
+        assert journal.get_series(str(header.SeriesInstanceUID), 1) is None  # the generation it opened, gone too
+        assert list(spool.instance_files()) == [] and temp_files(spool) == []
+        spool.failing = False
+        stored = ingest.store(delivery)
+        assert (stored.status, stored.new) == (STATUS_SUCCESS, True)
+        assert journal.get_series(str(header.SeriesInstanceUID), 1).instance_count == 1
+        assert [p.name for p in spool.instance_files()] == [f"{header.SOPInstanceUID}.dcm"]
+    finally:
+        journal.close()
