@@ -221,13 +221,18 @@ class _InstanceStatements:
                                     f"{mark} WHERE series_instance_uid = {mark} AND generation = {mark}")
         self.insert_series = (f"INSERT INTO series ({', '.join(self._SERIES_COLUMNS)}) "
                               f"VALUES ({', '.join([mark] * len(self._SERIES_COLUMNS))})")
-        self.insert_instance = (f"INSERT INTO instances ({', '.join(self._INSTANCE_COLUMNS)}) "
-                                f"VALUES ({', '.join([mark] * len(self._INSTANCE_COLUMNS))})")
+        self._instance_values = f"({', '.join([mark] * len(self._INSTANCE_COLUMNS))})"
 
     def find_instances(self, count: int) -> str:
         """The rows of `count` SOP Instance UIDs, sop_instance_uid first."""
         return (f"SELECT {', '.join(self._INSTANCE_COLUMNS)} FROM instances "
                 f"WHERE sop_instance_uid IN ({', '.join([self._mark] * count)})")
+
+    def insert_instances(self, count: int) -> str:
+        """One INSERT of `count` instance rows (one statement: executemany would step the database once per
+        row, each step a hand-over of the GIL)."""
+        return (f"INSERT INTO instances ({', '.join(self._INSTANCE_COLUMNS)}) "
+                f"VALUES {', '.join([self._instance_values] * count)}")
 
     def instance_row(self, record: InstanceRecord) -> tuple:
         return tuple(self.time(getattr(record, name)) if name == "received_at" else getattr(record, name)
@@ -339,7 +344,7 @@ class Journal:
             for (series_uid, generation), (count, latest) in counted.items():
                 cursor.execute(sql.count_in_generation, (count, sql.time(latest), series_uid, generation))
             if rows:
-                cursor.executemany(sql.insert_instance, rows)
+                cursor.execute(sql.insert_instances(len(rows)), [value for row in rows for value in row])
         finally:
             cursor.close()
         return results
