@@ -119,6 +119,10 @@ def serve(config: Config, log_format: str = "text") -> None:
         reconcile(spool, journal)
     else:
         cluster.start()
+        # This node writes nothing yet: temp files under its own tag are its previous run's, cut off by a
+        # crash (a node with a fixed node.name keeps its tag), which reconciliation spares as a live node's.
+        for path in spool.remove_temp_files(cluster.live_spool_tags() - {cluster.spool_tag}):
+            log.info("removed temp file %s, left by a node that is not writing", path)
         if cluster.runs(RECONCILE):  # before the port opens, as on a single node
             _reconcile_shared(spool, journal, cluster)
         cluster.every(RECONCILE, config.cluster.reconcile_interval_s, lambda: _reconcile_shared(spool, journal, cluster),
