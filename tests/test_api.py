@@ -3,7 +3,8 @@
 Health, readiness that flips with the disk floor, a pipeline degraded by its missing model,
 Prometheus counters that move after a send (parsed with prometheus_client's
 own parser), the audit trail, retry of a failed job through POST, the bearer
-token, JSON log lines that carry the series and job, and graceful SIGTERM.
+token, JSON log lines that carry the series and job, graceful SIGTERM, and a
+request that fails on a lost journal: a 500 the node's log explains.
 """
 
 from __future__ import annotations
@@ -291,3 +292,18 @@ def test_dispatch_failures_and_dead_letters_are_counted_and_audited(tmp_path):
         assert "no association" in failed["detail"]
         (produced,) = get_json(node, "/v1/audit?event=produced")
         assert (produced["instance_count"], produced["status"]) == (1, "done")
+
+
+def test_a_request_the_lost_journal_cannot_answer_is_a_500_the_log_explains(tmp_path, postgres_server):
+    """The journal's PostgreSQL database dropped under a running node: a request that reads it fails with
+    500 and a JSON reason, the node's log names the request and has the traceback, and the process still
+    answers."""
+    url = postgres_server.new_database()
+    with running_node(tmp_path / "node", node={"journal_url": url}) as node:
+        assert get_json(node, "/v1/jobs") == []
+        postgres_server.drop_database(url)
+        status, body = http(node, "/v1/jobs")
+        assert status == 500 and "the node's log has the details" in json.loads(body)["detail"]
+        log = node.log_text()
+        assert "HTTP GET /v1/jobs failed" in log and "Traceback (most recent call last)" in log, log[-3000:]
+        assert get_json(node, "/healthz") == {"status": "alive"}

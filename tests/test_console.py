@@ -175,3 +175,38 @@ def test_a_session_needs_its_csrf_token_and_origin_for_the_api():
                                  x_csrf_token=session.csrf_token), False).actor == "ann"
     access.sessions.end(session.id)
     assert access.check(_request("GET", "/console/series", cookie=cookie), False).status_code == 303
+
+
+def test_failed_logins_are_limited_per_name_and_host_in_a_sliding_window():
+    from dicom_node.ops.console.access import FailedLogins
+    now = [1000.0]
+    limits = FailedLogins(limit=3, window_s=60, clock=lambda: now[0])
+
+    def fail(name: str = "ann", host: str = "10.0.0.1", after_s: float = 10) -> bool:
+        reached = limits.failed(name, host)
+        now[0] += after_s
+        return reached
+
+    assert [fail(), fail(), fail(after_s=0)] == [False, False, True]  # at 1000, 1010, 1020: the 3rd reaches it
+    assert limits.retry_after("ann", "10.0.0.1") == 40  # until the one at 1000 is 60 s old
+    assert limits.retry_after("ann", "10.0.0.2") == 0 and limits.retry_after("bob", "10.0.0.1") == 0
+    now[0] = 1060
+    assert limits.retry_after("ann", "10.0.0.1") == 0  # the first fell out of the window: two left
+    assert fail(after_s=0)  # a third again, at 1060
+    assert limits.retry_after("ann", "10.0.0.1") == 10  # until the one at 1010 is 60 s old
+    now[0] = 1130
+    assert limits.retry_after("ann", "10.0.0.1") == 0
+    fail("bob")
+    fail("bob")
+    limits.succeeded("bob", "10.0.0.1")  # a login that gets in forgets that name's failures from that host
+    assert not fail("bob") and limits.retry_after("bob", "10.0.0.1") == 0
+
+
+def test_failed_logins_remember_a_bounded_number_of_names():
+    from dicom_node.ops.console.access import FailedLogins
+    limits = FailedLogins(limit=1, window_s=60)
+    limits.KEPT = 3
+    for name in ("a", "b", "c", "d"):
+        assert limits.failed(name, "10.0.0.9")
+    assert limits.retry_after("a", "10.0.0.9") == 0  # the least recently failed was forgotten
+    assert all(limits.retry_after(name, "10.0.0.9") > 0 for name in ("b", "c", "d"))

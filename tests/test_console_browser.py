@@ -7,7 +7,8 @@ against the SEG read with pydicom; Orthanc is started and the dead letter
 retried from the failures page reaches it; a model version uploaded on the
 models page runs the next series' job. Then what must be refused is:
 a form on a page of another origin, a foreign Host, a POST with a missing
-or wrong CSRF token, and the session after logout. Screenshots are kept in
+or wrong CSRF token, the session after logout, and a name past its failed
+logins, refused from that host even with its password. Screenshots are kept in
 `test-artifacts/console/` (printed; ignored by git).
 """
 
@@ -39,6 +40,7 @@ from tests.test_receive import running_node
 pytestmark = [needs(dcmtk.available() and orthanc.available(), "dcmtk and Orthanc needed"), browser.required()]
 
 USER, PASSWORD = "ann", "console-test-password"
+GUESSED, GUESSED_PASSWORD = "lab", "another-console-test-password"  # a second console user, for the failed-login limit
 PATIENT_ID, ACCESSION = "CONSOLE-0001", "ACC20260315"
 SPLEEN = yaml.safe_load((REPO / "config.yaml").read_text())["pipelines"]["spleen_ct"]
 ARTIFACTS = REPO / "test-artifacts" / "console"
@@ -108,7 +110,8 @@ def env(tmp_path_factory):
     pacs = orthanc.Orthanc(root / "orthanc")  # not started: the first delivery finds the PACS down
     destination = {"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port,
                    "retry": {"initial_delay_s": 0.2, "max_delay_s": 0.2, "jitter": 0, "max_attempts": 2}}
-    users = [{"name": USER, "password_hash": hash_password(PASSWORD, (2**14, 8, 1))}]
+    users = [{"name": USER, "password_hash": hash_password(PASSWORD, (2**14, 8, 1))},
+             {"name": GUESSED, "password_hash": hash_password(GUESSED_PASSWORD, (2**14, 8, 1))}]
     with running_node(root / "node", http={"console": {"users": users}}, destinations={"pacs": destination},
                       pipelines={"spleen_ct": SPLEEN},
                       inference={"backend": "embedded", "model_repository": str(root / "models"),
@@ -352,3 +355,32 @@ def test_logout_ends_the_session(env):
     assert status == 303 and response.getheader("Location").startswith("/login")
     assert ("logout", USER) in [(a.event, a.actor) for a in env.audit()]
     env.shot("07-logged-out")
+
+
+def test_a_name_past_its_failed_logins_is_refused_from_that_host_even_with_its_password(env):
+    limit = 5  # http.console.failed_logins, the default
+
+    def log_in(name: str, password: str):
+        return env.request("POST", "/login", body={"username": name, "password": password, "next": "/"},
+                           headers={"Origin": env.base}, cookie="")
+
+    for _ in range(limit):
+        status, body, _ = log_in(GUESSED, "a wrong guess")
+        assert status == 401 and b"Unknown user or wrong password" in body
+    status, body, response = log_in(GUESSED, GUESSED_PASSWORD)
+    assert status == 429 and b"Too many failed logins" in body
+    assert 1 <= int(response.getheader("Retry-After")) <= 15 * 60
+    assert response.getheader("Set-Cookie") is None  # no session
+    # Another name from the same host is not held back: the limit is per name and host.
+    status, _, response = log_in(USER, PASSWORD)
+    assert status == 303 and "dicom_node_session=" in response.getheader("Set-Cookie")
+    events = [(a.event, a.actor) for a in env.audit()]
+    assert events.count(("login-failed", GUESSED)) == limit and ("login-locked", GUESSED) in events
+    assert ("login", GUESSED) not in events
+    env.open("/login")  # and a person is told so on the login page
+    env.driver.find_element("id", "username").send_keys(GUESSED)
+    env.driver.find_element("id", "password").send_keys(GUESSED_PASSWORD)
+    env.driver.find_element("id", "login").click()
+    wait_for(lambda: texts(env, "#login-locked"), 20, "the lockout said on the login page")
+    assert env.driver.get_cookie("dicom_node_session") is None
+    env.shot("08-login-locked")

@@ -27,6 +27,10 @@ class ConsoleConfig(_Model):
 
     users: list[ConsoleUser] = []
     session_hours: float = Field(8, gt=0, le=24 * 30)
+    # Past this many failed logins for one user name from one host within lockout_minutes, that name is
+    # refused from that host (429) until the oldest failure is lockout_minutes old.
+    failed_logins: int = Field(5, ge=1, le=1000)
+    lockout_minutes: float = Field(15, gt=0, le=24 * 60)
     read_only_without_login: bool = False
 
     @model_validator(mode="after")

@@ -134,6 +134,13 @@ def create_app(node: NodeHandles) -> FastAPI:
         request.state.caller = caller
         return await call_next(request)
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        """A request that fails on something no route expected is logged with its traceback: without this,
+        uvicorn answers 500 and the node's log says nothing."""
+        log.error("HTTP %s %s failed: %s", request.method, request.url.path, error, exc_info=error)
+        return JSONResponse({"detail": "internal error; the node's log has the details"}, status_code=500)
+
     @app.get("/healthz", summary="Liveness: the process answers")
     def healthz() -> dict[str, str]:
         return {"status": "alive"}

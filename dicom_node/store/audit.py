@@ -13,6 +13,8 @@ audit`. Events:
   export;
 - `discard`: an admin gave a failed job or a dead-lettered export up (the console);
 - `login` / `logout` / `login-failed`: a person and the console (who, from which host);
+- `login-locked`: a user name reached its failed logins from one host and is refused from there for a
+  while (dicom_node.ops.console.access);
 - `purged`: retention deleted a series' files (instance count, why);
 - `quarantined`: a received instance was kept in the quarantine instead of the spool (another payload
   under a stored SOP Instance UID), with why and where;
@@ -40,7 +42,7 @@ from dicom_node.store.journal import Journal, utcnow
 from dicom_node.store.schema import ensure_tables
 
 AUDIT_EVENTS = ("received", "produced", "sent", "failed", "retry", "discard", "purged", "quarantined", "login",
-                "logout", "login-failed", "model_installed", "model_removed", "inferred")
+                "logout", "login-failed", "login-locked", "model_installed", "model_removed", "inferred")
 
 _metadata = MetaData()
 audit = Table(

@@ -96,6 +96,15 @@ class PostgresServer:
             connection.execute(f"CREATE DATABASE {name}")
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
 
+    def drop_database(self, url: str) -> None:
+        """Drop the database `url` names, its open sessions terminated (a journal lost under a running node)."""
+        import psycopg
+
+        name = url.rpartition("/")[2]
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
+                             autocommit=True) as connection:
+            connection.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
 
 @contextmanager
 def postgres_server() -> Iterator[PostgresServer]:

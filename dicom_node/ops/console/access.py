@@ -22,7 +22,10 @@ In order, for every request:
 
 Sessions live in the node's memory (a restart logs everyone out): a session
 id is 256 random bits, and logging out ends it on the server, not only in the
-browser.
+browser. Failed logins are counted per user name and client host
+(`FailedLogins`): past `http.console.failed_logins` of them within
+`http.console.lockout_minutes`, that name is refused from that host until the
+oldest failure is that old, whatever password comes.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import logging
 import secrets
 import threading
 import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -106,6 +111,62 @@ class Sessions:
             return self._sessions.pop(session_id, None)
 
 
+class FailedLogins:
+    """Failed logins per (user name, client host) in a sliding window.
+
+    scrypt makes each guess slow, not rare: without a limit a script can try a password list against a
+    console user around the clock. Counting per name and host, not per name alone, keeps one mistyping
+    colleague (or someone who knows a user name) from locking that user out everywhere, and, not per host
+    alone, keeps everyone behind one proxy from being locked out by one of them. At most `KEPT` pairs are
+    remembered (the least recently failed are forgotten first), so a spray of made-up names cannot grow
+    the node's memory."""
+
+    KEPT = 10_000
+
+    def __init__(self, limit: int, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._clock = clock
+        self._failures: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def retry_after(self, user: str, host: str) -> float:
+        """Seconds until `user` may try again from `host`; 0 while under the limit."""
+        with self._lock:
+            times = self._recent((user, host))
+            if times is None or len(times) < self.limit:
+                return 0.0
+            return times[0] + self.window_s - self._clock()
+
+    def failed(self, user: str, host: str) -> bool:
+        """Count a failure; True when it is the one that reaches the limit."""
+        key = (user, host)
+        with self._lock:
+            times = self._recent(key) or deque()
+            times.append(self._clock())
+            self._failures[key] = times
+            self._failures.move_to_end(key)
+            while len(self._failures) > self.KEPT:
+                self._failures.popitem(last=False)
+            return len(times) == self.limit
+
+    def succeeded(self, user: str, host: str) -> None:
+        with self._lock:
+            self._failures.pop((user, host), None)
+
+    def _recent(self, key: tuple[str, str]) -> deque[float] | None:
+        times = self._failures.get(key)
+        if times is None:
+            return None
+        horizon = self._clock() - self.window_s
+        while times and times[0] <= horizon:
+            times.popleft()
+        if not times:
+            del self._failures[key]
+            return None
+        return times
+
+
 def host_name(authority: str) -> str:
     """`host` of `host:port`, `[::1]:port` or `host`, lower case."""
     authority = authority.lower()
@@ -125,6 +186,7 @@ class Access:
         self.read_only_open = http.console.read_only_without_login
         self.secure_cookie = http.tls is not None
         self.sessions = Sessions(http.console.session_hours * 3600)
+        self.failed_logins = FailedLogins(http.console.failed_logins, http.console.lockout_minutes * 60)
 
     def foreign(self, method: str, host: str, origin: str | None, origin_required: bool) -> str | None:
         """Why a request may come from a web page rather than this server's own, or None."""

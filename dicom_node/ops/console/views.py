@@ -112,12 +112,28 @@ def router(node: NodeHandles, access: Access) -> APIRouter:
 
     @routes.post(LOGIN_PATH)
     def login(request: Request, username: str = Form(...), password: str = Form(...), next: str = Form("/")):
+        host = client_host(request) or ""
+        wait_s = access.failed_logins.retry_after(username, host)
+        if wait_s > 0:  # refused whatever the password: a guess that would be right is not told apart
+            log.warning("console: login for %r from %s refused: too many failed logins", username, host)
+            minutes = max(1, round(wait_s / 60))
+            response = page(request, "login.html", status_code=429, next=_local(next), failed=False,
+                            users=bool(users), locked_minutes=minutes)
+            response.headers["Retry-After"] = str(max(1, round(wait_s)))
+            return response
         stored = users.get(username)
         if not verify_password(password, stored or nobody) or stored is None:
-            node.audit.record(AuditEvent("login-failed", host=client_host(request), actor=username[:64],
+            node.audit.record(AuditEvent("login-failed", host=host, actor=username[:64],
                                          detail="unknown user or wrong password"))
-            log.warning("console: failed login for %r from %s", username, client_host(request))
+            log.warning("console: failed login for %r from %s", username, host)
+            if access.failed_logins.failed(username, host):
+                limits = node.config.http.console
+                detail = (f"{limits.failed_logins} failed logins within {limits.lockout_minutes:g} min: this name "
+                          f"is refused from this host until the oldest is {limits.lockout_minutes:g} min old")
+                node.audit.record(AuditEvent("login-locked", host=host, actor=username[:64], detail=detail))
+                log.warning("console: %r from %s: %s", username, host, detail)
             return page(request, "login.html", status_code=401, next=_local(next), failed=True, users=bool(users))
+        access.failed_logins.succeeded(username, host)
         session = access.sessions.start(username)
         node.audit.record(AuditEvent("login", host=client_host(request), actor=username))
         response = RedirectResponse(_local(next), status_code=303)
