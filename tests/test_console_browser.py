@@ -8,7 +8,8 @@ retried from the failures page reaches it; a model version uploaded on the
 models page runs the next series' job. Then what must be refused is:
 a form on a page of another origin, a foreign Host, a POST with a missing
 or wrong CSRF token, the session after logout, and a name past its failed
-logins, refused from that host even with its password. Screenshots are kept in
+logins, refused from that host even with its password. The API's Swagger UI
+renders from the node's own files. Screenshots are kept in
 `test-artifacts/console/` (printed; ignored by git).
 """
 
@@ -383,4 +384,18 @@ def test_a_name_past_its_failed_logins_is_refused_from_that_host_even_with_its_p
     env.driver.find_element("id", "login").click()
     wait_for(lambda: texts(env, "#login-locked"), 20, "the lockout said on the login page")
     assert env.driver.get_cookie("dicom_node_session") is None
-    env.shot("08-login-locked")
+    env.shot("09-login-locked")
+
+
+def test_the_api_docs_render_from_the_nodes_own_files(env):
+    env.open("/docs")
+    def paths() -> set[str]:
+        return set(texts(env, ".opblock-summary-path"))
+    wait_for(lambda: {"/v1/jobs", "/admin/model/{name}", "/v1/infer/{pipeline_or_model}"} <= paths(), 30,
+             "Swagger UI listing the API's operations")
+    loaded = env.driver.execute_script(
+        "return [...document.querySelectorAll('script[src], link[href]')].map(e => e.src || e.href)")
+    assert loaded and all(url.startswith(env.base + "/docs/assets/") for url in loaded), loaded
+    status, _, _ = env.request("GET", "/docs/assets/swagger-editor-bundle.js", cookie="")
+    assert status == 404  # only the files /docs loads
+    env.shot("10-api-docs")

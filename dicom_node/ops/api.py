@@ -7,7 +7,9 @@ loopback) every path except `/healthz` and the STOW-RS endpoints under
 needs `Authorization: Bearer <token>`:
 the API names studies, series and jobs. `/healthz` stays open because it says
 nothing but "the process answers", and container health checks carry no token.
-The OpenAPI description is at `/openapi.json` (browsable at `/docs`).
+The OpenAPI description is at `/openapi.json`, browsable at `/docs` with Swagger UI's files served
+by the node itself (from the swagger-ui-py package): a node next to a PACS often has no internet,
+and a script from a CDN would run with the console's origin, next to its session.
 
 Who may call what (Host names, Origin, bearer token, the console's login
 sessions and CSRF tokens) is one check for the API and the console, before
@@ -18,6 +20,8 @@ console's pages on this app (`dicom_node.ops.console.mount_console`).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.resources
 import json
 import logging
 import threading
@@ -29,7 +33,8 @@ from typing import Literal
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy import select
 
 from dicom_node import ListenError, __version__
@@ -52,6 +57,8 @@ from dicom_node.receive.stow import DICOM_JSON, PREFIX as STOW_PREFIX, StowRecei
 log = logging.getLogger("dicom_node.ops.api")
 
 OPEN_PATHS = frozenset({"/healthz"})
+DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
+               "favicon-32x32.png": "image/png"}  # what /docs loads, from swagger-ui-py's static folder
 AuditEventKind = Literal[AUDIT_EVENTS]
 
 
@@ -121,7 +128,7 @@ def _involvement(output_dir: str | None) -> dict | None:
 
 
 def create_app(node: NodeHandles) -> FastAPI:
-    app = FastAPI(title="dicom-node", version=__version__,
+    app = FastAPI(title="dicom-node", version=__version__, docs_url=None, redoc_url=None,
                   description="Status, metrics and jobs of a DICOM node that runs AI pipelines on CT series.")
     access = Access(node.config.http)
 
@@ -140,6 +147,20 @@ def create_app(node: NodeHandles) -> FastAPI:
         uvicorn answers 500 and the node's log says nothing."""
         log.error("HTTP %s %s failed: %s", request.method, request.url.path, error, exc_info=error)
         return JSONResponse({"detail": "internal error; the node's log has the details"}, status_code=500)
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="dicom-node API",
+                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs/assets/favicon-32x32.png")
+
+    @app.get("/docs/assets/{name}", include_in_schema=False)
+    def docs_asset(name: str) -> Response:
+        if name not in DOCS_ASSETS:
+            raise HTTPException(404, "not a file of /docs")
+        return Response(_docs_asset(name), media_type=DOCS_ASSETS[name],
+                        headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/healthz", summary="Liveness: the process answers")
     def healthz() -> dict[str, str]:
@@ -281,6 +302,11 @@ def _job_or_404(journal: Journal, job_id: int) -> JobRecord:
     if job is None:
         raise HTTPException(404, f"no job {job_id}")
     return job
+
+
+@functools.cache
+def _docs_asset(name: str) -> bytes:
+    return (importlib.resources.files("swagger_ui") / "static" / name).read_bytes()
 
 
 class ApiServer:
