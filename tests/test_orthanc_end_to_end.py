@@ -132,7 +132,7 @@ def test_real_series_gets_its_spleen_seg_in_orthanc(tmp_path):
         journal = node.journal()
         (job,) = journal.jobs_in_state("done")
         journal.close()
-        ready = sum(1 for entry in (node.storage / "prepared").glob("*.npy")
+        ready = sum(1 for entry in (node.storage / "prepared" / "local").glob("*.npy")
                     if datetime.fromtimestamp(entry.stat().st_mtime, timezone.utc) < job.started_at)
         used = re.search(r"(\d+) of 20 slices decoded while the series arrived", node.log_text())
         assert used is not None, node.log_text()[-3000:]

@@ -119,7 +119,7 @@ def test_the_memory_cap_bounds_what_is_kept_and_the_rest_is_decoded_from_the_spo
         feed(capped, "b", second)  # a second series over max_series 1: the first one is dropped
         wait_prepared(store, second, CAP_FRAMES)
         assert prepared(store, first) == []
-        kept = list(store.root.glob("*.npy"))
+        kept = list(store.folder.glob("*.npy"))
         assert len(kept) == CAP_FRAMES
         assert sum(np.load(path, mmap_mode="r").nbytes for path in kept) <= CAP_FRAMES * frame_bytes
 
@@ -130,13 +130,33 @@ def test_the_memory_cap_bounds_what_is_kept_and_the_rest_is_decoded_from_the_spo
         capped.stop()
 
 
-def test_start_empties_what_a_previous_run_left(tmp_path):
-    store = PreparedStore(tmp_path / "prepared")
-    store.root.mkdir()
-    (store.root / "left-over.npy").write_bytes(b"x")
+def test_start_empties_what_a_previous_run_left_and_spares_live_writers(tmp_path):
+    """Nodes sharing storage_dir: this node's folder (its previous run's) and a dead node's go, a live
+    node's stays, and so does nothing else of an older layout."""
+    store = PreparedStore(tmp_path / "prepared", "node-a")
+    for writer in ("node-a", "node-b", "node-c"):
+        (store.root / writer).mkdir(parents=True)
+        (store.root / writer / "left-over.npy").write_bytes(b"x")
+    (store.root / "loose.npy").write_bytes(b"x")
     again = Preparer(store, 1 << 20, 1)
-    again.start()
+    again.start(live_writers=frozenset({"node-a", "node-b"}))  # node-a: this node, listed as it is alive
     try:
-        assert list(store.root.iterdir()) == []
+        assert sorted(p.relative_to(store.root).as_posix() for p in store.root.rglob("*")) == [
+            "node-a", "node-b", "node-b/left-over.npy"]
     finally:
         again.stop()
+
+
+def test_a_job_reads_what_another_nodes_decoder_prepared(preparer, tmp_path):
+    """A series received by one node and run by another: the loader finds the pixels in the first
+    node's folder."""
+    files = write_ct_series(tmp_path / "s", 6)
+    feed(preparer, "series-elsewhere", files)
+    wait_prepared(preparer.store, files)
+    elsewhere = PreparedStore(preparer.store.root, "another-node")
+    assert not elsewhere.folder.exists()
+
+    loaded = load_series(files, prepared=elsewhere)
+
+    assert loaded.prepared_frames == len(files)
+    np.testing.assert_array_equal(loaded.volume.array, load_series(files).volume.array)

@@ -9,11 +9,14 @@ is counted in Orthanc.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import subprocess
 import threading
 import time
 import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pydicom
@@ -143,6 +146,16 @@ def test_one_series_sent_over_three_nodes_is_one_series_one_job_one_seg(nodes, t
         journal.close()
     time.sleep(2)  # a second delivery would come within a dispatch pass
     assert len(nodes.segs(study_uid)) == 1
+    # Each node decoded its third while receiving, into its own folder; the job read all three nodes' pixels.
+    folders = sorted((nodes.spool / "prepared").iterdir())
+    assert [folder.name for folder in folders] == sorted("n" + hashlib.sha256(name.encode()).hexdigest()[:10]
+                                                          for name in NAMES)
+    ready = sum(1 for folder in folders for entry in folder.glob("*.npy")
+                if datetime.fromtimestamp(entry.stat().st_mtime, timezone.utc) < job.started_at)
+    used = re.search(rf"(\d+) of {len(files)} slices decoded while the series arrived",
+                     nodes.nodes[job.lease_owner].log_text())
+    assert used is not None and ready <= int(used[1]), (ready, used)
+    assert int(used[1]) > len(files) // 3  # more than the job's own node received: another node's pixels too
     completed_on = [name for name, node in nodes.nodes.items() for line in node.log_text().splitlines()
                     if "series complete" in line and f"series={series_uid} generation=1 " in line]
     assert len(completed_on) == 1, completed_on  # one node completed and routed it

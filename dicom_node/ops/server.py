@@ -141,11 +141,11 @@ def serve(config: Config, log_format: str = "text") -> None:
     if cluster is None:  # complete, and the node stopped before routing them (shared: the singleton's, in a minute)
         tracker.hand_over_unrouted(complete_before=utcnow())
     receiver = Receiver(config, spool, journal, tracker, metrics)
-    store = prepared_store(config)
+    store = prepared_store(config, cluster.spool_tag) if cluster else prepared_store(config)
     preparer = Preparer(store, int(config.inference.prepare.max_mb * (1 << 20)),
                         config.inference.prepare.max_series) if store is not None else None
     if preparer is not None:
-        preparer.start()
+        preparer.start(cluster.live_spool_tags() if cluster else frozenset())
         receiver.ingest.on_stored = preparer.instance_stored
     retention = Retention(config.retention, journal, spool, metrics,
                           runs_here=(lambda: cluster.runs(RETENTION)) if cluster else (lambda: True))

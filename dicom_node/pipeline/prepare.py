@@ -24,8 +24,12 @@ job; only the pixel decode is taken from here.
 Bounded: the decoder keeps at most `inference.prepare.max_mb` of decoded
 pixels and `inference.prepare.max_series` series, evicting the series it
 touched least recently; an instance that would not fit even then is not
-prepared, and the job decodes it from the spool as before. The folder is
-emptied when the node starts. The decoder runs in its own process, so it
+prepared, and the job decodes it from the spool as before. Each node's
+decoder has its own folder under `prepared` (named by its spool tag when
+nodes share `storage_dir`, dicom_node.store.cluster), which it empties when
+the node starts, with those of nodes no longer alive; a job reads the
+prepared pixels of any node's folder, so a series received by one node and
+run by another still starts with them. The decoder runs in its own process, so it
 never holds the receiving threads' interpreter lock, at a lower CPU priority
 (nice +5: the receiving threads and the jobs come first when the cores are
 short; +10 left it almost no CPU beside other busy processes of a shared
@@ -55,44 +59,84 @@ log = logging.getLogger(__name__)
 _CONTEXT = multiprocessing.get_context("spawn")
 QUEUE_LIMIT = 100_000  # instance notifications waiting for the decoder; beyond it they are dropped
 STOP_TIMEOUT_S = 10
+LOCAL_WRITER = "local"  # the decoder's folder on a node that shares its storage_dir with none
 
 
 @dataclass(frozen=True)
 class PreparedStore:
-    """The folder of decoded instances, as the decoder writes it and the loader reads it."""
+    """The folders of decoded instances under `root`, one per decoder: `writer`'s is where this node's
+    decoder writes; the loader reads from any of them."""
 
     root: Path
+    writer: str = LOCAL_WRITER
+
+    @property
+    def folder(self) -> Path:
+        return self.root / self.writer
 
     def entry_for(self, path: Path) -> Path | None:
-        """Where the decoded frames of the instance file `path`, as it is now, are (or go); None when the
-        file is gone. The name holds the file's identity, so a replaced file never meets stale pixels."""
-        try:
-            stat = os.stat(path)
-        except OSError:
-            return None
-        digest = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:24]
-        return self.root / f"{digest}-{stat.st_ino}-{stat.st_size}-{stat.st_mtime_ns}.npy"
+        """Where this writer keeps the decoded frames of the instance file `path` as it is now; None when the
+        file is gone."""
+        name = _entry_name(path)
+        return None if name is None else self.folder / name
 
     def frames(self, path: Path, frames: int, rows: int, columns: int) -> np.ndarray | None:
-        """The decoded frames [frame, row, column(, sample)] of `path`, memory-mapped, or None when none were
-        prepared for the file as it is now or they do not have the header's shape."""
-        entry = self.entry_for(path)
-        if entry is None:
+        """The decoded frames [frame, row, column(, sample)] of `path`, memory-mapped, from this writer's
+        folder or another's, or None when none were prepared for the file as it is now or they do not have
+        the header's shape."""
+        name = _entry_name(path)
+        if name is None:
             return None
+        for folder in self._folders():
+            try:
+                array = np.load(folder / name, mmap_mode="r")
+            except (OSError, ValueError):  # not prepared there (or evicted meanwhile)
+                continue
+            if array.shape[:3] == (frames, rows, columns):
+                return array
+        return None  # the job decodes it from the spool
+
+    def clear(self, spare: frozenset[str] = frozenset()) -> None:
+        """Remove this writer's folder (a previous run's, not in the new decoder's account) and everything
+        else under the root but the folders of the writers in `spare` (other nodes, alive and writing)."""
         try:
-            array = np.load(entry, mmap_mode="r")
-        except (OSError, ValueError):  # not prepared (or evicted meanwhile): decode from the spool
-            return None
-        return array if array.shape[:3] == (frames, rows, columns) else None
+            children = list(self.root.iterdir())
+        except FileNotFoundError:
+            return
+        for child in children:
+            if child.name in spare and child.name != self.writer:
+                continue
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+
+    def _folders(self) -> list[Path]:
+        try:
+            others = sorted(child for child in self.root.iterdir() if child.is_dir() and child != self.folder)
+        except FileNotFoundError:
+            return []
+        return [self.folder, *others]
 
 
-def prepared_store(config) -> PreparedStore | None:
+def _entry_name(path: Path) -> str | None:
+    """The name of the decoded frames of the instance file `path` as it is now (None when it is gone): it
+    holds the file's identity, so a replaced file never meets stale pixels."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    digest = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:24]
+    return f"{digest}-{stat.st_ino}-{stat.st_size}-{stat.st_mtime_ns}.npy"
+
+
+def prepared_store(config, writer: str = LOCAL_WRITER) -> PreparedStore | None:
     """The store `config` (a `dicom_node.config.Config`) has the decoder fill, or None when it is off:
     decoding while receiving is on when `inference.prepare.max_mb` is above 0 and a pipeline is enabled
     (a node that only forwards never loads a volume)."""
     if config.inference.prepare.max_mb <= 0 or not any(p.enabled for p in config.pipelines.values()):
         return None
-    return PreparedStore(Path(config.node.storage_dir) / "prepared")
+    return PreparedStore(Path(config.node.storage_dir) / "prepared", writer)
 
 
 def decode_instance(path: Path) -> np.ndarray:
@@ -139,14 +183,13 @@ class _Budget:
         self.total += size
 
 
-def _decoder_main(jobs, stopping, parent_pid: int, root: Path, max_bytes: int, max_series: int,
+def _decoder_main(jobs, stopping, parent_pid: int, store: PreparedStore, max_bytes: int, max_series: int,
                   log_format: str) -> None:
     """The decoder process: decode each queued instance file into the store until told to stop, or until
     the node is gone (killed with -9, it cannot tell)."""
     os.nice(5)
     logs.configure(log_format)
     import pydicom.pixels  # noqa: F401  imported now, not on the first instance of the first series
-    store = PreparedStore(root)
     budget = _Budget(store, max_bytes, max_series)
     refused: set[str] = set()
     while not stopping.is_set() and os.getppid() == parent_pid:
@@ -188,18 +231,19 @@ class Preparer:
         self._stopping = None
         self._process = None
 
-    def start(self) -> None:
-        """Empty the store (what a previous run kept is not in the new decoder's account) and start decoding."""
-        shutil.rmtree(self.store.root, ignore_errors=True)
-        self.store.root.mkdir(parents=True, exist_ok=True)
+    def start(self, live_writers: frozenset[str] = frozenset()) -> None:
+        """Empty this node's folder and those of writers not in `live_writers` (`PreparedStore.clear`), then
+        start decoding."""
+        self.store.clear(spare=live_writers)
+        self.store.folder.mkdir(parents=True, exist_ok=True)
         self._jobs = _CONTEXT.Queue(QUEUE_LIMIT)
         self._stopping = _CONTEXT.Event()
         self._process = _CONTEXT.Process(target=_decoder_main, name="prepare-decoder", daemon=True,
-                                         args=(self._jobs, self._stopping, os.getpid(), self.store.root, self.max_bytes, self.max_series,
+                                         args=(self._jobs, self._stopping, os.getpid(), self.store, self.max_bytes, self.max_series,
                                                logs.current_format()))
         self._process.start()
         log.info("decoding while receiving: up to %d MB of decoded pixels, %d series, in %s (pid %d)",
-                 self.max_bytes // (1 << 20), self.max_series, self.store.root, self._process.pid)
+                 self.max_bytes // (1 << 20), self.max_series, self.store.folder, self._process.pid)
 
     def instance_stored(self, record) -> None:
         """`Ingest`'s notification of a new instance (`store.journal.InstanceRecord`): queue it, never wait."""
