@@ -1,8 +1,10 @@
 """Retention: settled series leave the spool after their keep time, nothing unsettled ever does.
 
 The sweeps run on a real journal (SQLite) and spool in a temp folder, with
-`now` moved forward instead of waiting days; the last test runs `dicom-node
-serve` with a short sweep interval and dcmtk storescu.
+`now` moved forward instead of waiting days; the last tests run `dicom-node
+serve` with a short sweep interval and dcmtk storescu, and a purge by this
+process (another node's retention) on the PostgreSQL journal of a running node
+while a sender re-sends the series to it.
 """
 
 from __future__ import annotations
@@ -198,6 +200,24 @@ def test_resent_duplicate_counts_as_activity(node_state, tmp_path):
 
 
 
+def test_a_resend_and_a_purge_of_one_generation_exclude_each_other_in_the_journal(node_state, tmp_path):
+    """Whichever of the two is recorded first decides: a re-send noted after retention's check keeps the
+    purge off; once the purge has started, a re-send is not held."""
+    spool, journal = node_state
+    receive(spool, journal)
+    processed(journal, tmp_path / "results")
+    age(journal, SERIES, days=10)
+    (checked,) = journal.settled_series(SERIES, 1)
+    assert journal.note_duplicate(journal.find_instance(f"{SERIES}.1"))  # a re-send after the check
+    assert not journal.start_purge(SERIES, 1, checked.series.last_received_at, "retention: done")
+    assert journal.get_series(SERIES, 1).state == "routed"
+    (again,) = journal.settled_series(SERIES, 1)  # the next sweep's check sees the re-send
+    assert journal.start_purge(SERIES, 1, again.series.last_received_at, "retention: done")
+    assert journal.get_series(SERIES, 1).state == "purged"
+    assert not journal.note_duplicate(journal.find_instance(f"{SERIES}.2"))  # too late: not held
+    assert not journal.start_purge(SERIES, 1, again.series.last_received_at, "retention: done")  # once
+
+
 def test_short_of_space_purges_done_series_oldest_first(tmp_path):
     """Below free_disk_target_mb, done series go before their keep time, oldest first, only until there is
     space again; a failed series stays (on a real, small tmpfs)."""
@@ -313,3 +333,66 @@ def test_instances_of_one_series_are_received_side_by_side_and_a_purge_waits_for
         thread.join(10)
     assert sorted(order[:2]) == ["1.2.3.1 left", "1.2.3.2 left"]
     assert order[2:] == ["purged", "late received"]
+
+
+def test_a_series_re_sent_to_a_node_while_another_nodes_retention_purges_it_is_never_acknowledged_and_lost(
+        tmp_path, postgres_server):
+    """Node B (`dicom-node serve`) and node A (this process's retention) share a PostgreSQL journal and the
+    spool. The series is re-sent to node B at three moments of node A's purge: right after A decided the
+    series is due (the re-send keeps it), after A started the purge but before it deleted files (each copy
+    is refused: not held), and after A deleted the files but not their rows (each copy is refused, and its
+    new file removed). Whatever B acknowledged is on disk; after the purge the series is stored anew."""
+    files = write_ct_series(tmp_path / "series", 3, rows=64, columns=64)
+    series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    url = postgres_server.new_database()
+    with running_node(tmp_path / "node", node={"journal_url": url}) as node:  # no pipeline: unmatched, settled
+        assert len(dcmtk.storescu(node.port, files).acknowledged) == 3
+        node.wait_for_completion(series_uid)
+        resends: dict[str, dcmtk.StoreResult] = {}
+
+        class NodeA(Journal):
+            """Node A's journal, re-sending the series to node B at `moment` of the purge."""
+            moment = ""
+
+            def resend_at(self, moment: str) -> None:
+                if moment == self.moment and moment not in resends:
+                    resends[moment] = dcmtk.storescu(node.port, files, extra=["--no-halt"])
+
+            def start_purge(self, *args) -> bool:
+                self.resend_at("decided")
+                return super().start_purge(*args)
+
+            def series_instances(self, *args):  # _delete_files' first step, after the purge started
+                self.resend_at("started")
+                return super().series_instances(*args)
+
+            def forget_instances(self, *args) -> int:  # after the files, before the rows
+                self.resend_at("files deleted")
+                return super().forget_instances(*args)
+
+        node_a = NodeA(url)
+        try:
+            sweeper = retention(Spool(node.storage), node_a, keep_days=0)
+            node_a.moment = "decided"
+            assert sweeper.sweep() == []  # the re-send noted in between keeps the series
+            assert resends["decided"].statuses() == ["Success"] * 3
+            assert len(node.spool_files()) == 3 and node_a.get_series(series_uid, 1).state == "unmatched"
+
+            node_a.moment = "started"
+            (purged,) = sweeper.sweep()
+            assert purged.instances == 3
+            assert resends["started"].statuses() == ["Refused: OutOfResources"] * 3, resends["started"].output
+
+            node_a.moment = "files deleted"
+            assert dcmtk.storescu(node.port, files).statuses() == ["Success"] * 3  # stored anew: generation 2
+            node.wait_for_completion(series_uid, generation=2)
+            assert len(node.spool_files()) == 3
+            assert len(sweeper.sweep()) == 1
+            assert resends["files deleted"].statuses() == ["Refused: OutOfResources"] * 3, resends["files deleted"].output
+            assert node.spool_files() == []  # the refused copies' files were removed, and nothing was acknowledged
+            assert node_a.get_series(series_uid).state == "purged"
+        finally:
+            node_a.close()
+        assert "which retention is deleting now: send it again in a minute" in node.log_text()
+        assert dcmtk.storescu(node.port, files).statuses() == ["Success"] * 3
+        assert len(node.spool_files()) == 3 and node.wait_for_completion(series_uid, generation=3)

@@ -189,6 +189,14 @@ class Ingest:
                                  f"writing {key.sop_instance_uid} failed: {error}")
         if not is_new:
             if record.path == str(final):  # its journaled file had gone missing: this copy takes its place
+                try:
+                    held = self.journal.note_duplicate(record)
+                except Exception as error:
+                    return self._refused(delivery, STATUS_OUT_OF_RESOURCES, key,
+                                         f"journaling {key.sop_instance_uid} failed: {error}")
+                if not held:  # retention deleted the file and is deleting the rest: this copy would go too
+                    final.unlink(missing_ok=True)
+                    return self._refused(delivery, STATUS_OUT_OF_RESOURCES, key, _being_purged(record))
                 log.warning("instance %s from %s re-stored: its journaled file was missing", key.sop_instance_uid,
                             delivery.calling_ae)
                 return Outcome(STATUS_SUCCESS, key)
@@ -228,7 +236,8 @@ class Ingest:
             if record is not None:
                 # A re-sent copy is activity of the series generation that holds the instance, both for the
                 # stable timeout and for the release fast path of the session re-sending it.
-                self.journal.note_duplicate(record)
+                if not self.journal.note_duplicate(record):
+                    return self._refused(delivery, STATUS_OUT_OF_RESOURCES, key, _being_purged(record))
                 self.tracker.instance_received(delivery.session, record.series_instance_uid, record.generation)
             found = duplicate.conflict(stored, meta, delivery.data_set)
             if found is None:
@@ -254,6 +263,12 @@ class Ingest:
         log.warning("conflicting duplicate acknowledged and quarantined as %s: %s", kept, reason)
         self.metrics.conflicting_duplicates.labels(calling_ae=calling).inc()
         return Outcome(STATUS_SUCCESS, key)
+
+
+def _being_purged(record: InstanceRecord) -> str:
+    return (f"{record.sop_instance_uid} is held by generation {record.generation} of series "
+            f"{record.series_instance_uid}, which retention is deleting now: send it again in a minute, "
+            f"and it is stored anew")
 
 
 def request_mismatch(delivery: Delivery, header: InstanceHeader) -> str | None:

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 # The states of a generation whose instances are still its own: a new generation takes them over.
 HOLDS_INSTANCES = (SeriesState.COMPLETE, SeriesState.ROUTED, SeriesState.UNMATCHED, SeriesState.QUARANTINED)
+# The states in which a generation is done with, once its jobs and exports are: what retention may purge.
+SETTLED_STATES = (SeriesState.ROUTED, SeriesState.UNMATCHED, SeriesState.QUARANTINED, SeriesState.SUPERSEDED)
 
 _FIND_INSTANCE = select(instances).where(instances.c.sop_instance_uid == bindparam("sop"))
 
@@ -383,16 +385,34 @@ class Journal:
                         "generation(s) %s, which it supersedes", record.series_instance_uid, record.sop_instance_uid,
                         record.generation, pending.taken_over, ", ".join(map(str, pending.superseded)))
 
-    def note_duplicate(self, record: InstanceRecord, received_at: datetime | None = None) -> None:
+    def note_duplicate(self, record: InstanceRecord, received_at: datetime | None = None) -> bool:
         """A re-sent instance counts as activity of the generation that holds it (its `last_received_at`):
         while that generation is receiving, a sender re-sending the series after an abort or a node
         restart keeps it open until the re-send is over, so the first copies and the new instances
-        make one generation; once it is done, retention does not delete it while it is being re-sent."""
+        make one generation; once it is done, retention does not delete it while it is being re-sent.
+
+        Returns False when the generation is `purged`: retention, on this node or another sharing the
+        journal, is deleting its files, so the copy is not held and must not be acknowledged. This and
+        `start_purge` each change the one series row under a condition on what the other writes, so
+        whichever commits first decides: a re-send noted first keeps the purge off, a purge started
+        first has the re-send refused."""
+        generation = ((series.c.series_instance_uid == record.series_instance_uid)
+                      & (series.c.generation == record.generation))
         with self._write_lock, self.engine.begin() as conn:
-            conn.execute(series.update().where(
-                (series.c.series_instance_uid == record.series_instance_uid)
-                & (series.c.generation == record.generation) & series.c.state.not_in((SeriesState.SUPERSEDED, SeriesState.PURGED)))
-                .values(last_received_at=received_at or utcnow()))
+            noted = conn.execute(series.update().where(
+                generation & series.c.state.not_in((SeriesState.SUPERSEDED, SeriesState.PURGED)))
+                .values(last_received_at=received_at or utcnow())).rowcount
+            return bool(noted) or conn.execute(select(series.c.state).where(generation)).scalar() != SeriesState.PURGED
+
+    def start_purge(self, series_instance_uid: str, generation: int, quiet_since: datetime, reason: str) -> bool:
+        """Mark a settled generation `purged` before retention deletes its files, unless it received
+        anything (a re-sent copy, `note_duplicate`) after `quiet_since`, the activity retention judged it
+        by; False when it did, or is no longer settled."""
+        with self._write_lock, self.engine.begin() as conn:
+            return conn.execute(series.update().where(
+                (series.c.series_instance_uid == series_instance_uid) & (series.c.generation == generation)
+                & series.c.state.in_(SETTLED_STATES) & (series.c.last_received_at <= quiet_since))
+                .values(state=SeriesState.PURGED.value, reason=reason)).rowcount == 1
 
     def forget_instances(self, series_instance_uid: str, generation: int) -> int:
         """Delete the instance rows of a purged series generation (its files are gone); its count stays as history."""
@@ -473,8 +493,7 @@ class Journal:
                         export_totals.c.pending_exports, export_totals.c.dead_exports, export_totals.c.last_sent_at)
                  .select_from(series.outerjoin(job_totals, same_series(job_totals))
                               .outerjoin(export_totals, same_series(export_totals)))
-                 .where(series.c.state.in_((SeriesState.ROUTED, SeriesState.UNMATCHED, SeriesState.QUARANTINED,
-                                             SeriesState.SUPERSEDED)) & of_series(series)))
+                 .where(series.c.state.in_(SETTLED_STATES) & of_series(series)))
         settled = []
         with self.engine.connect() as conn:
             for row in conn.execute(query):

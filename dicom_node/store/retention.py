@@ -61,7 +61,6 @@ from dicom_node.store.schema import jobs
 from dicom_node.logs import series_context
 from dicom_node.metrics import NodeMetrics
 from dicom_node.store.spool import InstanceKey, Spool
-from dicom_node.states import SeriesState
 
 log = logging.getLogger("dicom_node.store.retention")
 
@@ -177,7 +176,10 @@ class Retention:
             current = self.journal.settled_series(record.series_instance_uid, record.generation)
             if not current or not still_due(current[0]):
                 return None
-            self.journal.set_series_state(record.series_instance_uid, record.generation, SeriesState.PURGED, reason=reason)
+            # A copy re-sent to another node sharing the journal since that check keeps the series.
+            if not self.journal.start_purge(record.series_instance_uid, record.generation,
+                                            current[0].series.last_received_at, reason):
+                return None
             result = self._delete_files(record)
         self.metrics.series_purged.labels(outcome="failed" if candidate.failed else "done").inc()
         self.audit.record(AuditEvent("purged", study_instance_uid=record.study_instance_uid,
