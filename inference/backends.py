@@ -306,9 +306,14 @@ class TritonBackend:
             client.close()
 
     def _transient(self, error: Exception) -> bool:
+        """A failure of the server, not of the request: the next server is tried. A request that ran past
+        `timeout_s` counts as one (a hung server, a stuck GPU), so a pool does not wait it out on every
+        request of a series; with one server the job fails after `retries` rounds, as for a dead one."""
         if isinstance(error, self._server_error):
             status = str(error.status() or "")
-            return status in ("StatusCode.UNAVAILABLE", "503") or "connection" in str(error).lower()
+            text = str(error).lower()
+            return (status in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "503", "504")
+                    or "connection" in text or "deadline exceeded" in text or "timed out" in text)
         return isinstance(error, OSError)
 
     def _probe(self, url: str) -> str | None:

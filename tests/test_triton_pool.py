@@ -7,13 +7,17 @@ while it serves the node's job costs the series one failed request, which goes
 to the other server: the SEG still arrives, with the same mask, and the node's
 metrics and status say which server is down, as `models check` does. The killed
 server, started again on its ports, gets requests again once its readiness
-probe answers.
+probe answers. A server that hangs (stopped with SIGSTOP: its port still takes
+connections, nothing answers) costs a series one request that times out, over
+gRPC or HTTP, and the other server serves the rest.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
+import signal
 import subprocess
 import threading
 
@@ -200,3 +204,26 @@ def test_restarted_server_gets_requests_again(pool):
     assert set(counts) == {(servers[0].grpc_url, "ok"), (servers[1].grpc_url, "ok")}, counts  # both serve
     assert sum(counts.values()) == 4, counts
     assert all(s.up for s in backend.pool.states())
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_hung_server_times_out_and_the_other_serves_the_series(pool, ct, embedded_mask, protocol):  # noqa: F811
+    repository, servers, _, _ = pool
+    entry = repository.get("spleen_ct")
+    urls = tuple(s.grpc_url if protocol == "grpc" else s.http_url for s in servers)
+    backend = open_backend(BackendSettings(kind="triton", protocol=protocol, urls=urls, timeout_s=3, retries=1,
+                                           backoff_s=60))
+    try:
+        backend.check(entry)  # both answer; then B hangs
+        os.kill(servers[1].pid, signal.SIGSTOP)
+        try:
+            labels, requests, counts = segment_counting(ct, entry, backend)
+        finally:
+            os.kill(servers[1].pid, signal.SIGCONT)
+        states = {state.url: state for state in backend.pool.states()}
+    finally:
+        backend.close()
+    np.testing.assert_array_equal(labels.volume.array, embedded_mask.volume.array)
+    # One request waited out its timeout on B; B was then marked down, and A served every request.
+    assert counts == {(urls[1], "failed"): 1, (urls[0], "ok"): requests}, counts
+    assert states[urls[0]].up and not states[urls[1]].up, states
