@@ -28,7 +28,7 @@ from dicom_node.store.journal import Journal, NewInstance, utcnow
 from dicom_node.store.schema import exports, jobs, series
 from dicom_node.store.retention import Retention
 from dicom_node.ops.server import reconcile
-from dicom_node.store.spool import InstanceKey, Spool
+from dicom_node.store.spool import LOCK_STRIPES, InstanceKey, Spool
 from tests.peers import dcmtk
 from tests.series_factory import write_ct_series
 from tests.test_api import get_json, samples
@@ -299,17 +299,26 @@ def test_instances_of_one_series_are_received_side_by_side_and_a_purge_waits_for
     """Receiving holds its series shared: two instances of one series are inside at once. A purge of the
     series waits until both have left, and an instance arriving while the purge waits comes after it."""
     spool = Spool(tmp_path / "storage")
-    first, second, late = (InstanceKey("1.2", "1.2.3", f"1.2.3.{n}") for n in (1, 2, 3))
+    # Three instances on three different instance-lock stripes (str hashes change from run to run): two
+    # sharing a stripe would take turns, by design, and never be inside at once.
+    keys, stripes = [], set()
+    for number in range(1, 100):
+        key = InstanceKey("1.2", "1.2.3", f"1.2.3.{number}")
+        if hash(key.sop_instance_uid) % LOCK_STRIPES not in stripes:
+            keys.append(key)
+            stripes.add(hash(key.sop_instance_uid) % LOCK_STRIPES)
+    first, second, late = keys[:3]
     order: list[str] = []
-    both_inside, leave = threading.Barrier(2, timeout=10), threading.Event()
+    # The two receivers and this thread: it trips only while both instances are inside at once.
+    both_inside, leave = threading.Barrier(3, timeout=30), threading.Event()
 
     def receive(key: InstanceKey) -> None:
         with spool.receiving(key):
             if key is late:
                 order.append("late received")
                 return
-            both_inside.wait()  # fails unless the other instance of the series is inside too
-            leave.wait(10)
+            both_inside.wait()
+            leave.wait(30)
             order.append(f"{key.sop_instance_uid} left")
 
     def purge() -> None:
@@ -318,6 +327,7 @@ def test_instances_of_one_series_are_received_side_by_side_and_a_purge_waits_for
     receivers = [threading.Thread(target=receive, args=(key,)) for key in (first, second)]
     for thread in receivers:
         thread.start()
+    both_inside.wait()  # the purge starts once both are inside, however slowly the threads get going
     purger = threading.Thread(target=purge)
     purger.start()
     deadline = time.monotonic() + 10
@@ -330,8 +340,8 @@ def test_instances_of_one_series_are_received_side_by_side_and_a_purge_waits_for
     assert order == [], "nothing may pass while both instances are being received"
     leave.set()
     for thread in [*receivers, purger, late_receiver]:
-        thread.join(10)
-    assert sorted(order[:2]) == ["1.2.3.1 left", "1.2.3.2 left"]
+        thread.join(30)
+    assert sorted(order[:2]) == sorted(f"{key.sop_instance_uid} left" for key in (first, second))
     assert order[2:] == ["purged", "late received"]
 
 
