@@ -113,9 +113,10 @@ def router(node: NodeHandles, access: Access) -> APIRouter:
     @routes.post(LOGIN_PATH)
     def login(request: Request, username: str = Form(...), password: str = Form(...), next: str = Form("/")):
         host = client_host(request) or ""
-        wait_s = access.failed_logins.retry_after(username, host)
+        name = username[:64]  # the longest a console user's name can be: what the failure count keys on
+        wait_s = access.failed_logins.retry_after(name, host)
         if wait_s > 0:  # refused whatever the password: a guess that would be right is not told apart
-            log.warning("console: login for %r from %s refused: too many failed logins", username, host)
+            log.warning("console: login for %r from %s refused: too many failed logins", name, host)
             minutes = max(1, round(wait_s / 60))
             response = page(request, "login.html", status_code=429, next=_local(next), failed=False,
                             users=bool(users), locked_minutes=minutes)
@@ -123,17 +124,17 @@ def router(node: NodeHandles, access: Access) -> APIRouter:
             return response
         stored = users.get(username)
         if not verify_password(password, stored or nobody) or stored is None:
-            node.audit.record(AuditEvent("login-failed", host=host, actor=username[:64],
+            node.audit.record(AuditEvent("login-failed", host=host, actor=name,
                                          detail="unknown user or wrong password"))
-            log.warning("console: failed login for %r from %s", username, host)
-            if access.failed_logins.failed(username, host):
+            log.warning("console: failed login for %r from %s", name, host)
+            if access.failed_logins.failed(name, host):
                 limits = node.config.http.console
                 detail = (f"{limits.failed_logins} failed logins within {limits.lockout_minutes:g} min: this name "
                           f"is refused from this host until the oldest is {limits.lockout_minutes:g} min old")
-                node.audit.record(AuditEvent("login-locked", host=host, actor=username[:64], detail=detail))
-                log.warning("console: %r from %s: %s", username, host, detail)
+                node.audit.record(AuditEvent("login-locked", host=host, actor=name, detail=detail))
+                log.warning("console: %r from %s: %s", name, host, detail)
             return page(request, "login.html", status_code=401, next=_local(next), failed=True, users=bool(users))
-        access.failed_logins.succeeded(username, host)
+        access.failed_logins.succeeded(name, host)
         session = access.sessions.start(username)
         node.audit.record(AuditEvent("login", host=client_host(request), actor=username))
         response = RedirectResponse(_local(next), status_code=303)
