@@ -7,11 +7,13 @@ from pydantic import Field, field_validator, model_validator
 from dicom_node.config.base import _Model
 from dicom_node.passwords import parse_hash
 
+USER_NAME_MAX = 64  # characters of a console user's name
+
 
 class ConsoleUser(_Model):
     """A person who may log in to the console; `password_hash` is what `dicom-node hash-password` prints."""
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")
+    name: str = Field(min_length=1, max_length=USER_NAME_MAX, pattern=r"^[A-Za-z0-9._@-]+$")
     password_hash: str
 
     @field_validator("password_hash")

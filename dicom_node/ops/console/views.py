@@ -17,6 +17,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
+from dicom_node.config.console import USER_NAME_MAX
 from dicom_node.ops.api import NodeHandles, list_models
 from dicom_node.ops.console.access import (CSRF_FIELD, LOGIN_PATH, SESSION_COOKIE, Access, Caller, csrf_ok)
 from dicom_node.ops.console.png import encode_png
@@ -113,7 +114,7 @@ def router(node: NodeHandles, access: Access) -> APIRouter:
     @routes.post(LOGIN_PATH)
     def login(request: Request, username: str = Form(...), password: str = Form(...), next: str = Form("/")):
         host = client_host(request) or ""
-        name = username[:64]  # the longest a console user's name can be: what the failure count keys on
+        name = username[:USER_NAME_MAX]  # no user's name is longer: what the failure count and the logs key on
         wait_s = access.failed_logins.retry_after(name, host)
         if wait_s > 0:  # refused whatever the password: a guess that would be right is not told apart
             log.warning("console: login for %r from %s refused: too many failed logins", name, host)
