@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from dicom_node.store.journal import Journal
-from tests.peers import CT_J2K_SERIES, REPO, ManagedProcess, free_port, peer_env, wait_for_port
+from tests.peers import CT_J2K_SERIES, REPO, ManagedProcess, free_port, peer_env, wait_for, wait_for_port
 from tests.peers import dcmtk
 from tests.reliability.senders import raw_store
 from tests.series_factory import write_ct_series
@@ -64,6 +64,11 @@ class Node:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def logs(self, text: str, timeout: float = 10.0) -> bool:
+        """Whether `text` is in the log within `timeout` s: a line follows the commit it reports, so a test
+        that saw the journal change may read the log a moment before the line is written."""
+        return bool(wait_for(lambda: text in self.log_text(), timeout, f"{text!r} in the node's log"))
 
     def spool_files(self) -> list[Path]:
         return sorted((self.storage / "spool").glob("*/*/*.dcm"))
@@ -169,7 +174,7 @@ def test_real_j2k_series_stored_as_sent_and_completed_on_release(node, tmp_path)
     journal.close()
     assert {row.transfer_syntax for row in rows} == {"1.2.840.10008.1.2.4.90"}
     assert "association released calling_ae=STORESCU" in node.log_text()
-    assert "series complete (release): study=" in node.log_text()
+    assert node.logs("series complete (release): study=")
 
 
 def test_300_uncompressed_instances_stored_byte_for_byte(node, tmp_path):

@@ -183,8 +183,9 @@ def test_a_release_on_one_node_waits_for_a_sender_of_the_series_still_open_on_an
         assert (record.generation, record.instance_count) == (1, 6)
     finally:
         journal.close()
-    assert any("series complete (release)" in line and f"series={series_uid} " in line
-               for line in nodes.nodes["node-b"].log_text().splitlines())
+    wait_for(lambda: any("series complete (release)" in line and f"series={series_uid} " in line
+                         for line in nodes.nodes["node-b"].log_text().splitlines()), 10,
+             "node-b's log line of the completion (it follows the commit)")
 
 
 def test_eight_senders_over_three_nodes_store_every_instance_and_get_each_seg_once(nodes, tmp_path):

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from dicom_node.config import Config
 from dicom_node.metrics import NodeMetrics
@@ -25,22 +26,44 @@ def temp_files(spool: Spool) -> list[Path]:
     return list(spool.root.glob(f"*/*/.*{TEMP_SUFFIX}"))
 
 
-def test_a_staged_file_has_no_name_until_it_is_settled(tmp_path):
+@pytest.fixture(params=["unnamed", "named"])
+def spool(request, tmp_path) -> Spool:
+    """Both kinds of temp file: unnamed (O_TMPFILE, where the file system has them, as here) and named (the
+    fallback for one that has not, such as NFS)."""
     spool = Spool(tmp_path)
+    assert spool.unnamed_temp_files, "this file system should take O_TMPFILE"
+    spool.unnamed_temp_files = request.param == "unnamed"
+    return spool
+
+
+def test_a_staged_file_has_no_name_until_it_is_settled(spool):
     staged = spool.stage(KEY, (b"preamble", b" and data set"))
-    assert staged is not None and not staged.final.exists() and temp_files(spool) == [staged.temp]
-    assert spool.settle(staged) == staged.final == spool.path_for(KEY)
+    assert staged is not None and not staged.final.exists()
+    assert temp_files(spool) == ([] if spool.unnamed_temp_files else [staged.temp])
+    assert spool.settle([staged]) == [staged.final] == [spool.path_for(KEY)]
     assert staged.final.read_bytes() == b"preamble and data set" and temp_files(spool) == []
+    assert staged.final.stat().st_mode & 0o777 == 0o600  # patient data: the node's alone
     assert spool.stage(KEY, (b"a re-send",)) is None  # already stored: nothing written
     assert staged.final.read_bytes() == b"preamble and data set" and temp_files(spool) == []
 
 
-def test_of_two_copies_staged_at_once_the_first_settled_stays(tmp_path):
-    spool = Spool(tmp_path)
+def test_of_two_copies_staged_at_once_the_first_settled_stays(spool):
     first, second = spool.stage(KEY, (b"first",)), spool.stage(KEY, (b"second",))
-    assert spool.settle(first) == spool.path_for(KEY)
-    assert spool.settle(second) is None
+    assert spool.settle([first]) == [spool.path_for(KEY)]
+    assert spool.settle([second]) == [None]
     assert spool.path_for(KEY).read_bytes() == b"first" and temp_files(spool) == []
+
+
+def test_a_batch_settles_across_folders_and_each_file_has_its_own_outcome(spool):
+    """Files of two series, one copy twice: each file is named or reported already there, in batch order."""
+    keys = [InstanceKey("1.2.3", series, f"{series}.{n}") for series in ("1.2.3.4", "1.2.3.5") for n in (1, 2)]
+    staged = [spool.stage(key, (key.sop_instance_uid.encode(),)) for key in keys]
+    twice = spool.stage(keys[0], (b"second copy",))
+    assert spool.settle([*staged[:2], twice, *staged[2:]]) == [spool.path_for(keys[0]), spool.path_for(keys[1]),
+                                                                None, spool.path_for(keys[2]), spool.path_for(keys[3])]
+    assert [spool.path_for(key).read_bytes() for key in keys] == [key.sop_instance_uid.encode() for key in keys]
+    assert temp_files(spool) == [] and sorted(p.name for p in spool.instance_files()) == sorted(
+        f"{key.sop_instance_uid}.dcm" for key in keys)
 
 
 class FsyncFailing(Spool):
@@ -48,12 +71,10 @@ class FsyncFailing(Spool):
 
     failing = True
 
-    def settle(self, staged: Staged) -> Path | None:
+    def sync_content(self, staged: Staged) -> None:
         if self.failing:
-            os.close(staged.fd)
-            os.unlink(staged.temp)
             raise OSError(errno.EIO, "Input/output error")
-        return super().settle(staged)
+        super().sync_content(staged)
 
 
 def test_a_file_that_cannot_be_made_durable_takes_its_row_back_and_is_refused(tmp_path):

@@ -117,7 +117,7 @@ def test_series_over_stow_is_stored_completed_routed_and_its_seg_reaches_orthanc
 
         record = node.wait_for_completion(series_uid, timeout=30)
         assert record.calling_ae == SENDER and record.instance_count == 20
-        assert f"series complete (release): study={study_uid} series={series_uid}" in node.log_text()
+        assert node.logs(f"series complete (release): study={study_uid} series={series_uid}")
         seg = wait_for(lambda: study_series(pacs, study_uid).get("SEG"), 240, "a SEG series in Orthanc")
         assert len(seg) == 1
 

@@ -25,7 +25,6 @@ both digests in its note, the log, the audit and a metric
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor, wait
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -37,6 +36,7 @@ from dicom_node.config import Config
 from dicom_node.metrics import NodeMetrics
 from dicom_node.pipeline.complete import CompletionTracker, SessionId
 from dicom_node.receive import duplicate
+from dicom_node.receive.durable import DurableWrites
 from dicom_node.receive.header import HeaderError, InstanceHeader, read_header
 from dicom_node.receive.upper_layer import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.store.audit import AuditEvent, AuditLog
@@ -49,7 +49,6 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATA_SET_DOES_NOT_MATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
-SETTLE_THREADS = 8
 
 Transport = Literal["dimse", "stow"]
 TRANSPORT_VERB: dict[str, str] = {"dimse": "C-STORE", "stow": "STOW-RS"}
@@ -106,8 +105,7 @@ class Ingest:
         self.tracker = tracker
         self.metrics = metrics
         self.audit = audit
-        # A stored file's fsyncs (`_persist`) run here, beside the journal commit of the association's thread.
-        self._settles = ThreadPoolExecutor(max_workers=SETTLE_THREADS, thread_name_prefix="spool-fsync")
+        self.durable = DurableWrites(spool, journal)
         # Told of each new instance once it is stored and journaled, before its success is answered
         # (dicom_node.pipeline.prepare queues it for decoding): must never block.
         self.on_stored: Callable[[InstanceRecord], None] = lambda record: None
@@ -146,8 +144,9 @@ class Ingest:
     def _persist(self, delivery: Delivery, key: InstanceKey, header: InstanceHeader, meta: bytes) -> Outcome:
         """Spool file and journal row side by side (or, for a re-send, a note on the series that holds it).
 
-        The file's fsyncs (content, then its name once linked) run beside the journal commit: both are waits
-        on the disk, and the answer waits for both. A crash between them leaves a row without a file, which
+        The file's fsyncs (content, then its name once linked) run beside the journal commit, together with
+        those of the instances received at the same time (`DurableWrites`): both are waits on the disk, and
+        the answer waits for both. A crash between them leaves a row without a file, which
         restart reconciliation deletes, or a file without a row, which it journals; the sender was answered
         neither. The file's content is on disk before it has its name, so a name never shows a torn file."""
         try:
@@ -164,29 +163,25 @@ class Ingest:
             return self._duplicate(delivery, key, meta, self.spool.path_for(key), existing)
         final = staged.final
         size = len(meta) + len(delivery.data_set)
-        settling = self._settles.submit(self.spool.settle, staged)
-        try:
-            new = NewInstance(
-                sop_instance_uid=key.sop_instance_uid, sop_class_uid=delivery.sop_class_uid,
-                series_instance_uid=key.series_instance_uid, study_instance_uid=key.study_instance_uid,
-                path=str(final), calling_ae=delivery.calling_ae, called_ae=delivery.called_ae,
-                transfer_syntax=delivery.transfer_syntax, size=size, modality=header.modality,
-                series_description=header.series_description, patient_id=header.patient_id,
-                accession_number=header.accession_number, study_date=header.study_date)
-            record, is_new = self.journal.record_instance(new)
-        except Exception as error:
-            wait((settling,))
-            if settling.exception() is None and settling.result() is not None:
+        written = self.durable.write(staged, NewInstance(
+            sop_instance_uid=key.sop_instance_uid, sop_class_uid=delivery.sop_class_uid,
+            series_instance_uid=key.series_instance_uid, study_instance_uid=key.study_instance_uid,
+            path=str(final), calling_ae=delivery.calling_ae, called_ae=delivery.called_ae,
+            transfer_syntax=delivery.transfer_syntax, size=size, modality=header.modality,
+            series_description=header.series_description, patient_id=header.patient_id,
+            accession_number=header.accession_number, study_date=header.study_date))
+        if written.row is None:
+            if written.path is not None:
                 final.unlink(missing_ok=True)
             return self._refused(delivery, STATUS_OUT_OF_RESOURCES, key,
-                                 f"journaling {key.sop_instance_uid} failed: {error}")
-        try:
-            path = settling.result()
-        except OSError as error:
+                                 f"journaling {key.sop_instance_uid} failed: {written.row_error}")
+        record, is_new = written.row
+        if written.file_error is not None:
             if is_new:
                 self._forget(record)
             return self._refused(delivery, STATUS_OUT_OF_RESOURCES, key,
-                                 f"writing {key.sop_instance_uid} failed: {error}")
+                                 f"writing {key.sop_instance_uid} failed: {written.file_error}")
+        path = written.path
         if not is_new:
             if record.path == str(final):  # its journaled file had gone missing: this copy takes its place
                 try:

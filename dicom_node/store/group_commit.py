@@ -61,17 +61,23 @@ class GroupCommit(Generic[Item, Result]):
 
     def submit(self, item: Item) -> Result:
         """Write `item`; returns its result once committed, or raises what failed it."""
-        waiting = _Waiting(item)
+        outcome = self.submit_all([item])[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def submit_all(self, items: list[Item]) -> list[Result | BaseException]:
+        """Write `items` in this order; once they are committed, each one's result, or the error that failed
+        it (the others still committed)."""
+        waiting = [_Waiting(item) for item in items]
         with self._queue_lock:
-            self._queued.append(waiting)
+            self._queued.extend(waiting)
         with self._write_lock:
-            if not waiting.done:  # no batch took it while this caller waited for the lock: it leads the next
+            if not all(w.done for w in waiting):  # no batch took them while this caller waited: it leads the next
                 with self._queue_lock:
                     batch, self._queued = self._queued, []
                 self._commit(batch)
-        if waiting.error is not None:
-            raise waiting.error
-        return waiting.result
+        return [w.result if w.error is None else w.error for w in waiting]
 
     def _commit(self, batch: list[_Waiting[Item, Result]]) -> None:
         """Commit the batch as one transaction; if that fails, each of its writes in its own."""

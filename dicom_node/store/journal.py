@@ -311,6 +311,13 @@ class Journal:
         """
         return self._recorder.submit(_PendingInstance(new, received_at or utcnow()))
 
+    def record_instances(self, instances: list[NewInstance], received_at: datetime | None = None
+                         ) -> list[tuple[InstanceRecord, bool] | BaseException]:
+        """`record_instance` for several at once, in one transaction with whatever else is queued: for each,
+        its (record, new) once committed, or the error that kept its row out (the others still committed)."""
+        now = received_at or utcnow()
+        return self._recorder.submit_all([_PendingInstance(new, now) for new in instances])
+
     def _record_batch(self, conn: Connection, batch: list[_PendingInstance]) -> list[tuple[InstanceRecord, bool]]:
         """Record the pending instances in order, in the caller's transaction, with a few statements for the
         whole batch: one look-up of their SOP Instance UIDs, one of each series' latest generation, one count

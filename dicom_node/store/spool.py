@@ -9,14 +9,15 @@ target folder (named `.<sop>.<random>.tmp`, or `.<sop>.<writer>.<random>.tmp`
 when nodes share the spool, recognisable for clean-up after a crash), the file is fsynced, hard-linked to the final name (atomic on POSIX,
 and it never replaces a file already there) and the folder is fsynced so the
 new name survives a power cut. The storage dir must be on a file system with
-hard links (ext4, XFS, btrfs, NFS all have them). `write` does all of it;
-`stage` (into the page cache) and `settle` (the fsyncs and the link) are its
-two halves, for a caller with another disk wait to run beside the fsyncs (the
-receiver's journal commit).
+hard links (ext4, XFS, btrfs, NFS all have them). `write` does all of it
+for one file; `stage` (into the page cache) and `settle` (the fsyncs and the
+links) are its two halves, for the receiver (dicom_node.receive.durable),
+which settles the files of every instance received at the same time in one
+pass, each folder fsynced once for all of its new names, beside the journal
+commit of their rows.
 
-Writes of different instances, also of one series, run side by side: their
-fsyncs release the GIL and the disk takes them together, so nothing holds a
-lock across an fsync that another association's instance would wait for.
+Staging holds no lock another association's instance would wait for: a
+series' instances arriving over several associations are written side by side.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import shutil
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -118,10 +119,10 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
 @dataclass(frozen=True)
 class Staged:
     """An instance's bytes in a temp file beside its final name, written but not yet durable (`Spool.settle`
-    fsyncs and names it, and closes `fd`)."""
+    fsyncs and names it, and closes `fd`). `temp` is None for a file without a name (O_TMPFILE)."""
 
     fd: int
-    temp: Path
+    temp: Path | None
     final: Path
     new_folder: bool  # its series folder was created for it
 
@@ -181,6 +182,42 @@ class SharedLock:
                 self._changed.notify_all()
 
 
+def _discard(staged: Staged) -> None:
+    """Close a staged file and remove its temp name (the file lives on under its final name if linked)."""
+    try:
+        os.close(staged.fd)
+    finally:
+        if staged.temp is not None:
+            staged.temp.unlink(missing_ok=True)
+
+
+def _unnamed_files_work(root: Path) -> bool:
+    """Whether files without a name (O_TMPFILE) can be created in `root` and linked to a name later
+    through /proc: Linux 3.11+ on ext4, XFS, btrfs, tmpfs; not NFS or a container without /proc."""
+    probe = f".probe.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}"
+    folder_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = os.open(root, os.O_WRONLY | os.O_TMPFILE, 0o600)
+    except (OSError, AttributeError):  # AttributeError: a platform without O_TMPFILE
+        os.close(folder_fd)
+        return False
+    try:
+        _link_unnamed(fd, probe, folder_fd)
+        os.unlink(probe, dir_fd=folder_fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.close(folder_fd)
+
+
+def _link_unnamed(fd: int, name: str, folder_fd: int) -> None:
+    """Give the unnamed file open as `fd` the name `name` in the folder open as `folder_fd` (linkat through
+    /proc with AT_SYMLINK_FOLLOW, which needs no privilege, unlike AT_EMPTY_PATH)."""
+    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=folder_fd, follow_symlinks=True)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -210,6 +247,7 @@ class Spool:
         self.quarantine_root.mkdir(parents=True, exist_ok=True)
         self._series_locks = tuple(SharedLock() for _ in range(LOCK_STRIPES))
         self._instance_locks = tuple(threading.Lock() for _ in range(LOCK_STRIPES))
+        self.unnamed_temp_files = _unnamed_files_work(self.root)
 
     @contextmanager
     def receiving(self, key: InstanceKey) -> Iterator[None]:
@@ -235,26 +273,31 @@ class Spool:
         """Write `chunks` durably to the instance's path (`stage`, then `settle`); returns it, or None
         when a file is already there. Raises OSError on any failure."""
         staged = self.stage(key, chunks)
-        return None if staged is None else self.settle(staged)
+        if staged is None:
+            return None
+        outcome = self.settle([staged])[0]
+        if isinstance(outcome, OSError):
+            raise outcome
+        return outcome
 
     def stage(self, key: InstanceKey, chunks: tuple[bytes, ...]) -> Staged | None:
         """Write `chunks` to a temp file beside the instance's path, not yet fsynced: the page-cache half of
         a write, for a caller that runs `settle` (the disk waits) beside other work. None when the instance's
         file is already there (a re-send). Raises OSError (the temp file removed)."""
         final = self.path_for(key)
+        if final.exists():
+            return None
         folder = final.parent
-        try:
-            os.mkdir(folder)
-            created = True
-        except FileExistsError:
-            if final.exists():
-                return None
-            created = False
-        except FileNotFoundError:  # the study's first series
-            folder.mkdir(parents=True, exist_ok=True)
-            created = True
-        writer = f"{self.writer_tag}." if self.writer_tag else ""
-        fd, temp = tempfile.mkstemp(prefix=f".{key.sop_instance_uid}.{writer}", suffix=TEMP_SUFFIX, dir=folder)
+        created = False
+        while True:
+            try:
+                fd, temp = self._temp_file(folder, key)
+                break
+            except FileNotFoundError:  # the series' first instance
+                if created:
+                    raise
+                folder.mkdir(parents=True, exist_ok=True)
+                created = True
         try:
             for chunk in chunks:
                 view = memoryview(chunk)
@@ -262,32 +305,80 @@ class Spool:
                     view = view[os.write(fd, view):]
         except BaseException:
             os.close(fd)
-            os.unlink(temp)
+            if temp is not None:
+                os.unlink(temp)
             raise
-        return Staged(fd, Path(temp), final, created)
+        return Staged(fd, temp, final, created)
 
-    @staticmethod
-    def settle(staged: Staged) -> Path | None:
-        """Make a staged file durable under its final name: fsync it, hard-link it to the name (atomic, and
-        it never replaces a file already there: the first copy stays, even when two writers deliver the same
-        instance at once), then fsync the folder so the name survives a power cut (and the study and spool
-        folders when the series folder is new). The content is on disk before it has its name, so the name
-        never shows a torn file. Returns the path, or None when a file was already there. Raises OSError."""
-        try:
-            os.fsync(staged.fd)
+    def _temp_file(self, folder: Path, key: InstanceKey) -> tuple[int, Path | None]:
+        """A file open for writing in `folder`: without a name where the file system has them (a crash
+        leaves nothing behind, and no name is created and removed per instance), else a named temp file."""
+        if self.unnamed_temp_files:
+            return os.open(folder, os.O_WRONLY | os.O_TMPFILE, 0o600), None  # mkstemp's mode: the node's alone
+        writer = f"{self.writer_tag}." if self.writer_tag else ""
+        fd, temp = tempfile.mkstemp(prefix=f".{key.sop_instance_uid}.{writer}", suffix=TEMP_SUFFIX, dir=folder)
+        return fd, Path(temp)
+
+    def settle(self, batch: Sequence[Staged]) -> list[Path | None | OSError]:
+        """Make staged files durable under their final names, together; for each, its path, None when a
+        file was already there, or the OSError that kept it out (the others are still stored).
+
+        Each file is fsynced, then hard-linked to its name (atomic, and it never replaces a file already
+        there: the first copy stays, even when two writers deliver the same instance at once), so a name
+        never shows a torn file. Then each folder that got a name is fsynced once for all of them, so the
+        names survive a power cut (and the study and spool folders when the series folder is new). A
+        folder whose fsync fails loses the names linked into it here: none of them is reported stored."""
+        outcomes: list[Path | None | OSError] = [None] * len(batch)
+        by_folder: dict[Path, list[int]] = {}
+        for index, staged in enumerate(batch):
+            by_folder.setdefault(staged.final.parent, []).append(index)
+        for folder, indexes in by_folder.items():
             try:
-                os.link(staged.temp, staged.final)
-            except FileExistsError:
-                return None
-        finally:
-            os.close(staged.fd)
-            os.unlink(staged.temp)
-        folder = staged.final.parent
-        _fsync_dir(folder)
-        if staged.new_folder:
-            _fsync_dir(folder.parent)
-            _fsync_dir(folder.parent.parent)
+                folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError as error:
+                for index in indexes:
+                    _discard(batch[index])
+                    outcomes[index] = error
+                continue
+            try:
+                for index in indexes:
+                    outcomes[index] = self._name(batch[index], folder_fd)
+                linked = [index for index in indexes if isinstance(outcomes[index], Path)]
+                if not linked:
+                    continue
+                try:
+                    os.fsync(folder_fd)
+                    if any(batch[index].new_folder for index in indexes):
+                        _fsync_dir(folder.parent)
+                        _fsync_dir(folder.parent.parent)
+                except OSError as error:
+                    for index in linked:
+                        batch[index].final.unlink(missing_ok=True)
+                        outcomes[index] = error
+            finally:
+                os.close(folder_fd)
+        return outcomes
+
+    def _name(self, staged: Staged, folder_fd: int) -> Path | None | OSError:
+        """fsync one staged file and link it to its name in its folder, open as `folder_fd`."""
+        try:
+            try:
+                self.sync_content(staged)
+                if staged.temp is None:
+                    _link_unnamed(staged.fd, staged.final.name, folder_fd)
+                else:
+                    os.link(staged.temp.name, staged.final.name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+            finally:
+                _discard(staged)
+        except FileExistsError:
+            return None
+        except OSError as error:
+            return error
         return staged.final
+
+    def sync_content(self, staged: Staged) -> None:
+        """fsync a staged file's content."""
+        os.fsync(staged.fd)
 
     def remove_empty_folders(self, key: InstanceKey) -> None:
         """The series folder of `key`, then its study folder, if nothing is left in them."""
