@@ -218,6 +218,21 @@ def _link_unnamed(fd: int, name: str, folder_fd: int) -> None:
     os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=folder_fd, follow_symlinks=True)
 
 
+def _start_writeback(batch: Sequence[Staged]) -> None:
+    """Start writing every staged file to the disk at once, so that fsyncing them one after the other waits
+    for writes already under way together, not for each in turn (a pass of 4-5 files settled in 5-6 ms
+    instead of 8-11 ms, docs/performance.md). On Linux, POSIX_FADV_DONTNEED starts the writeback of a file's
+    dirty pages without waiting for it (and drops only pages already clean, none of a file just written);
+    elsewhere it is a hint that may do nothing. Only a hint either way: the fsync still decides."""
+    if not hasattr(os, "posix_fadvise"):  # not on every platform
+        return
+    for staged in batch:
+        try:
+            os.posix_fadvise(staged.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:  # a file system that takes no advice: the fsync below writes the file all the same
+            pass
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -329,6 +344,8 @@ class Spool:
         names survive a power cut (and the study and spool folders when the series folder is new). A
         folder whose fsync fails loses the names linked into it here: none of them is reported stored."""
         outcomes: list[Path | None | OSError] = [None] * len(batch)
+        if len(batch) > 1:
+            _start_writeback(batch)
         by_folder: dict[Path, list[int]] = {}
         for index, staged in enumerate(batch):
             by_folder.setdefault(staged.final.parent, []).append(index)
