@@ -12,8 +12,8 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from dicom_node.results import OutputSeries, source_headers
-from dicom_node.results.seg import SegOptions, SourceGridError, write_seg
+from dicom_node.results import COPIED_TYPE_2, OutputSeries, source_headers
+from dicom_node.results.seg import SegOptions, SourceGridError, warm_up, write_seg
 from dicom_node.results.segread import read_seg, source_grid
 from dicom_node.results.uids import UidError, UidSeed, derive_uid, validate_uid
 from inference.results import Algorithm, Code, LabelMap, SegmentLabel
@@ -111,6 +111,40 @@ def test_binary_seg_round_trips_through_highdicom(tmp_path: Path, compress: bool
     algorithm = seg.get_segment_description(1).algorithm_identification[0]
     assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("spleen-unet", "1.2.0")
     assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"
+
+
+def test_sources_without_the_type_2_patient_and_study_attributes_still_get_results(tmp_path: Path) -> None:
+    """An export that drops the empty Patient and Study attributes (PatientBirthDate, AccessionNumber, ...)
+    instead of sending them empty: SEG and SR carry them empty, and the source's other values."""
+    from dicom_node.results.sr import ReportContent, SrOptions, write_report
+    from tests.test_sr import RESULT
+
+    stripped = []
+    for source in real_sources():
+        copy = pydicom.Dataset(source)
+        copy.file_meta = source.file_meta
+        for keyword in COPIED_TYPE_2:
+            copy.pop(keyword, None)
+        copy.PatientID = "EXPORT-17"
+        stripped.append(copy)
+    seed = UidSeed(str(stripped[0].SeriesInstanceUID), 1, "abdomen")
+    seg_path = write_seg(spleen_map(), stripped, tmp_path, seg_options())
+    sr_path = write_report(ReportContent((), (RESULT,)), stripped, tmp_path,
+                           SrOptions(OutputSeries(seed, series_number=9902, series_description="AI report")))
+    for path in (seg_path, sr_path):
+        assert_valid(path)
+        result = pydicom.dcmread(path)
+        assert result.PatientID == "EXPORT-17"
+        assert all(keyword in result and not result[keyword].value
+                   for keyword in COPIED_TYPE_2 if keyword != "PatientID")
+    assert "PatientBirthDate" not in stripped[0]  # the caller's headers are left as they were
+
+
+def test_warm_up_writes_a_valid_seg(tmp_path: Path) -> None:
+    path = warm_up(tmp_path)
+    assert_valid(path)
+    seg = hd.seg.segread(path)
+    assert seg.NumberOfFrames == 2 and seg.get_segment_description(1).segment_label == "warm-up"
 
 
 def test_seg_overlays_the_source_volume_read_by_simpleitk(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,15 +72,22 @@ def close_inference() -> None:
 
 
 def preload(config: Config) -> None:
-    """Import what every job uses (numpy, SimpleITK, the pixel codecs, highdicom: about 1 s of CPU) and,
-    with the embedded backend, load the models of the enabled pipelines (0.5 s or more each), so that
-    a worker started with the node has paid for both before its first job. A model that does not load
-    is left to its first job, which fails with the reason. The node's own process imports this module
-    for JobRequest only, and keeps its memory small by not calling this."""
+    """Import what every job uses (numpy, SimpleITK, the pixel codecs, highdicom: about 1 s of CPU), write
+    a made-up SEG (the first result a process builds loads highdicom's tables, 0.3 s) and, with the
+    embedded backend, load the models of the enabled pipelines (0.5 s or more each), so that a worker
+    started with the node has paid for all of it before its first job. A model that does not load is
+    left to its first job, which fails with the reason. The node's own process imports this module for
+    JobRequest only, and keeps its memory small by not calling this."""
     for module in ("dicom_node.pipeline.volume", "inference.tasks", "dicom_node.results.seg", "dicom_node.results.sr",
                    "dicom_node.results.measurements", "inference.involvement",
                    "dicom_node.results.overlay"):
         importlib.import_module(module)
+    from dicom_node.results.seg import warm_up
+    try:
+        with tempfile.TemporaryDirectory(prefix="dicom-node-warm-up-") as folder:
+            warm_up(Path(folder))
+    except Exception as error:  # only time is lost: the first job loads the tables itself
+        log.warning("job worker: the result writers were not warmed up: %s", error)
     if config.inference.backend != "embedded":
         return
     from dicom_node.pipeline.health import configured_models

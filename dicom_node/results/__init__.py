@@ -95,6 +95,11 @@ def series_number(results: ResultsConfig, kind: str, position: int, generation: 
     return base + PIPELINE_SERIES_STEP * position + GENERATION_SERIES_STEP * (generation - 1)
 
 
+COPIED_TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+"""Patient and General Study module attributes of type 2 that every result copies from its source."""
+
+
 def source_headers(sources: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
     """The source headers with SOP Class and SOP Instance UIDs present, as results reference them.
 
@@ -104,7 +109,10 @@ def source_headers(sources: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
     C.7.6.16.2.6, C.17.2) need both, so they are taken from the File Meta. The
     caller's data sets are not modified. The Specific Character Set the
     results copy from the source is put in the form highdicom accepts
-    (`result_character_set`).
+    (`result_character_set`). The Patient and Study attributes a result copies
+    (`COPIED_TYPE_2`) are type 2, present even when empty (PS3.3 C.7.1.1,
+    C.7.2.1); a source that leaves them out, as some anonymisers and exports do,
+    gets them empty, as highdicom reads every one of them.
     """
     repaired = []
     for source in sources:
@@ -112,21 +120,25 @@ def source_headers(sources: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
             if not source.get(keyword):
                 raise ValueError(f"source instance {source.get('SOPInstanceUID', '?')} has an empty {keyword}")
         character_set = result_character_set(source.get("SpecificCharacterSet"))
+        missing = [keyword for keyword in COPIED_TYPE_2 if keyword not in source]
         if source.get("SOPClassUID") and source.get("SOPInstanceUID") and character_set == source.get(
-                "SpecificCharacterSet"):
+                "SpecificCharacterSet") and not missing:
             repaired.append(source)
             continue
         meta = getattr(source, "file_meta", None) or pydicom.Dataset()
-        copy = pydicom.Dataset(source)
-        copy.file_meta = meta
-        if character_set is None:
-            copy.pop("SpecificCharacterSet", None)
-        else:
-            copy.SpecificCharacterSet = character_set
-        copy.SOPClassUID = source.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID")
-        copy.SOPInstanceUID = source.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID")
-        if not (copy.SOPClassUID and copy.SOPInstanceUID):
+        values = {keyword: "" for keyword in missing}
+        values["SOPClassUID"] = source.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID")
+        values["SOPInstanceUID"] = source.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID")
+        if not (values["SOPClassUID"] and values["SOPInstanceUID"]):
             raise ValueError("a source instance has no SOP Class/Instance UID, in the data set or its File Meta")
+        values["SpecificCharacterSet"] = character_set
+        copy = pydicom.Dataset()
+        copy.update(source)  # its own table of elements, sharing the caller's: each one changed is replaced
+        copy.file_meta = meta
+        for keyword, value in values.items():
+            copy.pop(keyword, None)
+            if value is not None:
+                setattr(copy, keyword, value)
         repaired.append(copy)
     return repaired
 
