@@ -11,7 +11,8 @@ Compared in the same run:
 - highdicom's defaults (omit_empty_frames=True, native);
 - ours, native and JPEG 2000 Lossless.
 The first build in a process also loads highdicom's standard tables (~0.3 s):
-reported separately as `cold`, the node pays it once.
+shown in brackets as the first run; a job worker pays it when it starts, before
+its first job (dicom_node.pipeline.job.preload).
 
 Run: .venv/bin/python -m bench.encode [--runs 3] [--overlay]
 """

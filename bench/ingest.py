@@ -14,7 +14,12 @@ a fresh storage folder per measurement; median of the rounds. The receivers:
 Rounds are interleaved (every receiver and sender count in each round) so all
 see the same machine load, and the disk is synced before each measurement so
 that none pays for the writeback the one before left behind (storescp's files,
-never fsynced, are still being written out when the next receiver starts). For each sender count the run prints every
+never fsynced, are still being written out when the next receiver starts). The
+receivers' order is shuffled for every sender count of every round (the same
+shuffles in every run): a shared VM's disk may take writes at its burst rate only
+for its first gigabyte or so (seen here: 1.2-1.5 GB/s, then 340-380 MB/s), and a
+fixed order would give the receiver after storescp, every time, the disk that the
+sync of storescp's files has just drained. For each sender count the run prints every
 receiver's rate, the node's rate over Orthanc's (of the medians, and round by
 round) and, with several counts, how the node's aggregate rate grows with them. Everyone runs with TCP_NODELAY=1 (Debian's dcmtk
 and Orthanc leave Nagle on, and each C-STORE then stalls ~40 ms).
@@ -34,6 +39,7 @@ import argparse
 import datetime
 import os
 import platform
+import random
 import sqlite3
 import statistics
 import subprocess
@@ -181,6 +187,13 @@ def receivers() -> dict[str, Receiver]:
     return found
 
 
+def shuffled(peers: dict[str, Receiver], order: random.Random) -> list[tuple[str, Receiver]]:
+    """The receivers in the next order of `order`, so that none follows the same one every time."""
+    items = list(peers.items())
+    order.shuffle(items)
+    return items
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=300)
@@ -195,9 +208,10 @@ def main() -> None:
         files = write_ct_series(work / "series", args.instances)
         megabytes = sum(f.stat().st_size for f in files) / 1e6
         times: dict[tuple[int, str], list[float]] = {(n, name): [] for n in sender_counts for name in peers}
+        order = random.Random(0)
         for round_index in range(args.rounds):  # interleaved so every receiver sees the same machine load
             for senders in sender_counts:
-                for number, (name, receiver) in enumerate(peers.items()):
+                for number, (name, receiver) in enumerate(shuffled(peers, order)):
                     root = work / f"r{round_index}-s{senders}-{number}"
                     os.sync()  # no receiver pays for writeback another left behind (storescp never fsyncs)
                     with receiver(root) as (port, called_ae):
