@@ -13,9 +13,11 @@ from types import SimpleNamespace
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian, KeyObjectSelectionDocumentStorage
 
 from dicom_node.pipeline.prepare import PreparedStore, Preparer, decode_instance
 from dicom_node.pipeline.volume import load_series
+from tests import volume_variants as variants
 from tests.peers import wait_for
 from tests.series_factory import write_ct_series
 from tests.test_pipeline import real_series
@@ -32,8 +34,17 @@ def preparer(tmp_path_factory):
 
 
 def feed(preparer: Preparer, series: str, files: list[Path]) -> None:
+    """Queue the files for the decoder, whatever their encoding (the decoder is tested here, not the choice
+    of what `Ingest`'s notifications queue)."""
     for path in files:
-        preparer.instance_stored(SimpleNamespace(series_instance_uid=series, path=str(path)))
+        preparer.queue(series, str(path))
+
+
+def stored(path: Path, series: str, sop_class_uid: str | None = None) -> SimpleNamespace:
+    """The journal's record of `path` as `Ingest` hands it to the preparer."""
+    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    return SimpleNamespace(series_instance_uid=series, path=str(path), transfer_syntax=str(meta.TransferSyntaxUID),
+                           sop_class_uid=sop_class_uid or str(meta.MediaStorageSOPClassUID))
 
 
 def prepared(store: PreparedStore, files: list[Path]) -> list[Path]:
@@ -60,6 +71,23 @@ def test_the_prepared_volume_equals_the_volume_loaded_from_the_spool(preparer, t
     np.testing.assert_array_equal(from_prepared.volume.array, from_spool.volume.array)
     assert from_prepared.slices == from_spool.slices
     assert from_prepared.warnings == from_spool.warnings
+
+
+def test_only_instances_whose_pixels_need_decoding_are_prepared(preparer, tmp_path):
+    """Compressed and deflated CT are queued; native CT (read straight from the spool) and a key object
+    (no pixels) are not."""
+    native = write_ct_series(tmp_path / "native", 3)
+    deflated = variants.write(variants.small_series()[:3], tmp_path / "deflated", DeflatedExplicitVRLittleEndian)
+    j2k = real_series(tmp_path / "j2k", count=3)
+    key_object = stored(native[0], "series-choice", sop_class_uid=KeyObjectSelectionDocumentStorage)
+    for record in [key_object, *(stored(path, "series-choice") for path in [*native, *deflated, *j2k])]:
+        preparer.instance_stored(record)
+    wait_prepared(preparer.store, [*deflated, *j2k])  # queued last: the decoder has passed the others
+
+    assert prepared(preparer.store, native) == []
+    loaded = load_series(j2k, prepared=preparer.store)
+    assert loaded.prepared_frames == len(j2k)
+    np.testing.assert_array_equal(loaded.volume.array, load_series(j2k).volume.array)
 
 
 def test_instances_added_or_replaced_after_preparation_are_decoded_from_the_spool(preparer, tmp_path):

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import RLELossless
 import pytest
 from sqlalchemy import select
 
@@ -103,16 +104,21 @@ def nodes(tmp_path_factory, postgres_server):
                 stop.join(60)
 
 
-def chest_series(out_dir: Path, seed: int) -> tuple[list[Path], str, str]:
+def chest_series(out_dir: Path, seed: int, compressed: bool = False) -> tuple[list[Path], str, str]:
+    """A small chest CT series; `compressed`: RLE Lossless, pixels the nodes' decoders prepare as they arrive."""
     files = write_ct_volume(chest_phantom(seed=seed, **SMALL_CHEST).volume, out_dir)
+    for path in files if compressed else ():
+        ds = pydicom.dcmread(path)
+        ds.compress(RLELossless, generate_instance_uid=False)
+        ds.save_as(path, enforce_file_format=True)
     ds = pydicom.dcmread(files[0], stop_before_pixels=True)
     return files, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
 
 
-def send_concurrently(sends: list[tuple[Node, list[Path]]]) -> list[dcmtk.StoreResult]:
-    """One storescu association per (node, files), all at once."""
-    processes = [subprocess.Popen(dcmtk.storescu_args(node.port, files), env=peer_env(), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) for node, files in sends]
+def send_concurrently(sends: list[tuple[Node, list[Path]]], extra: tuple[str, ...] = ()) -> list[dcmtk.StoreResult]:
+    """One storescu association per (node, files), all at once; `extra`: storescu options."""
+    processes = [subprocess.Popen(dcmtk.storescu_args(node.port, files, extra=extra), env=peer_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node, files in sends]
     return [dcmtk.StoreResult(process.wait(timeout=180), process.stdout.read()) for process in processes]
 
 
@@ -129,9 +135,10 @@ def delivered(journal: Journal, series_instance_uid: str) -> bool:
 
 
 def test_one_series_sent_over_three_nodes_is_one_series_one_job_one_seg(nodes, tmp_path):
-    files, study_uid, series_uid = chest_series(tmp_path / "ct", seed=1)
+    files, study_uid, series_uid = chest_series(tmp_path / "ct", seed=1, compressed=True)
     thirds = [files[i::3] for i in range(3)]  # interleaved: every node gets slices from the whole volume
-    results = send_concurrently([(nodes.nodes[name], part) for name, part in zip(NAMES, thirds)])
+    results = send_concurrently([(nodes.nodes[name], part) for name, part in zip(NAMES, thirds)],
+                                extra=("-xr",))  # propose RLE Lossless, the files' syntax
     assert all(result.returncode == 0 for result in results), [r.output for r in results]
     assert sum(len(result.acknowledged) for result in results) == len(files)
     journal = nodes.journal()

@@ -4,9 +4,10 @@ Decoding is most of a compressed series' load (the real 20-slice JPEG 2000
 series of docs/performance.md: 0.65-0.69 s from the spool, 0.11-0.12 s with
 its pixels decoded ahead), and it used to start only once the series was
 complete and its job had begun. Now `Ingest` tells the `Preparer` of every
-new instance once it is stored and journaled; the preparer only queues the
-file (never waiting, so no C-STORE response waits for a decode) for one
-decoder child process, which writes the
+new instance once it is stored and journaled; the preparer queues the file of
+an instance whose pixels need decoding (`worth_preparing`: compressed, or a
+deflated data set), never waiting, so no C-STORE response waits for a decode,
+for one decoder child process, which writes the
 instance's decoded frames, exactly as the loader's decoder gives them, to
 `<storage_dir>/prepared` as a .npy file, and the job's loader
 (`dicom_node.pipeline.volume.load_series`) memory-maps it instead of
@@ -52,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dicom_node import logs
+from dicom_node import logs, sop_classes
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,18 @@ def prepared_store(config, writer: str = LOCAL_WRITER) -> PreparedStore | None:
     if config.inference.prepare.max_mb <= 0 or not any(p.enabled for p in config.pipelines.values()):
         return None
     return PreparedStore(Path(config.node.storage_dir) / "prepared", writer)
+
+
+def worth_preparing(sop_class_uid: str, transfer_syntax: str) -> bool:
+    """Whether decoding an instance ahead saves its job time: image pixel data that is compressed
+    (encapsulated, PS3.5 A.4) or in a deflated data set, which loading would otherwise decode. Native
+    pixels are read straight from the spool file, so preparing them would only write a second copy
+    of every instance while its series arrives, with CPU and disk the receiving threads need (it
+    cost a quarter of the ingest rate at 4 associations, docs/performance.md); a dose report, key
+    object or PDF has no pixels to decode."""
+    if not sop_classes.is_image_class(sop_class_uid):
+        return False
+    return sop_classes.is_encapsulated(transfer_syntax) or transfer_syntax in sop_classes.DEFLATED_DATA_SET_SYNTAXES
 
 
 def decode_instance(path: Path) -> np.ndarray:
@@ -246,11 +259,17 @@ class Preparer:
                  self.max_bytes // (1 << 20), self.max_series, self.store.folder, self._process.pid)
 
     def instance_stored(self, record) -> None:
-        """`Ingest`'s notification of a new instance (`store.journal.InstanceRecord`): queue it, never wait."""
+        """`Ingest`'s notification of a new instance (`store.journal.InstanceRecord`): queue it if
+        `worth_preparing`, never wait."""
+        if worth_preparing(record.sop_class_uid, record.transfer_syntax):
+            self.queue(record.series_instance_uid, record.path)
+
+    def queue(self, series_instance_uid: str, path: str) -> None:
+        """Have the decoder prepare the instance file at `path`, unless its queue is full or closed."""
         if self._jobs is None:
             return
         try:
-            self._jobs.put_nowait((record.series_instance_uid, record.path))
+            self._jobs.put_nowait((series_instance_uid, path))
         except (queue.Full, ValueError, OSError):  # full, or the queue closed by stop(): the job decodes it
             pass
 
