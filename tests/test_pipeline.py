@@ -442,7 +442,8 @@ def test_a_job_whose_outcome_the_journal_refused_is_run_again(node, tmp_path, ca
     pipeline.on_series_complete(record)
     (job,) = journal.jobs_in_state("queued", "running", "done", "failed")
     _wait_job(journal, job.id, states=("running",))
-    admin = sqlite3.connect(Path(config.node.storage_dir) / "journal.sqlite", timeout=0)
+    # The admin waits its turn: the node's own short writes (the job's start) may hold the lock right now.
+    admin = sqlite3.connect(Path(config.node.storage_dir) / "journal.sqlite", timeout=10)
     admin.execute("BEGIN IMMEDIATE")
     try:
         deadline = time.monotonic() + 90

@@ -140,8 +140,9 @@ def test_sources_without_the_type_2_patient_and_study_attributes_still_get_resul
     assert "PatientBirthDate" not in stripped[0]  # the caller's headers are left as they were
 
 
-def test_warm_up_writes_a_valid_seg(tmp_path: Path) -> None:
-    path = warm_up(tmp_path)
+def test_warm_up_builds_a_valid_seg(tmp_path: Path) -> None:
+    path = tmp_path / "warm-up.dcm"
+    path.write_bytes(warm_up())
     assert_valid(path)
     seg = hd.seg.segread(path)
     assert seg.NumberOfFrames == 2 and seg.get_segment_description(1).segment_label == "warm-up"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,8 +71,8 @@ def close_inference() -> None:
 
 
 def preload(config: Config) -> None:
-    """Import what every job uses (numpy, SimpleITK, the pixel codecs, highdicom: about 1 s of CPU), write
-    a made-up SEG (the first result a process builds loads highdicom's tables, 0.3 s) and, with the
+    """Import what every job uses (numpy, SimpleITK, the pixel codecs, highdicom: about 1 s of CPU), build
+    a made-up SEG in memory (the first result a process builds loads highdicom's tables, 0.3 s) and, with the
     embedded backend, load the models of the enabled pipelines (0.5 s or more each), so that a worker
     started with the node has paid for all of it before its first job. A model that does not load is
     left to its first job, which fails with the reason. The node's own process imports this module for
@@ -84,8 +83,7 @@ def preload(config: Config) -> None:
         importlib.import_module(module)
     from dicom_node.results.seg import warm_up
     try:
-        with tempfile.TemporaryDirectory(prefix="dicom-node-warm-up-") as folder:
-            warm_up(Path(folder))
+        warm_up()
     except Exception as error:  # only time is lost: the first job loads the tables itself
         log.warning("job worker: the result writers were not warmed up: %s", error)
     if config.inference.backend != "embedded":

@@ -14,6 +14,7 @@ the source instance and its Referenced Frame Number.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,18 @@ def write_seg(
     label_maps: LabelMap | Sequence[LabelMap], sources: Sequence[pydicom.Dataset], out_dir: Path, options: SegOptions,
     frame_numbers: Sequence[int | None] | None = None,
 ) -> Path | None:
-    """Write the label map(s) as one SEG in `out_dir`; returns its path, or None for a skipped empty mask.
+    """Write `build_seg`'s SEG in `out_dir`; returns its path, or None for a skipped empty mask."""
+    segmentation = build_seg(label_maps, sources, options, frame_numbers)
+    if segmentation is None:
+        return None
+    return save_dataset(segmentation, out_dir / f"SEG_{segmentation.SOPInstanceUID}.dcm")
+
+
+def build_seg(
+    label_maps: LabelMap | Sequence[LabelMap], sources: Sequence[pydicom.Dataset], options: SegOptions,
+    frame_numbers: Sequence[int | None] | None = None,
+) -> hd.seg.Segmentation | None:
+    """The label map(s) as one SEG, or None for an empty mask the options skip.
 
     `sources[k]` is the header of the instance slice `k` of the label map was
     computed on (LoadedSeries.slices order), `frame_numbers[k]` the frame of it
@@ -111,7 +123,7 @@ def write_seg(
             for source, number in zip(sources, frame_numbers)]
     series = options.series
     description = series.series_description + (" (empty)" if empty else "")
-    segmentation = hd.seg.Segmentation(
+    return hd.seg.Segmentation(
         source_images=headers,
         pixel_array=array,
         segmentation_type=options.segmentation_type,
@@ -135,16 +147,16 @@ def write_seg(
         workers=0,
         **placement,
     )
-    return save_dataset(segmentation, out_dir / f"SEG_{segmentation.SOPInstanceUID}.dcm")
 
 
-def warm_up(out_dir: Path) -> Path | None:
-    """Write the SEG of a made-up two-slice CT into `out_dir`.
+def warm_up() -> bytes:
+    """The Part 10 bytes of the SEG of a made-up two-slice CT, built in memory.
 
     The first SEG a process builds also loads highdicom's tables of the
     standard's modules (about 0.3 s of JSON parsing on a 2-core VM, a third of
     a 20-slice job's time after inference); a job worker calls this at its
-    start, so that no job pays for it."""
+    start, so that no job pays for it. Nothing is written to disk: a worker
+    stopped during its start leaves no file behind."""
     from dicom_node.results.segread import source_grid
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     sources = []
@@ -164,7 +176,9 @@ def warm_up(out_dir: Path) -> Path | None:
     label_map = LabelMap(source_grid(sources).with_array(array),
                          (SegmentLabel(1, "warm-up", organ, organ),), Algorithm("warm-up", "0"))
     series_out = OutputSeries(UidSeed(series, 1, "warm-up"), 1, "warm-up")
-    return write_seg(label_map, sources, out_dir, SegOptions(series_out, compress=False))
+    buffer = io.BytesIO()
+    build_seg(label_map, sources, SegOptions(series_out, compress=False)).save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def check_source_grid(label_map: LabelMap, sources: Sequence[pydicom.Dataset],
