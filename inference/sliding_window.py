@@ -59,6 +59,7 @@ def sliding_window_inference(image: np.ndarray, window: SlidingWindow, predict: 
     weights = importance_map(roi, window)
     corners = list(itertools.product(*(patch_starts(n, r, window.overlap) for n, r in zip(padded.shape, roi))))
     blended: np.ndarray | None = None
+    weighted: np.ndarray | None = None  # one patch's weighted prediction, a buffer reused for every patch
     total = np.zeros(padded.shape, dtype=np.float32)
     for first in range(0, len(corners), window.batch_size):
         batch = corners[first:first + window.batch_size]
@@ -68,8 +69,10 @@ def sliding_window_inference(image: np.ndarray, window: SlidingWindow, predict: 
             raise ValueError(f"the model returned shape {list(predictions.shape)} for {len(boxes)} patches of {list(roi)}")
         if blended is None:
             blended = np.zeros((predictions.shape[1], *padded.shape), dtype=np.float32)
+            weighted = np.empty((predictions.shape[1], *roi), dtype=np.float32)
         for box, prediction in zip(boxes, predictions):
-            blended[(slice(None), *box)] += prediction * weights
+            np.multiply(prediction, weights, out=weighted)
+            blended[(slice(None), *box)] += weighted
             total[box] += weights
     blended /= total
     crop = tuple(slice(before, before + n) for (before, _), n in zip(pads, image.shape))

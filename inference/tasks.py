@@ -43,19 +43,35 @@ def _source_labels(volume: Volume, entry: ModelEntry, predict) -> np.ndarray:
     Only source voxels near labels the model grid already shows are
     resampled: where every interpolation neighbour is background, the
     interpolated probabilities are too (a convex combination keeps the
-    background ahead), so the source voxel is.
+    background ahead), so the source voxel is. Those labels come from the
+    logits (`found`), so probabilities are computed only for the model
+    voxels that are mapped back, not for the whole grid.
     """
     spec = entry.pipeline
+    post = spec.postprocessing
     space = transforms.to_model_space(volume, spec.preprocessing)
     grid = space.grid
     logits = sliding_window_inference(space.array, spec.sliding_window, predict)
     del space  # the model-space image: not needed past inference
-    probabilities = activate(logits, spec.postprocessing)
     labels = np.zeros(volume.shape, dtype=np.uint8)
-    found = winners(probabilities, spec.postprocessing) > 0
-    for on_source, where in transforms.to_source_grid(probabilities, grid, volume, needed=found):
-        labels[where] = winners(on_source, spec.postprocessing)
+    for on_source, where in transforms.to_source_grid(logits, grid, volume, needed=found(logits, post),
+                                                      convert=lambda crop: activate(crop.copy(), post)):
+        labels[where] = winners(on_source, post)
     return declared(labels, [label.value for label in spec.labels])
+
+
+def found(logits: np.ndarray, post: Postprocessing) -> np.ndarray:
+    """Model voxels [...] whose label is not background, read from the [channel, ...] logits.
+
+    Softmax and sigmoid keep each voxel's channels in the order of their
+    logits, so this is `winners(activate(logits)) > 0`, except that where
+    rounding makes two probabilities equal or puts one on the threshold, it
+    counts the voxel as found: it may find a voxel more, never one fewer.
+    """
+    if post.discretize == "argmax":  # some channel beats the background; a tie goes to the background
+        return logits[1:].max(axis=0) >= logits[0]
+    # sigmoid(x) >= t exactly where x >= log(t / (1 - t)); the margin covers float32 rounding near it.
+    return logits.max(axis=0) >= np.float32(np.log(post.threshold / (1 - post.threshold)) - 1e-3)
 
 
 def activate(logits: np.ndarray, post: Postprocessing) -> np.ndarray:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,8 +116,9 @@ def scale_intensity(array: np.ndarray, preprocessing: Preprocessing) -> np.ndarr
     return out
 
 
-def to_source_grid(channels: np.ndarray, grid: sitk.Image, volume: Volume,
-                   needed: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, tuple[slice, ...]]]:
+def to_source_grid(channels: np.ndarray, grid: sitk.Image, volume: Volume, needed: np.ndarray | None = None,
+                   convert: Callable[[np.ndarray], np.ndarray] | None = None,
+                   ) -> Iterator[tuple[np.ndarray, tuple[slice, ...]]]:
     """Per-channel values [c, x, y, z] on the model's `grid`, resampled linearly onto the volume's voxels.
 
     Works in blocks of whole source slices, a few million voxels per channel
@@ -127,7 +128,9 @@ def to_source_grid(channels: np.ndarray, grid: sitk.Image, volume: Volume,
     neighbours include a needed model voxel are mapped, each block narrowed to
     the box around the needed voxels it reaches: a caller whose result is
     background wherever all neighbours are background passes its labels and
-    skips the rest of the CT.
+    skips the rest of the CT. `convert` turns each block's model voxels into
+    the values to resample (logits into probabilities), so that only the
+    voxels mapped back are computed.
     """
     boxes = [tuple(slice(0, n) for n in channels.shape[1:])] if needed is None else [bounding_box(needed)]
     if boxes[0] is None:
@@ -149,6 +152,8 @@ def to_source_grid(channels: np.ndarray, grid: sitk.Image, volume: Volume,
                 continue
             low, high = _model_reach(volume, block_first, block_last, grid)
         crop = channels[(slice(None), *(slice(a, b + 1) for a, b in zip(low, high)))]
+        if convert is not None:
+            crop = convert(crop)
         image = sitk.GetImageFromArray(np.ascontiguousarray(crop.transpose(3, 2, 1, 0)), isVector=True)
         image.SetSpacing(grid.GetSpacing())
         image.SetDirection(grid.GetDirection())

@@ -160,3 +160,30 @@ def test_postprocessing_keeps_largest_component_and_fills_holes_per_label():
     assert (out == 1).sum() == 10 * 15 * 15 + 1 and (out == 2).sum() == 6 * 8 * 10 - 8
     untouched = tasks.postprocess(labels.copy(), Postprocessing(), [1, 2])
     np.testing.assert_array_equal(untouched, labels)
+
+
+@pytest.mark.parametrize("post", [{"discretize": "argmax"}, {"discretize": "threshold", "threshold": 0.7}],
+                         ids=["softmax argmax", "sigmoid threshold"])
+def test_labels_found_from_logits_are_those_of_the_probabilities(post):
+    """The voxels mapped back to the source are picked from the logits, before any probability is
+    computed: every voxel the probabilities label is among them, and so is nothing else but ties."""
+    from inference.repository import Postprocessing
+
+    post = Postprocessing(**post)
+    rng = np.random.default_rng(7)
+    logits = rng.normal(0, 3, (3, 40, 30, 20)).astype(np.float32)
+    logits[1, :5] = logits[0, :5]  # exact ties: argmax gives them to the background
+    logits[2, 5:10] = logits[0, 5:10] + np.float32(1e-6)  # wins on the logits, a tie or not after softmax
+    logits[:, 10:15] = np.float32(np.log(0.7 / 0.3))  # sigmoid exactly on the threshold, give or take rounding
+    logits[:, 15:20] += 200  # large logits: softmax subtracts the maximum, sigmoid rounds to 1
+    found = tasks.found(logits, post)
+    labelled = tasks.winners(tasks.activate(logits.copy(), post), post) > 0
+    assert labelled.any() and (~labelled).any()
+    assert not (labelled & ~found).any()  # never one fewer
+    extra = found & ~labelled
+    assert extra.any()  # the cases made above, or this checks nothing
+    if post.discretize == "argmax":  # where a channel ties with the background
+        near = logits[1:].max(axis=0) - logits[0] <= 1e-5
+    else:  # where the best channel is within the margin of the threshold's logit
+        near = np.abs(logits.max(axis=0) - np.log(0.7 / 0.3)) <= 1e-3
+    assert not (extra & ~near).any()  # elsewhere, the same voxels
