@@ -4,10 +4,10 @@ Decoding is most of a compressed series' load (the real 20-slice JPEG 2000
 series of docs/performance.md: 0.65-0.69 s from the spool, 0.11-0.12 s with
 its pixels decoded ahead), and it used to start only once the series was
 complete and its job had begun. Now `Ingest` tells the `Preparer` of every
-new instance once it is stored and journaled; the preparer queues the file of
+new instance once it is stored and journaled. The preparer queues the file of
 an instance whose pixels need decoding (`worth_preparing`: compressed, or a
-deflated data set), never waiting, so no C-STORE response waits for a decode,
-for one decoder child process, which writes the
+deflated data set) for one decoder child process, never waiting, so no
+C-STORE response waits for a decode. The decoder writes the
 instance's decoded frames, exactly as the loader's decoder gives them, to
 `<storage_dir>/prepared` as a .npy file, and the job's loader
 (`dicom_node.pipeline.volume.load_series`) memory-maps it instead of

@@ -269,9 +269,9 @@ class JobRunner:
                 output.exported, output.sop_instance_uids) for destination in pipeline.destinations]):
             raise Superseded()
         log.info("job %d (%s) done: load %.2f s, inference %.2f s, encode %.2f s, %d result files; %d of %d "
-                 "slices decoded while the series arrived (only compressed pixels are)", job.id, job.pipeline, output.seconds["load"],
-                 output.seconds["inference"], output.seconds["encode"], len(output.exported),
-                 output.prepared_frames, output.frames)
+                 "slices decoded while the series arrived (only compressed pixels are)", job.id, job.pipeline,
+                 output.seconds["load"], output.seconds["inference"], output.seconds["encode"],
+                 len(output.exported), output.prepared_frames, output.frames)
         return [Path(p) for p in output.exported], output.steps
 
     def _forward(self, job: JobRecord) -> list[Path]:
