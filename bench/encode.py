@@ -31,6 +31,7 @@ import highdicom as hd
 import numpy as np
 import SimpleITK as sitk
 
+from bench.machine import run_header
 from dicom_node.results import OutputSeries, source_headers
 from dicom_node.results.overlay import OverlayOptions, write_overlay
 from dicom_node.results.seg import SegOptions, segment_descriptions, write_seg
@@ -114,8 +115,8 @@ def main() -> None:
         "organ (spleen)": LabelMap(grid.with_array(spleen_array()), (SPLEEN,), ALGORITHM),
         "lungs (2 segments)": LabelMap(grid.with_array(lungs_array()), LUNGS, ALGORITHM),
     }
-    print(f"512x512x{N_SLICES}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
-          f"median of {args.runs} warm runs (first run in brackets)")
+    print(run_header())
+    print(f"512x512x{N_SLICES}, median of {args.runs} warm runs (first run in brackets)")
     print(f"{'case':20} {'writer':34} {'time s':>14} {'size MB':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

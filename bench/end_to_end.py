@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pydicom  # noqa: E402
 import yaml  # noqa: E402
 
+from bench.machine import run_header  # noqa: E402
 from tests.peers import REPO, dcmtk, orthanc  # noqa: E402
 from tests.series_factory import write_ct_series  # noqa: E402
 from tests.test_orthanc_end_to_end import overrides, study_series  # noqa: E402
@@ -95,6 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, nargs="+", default=[20, 300])
     args = parser.parse_args()
+    print(run_header())
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         models = root / "models"

@@ -183,6 +183,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     import SimpleITK as sitk
 
+    from bench.machine import run_header
     from tests.monai_reference import monai_python
     from tests.peers.kserve import KServeServer
 
@@ -192,6 +193,7 @@ def main() -> None:
         work = Path(tmp)
         inputs = prepare(work, args.slices)
         repository = inputs.pop("repository")
+        print(run_header())
         print(f"spleen_ct_demo, {args.threads} CPU threads each, ONNX Runtime vs PyTorch {args.threads} threads\n")
         print(f"{'input':<18} {'contender':<12} {'wall s':>8} {'peak RSS MB':>12} {'vs monai':>9} "
               f"{'Dice vs monai':>14} {'Dice vs TotalSeg':>17}")

@@ -36,9 +36,7 @@ added: the best any receiver with the node's guarantee could do here.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import random
 import sqlite3
 import statistics
@@ -54,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pynetdicom import AE, AllStoragePresentationContexts, evt  # noqa: E402
 
+from bench.machine import run_header  # noqa: E402
 from tests.peers import dcmtk, free_port, orthanc, peer_env  # noqa: E402
 from tests.series_factory import write_ct_series  # noqa: E402
 from tests.test_receive import Node  # noqa: E402
@@ -165,12 +164,6 @@ def durability_cost(root: Path, files: list[Path]) -> float:
     os.close(folder)
     journal.close()
     return elapsed / len(files)
-
-
-def run_header() -> str:
-    """The run's date and machine, printed first: a figure means nothing without them."""
-    return (f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}: {platform.machine()}, "
-            f"{os.cpu_count()} CPUs")
 
 
 NODE = "dicom-node (fsync+journal)"

@@ -17,8 +17,6 @@ dynamic batching, ten inputs).
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import platform
 import re
 import sys
@@ -29,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import run_header  # noqa: E402
 from inference.repository import parse_config_pbtxt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,8 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     from google.protobuf.internal import api_implementation
 
-    print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, Python {platform.python_version()}, protobuf backend {api_implementation.Type()}")
+    print(run_header(f"Python {platform.python_version()}, protobuf backend {api_implementation.Type()}"))
     with tempfile.TemporaryDirectory(prefix="bench-pbtxt-") as tmp:
         large = Path(tmp) / "config.pbtxt"
         large.write_text(LARGE)

@@ -36,7 +36,8 @@ from sqlalchemy import func, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.ingest import run_header, send_at_once  # noqa: E402
+from bench.ingest import send_at_once  # noqa: E402
+from bench.machine import run_header  # noqa: E402
 from dicom_node.store.journal import Journal  # noqa: E402
 from dicom_node.store.schema import instances  # noqa: E402
 from tests.peers.postgres import PostgresServer, postgres_server  # noqa: E402

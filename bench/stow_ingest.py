@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pydicom  # noqa: E402
 
-from bench.ingest import run_header, timed_send  # noqa: E402
+from bench.ingest import timed_send  # noqa: E402
+from bench.machine import run_header  # noqa: E402
 from tests.series_factory import write_ct_series  # noqa: E402
 from tests.test_receive import NODE_AE, Node, running_node  # noqa: E402
 from tests.test_stow_receive import client, stow_section  # noqa: E402

@@ -30,6 +30,7 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import JPEG2000Lossless
 
+from bench.machine import run_header
 from tests.peers import REPO
 from tests.series_factory import write_ct_series
 from tests.volume_variants import enhanced_ct
@@ -96,6 +97,7 @@ def main() -> None:
         if args.enhanced:
             folders["enhanced"] = Path(tmp) / "enhanced"
             to_enhanced(folders["native"], folders["enhanced"])
+        print(run_header())
         print(f"512x512x{args.slices} CT, peak RSS of a fresh process per load, median of {args.runs} run(s)")
         print(f"{'encoding':8} {'loader':10} {'seconds':>8} {'peak MiB':>9} {'imports MiB':>12} {'load MiB':>9}  array")
         for encoding, folder in folders.items():
