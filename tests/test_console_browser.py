@@ -117,7 +117,7 @@ def env(tmp_path_factory):
                       pipelines={"spleen_ct": SPLEEN},
                       inference={"backend": "embedded", "model_repository": str(root / "models"),
                                  "embedded": {"cpu_threads": 2}}) as node:
-        driver = browser.chromium()
+        driver = browser.chromium(root / "browser")
         try:
             yield Env(node, pacs, driver, files, root)
         finally:
