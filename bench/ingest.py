@@ -9,7 +9,9 @@ a fresh storage folder per measurement; median of the rounds. The receivers:
   replaces on its receive path): its handler writes the Part 10 file, fsyncs
   it, links it to its final name, fsyncs the folder, then answers success;
 - Orthanc with its defaults (SyncStorageArea: fsync of each file, SQLite index);
-- dcmtk storescp -od: acknowledges once the file is in the page cache, no fsync.
+- dcmtk storescp -od: acknowledges once the file is in the page cache, no fsync;
+  one association at a time (it is run without --fork), so with several senders
+  the others wait for theirs.
 
 Rounds are interleaved (every receiver and sender count in each round) so all
 see the same machine load, and the disk is synced before each measurement so
@@ -58,6 +60,7 @@ from tests.series_factory import write_ct_series  # noqa: E402
 from tests.test_receive import Node  # noqa: E402
 
 Receiver = Callable[[Path], AbstractContextManager[tuple[int, str]]]
+MAX_SENDERS = 16  # the node's default max_associations: every receiver must take this many at once
 
 
 @contextmanager
@@ -90,6 +93,7 @@ def pynetdicom_receiver(root: Path) -> Iterator[tuple[int, str]]:
         return 0x0000
 
     ae = AE(ae_title="PYNETDICOM")
+    ae.maximum_associations = MAX_SENDERS  # its default, 10, would refuse the 11th sender
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax)
     port = free_port()
@@ -194,6 +198,8 @@ def main() -> None:
     parser.add_argument("--senders", default="1", help="comma-separated counts of concurrent associations (1,4,8)")
     args = parser.parse_args()
     sender_counts = [int(n) for n in args.senders.split(",")]
+    if max(sender_counts) > MAX_SENDERS:
+        parser.error(f"at most {MAX_SENDERS} senders: the node's default association limit")
     peers = receivers()
     print(run_header())
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
