@@ -15,8 +15,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.dataset import Dataset
 from pydicom.filewriter import write_dataset
-from pynetdicom.dimse_messages import C_ECHO_RQ, C_FIND_RQ
-from pynetdicom.dimse_primitives import C_ECHO, C_FIND
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_FIND_RQ, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_STORE
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotification,
                                        ImplementationVersionNameNotification, MaximumLengthNotification)
@@ -26,7 +26,8 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from dicom_node.receive.upper_layer import NegotiationCache
 from tests.peers import wait_for
 from tests.test_api import samples
-from tests.test_receive import NODE_AE, Node, running_node
+from tests.series_factory import ct_datasets
+from tests.test_receive import NODE_AE, Node, dataset_bytes, running_node
 
 NODE_MAX_PDU = 16384
 ACSE_TIMEOUT_S = 2
@@ -331,3 +332,98 @@ def test_refused_contexts_are_logged_once_per_association_and_counted(narrow_nod
                     (("calling_ae", "STORESCU"), ("reason", "transfer syntax not supported")))] == 1
     assert counted[("dicom_node_presentation_contexts_refused_total",
                     (("calling_ae", "STORESCU"), ("reason", "not a storage class")))] == 1
+
+
+def _store_pdus(data: bytes, sop_instance_uid: str, sizes: list[int]) -> bytes:
+    """A C-STORE-RQ (context 3, CT) carrying `data` as P-DATA-TF PDUs of one PDV each: the command, then the
+    data set cut into fragments of the `sizes` in turn."""
+    request = C_STORE()
+    request.MessageID, request.Priority = 9, 2
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = CTImageStorage, sop_instance_uid
+    request.DataSet = BytesIO(data)
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    command = next(iter(message.encode_msg(3, 1 << 31))).presentation_data_value_list[0][1][1:]
+
+    def pdu(control: int, fragment: bytes) -> bytes:
+        return struct.pack(">BBIIBB", 0x04, 0, len(fragment) + 6, len(fragment) + 2, 3, control) + fragment
+
+    pdus, pos, turn = [pdu(0x03, command)], 0, 0
+    while pos < len(data):
+        fragment = data[pos:pos + sizes[turn % len(sizes)]]
+        pos, turn = pos + len(fragment), turn + 1
+        pdus.append(pdu(0x02 if pos == len(data) else 0x00, fragment))
+    return b"".join(pdus)
+
+
+def _stored_in_pieces(node: Node, sizes: list[int], pieces: list[int], pause_every: int) -> None:
+    """Store a 512x512 CT slice over a raw association, its PDUs cut into fragments of `sizes` and written
+    to the socket in pieces of `pieces` bytes (a short pause every `pause_every` pieces, so the node finds
+    a PDU header or body cut short), and check the spool holds the data set byte for byte."""
+    dataset = next(iter(ct_datasets(1)))
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, True  # the context's transfer syntax
+    write_dataset(encoded, dataset)
+    data = encoded.getvalue()
+    wire = _store_pdus(data, dataset.SOPInstanceUID, sizes)
+    sock, pdu_type, body = _associate(node.port, 0)
+    with sock:
+        assert _results(pdu_type, body)[3] == (0, "1.2.840.10008.1.2")
+        pos, turn = 0, 0
+        while pos < len(wire):
+            piece = pieces[turn % len(pieces)]
+            sock.sendall(wire[pos:pos + piece])
+            pos, turn = pos + piece, turn + 1
+            if turn % pause_every == 0:
+                time.sleep(0.002)
+        response = _read_command(sock, 0xFFFFFFFF)
+        assert (response.CommandField, response.MessageIDBeingRespondedTo, response.Status) == (0x8001, 9, 0x0000)
+        _release(sock)
+    (stored,) = [path for path in node.spool_files() if path.stem == dataset.SOPInstanceUID]
+    assert dataset_bytes(stored) == data
+
+
+def test_small_pdus_arriving_in_odd_pieces_make_the_instance_byte_for_byte(node):
+    """The node announces 16 KiB here: many PDUs, read ahead several at a time, headers cut across reads."""
+    _stored_in_pieces(node, sizes=[1, 7, 1000, NODE_MAX_PDU - 6, 333], pieces=[3, 5, 4093, 16387, 70001],
+                      pause_every=3)
+
+
+def test_long_pdus_among_short_ones_make_the_instance_byte_for_byte(narrow_node):
+    """256 KiB announced: bodies past the read-ahead size are read on their own, after what was read ahead."""
+    _stored_in_pieces(narrow_node, sizes=[500, 200_000, 700, 150_000, 65_530, 65_542], pieces=[1 << 20, 9, 99_999],
+                      pause_every=2)
+
+
+@pytest.fixture(scope="module")
+def impatient_node(tmp_path_factory) -> Iterator[Node]:
+    with running_node(tmp_path_factory.mktemp("impatient"),
+                      node={"network_timeout_s": 3.0, "dimse_timeout_s": 1.0}) as running:
+        yield running
+
+
+def _aborted_after(sock: socket.socket) -> float:
+    """Seconds until the node's A-ABORT (service provider) arrives on `sock`."""
+    started = time.monotonic()
+    pdu_type, body = _read_pdu(sock)
+    assert pdu_type == 0x07 and body[2] == 0x02, (pdu_type, body)
+    return time.monotonic() - started
+
+
+def test_an_idle_association_is_aborted_after_the_network_timeout(impatient_node):
+    sock, pdu_type, _ = _associate(impatient_node.port, 0)
+    with sock:
+        assert pdu_type == 0x02
+        assert 2.9 < _aborted_after(sock) < 6
+    assert impatient_node.logs("aborted: nothing received within its timeout")
+
+
+def test_a_message_that_stops_arriving_is_aborted_after_the_dimse_timeout(impatient_node):
+    """Mid-message the DIMSE timeout applies (1 s here), not the network timeout (3 s)."""
+    data = bytes(4096)
+    sock, pdu_type, _ = _associate(impatient_node.port, 0)
+    with sock:
+        assert pdu_type == 0x02
+        wire = _store_pdus(data, "1.2.826.0.1.3680043.9.9999.77", [1024])
+        sock.sendall(wire[:len(wire) // 2])  # the command and the first fragments; the rest never comes
+        assert 0.9 < _aborted_after(sock) < 2.5

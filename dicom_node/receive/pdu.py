@@ -9,7 +9,9 @@ acceptor answers with; a peer gone raises `PeerClosed`.
 
 from __future__ import annotations
 
+import select
 import socket
+import ssl
 import struct
 import time
 
@@ -21,6 +23,8 @@ _KNOWN_PDUS = range(0x01, 0x08)
 UNRECOGNIZED_PDU, UNEXPECTED_PDU, INVALID_PDU_PARAMETER_VALUE = 0x01, 0x02, 0x06
 ABORT_SOURCE_PROVIDER = 0x02
 MAX_ASSOCIATION_PDU = 1 << 20  # an A-ASSOCIATE-RQ proposing every SOP class is far smaller
+READ_AHEAD = 1 << 18  # bytes a read may take beyond the PDU it needs: the next PDUs of the sender's burst
+SMALL_PDU = 1 << 16  # PDU bodies up to this are read through the read-ahead buffer, longer ones on their own
 
 # DIMSE (PS3.7 9.3, E.1)
 C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
@@ -98,36 +102,93 @@ def response_command(request: dict[int, bytes], command_field: int, status: int)
 
 
 class Connection:
-    """One TCP connection: whole-PDU reads under a deadline, PDU writes."""
+    """One TCP (or TLS) connection: whole-PDU reads under a deadline, PDU writes.
 
-    def __init__(self, sock: socket.socket):
+    The socket is non-blocking, waited on with poll only when it has nothing to give: a blocking socket
+    with a timeout costs a system call per read just to set that timeout. A read takes whatever has
+    arrived, up to READ_AHEAD bytes, so the PDUs of a sender that sends small ones (16 KiB is common)
+    come several to a system call instead of two system calls each: at 8 associations sending 16 KiB
+    PDUs the node's system CPU per instance fell from 1.2 to 0.8 ms (docs/performance.md). A PDU body
+    longer than SMALL_PDU is read straight into its own buffer; shorter ones are copied out of the
+    read-ahead buffer, since a message keeps its fragments while the buffer moves on."""
+
+    def __init__(self, sock: socket.socket, send_timeout_s: float):
         self.sock = sock
-
-    def receive_exactly(self, length: int, deadline: float) -> bytearray:
-        buffer = bytearray(length)
-        view = memoryview(buffer)
-        received = 0
-        while received < length:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            self.sock.settimeout(remaining)
-            count = self.sock.recv_into(view[received:])
-            if count == 0:
-                raise PeerClosed("the peer closed the connection")
-            received += count
-        return buffer
+        self.send_timeout_s = send_timeout_s
+        sock.setblocking(False)
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+        self._buffer = bytearray(READ_AHEAD)
+        self._view = memoryview(self._buffer)
+        self._start = self._end = 0  # received and not yet handed out: self._buffer[self._start:self._end]
 
     def read_pdu(self, header_deadline: float, body_timeout: float, limit: int) -> tuple[int, bytearray]:
-        pdu_type, _, length = PDU_HEADER.unpack(self.receive_exactly(6, header_deadline))
+        self._fill(PDU_HEADER.size, header_deadline)
+        pdu_type, _, length = PDU_HEADER.unpack_from(self._buffer, self._start)
+        self._start += PDU_HEADER.size
         if pdu_type not in _KNOWN_PDUS:
             raise Abort(UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{pdu_type:02X}")
         if length > limit:
             raise Abort(INVALID_PDU_PARAMETER_VALUE, f"PDU type 0x{pdu_type:02X} of {length} bytes, over {limit}")
-        return pdu_type, self.receive_exactly(length, time.monotonic() + body_timeout)
+        return pdu_type, self._body(length, time.monotonic() + body_timeout)
+
+    def _body(self, length: int, deadline: float) -> bytearray:
+        if length <= SMALL_PDU:
+            self._fill(length, deadline)
+            body = self._buffer[self._start:self._start + length]
+            self._start += length
+            return body
+        body = bytearray(length)
+        view = memoryview(body)
+        received = min(self._end - self._start, length)
+        view[:received] = self._view[self._start:self._start + received]
+        self._start += received
+        while received < length:
+            received += self._receive_into(view[received:], deadline)
+        return body
+
+    def _fill(self, count: int, deadline: float) -> None:
+        """Receive until `count` bytes (at most READ_AHEAD) are buffered."""
+        while self._end - self._start < count:
+            if READ_AHEAD - self._start < count:  # no room for them past the start: move what is left to the front
+                left = self._end - self._start
+                self._view[:left] = self._view[self._start:self._end]
+                self._start, self._end = 0, left
+            self._end += self._receive_into(self._view[self._end:], deadline)
+
+    def _receive_into(self, view: memoryview, deadline: float) -> int:
+        """Receive what has arrived into `view` (at least a byte), waiting for it until `deadline`."""
+        while True:
+            try:
+                count = self.sock.recv_into(view)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                self._wait(select.POLLIN, deadline)
+                continue
+            except ssl.SSLWantWriteError:  # TLS may need to write before it can read
+                self._wait(select.POLLOUT, deadline)
+                continue
+            if count == 0:
+                raise PeerClosed("the peer closed the connection")
+            return count
+
+    def _wait(self, events: int, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        self._poll.modify(self.sock, events)
+        if not self._poll.poll(remaining * 1000):
+            raise TimeoutError
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        view = memoryview(data)
+        deadline = time.monotonic() + self.send_timeout_s
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                self._wait(select.POLLOUT, deadline)
+            except ssl.SSLWantReadError:
+                self._wait(select.POLLIN, deadline)
 
     def send_abort(self, source: int, reason: int) -> None:
         try:
@@ -139,13 +200,12 @@ class Connection:
         """After A-ASSOCIATE-RJ or A-RELEASE-RP the requestor closes the transport (PS3.8 9.2, Sta13);
         wait for that (ARTIM) so our close does not race the last PDU."""
         deadline = time.monotonic() + timeout
+        scratch = memoryview(bytearray(4096))
         try:
             self.sock.shutdown(socket.SHUT_WR)
-            while (remaining := deadline - time.monotonic()) > 0:
-                self.sock.settimeout(remaining)
-                if not self.sock.recv(4096):
-                    return
-        except OSError:
+            while True:
+                self._receive_into(scratch, deadline)
+        except (PeerClosed, OSError):  # closed, timed out (TimeoutError is an OSError) or reset
             pass
 
 

@@ -316,7 +316,7 @@ class Acceptor:
                     self._connections.pop(number, None)
                 return
             sock = secure
-        connection = Connection(sock)
+        connection = Connection(sock, self.settings.dimse_timeout_s)
         association: Association | None = None
         released = False
         try:
