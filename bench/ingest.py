@@ -55,12 +55,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pynetdicom import AE, AllStoragePresentationContexts, evt  # noqa: E402
 
 from bench.machine import run_header  # noqa: E402
+from dicom_node.config.node import NodeConfig  # noqa: E402
 from tests.peers import dcmtk, free_port, orthanc, peer_env  # noqa: E402
 from tests.series_factory import write_ct_series  # noqa: E402
 from tests.test_receive import Node  # noqa: E402
 
 Receiver = Callable[[Path], AbstractContextManager[tuple[int, str]]]
-MAX_SENDERS = 16  # the node's default max_associations: every receiver must take this many at once
+# The node's default association limit: every receiver must take this many at once.
+MAX_SENDERS: int = NodeConfig.model_fields["max_associations"].default
 
 
 @contextmanager
