@@ -34,16 +34,15 @@ _handed_out: set[int] = set()
 
 def peer_venv(name: str, requirements: Sequence[str], imports: str) -> Path:
     """The interpreter of a peer's own venv (`.venv-<name>` at the repository root, gitignored), built on
-    first use and rebuilt when `imports` (a comma-separated module list) fails there; a file lock
-    serialises builders. Peers' stacks (KServe's web server, torch) stay out of the project's venv."""
+    first use and rebuilt when `imports` (a comma-separated module list) fails there; a lock file beside
+    it (`.venv-<name>.lock`, gitignored too) serialises builders. Peers' stacks (KServe's web server, torch) stay out of the project's venv."""
     import fcntl
     import sys
-    import tempfile
 
     venv = REPO / f".venv-{name}"
     python = venv / "bin" / "python"
     probe = [str(python), "-c", f"import {imports}"]
-    with open(Path(tempfile.gettempdir()) / f"dicom-node-venv-{name}.lock", "w") as lock:
+    with open(REPO / f".venv-{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
             return python
