@@ -141,6 +141,17 @@ def test_missing_slice_is_an_error(series, tmp_path):
     assert error.value.sop_instance_uids == (str(series[3].SOPInstanceUID), str(series[5].SOPInstanceUID))
 
 
+def test_slices_missing_here_and_there_are_named_missing_not_duplicates(series, tmp_path):
+    """Part of a series, sent before the rest: most gaps are two spacings, so the median gap is not the
+    spacing; the one pair of adjacent slices shows it, and the longer gaps are the missing slices."""
+    datasets = [series[i] for i in (0, 1, 3, 5, 7)]
+    below, above = (float(series[i].ImagePositionPatient[2]) for i in (1, 3))
+    error = _refused(variants.write(datasets, tmp_path),
+                     re.escape(f"missing slice between z={below:.6g} mm and z={above:.6g} mm: 4 mm apart where the "
+                               "series spacing is 2 mm (about 1 slice(s) missing, 3 in the whole series)"))
+    assert error.sop_instance_uids == (str(series[1].SOPInstanceUID), str(series[3].SOPInstanceUID))
+
+
 def test_spacing_within_tolerance_loads(series, tmp_path):
     """A 1.5 % jitter in one position (rounding in real scanners) is not a missing slice."""
     datasets = variants.shuffled(series)

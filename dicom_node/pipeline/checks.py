@@ -39,8 +39,9 @@ AXIS_COSINE = math.cos(math.radians(15))
 class VolumeOptions:
     """How strict the loader is.
 
-    `spacing_tolerance` is relative to the median gap between slices: a gap
-    further from it than this fraction is a missing (or extra) slice.
+    `spacing_tolerance` is relative to the series' slice spacing (the median
+    gap between slices, see `Check._spacing`): a gap further from it than
+    this fraction is a missing (or extra) slice.
     `max_voxels` bounds the memory a header can make the loader allocate
     (65,535 x 65,535 is a valid Rows x Columns claim).
     `tilt`: a gantry-tilted (sheared) stack is refused by default, because a
@@ -228,25 +229,43 @@ class Check:
         return groups, np.array([float(g[0].position @ normal) for g in groups])
 
     def uniform(self, groups: Sequence[Sequence[Frame]], distances: np.ndarray) -> float:
-        """The slice spacing; a gap off the median by more than the tolerance is named for what it is:
-        a missing slice (1.5 spacings or more), a duplicate position (half a spacing or less), or else
-        non-uniform spacing."""
+        """The slice spacing; a gap off the series' spacing (`_spacing`) by more than the tolerance is
+        named for what it is: a missing slice (1.5 spacings or more), a duplicate position (half a
+        spacing or less), or else non-uniform spacing."""
         gaps = np.diff(distances)
-        median = float(np.median(gaps))
+        series_spacing = self._spacing(gaps)
         for k, gap in enumerate(gaps):
-            if abs(gap - median) <= self.options.spacing_tolerance * median:
+            if abs(gap - series_spacing) <= self.options.spacing_tolerance * series_spacing:
                 continue
             below, above = groups[k][0], groups[k + 1][0]
-            spacing = f"{gap:.4g} mm apart where the series spacing is {median:.4g} mm"
-            if gap >= 1.5 * median:
+            spacing = f"{gap:.4g} mm apart where the series spacing is {series_spacing:.4g} mm"
+            if gap >= 1.5 * series_spacing:
+                missing = round(gap / series_spacing) - 1
+                in_all = int(np.sum(np.maximum(np.round(gaps / series_spacing) - 1, 0)))
                 raise self.fail([below, above], f"missing slice between {position_text(below)} and {position_text(above)}: {spacing} "
-                                                f"(about {round(gap / median) - 1} slice(s) missing)")
-            if gap <= 0.5 * median:
+                                                f"(about {missing} slice(s) missing"
+                                                + (f", {in_all} in the whole series)" if in_all > missing else ")"))
+            if gap <= 0.5 * series_spacing:
                 raise self.fail([below, above], f"duplicate slice position {position_text(below)}: instances {below.uid} "
                                                 f"and {above.uid} are {spacing}")
             raise self.fail([below, above], f"non-uniform slice spacing between {position_text(below)} and {position_text(above)}: "
                                             f"{spacing}")
         return float(distances[-1] - distances[0]) / (len(distances) - 1)
+
+    def _spacing(self, gaps: np.ndarray) -> float:
+        """The median gap between slices; but the smallest gap when the median is a multiple of it, every
+        gap is a whole number of it, and the slices that would be missing at that spacing are no more
+        than those present. That is a series that arrived with slices missing here and there (a sender
+        that released part of it): its spacing is what its adjacent slices show, and its longer gaps
+        are missing slices, not its short ones duplicates. Positions that fit a fine grid only with most
+        of it empty (a slice 0.4 mm from another in a 2 mm series) keep the median."""
+        median = float(np.median(gaps))
+        smallest = float(gaps.min())
+        if median < 1.5 * smallest:
+            return median
+        steps = np.round(gaps / smallest)
+        whole = bool(np.all(np.abs(gaps - steps * smallest) <= self.options.spacing_tolerance * smallest))
+        return smallest if whole and np.sum(steps - 1) <= len(gaps) + 1 else median
 
     def shear(self, groups: Sequence[Sequence[Frame]]) -> np.ndarray:
         """In-plane offset (mm, LPS) of each slice from the first; non-zero for a gantry-tilted stack."""
