@@ -120,9 +120,17 @@ def test_shipped_spleen_pipeline_takes_axial_ct(shipped):
     assert [m.pipeline for m in match_pipelines(shipped, AXIAL_CT, "STORESCU", "DICOMNODE")] == ["spleen_ct"]
 
 
-def test_chest_ct_matches_both_pipelines_in_config_order(shipped):
-    chest = series(body_part_examined="CHEST")
+@pytest.mark.parametrize("body_part", ["CHEST", "chest", "LUNG", "THORAX", "CHESTABDOMEN", "CHESTABDPELVIS"])
+def test_chest_ct_matches_both_pipelines_in_config_order(shipped, body_part):
+    """A scan whose Body Part Examined covers the whole chest (PS3.16 Annex L terms, any case) gets the lungs."""
+    chest = series(body_part_examined=body_part)
     assert [m.pipeline for m in match_pipelines(shipped, chest, "STORESCU", "DICOMNODE")] == ["spleen_ct", "chest_ct"]
+
+
+@pytest.mark.parametrize("body_part", ["ABDOMEN", "ABDOMENPELVIS", "HEAD", ""])
+def test_ct_not_covering_the_chest_gets_no_lung_pipeline(shipped, body_part):
+    other = series(body_part_examined=body_part)
+    assert "chest_ct" in unmatched_reasons(shipped, other, "STORESCU", "DICOMNODE")
 
 
 def test_localizer_is_not_sent_to_ct_models(shipped):
