@@ -35,7 +35,8 @@ _handed_out: set[int] = set()
 def peer_venv(name: str, requirements: Sequence[str], imports: str) -> Path:
     """The interpreter of a peer's own venv (`.venv-<name>` at the repository root, gitignored), built on
     first use and rebuilt when `imports` (a comma-separated module list) fails there; a lock file beside
-    it (`.venv-<name>.lock`, gitignored too) serialises builders. Peers' stacks (KServe's web server, torch) stay out of the project's venv."""
+    it (`.venv-<name>.lock`, gitignored too) serialises builders. Peers' stacks (KServe's web server,
+    torch) stay out of the project's venv."""
     import fcntl
     import sys
 
