@@ -3,8 +3,11 @@ the receiver does when the second step fails after the journal row is committed.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
+import subprocess
 from pathlib import Path
 
 import pydicom
@@ -45,6 +48,47 @@ def test_a_staged_file_has_no_name_until_it_is_settled(spool):
     assert staged.final.stat().st_mode & 0o777 == 0o600  # patient data: the node's alone
     assert spool.stage(KEY, (b"a re-send",)) is None  # already stored: nothing written
     assert staged.final.read_bytes() == b"preamble and data set" and temp_files(spool) == []
+
+
+def cached_pages(path: Path) -> int:
+    """How many of a file's pages are in the page cache (mincore(2) on a mapping that faults none in)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        pages = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+        try:
+            assert libc.mincore(address, size, pages) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+    return sum(page & 1 for page in pages)
+
+
+def test_a_settled_file_leaves_the_page_cache_and_reads_back_whole(spool, tmp_path):
+    """Once on disk, an instance's pages are dropped: the spool would otherwise grow the page cache by every
+    byte received. The control, a file written and fsynced the plain way, shows its pages stay cached here."""
+    if subprocess.run(["stat", "-f", "-c", "%T", tmp_path], capture_output=True, text=True).stdout.strip() == "tmpfs":
+        pytest.skip("on tmpfs the cached pages are the files themselves")
+    content = os.urandom(1 << 20)
+    keys = [InstanceKey("1.2.3", "1.2.3.4", f"1.2.3.4.{n}") for n in range(1, 4)]
+    assert spool.write(keys[0], (content[:100], content[100:])) == spool.path_for(keys[0])
+    assert spool.settle([spool.stage(key, (content,)) for key in keys[1:]]) == [spool.path_for(k) for k in keys[1:]]
+    control = tmp_path / "control"
+    with control.open("wb") as file:
+        file.write(content)
+        file.flush()
+        os.fsync(file.fileno())
+    assert cached_pages(control) == len(content) // mmap.PAGESIZE
+    assert [cached_pages(spool.path_for(key)) for key in keys] == [0, 0, 0]
+    assert all(spool.path_for(key).read_bytes() == content for key in keys)
 
 
 def test_of_two_copies_staged_at_once_the_first_settled_stays(spool):
