@@ -5,10 +5,10 @@ anything else is refused, so no attribute value can reach the file system as
 a path component (no `..`, no `/`, no empty component).
 
 A write is durable before it returns: the bytes go to a temp file in the
-target folder, the file is fsynced, hard-linked to the final name (atomic on
-POSIX, and it never replaces a file already there) and the folder is fsynced
-so the new name survives a power cut; the file's pages then leave the page
-cache (`_release_cached_pages`). The temp file has no name at all
+target folder, the file is fsynced (its pages then leave the page cache,
+`_release_cached_pages`), hard-linked to the final name (atomic on POSIX, and
+it never replaces a file already there) and the folder is fsynced so the new
+name survives a power cut. The temp file has no name at all
 (O_TMPFILE) where the file system allows it, so a crash leaves nothing behind;
 elsewhere (NFS) it is named `.<sop>.<random>.tmp`, or `.<sop>.<writer>.<random>.tmp`
 when nodes share the spool, recognisable for clean-up after a crash. The storage dir must be on a file system with
