@@ -239,10 +239,10 @@ def _start_writeback(batch: Sequence[Staged]) -> None:
 def _release_cached_pages(fd: int) -> None:
     """Drop a file's pages from the page cache once the fsync has put them on disk (POSIX_FADV_DONTNEED drops
     clean pages). The spool is written once and read once, by the job, seconds to minutes later. Kept cached,
-    it would grow the page cache by every byte received, and a page the cache has never held costs more than
-    one it held a moment ago: on a VM that gives its free memory back to the host, far more (on the 2-core VM
-    of docs/performance.md, 2.0-3.1 ms of system CPU per 0.5 MB file at such times, against 0.2-0.3 ms while
-    each file's pages were dropped and used again). The job then reads the files from the disk: for 300
+    it would grow the page cache by every byte received, each new page taken from free memory; on a VM that
+    gives its free memory back to the host, such a page can cost far more than one just dropped and taken
+    again (on the 2-core VM of docs/performance.md, 2.0-3.1 ms of system CPU per 0.5 MB file at such times,
+    against 0.2-0.3 ms while each file's pages were dropped and used again). The job then reads the files from the disk: for 300
     slices there, within the run-to-run spread of its load. Only a hint: where it does nothing, the pages
     stay cached.
     """
