@@ -221,37 +221,36 @@ def _link_unnamed(fd: int, name: str, folder_fd: int) -> None:
     os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=folder_fd, follow_symlinks=True)
 
 
-def _start_writeback(batch: Sequence[Staged]) -> None:
-    """Start writing every staged file to the disk at once, so that fsyncing them one after the other waits
-    for writes already under way together, not for each in turn (a pass of 4-5 files settled in 5-6 ms
-    instead of 8-11 ms, docs/performance.md). On Linux, POSIX_FADV_DONTNEED starts the writeback of a file's
-    dirty pages without waiting for it (and drops only pages already clean, none of a file just written);
-    elsewhere it is a hint that may do nothing. Only a hint either way: the fsync still decides."""
+def _dont_need(fd: int) -> None:
+    """POSIX_FADV_DONTNEED on a whole file: on Linux it starts the writeback of the file's dirty pages without
+    waiting for it and drops its clean ones. Only a hint: a platform without the call, or a file system that
+    takes no advice, ignores it, and the fsync decides what is on disk either way."""
     if not hasattr(os, "posix_fadvise"):  # not on every platform
-        return
-    for staged in batch:
-        try:
-            os.posix_fadvise(staged.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        except OSError:  # a file system that takes no advice: the fsync below writes the file all the same
-            pass
-
-
-def _release_cached_pages(fd: int) -> None:
-    """Drop a file's pages from the page cache once the fsync has put them on disk (POSIX_FADV_DONTNEED drops
-    clean pages). The spool is written once and read once, by the job, seconds to minutes later. Kept cached,
-    it would grow the page cache by every byte received, each new page taken from free memory; on a VM that
-    gives its free memory back to the host, such a page can cost far more than one just dropped and taken
-    again (on the 2-core VM of docs/performance.md, 2.0-3.1 ms of system CPU per 0.5 MB file at such times,
-    against 0.2-0.3 ms while each file's pages were dropped and used again). The job then reads the files from the disk: for 300
-    slices there, within the run-to-run spread of its load. Only a hint: where it does nothing, the pages
-    stay cached.
-    """
-    if not hasattr(os, "posix_fadvise"):
         return
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except OSError:
         pass
+
+
+def _start_writeback(batch: Sequence[Staged]) -> None:
+    """Start writing every staged file to the disk at once, so that fsyncing them one after the other waits
+    for writes already under way together, not for each in turn (a pass of 4-5 files settled in 5-6 ms
+    instead of 8-11 ms, docs/performance.md). Every page of a file just written is dirty, so none is
+    dropped here."""
+    for staged in batch:
+        _dont_need(staged.fd)
+
+
+def _release_cached_pages(fd: int) -> None:
+    """Drop a file's pages from the page cache once the fsync has put them on disk (they are clean then). The
+    spool is written once and read once, by the job, seconds to minutes later. Kept cached, it would grow
+    the page cache by every byte received, each new page taken from free memory; on a VM that gives its
+    free memory back to the host, such a page can cost far more than one just dropped and taken again (on
+    the 2-core VM of docs/performance.md, 2.0-3.1 ms of system CPU per 0.5 MB file at such times, against
+    0.2-0.3 ms while each file's pages were dropped and used again). The job then reads the files from the
+    disk: for 300 slices there, within the run-to-run spread of its load."""
+    _dont_need(fd)
 
 
 def _fsync_dir(path: Path) -> None:
