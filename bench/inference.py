@@ -1,6 +1,6 @@
 """Spleen segmentation: our embedded path vs the same through KServe gRPC vs MONAI + PyTorch.
 
-    .venv/bin/python -m bench.inference [--threads 2] [--slices 300]
+    .venv/bin/python -m bench.inference [--threads 2] [--slices 300] [--rounds 3]
 
 (as a module from the repository root: run as a file, this script's name would hide the
 `inference` package.)
@@ -22,7 +22,14 @@ contender runs in its own fresh process so peak RSS is its own:
 
 Wall time covers model-space transforms, inference and mapping back (not
 reading DICOM, not loading the model). Dice is given against TotalSegmentator
-(real series) and between contenders.
+(real series) and between contenders, the lowest over the rounds.
+
+Rounds are interleaved (each round runs every contender once, in an order
+shuffled per round, the same shuffles every run), so a machine that slows
+down for a while slows every contender; the median of the rounds is printed
+with their range, and the ratio to MONAI of the medians with the ratio round
+by round. A single run of each contender moved its ratio by more than
+the code did (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -165,10 +174,22 @@ def server_peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+CONTENDERS = ("embedded", "kserve-grpc", "monai")
+
+
+def run_contender(name: str, folder: Path, work: Path, threads: int, monai_python: Path, grpc_url: str) -> dict:
+    if name == "embedded":
+        return run_child(Path(sys.executable), "embedded", "embedded", folder, work, threads)
+    if name == "kserve-grpc":
+        return run_child(Path(sys.executable), "kserve", "kserve", folder, work, threads, grpc_url)
+    return run_child(monai_python, "monai", "monai", folder, work, threads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every contender")
     parser.add_argument("--slices", type=int, default=300, help="slices of the made-up long series")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is printed")
     parser.add_argument("--child", choices=["embedded", "kserve", "monai"], help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
@@ -189,34 +210,47 @@ def main() -> None:
 
     bench_python = monai_python()
     reference = sitk.GetArrayFromImage(sitk.ReadImage(str(TOTALSEGMENTATOR))) == 1
+    order = random.Random(0)
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         work = Path(tmp)
         inputs = prepare(work, args.slices)
         repository = inputs.pop("repository")
         print(run_header())
-        print(f"spleen_ct_demo, {args.threads} CPU threads each, ONNX Runtime vs PyTorch {args.threads} threads\n")
-        print(f"{'input':<18} {'contender':<12} {'wall s':>8} {'peak RSS MB':>12} {'vs monai':>9} "
-              f"{'Dice vs monai':>14} {'Dice vs TotalSeg':>17}")
+        print(f"spleen_ct_demo, {args.threads} CPU threads each, ONNX Runtime vs PyTorch {args.threads} threads, "
+              f"median of {args.rounds} interleaved rounds\n")
+        print(f"{'input':<18} {'contender':<12} {'wall s':>8} {'(rounds)':<20} {'peak RSS MB':>12} {'vs monai':>9} "
+              f"{'(round by round)':<24} {'Dice vs monai':>14} {'Dice vs TotalSeg':>17}")
         with KServeServer(repository, work / "kserve.log") as server:
             for label, folder in inputs.items():
-                results = {
-                    "embedded": run_child(Path(sys.executable), "embedded", "embedded", folder, work, args.threads),
-                    "kserve-grpc": run_child(Path(sys.executable), "kserve", "kserve", folder, work, args.threads,
-                                             server.grpc_url),
-                    "monai": run_child(bench_python, "monai", "monai", folder, work, args.threads),
-                }
+                seconds: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+                rss: dict[str, float] = dict.fromkeys(CONTENDERS, 0.0)
+                dice_monai: dict[str, float] = dict.fromkeys(CONTENDERS, 1.0)
+                dice_reference: dict[str, float | None] = dict.fromkeys(CONTENDERS)  # None: no reference here
+                for _ in range(args.rounds):
+                    names = list(CONTENDERS)
+                    order.shuffle(names)
+                    results = {name: run_contender(name, folder, work, args.threads, bench_python, server.grpc_url)
+                               for name in names}
+                    for name, result in results.items():  # masks compared within the round, then dropped
+                        seconds[name].append(result["seconds"])
+                        rss[name] = max(rss[name], result["peak_rss_mb"])
+                        dice_monai[name] = min(dice_monai[name], dice(result["mask"], results["monai"]["mask"]))
+                        if result["mask"].shape == reference.shape:
+                            found = dice(result["mask"], reference)
+                            earlier = dice_reference[name]
+                            dice_reference[name] = found if earlier is None else min(earlier, found)
                 server_rss = server_peak_rss_mb(server.pid)
-                monai = results["monai"]
-                for name, result in results.items():
-                    rss = f"{result['peak_rss_mb']:.0f}"
-                    if name == "kserve-grpc":
-                        rss += f" +{server_rss:.0f}"
-                    against_ref = (f"{dice(result['mask'], reference):.3f}"
-                                   if result["mask"].shape == reference.shape else "-")
-                    print(f"{label:<18} {name:<12} {result['seconds']:>8.2f} {rss:>12} "
-                          f"{result['seconds'] / monai['seconds']:>8.2f}x {dice(result['mask'], monai['mask']):>14.3f} "
+                monai = statistics.median(seconds["monai"])
+                for name in CONTENDERS:
+                    memory = f"{rss[name]:.0f}" + (f" +{server_rss:.0f}" if name == "kserve-grpc" else "")
+                    rounds = ", ".join(f"{s:.2f}" for s in seconds[name])
+                    by_round = ", ".join(f"{s / m:.2f}x" for s, m in zip(seconds[name], seconds["monai"]))
+                    against_ref = "-" if dice_reference[name] is None else f"{dice_reference[name]:.3f}"
+                    median = statistics.median(seconds[name])
+                    print(f"{label:<18} {name:<12} {median:>8.2f} {'(' + rounds + ')':<20} {memory:>12} "
+                          f"{median / monai:>8.2f}x {'(' + by_round + ')':<24} {dice_monai[name]:>14.3f} "
                           f"{against_ref:>17}", flush=True)
-        print("\nkserve-grpc RSS: client + server (server peak over the whole run).")
+        print("\nkserve-grpc RSS: client + server (server peak over the whole run); peak RSS: the highest of the rounds.")
 
 
 if __name__ == "__main__":
