@@ -250,7 +250,8 @@ def main() -> None:
                     print(f"{label:<18} {name:<12} {median:>8.2f} {'(' + rounds + ')':<20} {memory:>12} "
                           f"{median / monai:>8.2f}x {'(' + by_round + ')':<24} {dice_monai[name]:>14.3f} "
                           f"{against_ref:>17}", flush=True)
-        print("\nkserve-grpc RSS: client + server (server peak over the whole run); peak RSS: the highest of the rounds.")
+        print("\nkserve-grpc RSS: client + server (server peak over the whole run); peak RSS: the highest of the "
+              "rounds.")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import errno
 import mmap
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import pydicom
@@ -108,6 +109,38 @@ def test_a_batch_settles_across_folders_and_each_file_has_its_own_outcome(spool)
     assert [spool.path_for(key).read_bytes() for key in keys] == [key.sop_instance_uid.encode() for key in keys]
     assert temp_files(spool) == [] and sorted(p.name for p in spool.instance_files()) == sorted(
         f"{key.sop_instance_uid}.dcm" for key in keys)
+
+
+class FsyncMeeting(Spool):
+    """A disk whose fsyncs of `expected` files each wait until all of them have started: they only get
+    through when the spool fsyncs a batch's files at the same time."""
+
+    expected = 4
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.meeting = threading.Barrier(self.expected, timeout=10)
+        self.failing: set[str] = set()
+
+    def sync_content(self, staged: Staged) -> None:
+        self.meeting.wait()
+        if staged.final.name in self.failing:
+            raise OSError(errno.EIO, "Input/output error")
+        super().sync_content(staged)
+
+
+def test_a_batchs_files_are_fsynced_at_the_same_time_and_one_failing_keeps_only_itself_out(tmp_path):
+    """With a journal the file system then commits them together, where one fsync after another each
+    waited for a commit or cache flush of its own."""
+    spool = FsyncMeeting(tmp_path)
+    keys = [InstanceKey("1.2.3", "1.2.3.4", f"1.2.3.4.{n}") for n in range(FsyncMeeting.expected)]
+    spool.failing = {f"{keys[2].sop_instance_uid}.dcm"}  # fsynced on a helper thread, not the caller's
+    outcomes = spool.settle([spool.stage(key, (key.sop_instance_uid.encode(),)) for key in keys])
+    assert [outcome for n, outcome in enumerate(outcomes) if n != 2] == [spool.path_for(keys[n]) for n in (0, 1, 3)]
+    assert isinstance(outcomes[2], OSError) and outcomes[2].errno == errno.EIO
+    assert sorted(p.name for p in spool.instance_files()) == sorted(
+        f"{keys[n].sop_instance_uid}.dcm" for n in (0, 1, 3))
+    assert spool.path_for(keys[1]).read_bytes() == keys[1].sop_instance_uid.encode()
 
 
 class FsyncFailing(Spool):
