@@ -133,6 +133,7 @@ def test_a_batchs_files_are_fsynced_at_the_same_time_and_one_failing_keeps_only_
     """With a journal the file system then commits them together, where one fsync after another each
     waited for a commit or cache flush of its own."""
     spool = FsyncMeeting(tmp_path)
+    assert spool.settle([]) == []
     keys = [InstanceKey("1.2.3", "1.2.3.4", f"1.2.3.4.{n}") for n in range(FsyncMeeting.expected)]
     spool.failing = {f"{keys[2].sop_instance_uid}.dcm"}  # fsynced on a helper thread, not the caller's
     outcomes = spool.settle([spool.stage(key, (key.sop_instance_uid.encode(),)) for key in keys])
