@@ -7,6 +7,7 @@ tests/test_monai_fidelity.py's job (MONAI itself as the reference).
 
 from __future__ import annotations
 
+import itertools
 
 import numpy as np
 import onnx
@@ -115,6 +116,54 @@ def test_tiling_covers_the_volume_and_blends_exactly():
     assert all(shape[1:] == (1, 64, 64, 32) for shape in calls)
     small = np.ones((10, 20, 30), np.float32)
     np.testing.assert_allclose(sliding_window_inference(small, window, echo)[0], small)
+
+
+def _blend_over_the_padded_volume(image, window, predict):
+    """The scheme spelt out: pad with zeros, predict one patch at a time, blend over everything, crop."""
+    roi = window.roi_size
+    pads = [(max(r - n, 0) // 2, max(r - n, 0) - max(r - n, 0) // 2) for n, r in zip(image.shape, roi)]
+    padded = np.pad(image, pads)
+    weights = importance_map(roi, window)
+    sums, total = None, np.zeros(padded.shape)
+    for corner in itertools.product(*(patch_starts(n, r, window.overlap) for n, r in zip(padded.shape, roi))):
+        box = tuple(slice(c, c + r) for c, r in zip(corner, roi))
+        prediction = predict(padded[box][None, None])[0]
+        sums = np.zeros((len(prediction), *padded.shape)) if sums is None else sums
+        sums[(slice(None), *box)] += prediction * weights
+        total[box] += weights
+    return (sums / total)[(slice(None), *(slice(a, a + n) for (a, _), n in zip(pads, image.shape)))]
+
+
+@pytest.mark.parametrize("shape, roi, overlap, batch_size", [
+    ((30, 12, 7), (16, 16, 16), 0.25, 4),  # smaller than the ROI along y and z, as a short series is along z
+    ((5, 6, 40), (16, 16, 16), 0.5, 3),  # smaller along x and y, tiled along z
+    ((9, 9, 9), (16, 16, 16), 0.25, 2),  # one patch, mostly padding
+])
+def test_patches_over_the_padding_see_zeros_there_and_their_predictions_blend_as_over_the_padded_volume(
+        shape, roi, overlap, batch_size):
+    """A model whose every output voxel depends on the whole patch, padding included, gives what tiling
+    the zero-padded volume gives, though the node never holds the padded volume or its blend."""
+    def whole_patch(batch):  # channel 0: the voxel plus its patch's mean; channel 1: the patch's largest value
+        means = batch.mean(axis=(2, 3, 4), keepdims=True)
+        peaks = np.broadcast_to(batch.max(axis=(2, 3, 4), keepdims=True), batch.shape)
+        return np.concatenate([batch + means, peaks], axis=1)
+
+    image = np.random.default_rng(2).random(shape, dtype=np.float32) + 1  # no voxel is 0, as padding is
+    window = SlidingWindow(roi_size=roi, overlap=overlap, batch_size=batch_size)
+    fed, fed_padded = [], []
+
+    def recording(into):
+        def predict(batch):
+            into.append(batch.copy())
+            return whole_patch(batch)
+        return predict
+
+    out = sliding_window_inference(image, window, recording(fed))
+    expected = _blend_over_the_padded_volume(image, window, recording(fed_padded))
+    assert out.shape == (2, *shape)
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+    assert all(len(batch) <= batch_size for batch in fed)
+    np.testing.assert_array_equal(np.concatenate(fed), np.concatenate(fed_padded))  # patch for patch, in order
 
 
 def test_model_space_round_trip_on_a_flipped_anisotropic_grid(tmp_path):
