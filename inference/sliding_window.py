@@ -84,10 +84,11 @@ def sliding_window_inference(image: np.ndarray, window: SlidingWindow, predict: 
             blended = np.zeros((predictions.shape[1], *image.shape), dtype=np.float32)
             weighted = np.empty((predictions.shape[1], *roi), dtype=np.float32)
         for (in_patch, in_image), prediction in zip(overlaps, predictions):
+            patch_weights = weights[in_patch]
             part = weighted[(slice(None), *in_patch)]
-            np.multiply(prediction[(slice(None), *in_patch)], weights[in_patch], out=part)
+            np.multiply(prediction[(slice(None), *in_patch)], patch_weights, out=part)
             blended[(slice(None), *in_image)] += part
-            total[in_image] += weights[in_patch]
+            total[in_image] += patch_weights
     blended /= total
     return blended
 
