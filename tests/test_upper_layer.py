@@ -3,6 +3,7 @@ the PDUs are built and the answers decoded with pynetdicom and pydicom, not with
 
 from __future__ import annotations
 
+import random
 import socket
 import struct
 import time
@@ -334,26 +335,43 @@ def test_refused_contexts_are_logged_once_per_association_and_counted(narrow_nod
                     (("calling_ae", "STORESCU"), ("reason", "not a storage class")))] == 1
 
 
-def _store_pdus(data: bytes, sop_instance_uid: str, sizes: list[int]) -> bytes:
-    """A C-STORE-RQ (context 3, CT) carrying `data` as P-DATA-TF PDUs of one PDV each: the command, then the
-    data set cut into fragments of the `sizes` in turn."""
+def _store_pdvs(data: bytes, sop_instance_uid: str, sizes: list[int], message_id: int = 9) -> list[bytes]:
+    """The PDV items (context 3, CT) of a C-STORE-RQ carrying `data`: the command, then the data set cut into
+    fragments of the `sizes` in turn."""
     request = C_STORE()
-    request.MessageID, request.Priority = 9, 2
+    request.MessageID, request.Priority = message_id, 2
     request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = CTImageStorage, sop_instance_uid
     request.DataSet = BytesIO(data)
     message = C_STORE_RQ()
     message.primitive_to_message(request)
     command = next(iter(message.encode_msg(3, 1 << 31))).presentation_data_value_list[0][1][1:]
 
-    def pdu(control: int, fragment: bytes) -> bytes:
-        return struct.pack(">BBIIBB", 0x04, 0, len(fragment) + 6, len(fragment) + 2, 3, control) + fragment
+    def pdv(control: int, fragment: bytes) -> bytes:
+        return struct.pack(">IBB", len(fragment) + 2, 3, control) + fragment
 
-    pdus, pos, turn = [pdu(0x03, command)], 0, 0
+    items, pos, turn = [pdv(0x03, command)], 0, 0
     while pos < len(data):
         fragment = data[pos:pos + sizes[turn % len(sizes)]]
         pos, turn = pos + len(fragment), turn + 1
-        pdus.append(pdu(0x02 if pos == len(data) else 0x00, fragment))
-    return b"".join(pdus)
+        items.append(pdv(0x02 if pos == len(data) else 0x00, fragment))
+    return items
+
+
+def _p_data_tf(items: list[bytes]) -> bytes:
+    return struct.pack(">BBI", 0x04, 0, sum(len(item) for item in items)) + b"".join(items)
+
+
+def _store_pdus(data: bytes, sop_instance_uid: str, sizes: list[int]) -> bytes:
+    """A C-STORE-RQ carrying `data` as P-DATA-TF PDUs of one PDV each (`_store_pdvs`)."""
+    return b"".join(_p_data_tf([item]) for item in _store_pdvs(data, sop_instance_uid, sizes))
+
+
+def _implicit_vr(dataset: Dataset) -> bytes:
+    """The data set as the CT context's transfer syntax (implicit VR little endian) encodes it."""
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, True
+    write_dataset(encoded, dataset)
+    return encoded.getvalue()
 
 
 def _stored_in_pieces(node: Node, sizes: list[int], pieces: list[int], pause_every: int) -> None:
@@ -361,10 +379,7 @@ def _stored_in_pieces(node: Node, sizes: list[int], pieces: list[int], pause_eve
     to the socket in pieces of `pieces` bytes (a short pause every `pause_every` pieces, so the node finds
     a PDU header or body cut short), and check the spool holds the data set byte for byte."""
     dataset = next(iter(ct_datasets(1)))
-    encoded = DicomBytesIO()
-    encoded.is_little_endian, encoded.is_implicit_VR = True, True  # the context's transfer syntax
-    write_dataset(encoded, dataset)
-    data = encoded.getvalue()
+    data = _implicit_vr(dataset)
     wire = _store_pdus(data, dataset.SOPInstanceUID, sizes)
     sock, pdu_type, body = _associate(node.port, 0)
     with sock:
@@ -390,9 +405,48 @@ def test_small_pdus_arriving_in_odd_pieces_make_the_instance_byte_for_byte(node)
 
 
 def test_long_pdus_among_short_ones_make_the_instance_byte_for_byte(narrow_node):
-    """256 KiB announced: bodies past the read-ahead size are read on their own, after what was read ahead."""
+    """256 KiB announced: fragments longer than a read through the read-ahead buffer are received straight into
+    the data set, after what was read ahead."""
     _stored_in_pieces(narrow_node, sizes=[500, 200_000, 700, 150_000, 65_530, 65_542], pieces=[1 << 20, 9, 99_999],
                       pause_every=2)
+
+
+def test_instances_shorter_and_longer_than_the_one_before_and_pdus_spanning_two_messages_are_byte_for_byte(
+        narrow_node):
+    """Data sets are received in place, into a buffer the next message and the next association reuse: one
+    shorter than the one before must hold none of its bytes, a longer one grows the buffer keeping what it
+    holds, and a P-DATA-TF may end one message and begin the next (PS3.8 9.3.5 allows several PDVs)."""
+    rng = random.Random(7)
+    datasets = list(ct_datasets(5, series_description="receive buffer"))
+    for dataset, (rows, columns) in zip(datasets, [(512, 512), (8, 8), (1024, 768), (300, 200), (4, 4)]):
+        dataset.Rows, dataset.Columns = rows, columns
+        dataset.PixelData = rng.randbytes(rows * columns * 2)
+    encoded = [_implicit_vr(dataset) for dataset in datasets]
+    items = [item for number, (dataset, data) in enumerate(zip(datasets[:4], encoded))
+             for item in _store_pdvs(data, dataset.SOPInstanceUID, [70_000, 3, 120_000, 65_530], number + 1)]
+    pdus, packed = [], []
+    for item in items:  # up to three PDVs a PDU, within the node's 256 KiB
+        if packed and (len(packed) == 3 or sum(map(len, packed)) + len(item) > 262_144):
+            pdus.append(_p_data_tf(packed))
+            packed = []
+        packed.append(item)
+    pdus.append(_p_data_tf(packed))
+    sock, pdu_type, body = _associate(narrow_node.port, 0)
+    with sock:
+        assert _results(pdu_type, body)[3] == (0, "1.2.840.10008.1.2")
+        sock.sendall(b"".join(pdus))
+        responses = [_read_command(sock, 0xFFFFFFFF) for _ in range(4)]
+        assert [(r.MessageIDBeingRespondedTo, r.Status) for r in responses] == [(1, 0), (2, 0), (3, 0), (4, 0)]
+        _release(sock)
+    sock, pdu_type, body = _associate(narrow_node.port, 0)  # the next association takes the grown buffer
+    with sock:
+        assert _results(pdu_type, body)[3] == (0, "1.2.840.10008.1.2")
+        sock.sendall(_store_pdus(encoded[4], datasets[4].SOPInstanceUID, [100]))
+        assert _read_command(sock, 0xFFFFFFFF).Status == 0x0000
+        _release(sock)
+    stored = {path.stem: path for path in narrow_node.spool_files()}
+    for dataset, data in zip(datasets, encoded):
+        assert dataset_bytes(stored[dataset.SOPInstanceUID]) == data
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def _parsed(part10: bytes) -> Dataset:
     return ds
 
 
-def conflict(stored_path: Path, meta: bytes, data_set: bytes) -> Conflict | None:
+def conflict(stored_path: Path, meta: bytes, data_set: bytes | memoryview) -> Conflict | None:
     """None when `data_set` (with its file `meta`) has the content of the file at `stored_path`."""
     stored_file = stored_path.read_bytes()
     stored = data_set_of(stored_file)

@@ -78,7 +78,7 @@ class InstanceHeader:
 class _Walker:
     """Steps over the elements of one encoding; collects the wanted top-level values."""
 
-    def __init__(self, data: bytes, explicit_vr: bool, little_endian: bool):
+    def __init__(self, data: bytes | memoryview, explicit_vr: bool, little_endian: bool):
         self.data = data
         self.explicit_vr = explicit_vr
         order = "<" if little_endian else ">"
@@ -128,7 +128,7 @@ class _Walker:
             if pos > len(self.data):
                 raise HeaderError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end of the data set")
             if top_level and tag in _WANTED:
-                self.values[tag] = self.data[value:pos]
+                self.values[tag] = bytes(self.data[value:pos])
         if end is None:
             raise HeaderError("data set ends inside an item of undefined length")
         return pos
@@ -154,7 +154,7 @@ def _text(raw: bytes | None) -> str:
     return raw.rstrip(b"\x00 ").decode("ascii", errors="replace") if raw else ""
 
 
-def read_header(data: bytes, transfer_syntax: str) -> InstanceHeader:
+def read_header(data: bytes | memoryview, transfer_syntax: str) -> InstanceHeader:
     """The receiver's attributes of the data set `data` (no file meta) encoded in `transfer_syntax`."""
     if transfer_syntax in DEFLATED_DATA_SET_SYNTAXES:
         try:
@@ -163,7 +163,7 @@ def read_header(data: bytes, transfer_syntax: str) -> InstanceHeader:
             raise HeaderError(f"deflated data set does not inflate: {error}") from None
     # Like pydicom, trust the first element over the transfer syntax on whether VRs are explicit: some
     # senders declare implicit VR and send explicit (PS3.5 leaves a reader to cope).
-    first_vr = data[4:6]
+    first_vr = bytes(data[4:6])
     explicit_vr = first_vr in _SHORT_VRS or first_vr in _LONG_VRS if len(data) >= 6 \
         else transfer_syntax != ImplicitVRLittleEndian
     walker = _Walker(data, explicit_vr=explicit_vr, little_endian=transfer_syntax != ExplicitVRBigEndian)

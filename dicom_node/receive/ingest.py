@@ -71,7 +71,7 @@ class Delivery:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
-    data_set: bytes
+    data_set: bytes | memoryview  # C-STORE's: the association's receive buffer, valid during `store`
 
     @property
     def verb(self) -> str:

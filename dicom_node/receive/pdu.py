@@ -1,10 +1,10 @@
 """PDUs and DIMSE command sets on the wire, for the acceptor (`dicom_node.receive.upper_layer`).
 
-PS3.8 9.3 PDU types and A-ABORT reasons, whole-PDU reads from a socket under a
-deadline, the reassembly of one DIMSE message from its PDV fragments (PS3.8 E.2),
-and the command set's encoding (PS3.7 9.3, E.1: implicit VR little endian, group
-length first). What does not parse raises `Abort` with the PS3.8 9.3.8 reason the
-acceptor answers with; a peer gone raises `PeerClosed`.
+PS3.8 9.3 PDU types and A-ABORT reasons, reads from a socket under a deadline,
+the reassembly of one DIMSE message from its PDV fragments (PS3.8 E.2), its data
+set received in place, and the command set's encoding (PS3.7 9.3, E.1: implicit
+VR little endian, group length first). What does not parse raises `Abort` with
+the PS3.8 9.3.8 reason the acceptor answers with; a peer gone raises `PeerClosed`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ UNRECOGNIZED_PDU, UNEXPECTED_PDU, INVALID_PDU_PARAMETER_VALUE = 0x01, 0x02, 0x06
 ABORT_SOURCE_PROVIDER = 0x02
 MAX_ASSOCIATION_PDU = 1 << 20  # an A-ASSOCIATE-RQ proposing every SOP class is far smaller
 READ_AHEAD = 1 << 18  # bytes a read may take beyond the PDU it needs: the next PDUs of the sender's burst
-SMALL_PDU = 1 << 16  # PDU bodies up to this are read through the read-ahead buffer, longer ones on their own
+SMALL_READ = 1 << 16  # reads up to this go through the read-ahead buffer, longer ones straight to their place
+KEPT_DATA_SET_BUFFER = 1 << 24  # a data set buffer up to this size is kept for the next message
 
 # DIMSE (PS3.7 9.3, E.1)
 C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
@@ -102,15 +103,15 @@ def response_command(request: dict[int, bytes], command_field: int, status: int)
 
 
 class Connection:
-    """One TCP (or TLS) connection: whole-PDU reads under a deadline, PDU writes.
+    """One TCP (or TLS) connection: reads under a deadline, PDU writes.
 
     The socket is non-blocking, waited on with poll only when it has nothing to give: a blocking socket
     with a timeout costs a system call per read just to set that timeout. A read takes whatever has
     arrived, up to READ_AHEAD bytes, so the PDUs of a sender that sends small ones (16 KiB is common)
     come several to a system call instead of two system calls each: at 8 associations sending 16 KiB
-    PDUs the node's system CPU per instance fell from 1.2 to 0.8 ms (docs/performance.md). A PDU body
-    longer than SMALL_PDU is read straight into its own buffer; shorter ones are copied out of the
-    read-ahead buffer, since a message keeps its fragments while the buffer moves on."""
+    PDUs the node's system CPU per instance fell from 1.2 to 0.8 ms (docs/performance.md). A read
+    longer than SMALL_READ goes straight into its destination once what was read ahead is copied there;
+    shorter ones are copied out of the read-ahead buffer."""
 
     def __init__(self, sock: socket.socket, send_timeout_s: float):
         self.sock = sock
@@ -122,30 +123,50 @@ class Connection:
         self._view = memoryview(self._buffer)
         self._start = self._end = 0  # received and not yet handed out: self._buffer[self._start:self._end]
 
-    def read_pdu(self, header_deadline: float, body_timeout: float, limit: int) -> tuple[int, bytearray]:
-        self._fill(PDU_HEADER.size, header_deadline)
-        pdu_type, _, length = PDU_HEADER.unpack_from(self._buffer, self._start)
-        self._start += PDU_HEADER.size
+    def read_pdu_header(self, deadline: float, limit: int) -> tuple[int, int]:
+        """The next PDU's type and length, checked: raises Abort for an unknown type or one over `limit`."""
+        pdu_type, _, length = self.read_struct(PDU_HEADER, deadline)
         if pdu_type not in _KNOWN_PDUS:
             raise Abort(UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{pdu_type:02X}")
         if length > limit:
             raise Abort(INVALID_PDU_PARAMETER_VALUE, f"PDU type 0x{pdu_type:02X} of {length} bytes, over {limit}")
-        return pdu_type, self._body(length, time.monotonic() + body_timeout)
+        return pdu_type, length
 
-    def _body(self, length: int, deadline: float) -> bytearray:
-        if length <= SMALL_PDU:
+    def read_pdu(self, header_deadline: float, body_timeout: float, limit: int) -> tuple[int, bytearray]:
+        """The next whole PDU: its type and body."""
+        pdu_type, length = self.read_pdu_header(header_deadline, limit)
+        return pdu_type, self.read(length, time.monotonic() + body_timeout)
+
+    def read_struct(self, layout: struct.Struct, deadline: float) -> tuple:
+        self._fill(layout.size, deadline)
+        values = layout.unpack_from(self._buffer, self._start)
+        self._start += layout.size
+        return values
+
+    def read(self, length: int, deadline: float) -> bytearray:
+        """The next `length` bytes, in a buffer of their own."""
+        if length <= SMALL_READ:
             self._fill(length, deadline)
             body = self._buffer[self._start:self._start + length]
             self._start += length
             return body
         body = bytearray(length)
-        view = memoryview(body)
+        self.read_into(memoryview(body), deadline)
+        return body
+
+    def read_into(self, view: memoryview, deadline: float) -> None:
+        """Fill `view` with the next len(view) bytes."""
+        length = len(view)
+        if length <= SMALL_READ:
+            self._fill(length, deadline)
+            view[:] = self._view[self._start:self._start + length]
+            self._start += length
+            return
         received = min(self._end - self._start, length)
         view[:received] = self._view[self._start:self._start + received]
         self._start += received
         while received < length:
             received += self._receive_into(view[received:], deadline)
-        return body
 
     def _fill(self, count: int, deadline: float) -> None:
         """Receive until `count` bytes (at most READ_AHEAD) are buffered."""
@@ -209,34 +230,72 @@ class Connection:
             pass
 
 
-class Message:
-    """A DIMSE message being reassembled from PDV fragments (PS3.8 E.2)."""
+class DataSetBuffer:
+    """Where a message's data set is received: in place, fragment after fragment, in one buffer that the
+    next message reuses. Joining a data set's fragments after the fact, and zero-filling a new buffer for
+    every PDU, cost 8 % of the node's CPU at 4 associations (docs/performance.md). A buffer grown past
+    KEPT_DATA_SET_BUFFER (a large multi-frame object) is not kept, so the buffers idle between
+    associations hold at most that much each."""
 
     def __init__(self):
+        self._buffer = bytearray()
+        self._size = 0
+
+    def extend(self, length: int) -> memoryview:
+        """The next `length` bytes of the data set, to be filled."""
+        end = self._size + length
+        if end > len(self._buffer):
+            grown = bytearray(max(end, 2 * len(self._buffer)))
+            grown[:self._size] = memoryview(self._buffer)[:self._size]
+            self._buffer = grown
+        view = memoryview(self._buffer)[self._size:end]
+        self._size = end
+        return view
+
+    def data_set(self) -> memoryview:
+        """The data set received so far: valid until the buffer is cleared for the next message."""
+        return memoryview(self._buffer)[:self._size]
+
+    def clear(self) -> None:
+        self._size = 0
+        if len(self._buffer) > KEPT_DATA_SET_BUFFER:
+            self._buffer = bytearray()
+
+
+class Message:
+    """A DIMSE message being reassembled from PDV fragments (PS3.8 E.2), its data set in `data`."""
+
+    def __init__(self, data: DataSetBuffer):
         self.context_id: int | None = None
         self.command_bytes = bytearray()
         self.command: dict[int, bytes] | None = None
-        self.data_fragments: list[memoryview] = []
+        self.data = data
+        data.clear()
 
     @property
     def in_progress(self) -> bool:
         return self.context_id is not None
 
-    def add(self, context_id: int, control: int, fragment: memoryview) -> bool:
-        """Add one PDV; True when the message (command and any data set) is complete."""
+    def _on_context(self, context_id: int) -> None:
         if self.context_id is None:
             self.context_id = context_id
         elif context_id != self.context_id:
             raise Abort(UNEXPECTED_PDU, "a message's fragments came on two presentation contexts")
-        if control & 0x01:  # command fragment
-            if self.command is not None:
-                raise Abort(UNEXPECTED_PDU, "a command fragment after the command was complete")
-            self.command_bytes += fragment
-            if not control & 0x02:
-                return False
-            self.command = decode_command(bytes(self.command_bytes))
-            return command_us(self.command, TAG_DATA_SET_TYPE) == NO_DATA_SET
+
+    def add_command(self, context_id: int, control: int, fragment: bytes) -> bool:
+        """Add a command fragment; True when the message is complete (a command without a data set)."""
+        self._on_context(context_id)
+        if self.command is not None:
+            raise Abort(UNEXPECTED_PDU, "a command fragment after the command was complete")
+        self.command_bytes += fragment
+        if not control & 0x02:
+            return False
+        self.command = decode_command(bytes(self.command_bytes))
+        return command_us(self.command, TAG_DATA_SET_TYPE) == NO_DATA_SET
+
+    def data_fragment(self, context_id: int, length: int) -> memoryview:
+        """Where the next data set fragment, of `length` bytes, goes."""
+        self._on_context(context_id)
         if self.command is None or command_us(self.command, TAG_DATA_SET_TYPE) == NO_DATA_SET:
             raise Abort(UNEXPECTED_PDU, "a data set fragment without a command announcing one")
-        self.data_fragments.append(fragment)
-        return bool(control & 0x02)
+        return self.data.extend(length)

@@ -5,9 +5,9 @@ every PDU through two polling threads (1 ms sleeps) and reads the socket
 4 KiB at a time, so a storage SCP whose handler does nothing answers about
 230 instances/s on two cores, where dcmtk's storescp answers 600 (measured,
 see bench/ingest.py). Here each association's thread blocks on its socket,
-reads whole PDUs with `recv_into`, reassembles the data set from the PDV
-fragments and answers on the same thread. pynetdicom still does what it is
-good at: the A-ASSOCIATE-RQ/AC codecs and presentation context negotiation
+receives each data set fragment with `recv_into` straight into its place in
+the message's buffer and answers on the same thread. pynetdicom still does
+what it is good at: the A-ASSOCIATE-RQ/AC codecs and presentation context negotiation
 (with SCP/SCU role selection) are its own, so the association wire format
 is the one the node's SCU side (pynetdicom) speaks. They cost ~20 ms of CPU
 for a request of 128 presentation contexts (storescu's), so each distinct
@@ -38,8 +38,9 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 import socket
 import ssl
 import struct
@@ -61,7 +62,7 @@ from dicom_node.receive.pdu import (ABORT_SOURCE_PROVIDER, A_ABORT_PDU, A_ASSOCI
                                     INVALID_PDU_PARAMETER_VALUE, MAX_ASSOCIATION_PDU, PDU_HEADER, PDV_HEADER,
                                     P_DATA_TF_PDU, STATUS_UNRECOGNIZED_OPERATION, TAG_AFFECTED_SOP_CLASS_UID,
                                     TAG_AFFECTED_SOP_INSTANCE_UID, TAG_COMMAND_FIELD, TAG_MESSAGE_ID, UNEXPECTED_PDU,
-                                    Abort, Connection, Message, PeerClosed, command_text, command_us,
+                                    Abort, Connection, DataSetBuffer, Message, PeerClosed, command_text, command_us,
                                     response_command)
 from dicom_node.tls import peer_subject
 
@@ -125,14 +126,15 @@ class Association:
 
 @dataclass(frozen=True)
 class StoreRequest:
-    """A complete C-STORE-RQ: its command and the data set exactly as it came off the wire."""
+    """A complete C-STORE-RQ: its command and the data set exactly as it came off the wire. `data_set` is
+    the association's receive buffer: valid while the handler's `store` runs, reused after."""
 
     association: Association
     message_id: int
     affected_sop_class_uid: str
     affected_sop_instance_uid: str
     transfer_syntax: str
-    data_set: bytes
+    data_set: memoryview
 
 
 class AssociationHandler(Protocol):
@@ -228,6 +230,7 @@ class Acceptor:
         self._supported = {str(cx.abstract_syntax): frozenset(str(ts) for ts in cx.transfer_syntax)
                            for cx in settings.contexts}
         self._negotiations = NegotiationCache(NEGOTIATIONS_KEPT)
+        self._data_set_buffers: list[DataSetBuffer] = []  # those of ended associations, for the next ones
 
     def start(self) -> None:
         settings = self.settings
@@ -461,40 +464,62 @@ class Acceptor:
         (False)."""
         settings = self.settings
         limit = settings.max_pdu or (1 << 32)
-        message = Message()
-        while True:
-            wait = settings.dimse_timeout_s if message.in_progress else settings.network_timeout_s
-            pdu_type, body = connection.read_pdu(time.monotonic() + wait, settings.dimse_timeout_s, limit)
-            if pdu_type == P_DATA_TF_PDU:
-                for context_id, control, fragment in self._pdvs(association, body):
-                    if message.add(context_id, control, fragment):
-                        self._dispatch(connection, association, message)
-                        message = Message()
-            elif pdu_type == A_RELEASE_RQ_PDU:
-                connection.send(struct.pack(">BBII", A_RELEASE_RP_PDU, 0, 4, 0))
-                return True
-            elif pdu_type == A_ABORT_PDU:
-                log.info("A-ABORT from %s at %s:%d", association.calling_ae, association.host, association.port)
-                return False
-            else:
+        with self._data_set_buffer() as data:
+            message = Message(data)
+            while True:
+                wait = settings.dimse_timeout_s if message.in_progress else settings.network_timeout_s
+                pdu_type, length = connection.read_pdu_header(time.monotonic() + wait, limit)
+                if pdu_type == P_DATA_TF_PDU:
+                    message = self._receive_pdvs(connection, association, message, length)
+                    continue
+                connection.read(length, time.monotonic() + settings.dimse_timeout_s)
+                if pdu_type == A_RELEASE_RQ_PDU:
+                    connection.send(struct.pack(">BBII", A_RELEASE_RP_PDU, 0, 4, 0))
+                    return True
+                if pdu_type == A_ABORT_PDU:
+                    log.info("A-ABORT from %s at %s:%d", association.calling_ae, association.host, association.port)
+                    return False
                 raise Abort(UNEXPECTED_PDU, f"PDU type 0x{pdu_type:02X} during data transfer")
 
-    @staticmethod
-    def _pdvs(association: Association, body: bytearray):
-        """The (context ID, message control header, value) of each PDV item of a P-DATA-TF (PS3.8 9.3.5)."""
-        view = memoryview(body)
-        pos = 0
-        while pos < len(body):
-            if pos + 6 > len(body):
+    @contextmanager
+    def _data_set_buffer(self) -> Iterator[DataSetBuffer]:
+        """A data set buffer for one association, taken from those that ended associations gave back, so
+        that a sender opening an association per instance does not grow a new one each time either."""
+        with self._lock:
+            data = self._data_set_buffers.pop() if self._data_set_buffers else DataSetBuffer()
+        try:
+            yield data
+        finally:
+            data.clear()
+            with self._lock:
+                self._data_set_buffers.append(data)
+
+    def _receive_pdvs(self, connection: Connection, association: Association, message: Message,
+                      length: int) -> Message:
+        """Read the PDV items of a P-DATA-TF of `length` bytes (PS3.8 9.3.5), data set fragments straight
+        into the message's buffer; dispatch each message they complete. Returns the message in progress."""
+        timeout = self.settings.dimse_timeout_s
+        deadline = time.monotonic() + timeout
+        while length:
+            if length < PDV_HEADER.size:
                 raise Abort(INVALID_PDU_PARAMETER_VALUE, "P-DATA-TF ends inside a PDV item header")
-            length, context_id, control = PDV_HEADER.unpack_from(body, pos)
-            end = pos + 4 + length
-            if length < 2 or end > len(body):
-                raise Abort(INVALID_PDU_PARAMETER_VALUE, f"PDV item length {length} does not fit its P-DATA-TF")
+            item_length, context_id, control = connection.read_struct(PDV_HEADER, deadline)
+            value_length = item_length - 2
+            if value_length < 0 or PDV_HEADER.size + value_length > length:
+                raise Abort(INVALID_PDU_PARAMETER_VALUE, f"PDV item length {item_length} does not fit its P-DATA-TF")
             if context_id not in association.contexts:
                 raise Abort(INVALID_PDU_PARAMETER_VALUE, f"PDV on presentation context {context_id}, not accepted")
-            yield context_id, control, view[pos + 6:end]
-            pos = end
+            length -= PDV_HEADER.size + value_length
+            if control & 0x01:  # a command fragment
+                complete = message.add_command(context_id, control, connection.read(value_length, deadline))
+            else:
+                connection.read_into(message.data_fragment(context_id, value_length), deadline)
+                complete = bool(control & 0x02)
+            if complete:
+                self._dispatch(connection, association, message)
+                message = Message(message.data)
+                deadline = time.monotonic() + timeout
+        return message
 
     def _dispatch(self, connection: Connection, association: Association, message: Message) -> None:
         command = message.command
@@ -506,7 +531,7 @@ class Acceptor:
                 association=association, message_id=command_us(command, TAG_MESSAGE_ID),
                 affected_sop_class_uid=command_text(command, TAG_AFFECTED_SOP_CLASS_UID),
                 affected_sop_instance_uid=command_text(command, TAG_AFFECTED_SOP_INSTANCE_UID),
-                transfer_syntax=str(context.transfer_syntax[0]), data_set=b"".join(message.data_fragments))
+                transfer_syntax=str(context.transfer_syntax[0]), data_set=message.data.data_set())
             status = self.handler.store(request)
         elif command_field == C_ECHO_RQ:
             status = 0x0000

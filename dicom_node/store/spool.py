@@ -308,7 +308,7 @@ class Spool:
     def path_for(self, key: InstanceKey) -> Path:
         return self.root / key.study_instance_uid / key.series_instance_uid / f"{key.sop_instance_uid}.dcm"
 
-    def write(self, key: InstanceKey, chunks: tuple[bytes, ...]) -> Path | None:
+    def write(self, key: InstanceKey, chunks: tuple[bytes | memoryview, ...]) -> Path | None:
         """Write `chunks` durably to the instance's path (`stage`, then `settle`); returns it, or None
         when a file is already there. Raises OSError on any failure."""
         staged = self.stage(key, chunks)
@@ -319,7 +319,7 @@ class Spool:
             raise outcome
         return outcome
 
-    def stage(self, key: InstanceKey, chunks: tuple[bytes, ...]) -> Staged | None:
+    def stage(self, key: InstanceKey, chunks: tuple[bytes | memoryview, ...]) -> Staged | None:
         """Write `chunks` to a temp file beside the instance's path, not yet fsynced: the page-cache half of
         a write, for a caller that runs `settle` (the disk waits) beside other work. None when the instance's
         file is already there (a re-send). Raises OSError (the temp file removed)."""
@@ -481,7 +481,7 @@ class Spool:
         _reason_note(target).write_text(reason + "\n")
         return target
 
-    def keep_in_quarantine(self, name: str, chunks: tuple[bytes, ...], reason: str) -> Path:
+    def keep_in_quarantine(self, name: str, chunks: tuple[bytes | memoryview, ...], reason: str) -> Path:
         """Write received bytes the spool must not hold (another payload under a stored SOP Instance UID)
         durably into the quarantine, note first; raises OSError on any failure."""
         target = self._quarantine_target(name)
