@@ -269,6 +269,7 @@ class Message:
         self.context_id: int | None = None
         self.command_bytes = bytearray()
         self.command: dict[int, bytes] | None = None
+        self.announces_data_set = False  # its command is complete and says a data set follows
         self.data = data
         data.clear()
 
@@ -291,11 +292,12 @@ class Message:
         if not control & 0x02:
             return False
         self.command = decode_command(bytes(self.command_bytes))
-        return command_us(self.command, TAG_DATA_SET_TYPE) == NO_DATA_SET
+        self.announces_data_set = command_us(self.command, TAG_DATA_SET_TYPE) != NO_DATA_SET
+        return not self.announces_data_set
 
     def data_fragment(self, context_id: int, length: int) -> memoryview:
         """Where the next data set fragment, of `length` bytes, goes."""
         self._on_context(context_id)
-        if self.command is None or command_us(self.command, TAG_DATA_SET_TYPE) == NO_DATA_SET:
+        if not self.announces_data_set:
             raise Abort(UNEXPECTED_PDU, "a data set fragment without a command announcing one")
         return self.data.extend(length)
