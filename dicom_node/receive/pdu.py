@@ -233,7 +233,7 @@ class Connection:
 class DataSetBuffer:
     """Where a message's data set is received: in place, fragment after fragment, in one buffer that the
     next message reuses. Joining a data set's fragments after the fact, and zero-filling a new buffer for
-    every PDU, cost 8 % of the node's CPU at 4 associations (docs/performance.md). A buffer grown past
+    every PDU, took 7 % of the node's CPU at 4 associations (docs/performance.md). A buffer grown past
     KEPT_DATA_SET_BUFFER (a large multi-frame object) is not kept, so the buffers idle between
     associations hold at most that much each."""
 
