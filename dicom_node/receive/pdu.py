@@ -138,18 +138,14 @@ class Connection:
         return pdu_type, self.read(length, time.monotonic() + body_timeout)
 
     def read_struct(self, layout: struct.Struct, deadline: float) -> tuple:
+        """The next `layout.size` bytes, unpacked (a PDU or PDV item header)."""
         self._fill(layout.size, deadline)
         values = layout.unpack_from(self._buffer, self._start)
         self._start += layout.size
         return values
 
     def read(self, length: int, deadline: float) -> bytearray:
-        """The next `length` bytes, in a buffer of their own."""
-        if length <= SMALL_READ:
-            self._fill(length, deadline)
-            body = self._buffer[self._start:self._start + length]
-            self._start += length
-            return body
+        """The next `length` bytes, in a buffer of their own (a command, an association PDU's body)."""
         body = bytearray(length)
         self.read_into(memoryview(body), deadline)
         return body
